@@ -1,0 +1,1 @@
+"""owl_jax: mPLUG-Owl in JAX/Flax."""
