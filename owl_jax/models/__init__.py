@@ -1,0 +1,15 @@
+"""Flax modules of mPLUG-Owl."""
+from owl_jax.models.abstractor import VisualAbstractor
+from owl_jax.models.config import (
+    IMAGE_PLACEHOLDER_ID,
+    AbstractorConfig,
+    LlamaConfig,
+    LoraConfig,
+    OwlConfig,
+    VisionConfig,
+    owl_config_from_dict,
+    owl_config_to_dict,
+)
+from owl_jax.models.llama import LlamaForCausalLM
+from owl_jax.models.owl import MplugOwl, splice_images
+from owl_jax.models.vision import VisionEncoder

@@ -1,0 +1,182 @@
+"""Lossless conversion between owl_jax parameters and PyTorch checkpoints (DESIGN 3).
+
+from_torch: the released mPLUG-Owl HF layout -> owl_jax; or transformers `CLIPVisionModel` and/or
+`LlamaForCausalLM` weights -> the matching towers, with every part no checkpoint provides (e.g. the
+abstractor and query tokens at the start of stage 1) freshly initialised and reported.
+to_torch: owl_jax -> the released HF layout (LoRA merged), loadable by the released code.
+
+Both stream tensor by tensor: the output is allocated once and filled from memory-mapped inputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+import numpy as np
+from flax import traverse_util
+
+from owl_jax.convert import hf_config
+from owl_jax.convert.layouts import (
+    IGNORED_TORCH_KEYS,
+    LORA_LEAVES,
+    Path,
+    TensorMap,
+    clip_vision_layout,
+    llama_layout,
+    released_layout,
+)
+from owl_jax.convert.torch_io import TorchCheckpointReader, write_safetensors
+from owl_jax.models.config import OwlConfig
+from owl_jax.models.owl import init_params
+
+
+def param_shapes(cfg: OwlConfig) -> dict[Path, tuple[int, ...]]:
+    """Every parameter's path and shape, without allocating (jax.eval_shape)."""
+    abstract = jax.eval_shape(lambda: nn.unbox(init_params(cfg, jax.random.PRNGKey(0))))
+    return {p: tuple(x.shape) for p, x in traverse_util.flatten_dict(abstract).items()}
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    loaded: dict[str, int] = dataclasses.field(default_factory=dict)  # source dir -> tensors read
+    initialised: list[str] = dataclasses.field(default_factory=list)  # owl_jax paths freshly initialised
+    unused: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # source dir -> torch keys not used
+
+    def __str__(self) -> str:
+        lines = [f"read {n} tensors from {d}" for d, n in self.loaded.items()]
+        if self.initialised:
+            lines.append(f"initialised {len(self.initialised)} parameters fresh (no checkpoint provides them):")
+            lines += [f"  {p}" for p in self.initialised]
+        for d, keys in self.unused.items():
+            if keys:
+                lines.append(f"{len(keys)} tensors in {d} match no owl_jax parameter (not converted):")
+                lines += [f"  {k}" for k in keys]
+        return "\n".join(lines)
+
+
+def _fill(out: dict[Path, np.ndarray], shapes, maps: list[TensorMap], reader: TorchCheckpointReader, dtype) -> set[str]:
+    """Copies every mapped tensor from `reader` into `out`; returns the torch keys used."""
+    used = set()
+    for m in maps:
+        arrays = []
+        for key, expected in m.sources:
+            if key not in reader:
+                raise KeyError(f"{reader.directory}: missing tensor {key!r} (for owl_jax parameter {'/'.join(m.path)})")
+            a = reader.get(key)
+            if tuple(a.shape) != tuple(expected):
+                raise ValueError(
+                    f"{reader.directory}: tensor {key!r} has shape {tuple(a.shape)}, expected {tuple(expected)} "
+                    f"(owl_jax parameter {'/'.join(m.path)})"
+                )
+            arrays.append(a)
+            used.add(key)
+        value = m.from_torch(*arrays)
+        if m.path not in out:
+            out[m.path] = np.empty(shapes[m.path], dtype or value.dtype)
+        if m.layer is None:
+            out[m.path][...] = value
+        else:
+            out[m.path][m.layer] = value
+    return used
+
+
+def _unused(reader: TorchCheckpointReader, used: set[str]) -> list[str]:
+    return sorted(
+        k for k in reader.keys() if k not in used and not any(k.endswith(s) for s in IGNORED_TORCH_KEYS)
+    )
+
+
+def init_missing(cfg: OwlConfig, paths: list[Path], rng: jax.Array) -> dict[Path, np.ndarray]:
+    """Fresh initialisation of just `paths`: jit drops the initialisers of everything else."""
+
+    @jax.jit
+    def init(rng):
+        flat = traverse_util.flatten_dict(nn.unbox(init_params(cfg, rng)))
+        return {"/".join(p): flat[p] for p in paths}
+
+    return {tuple(k.split("/")): np.asarray(v) for k, v in init(rng).items()}
+
+
+def from_torch(
+    cfg: OwlConfig,
+    *,
+    released: str | None = None,
+    clip: str | None = None,
+    llama: str | None = None,
+    dtype: str | None = None,
+    seed: int = 0,
+) -> tuple[dict, ConversionReport]:
+    """Builds owl_jax params (nested dict of numpy arrays) for `cfg` from torch checkpoint dirs.
+
+    `released`: a released-layout checkpoint (every parameter but LoRA). `clip` / `llama`: stage-1
+    starting points for the vision tower / the LLM. Parameters no source provides are initialised
+    fresh and listed in the report; tensors no parameter uses are listed too. `dtype` None keeps each
+    tensor's checkpoint dtype."""
+    shapes = param_shapes(cfg)
+    out: dict[Path, np.ndarray] = {}
+    report = ConversionReport()
+    np_dtype = np.dtype(dtype) if dtype else None
+    sources = []
+    if released:
+        sources.append((released, released_layout(shapes)))
+    if clip:
+        sources.append((clip, clip_vision_layout(shapes, cfg.vision.num_heads)))
+    if llama:
+        sources.append((llama, llama_layout(shapes)))
+    if not sources:
+        raise ValueError("from_torch: give at least one of released=, clip=, llama=")
+    for directory, maps in sources:
+        reader = TorchCheckpointReader(directory)
+        used = _fill(out, shapes, maps, reader, np_dtype)
+        report.loaded[directory] = len(used)
+        report.unused[directory] = _unused(reader, used)
+    missing = [p for p in shapes if p not in out]
+    if missing:
+        fresh = init_missing(cfg, missing, jax.random.PRNGKey(seed))
+        out.update({p: v.astype(np_dtype) if np_dtype else v for p, v in fresh.items()})
+        report.initialised = ["/".join(p) for p in missing]
+    return traverse_util.unflatten_dict(out), report
+
+
+def merged_kernels(params: Mapping, cfg: OwlConfig) -> dict[Path, Any]:
+    """Flat params with LoRA folded in: kernel + (alpha / r) lora_a @ lora_b; LoRA leaves dropped."""
+    flat = traverse_util.flatten_dict(nn.unbox(params))
+    result = {}
+    for path, value in flat.items():
+        if path[-1] in LORA_LEAVES:
+            continue
+        if path[-1] == "kernel" and path[:-1] + ("lora_a",) in flat:
+            a, b = flat[path[:-1] + ("lora_a",)], flat[path[:-1] + ("lora_b",)]
+            value = (np.asarray(value, np.float32) + cfg.lora.scale * np.matmul(np.asarray(a, np.float32), np.asarray(b, np.float32))).astype(value.dtype)
+        result[path] = value
+    return result
+
+
+def to_torch(params: Mapping, cfg: OwlConfig, out_dir: str, *, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
+    """Writes the released HF layout (config.json + model.safetensors or shards + index) to out_dir."""
+    flat = merged_kernels(params, cfg)
+    shapes = {p: tuple(np.shape(v)) for p, v in flat.items()}
+    tensors = []
+    for m in released_layout(shapes):
+        key, torch_shape = m.sources[0]
+        src_dtype = np.dtype(dtype) if dtype else np.asarray(flat[m.path]).dtype
+
+        def make(m=m, src_dtype=src_dtype):
+            value = np.asarray(flat[m.path])
+            value = value if m.layer is None else value[m.layer]
+            return m.to_torch(value).astype(src_dtype, copy=False)
+
+        tensors.append((key, torch_shape, src_dtype, make))
+    files = write_safetensors(out_dir, tensors, max_shard_bytes=max_shard_bytes)
+    torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[str(tensors[0][2])]
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config.owl_to_released(cfg, torch_dtype), f, indent=2)
+    return files
+
+
+__all__ = ["ConversionReport", "from_torch", "to_torch", "param_shapes", "merged_kernels", "init_missing"]

@@ -1,0 +1,83 @@
+"""Command line: python -m owl_jax.convert {from-torch,to-torch} ...
+
+  from-torch --released DIR --out OUT
+      the released mPLUG-Owl HF checkpoint -> an owl_jax params dir (config from its config.json)
+  from-torch --clip DIR --llama DIR --config configs/X.py --out OUT
+      stage-1 start: CLIP vision tower + LLaMA; abstractor and query tokens initialised fresh
+  to-torch --src OWL_DIR --out OUT [--dtype bfloat16] [--max-shard-gb 5]
+      an owl_jax params dir -> the released HF layout (LoRA merged)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from owl_jax import convert, params_io
+from owl_jax.convert import hf_config
+from owl_jax.models.config import owl_config_from_dict
+
+
+def _config_from_file(path: str):
+    from ml_collections import config_flags  # noqa: F401  (ensures ml_collections is importable)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("owl_config_module", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return owl_config_from_dict(module.get_config().model.to_dict())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m owl_jax.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("from-torch", help="torch checkpoint(s) -> owl_jax params dir")
+    f.add_argument("--released", help="released mPLUG-Owl HF checkpoint dir")
+    f.add_argument("--clip", help="transformers CLIPVisionModel / CLIPModel dir (vision tower)")
+    f.add_argument("--llama", help="transformers LlamaForCausalLM dir (language model)")
+    f.add_argument("--config", help="owl_jax config file (configs/*.py) giving the model shape; "
+                   "default: from the released config.json, or CLIP + LLaMA config.json files")
+    f.add_argument("--dtype", default=None, help="cast parameters (float32, bfloat16); default keeps the checkpoint dtype")
+    f.add_argument("--seed", type=int, default=0, help="seed for freshly initialised parameters")
+    f.add_argument("--out", required=True)
+    t = sub.add_parser("to-torch", help="owl_jax params dir -> released HF layout")
+    t.add_argument("--src", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--dtype", default=None, help="cast tensors (float32, bfloat16, float16); default keeps their dtype")
+    t.add_argument("--max-shard-gb", type=float, default=5.0)
+    args = parser.parse_args(argv)
+
+    if args.command == "to-torch":
+        params, cfg = params_io.load_params(args.src)
+        files = convert.to_torch(params, cfg, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
+        print(f"wrote {len(files)} safetensors file(s) and config.json to {args.out}")
+        return 0
+
+    if args.config:
+        cfg = _config_from_file(args.config)
+    elif args.released:
+        cfg = hf_config.owl_from_released(hf_config.read_json(args.released))
+    else:
+        cfg = _config_from_parts(args)
+    params, report = convert.from_torch(cfg, released=args.released, clip=args.clip, llama=args.llama, dtype=args.dtype, seed=args.seed)
+    params_io.save_params(args.out, params, cfg)
+    print(report)
+    print(f"wrote owl_jax params to {args.out}")
+    return 0
+
+
+def _config_from_parts(args):
+    """Model config from the CLIP and LLaMA config.json files; abstractor per the released shapes."""
+    from owl_jax.models.config import AbstractorConfig, OwlConfig
+
+    if not (args.clip and args.llama):
+        sys.exit("from-torch: without --released, give --config, or both --clip and --llama")
+    clip = hf_config.read_json(args.clip)
+    vision = hf_config.vision_from_hf(clip.get("vision_config", clip), default_eps=1e-5)
+    llm = hf_config.llama_from_hf(hf_config.read_json(args.llama))
+    abstractor = dataclasses.replace(AbstractorConfig(), encoder_hidden_size=vision.hidden_size)
+    return OwlConfig(vision=vision, abstractor=abstractor, llm=llm)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

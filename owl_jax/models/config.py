@@ -1,0 +1,127 @@
+"""Model hyper-parameters as frozen dataclasses.
+
+The ml_collections configs under `configs/` hold a `model` section with the same field names; the
+dataclasses here are what the Flax modules take (hashable, so they can be module attributes).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+IMAGE_PLACEHOLDER_ID = -1  # the release marks every image-token slot in input_ids with -1
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """CLIP ViT (DESIGN 1.1)."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    mlp_size: int = 4096
+    layer_norm_eps: float = 1e-6  # released weights; OpenAI CLIP uses 1e-5
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class AbstractorConfig:
+    """Visual abstractor (DESIGN 1.2)."""
+
+    hidden_size: int = 1024
+    num_layers: int = 6
+    num_heads: int = 16
+    ffn_size: int = 2816
+    num_queries: int = 64
+    encoder_hidden_size: int = 1024  # width of the vision features it attends to
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-5  # norm1, normk, norm2
+    ffn_layer_norm_eps: float = 1e-6  # ffn_ln
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """LLaMA decoder (DESIGN 1.3)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32  # < num_heads: grouped-query attention (LLaMA-2 70B style)
+    mlp_size: int = 11008
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA on LLM projections (stage 2). rank 0 switches it off: no extra parameters."""
+
+    rank: int = 0
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OwlConfig:
+    vision: VisionConfig = VisionConfig()
+    abstractor: AbstractorConfig = AbstractorConfig()
+    llm: LlamaConfig = LlamaConfig()
+    lora: LoraConfig = LoraConfig()
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    # Layers run under nn.scan (compile time flat in depth); remat policy per layer:
+    # "none" | "full" (save nothing) | "dots" (save matmul outputs) | "dots_no_batch".
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    attention_impl: str = "xla"  # "xla" (einsum, fp32 softmax) | "cudnn" | "auto" (jax.nn.dot_product_attention)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.abstractor.num_queries + 1  # queries + vit_eos
+
+
+def _build(cls, section: Mapping[str, Any] | None):
+    if section is None:
+        return cls()
+    section = dict(section)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(section) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown config fields {sorted(unknown)}; expected a subset of {sorted(names)}")
+    if "target_modules" in section:
+        section["target_modules"] = tuple(section["target_modules"])
+    return cls(**section)
+
+
+_SUBCONFIGS = {"vision": VisionConfig, "abstractor": AbstractorConfig, "llm": LlamaConfig, "lora": LoraConfig}
+
+
+def owl_config_from_dict(model: Mapping[str, Any]) -> OwlConfig:
+    """Builds an OwlConfig from a (ml_collections or plain) mapping like `config.model`."""
+    model = dict(model)
+    subs = {name: _build(cls, model.pop(name, None)) for name, cls in _SUBCONFIGS.items()}
+    return _build(OwlConfig, {**model, **subs})
+
+
+def owl_config_to_dict(cfg: OwlConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d["lora"]["target_modules"] = list(d["lora"]["target_modules"])
+    return d

@@ -1,0 +1,188 @@
+"""Building blocks shared by the three towers: logically-partitioned dense layers (with LoRA),
+fp32 norms, attention, and the scan/remat wrapper that stacks identical layers.
+
+Every parameter carries logical axis names (see `owl_jax.sharding` for the rules table):
+  embed     model width             heads    fused heads*head_dim of q/o projections
+  kv_heads  fused kv heads*head_dim mlp      feed-forward width
+  vocab     vocabulary              layers   the scanned layer axis (never sharded)
+  norm      norm scales/biases      lora     LoRA rank
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from owl_jax.models.config import LoraConfig
+
+Dtype = Any
+
+DEFAULT_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def dtype_of(name: str) -> Dtype:
+    return jnp.dtype(name)
+
+
+def partitioned(init: Callable, names: Sequence[str | None]) -> Callable:
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+class Dense(nn.Module):
+    """y = x @ kernel (+ bias) (+ LoRA: scale * dropout(x) @ lora_a @ lora_b).
+
+    kernel float[in, out] ≙ torch Linear weight [out, in] transposed; lora_a float[in, r] ≙ PEFT lora_A.T,
+    lora_b float[r, out] ≙ PEFT lora_B.T. lora_b starts at zero, so a fresh adapter is the identity.
+    """
+
+    features: int
+    axes: tuple[str | None, str | None]
+    use_bias: bool = True
+    lora: LoraConfig | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = DEFAULT_KERNEL_INIT
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        in_features = x.shape[-1]
+        kernel = self.param(
+            "kernel", partitioned(self.kernel_init, self.axes), (in_features, self.features), self.param_dtype
+        )
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", partitioned(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        if self.lora is not None and self.lora.rank > 0:
+            lora_a = self.param(
+                "lora_a",
+                partitioned(nn.initializers.kaiming_uniform(), (self.axes[0], "lora")),
+                (in_features, self.lora.rank),
+                self.param_dtype,
+            )
+            lora_b = self.param(
+                "lora_b", partitioned(nn.initializers.zeros, ("lora", self.axes[1])), (self.lora.rank, self.features), self.param_dtype
+            )
+            h = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
+            h = jnp.dot(jnp.dot(h.astype(self.dtype), lora_a.astype(self.dtype)), lora_b.astype(self.dtype))
+            y = y + self.lora.scale * h
+        return y
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in fp32 (like the release's LayerNormFp32), result in the input dtype."""
+
+    eps: float
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", partitioned(nn.initializers.ones, ("norm",)), (d,), self.param_dtype)
+        bias = self.param("bias", partitioned(nn.initializers.zeros, ("norm",)), (d,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm: normalise in fp32, cast back, then scale (HF order of operations)."""
+
+    eps: float
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", partitioned(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    *,
+    impl: str = "xla",
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """Multi-head attention with grouped KV heads.
+
+    q float[B, T, H, Dh], k/v float[B, S, K, Dh] with H % K == 0, mask bool[B, 1, T, S] (True = attend)
+    or None. Returns float[B, T, H, Dh]. Softmax in fp32; masked scores get the dtype's minimum, so a
+    fully masked row (a padding query) stays finite.
+    """
+    b, t, h, dh = q.shape
+    kv_heads = k.shape[2]
+    if impl in ("cudnn", "auto") and dropout_rate == 0.0:
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, implementation=None if impl == "auto" else "cudnn"
+        )
+    groups = h // kv_heads
+    qg = q.reshape(b, t, kv_heads, groups, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (dh**-0.5)
+    if mask is not None:
+        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+    return out.reshape(b, t, h, dh)
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def scan_layers(layer_cls: Any, num_layers: int, remat_policy: str, num_args: int, **layer_kwargs) -> nn.Module:
+    """`num_layers` copies of `layer_cls` under `nn.scan` (unbound; name it via layer_kwargs).
+
+    The layer's __call__ must be `(carry, *broadcast_args, deterministic) -> (carry, None)` with
+    `num_args` arguments after the carry; they are shared by all layers and the last one
+    (`deterministic`) is static. Parameters get a leading `layers` axis, so compile time does not grow
+    with depth.
+    """
+    if remat_policy != "none":
+        if remat_policy not in _REMAT_POLICIES:
+            raise ValueError(f"remat_policy {remat_policy!r}: expected 'none' or one of {sorted(_REMAT_POLICIES)}")
+        # argnum 0 is self, 1 the carry, so `deterministic` is num_args + 1.
+        layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[remat_policy], prevent_cse=False, static_argnums=(num_args + 1,))
+    return nn.scan(
+        layer_cls,
+        variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * num_args,
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(**layer_kwargs)
+
+
+class Stack(nn.Module):
+    """A module holding the scanned layers as submodule `layers` (torch: `<name>.layers.{i}`)."""
+
+    layer_cls: Any
+    num_layers: int
+    remat_policy: str
+    layer_kwargs: dict
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *args) -> jax.Array:
+        layers = scan_layers(self.layer_cls, self.num_layers, self.remat_policy, len(args), name="layers", **self.layer_kwargs)
+        return layers(x, *args)[0]
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Activation sharding constraint by logical names; a no-op outside a mesh + rules context."""
+    return nn.with_logical_constraint(x, names)

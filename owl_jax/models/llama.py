@@ -1,0 +1,202 @@
+"""LLaMA decoder in the HF `LlamaForCausalLM` layout (DESIGN 1.3), with LoRA, grouped KV heads and a
+KV cache for decoding."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from owl_jax.models.config import LlamaConfig, LoraConfig
+from owl_jax.models.layers import DEFAULT_KERNEL_INIT, Dense, Dtype, RMSNorm, attention, constrain, partitioned, scan_layers
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """HF "rotate-half" rotary embedding. x float[B, T, H, Dh], positions int[B, T]."""
+    dh = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class LlamaAttention(nn.Module):
+    cfg: LlamaConfig
+    lora: LoraConfig
+    dtype: Dtype
+    param_dtype: Dtype
+    attention_impl: str
+    decode: bool
+
+    def _dense(self, features: int, axes, name: str) -> Dense:
+        lora = self.lora if name in self.lora.target_modules else None
+        return Dense(features, axes, use_bias=False, lora=lora, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, key_valid: jax.Array, deterministic: bool) -> jax.Array:
+        """x float[B, T, D], positions int[B, T], key_valid bool[B, T] (bool[B, S] over the cache when
+        decoding) -> float[B, T, D]."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        h, k, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = self._dense(h * dh, ("embed", "heads"), "q_proj")(x, deterministic).reshape(b, t, h, dh)
+        key = self._dense(k * dh, ("embed", "kv_heads"), "k_proj")(x, deterministic).reshape(b, t, k, dh)
+        value = self._dense(k * dh, ("embed", "kv_heads"), "v_proj")(x, deterministic).reshape(b, t, k, dh)
+        q, key = rotary(q, positions, cfg.rope_theta), rotary(key, positions, cfg.rope_theta)
+
+        if self.decode:
+            key, value, query_slots = self._update_cache(key, value)
+            causal = jnp.arange(key.shape[1])[None, :] <= query_slots[:, None]  # [T, S]
+        else:
+            causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+        mask = causal[None, None] & key_valid[:, None, None, :].astype(bool)
+        out = attention(q, key, value, mask, impl=self.attention_impl)
+        return self._dense(cfg.hidden_size, ("heads", "embed"), "o_proj")(out.reshape(b, t, h * dh), deterministic)
+
+    def _update_cache(self, key: jax.Array, value: jax.Array):
+        """Writes this call's T keys/values at slots [index, index + T); returns the whole cache and
+        the slots of this call's queries. A cache of length S is made by a first call with T = S."""
+        initialised = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        t = key.shape[1]
+        query_slots = index.value + jnp.arange(t)
+        if initialised:
+            start = (0, index.value, 0, 0)
+            cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), start)
+            cached_value.value = jax.lax.dynamic_update_slice(
+                cached_value.value, value.astype(cached_value.value.dtype), start
+            )
+            index.value = index.value + t
+            return cached_key.value, cached_value.value, query_slots
+        return key, value, query_slots
+
+
+class LlamaMLP(nn.Module):
+    cfg: LlamaConfig
+    lora: LoraConfig
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        def dense(features, axes, name):
+            lora = self.lora if name in self.lora.target_modules else None
+            return Dense(features, axes, use_bias=False, lora=lora, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+        gate = dense(self.cfg.mlp_size, ("embed", "mlp"), "gate_proj")(x, deterministic)
+        up = dense(self.cfg.mlp_size, ("embed", "mlp"), "up_proj")(x, deterministic)
+        h = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return dense(self.cfg.hidden_size, ("mlp", "embed"), "down_proj")(h, deterministic)
+
+
+class LlamaLayer(nn.Module):
+    cfg: LlamaConfig
+    lora: LoraConfig
+    dtype: Dtype
+    param_dtype: Dtype
+    attention_impl: str
+    decode: bool
+
+    @nn.compact
+    def __call__(self, x, positions, key_valid, deterministic: bool):
+        norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.param_dtype, name=name)
+        attn = LlamaAttention(
+            self.cfg, self.lora, self.dtype, self.param_dtype, self.attention_impl, self.decode, name="self_attn"
+        )
+        x = x + attn(norm("input_layernorm")(x), positions, key_valid, deterministic)
+        x = x + LlamaMLP(self.cfg, self.lora, self.dtype, self.param_dtype, name="mlp")(
+            norm("post_attention_layernorm")(x), deterministic
+        )
+        return constrain(x, ("batch", "length", "embed")), None
+
+
+class LlamaModel(nn.Module):
+    """HF `LlamaModel`: embed_tokens, layers, norm."""
+
+    cfg: LlamaConfig
+    lora: LoraConfig = LoraConfig()
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
+    attention_impl: str = "xla"
+    decode: bool = False
+
+    def setup(self):
+        self.embed_tokens = nn.Embed(
+            self.cfg.vocab_size,
+            self.cfg.hidden_size,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=partitioned(DEFAULT_KERNEL_INIT, ("vocab", "embed")),
+        )
+        self.layers = scan_layers(
+            LlamaLayer,
+            self.cfg.num_layers,
+            self.remat_policy,
+            num_args=3,
+            cfg=self.cfg,
+            lora=self.lora,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            attention_impl=self.attention_impl,
+            decode=self.decode,
+        )
+        self.norm = RMSNorm(self.cfg.rms_norm_eps, self.param_dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """int[B, T] -> float[B, T, D]."""
+        return self.embed_tokens(input_ids)
+
+    def __call__(self, inputs_embeds, positions, attention_mask, deterministic: bool = True) -> jax.Array:
+        """inputs_embeds float[B, T, D], positions int[B, T], attention_mask bool[B, T] (bool[B, S] over
+        the cache when decoding) -> final hidden states float[B, T, D]."""
+        x = constrain(inputs_embeds.astype(self.dtype), ("batch", "length", "embed"))
+        x, _ = self.layers(x, positions, attention_mask, deterministic)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    cfg: LlamaConfig
+    lora: LoraConfig = LoraConfig()
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
+    attention_impl: str = "xla"
+    decode: bool = False
+
+    def setup(self):
+        self.model = LlamaModel(
+            self.cfg, self.lora, self.dtype, self.param_dtype, self.remat_policy, self.attention_impl, self.decode
+        )
+        self.lm_head = Dense(
+            self.cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.model.embed(input_ids)
+
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Token ids int[B, T] or embeddings float[B, T, D] -> logits float[B, T, V].
+
+        attention_mask defaults to all-valid; positions default to 0..T-1 (pass explicit positions with
+        left padding or when decoding with the cache)."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        b, t = inputs_embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        hidden = self.model(inputs_embeds, positions, attention_mask, deterministic)
+        return constrain(self.lm_head(hidden), ("batch", "length", "vocab"))

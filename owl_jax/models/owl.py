@@ -1,0 +1,107 @@
+"""MplugOwl: vision encoder + visual abstractor + LLaMA, images spliced into the text (DESIGN 1.4)."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from owl_jax.models.abstractor import VisualAbstractor
+from owl_jax.models.config import IMAGE_PLACEHOLDER_ID, OwlConfig
+from owl_jax.models.layers import dtype_of, partitioned
+from owl_jax.models.llama import LlamaForCausalLM
+from owl_jax.models.vision import VisionEncoder
+
+
+def splice_images(
+    text_embeds: jax.Array, image_tokens: jax.Array, is_image: jax.Array, num_images: jax.Array
+) -> jax.Array:
+    """Puts the k-th image of each sample into the k-th run of placeholders of that sample.
+
+    text_embeds float[B, T, D]; image_tokens float[M, P, D] (the batch's images, flat, in sample order;
+    P tokens per image); is_image bool[B, T]; num_images int[B]. Returns float[B, T, D].
+    Vectorised: the j-th placeholder of a sample takes row j % P of its image j // P.
+    """
+    m, p, d = image_tokens.shape
+    if m == 0:
+        return text_embeds
+    first_image = jnp.cumsum(num_images) - num_images  # [B] index of each sample's first image
+    rank = jnp.cumsum(is_image, axis=1) - 1  # [B, T] placeholder rank within the sample
+    flat_index = (first_image[:, None] + rank // p) * p + rank % p
+    flat_index = jnp.clip(flat_index, 0, m * p - 1)
+    gathered = jnp.take(image_tokens.reshape(m * p, d), flat_index, axis=0)  # [B, T, D]
+    return jnp.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
+
+
+class MplugOwl(nn.Module):
+    """Parameters (top level, as in the released checkpoint): vision_model, query_tokens,
+    abstractor, language_model."""
+
+    cfg: OwlConfig
+    decode: bool = False
+
+    def setup(self):
+        cfg = self.cfg
+        dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        common = dict(dtype=dtype, param_dtype=param_dtype, remat_policy=cfg.remat_policy, attention_impl=cfg.attention_impl)
+        self.vision_model = VisionEncoder(cfg.vision, **common)
+        self.query_tokens = self.param(
+            "query_tokens",
+            partitioned(nn.initializers.truncated_normal(0.02), (None, None, "embed")),
+            (1, cfg.abstractor.num_queries, cfg.abstractor.hidden_size),
+            param_dtype,
+        )
+        self.abstractor = VisualAbstractor(cfg.abstractor, cfg.llm.hidden_size, **common)
+        self.language_model = LlamaForCausalLM(cfg.llm, cfg.lora, decode=self.decode, **common)
+
+    def encode_images(self, pixel_values: jax.Array, deterministic: bool = True) -> jax.Array:
+        """float[M, H, W, 3] CLIP-normalised -> float[M, Q + 1, D_llm] (65 tokens per image)."""
+        features = self.vision_model(pixel_values, deterministic)
+        queries = jnp.broadcast_to(self.query_tokens, (features.shape[0],) + self.query_tokens.shape[1:])
+        return self.abstractor(queries, features, deterministic)
+
+    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None, num_images: jax.Array | None, deterministic: bool = True):
+        """Text embeddings with the images spliced in: int[B, T] -> float[B, T, D_llm]."""
+        is_image = input_ids == IMAGE_PLACEHOLDER_ID
+        text = self.language_model.embed(jnp.where(is_image, 0, input_ids))
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            return text
+        return splice_images(text, self.encode_images(pixel_values, deterministic), is_image, num_images)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None = None,
+        num_images: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Logits float[B, T, V].
+
+        input_ids int[B, T] with `IMAGE_PLACEHOLDER_ID` (65 per image), pixel_values float[M, H, W, 3]
+        (M fixed per batch; unused slots are ignored), num_images int[B] (sum <= M), attention_mask
+        int/bool[B, T] (1 = real token; bool[B, S] over the cache when decoding), positions int[B, T]
+        (default 0..T-1)."""
+        embeds = self.embed(input_ids, pixel_values, num_images, deterministic)
+        return self.language_model(
+            inputs_embeds=embeds,
+            positions=positions,
+            attention_mask=None if attention_mask is None else attention_mask.astype(bool),
+            deterministic=deterministic,
+        )
+
+
+def dummy_inputs(cfg: OwlConfig) -> dict[str, jax.Array]:
+    """The smallest batch that touches every parameter: one sample with one image."""
+    ids = jnp.full((1, cfg.tokens_per_image + 1), IMAGE_PLACEHOLDER_ID, jnp.int32).at[0, 0].set(cfg.llm.bos_token_id)
+    size = cfg.vision.image_size
+    return {
+        "input_ids": ids,
+        "pixel_values": jnp.zeros((1, size, size, 3), jnp.float32),
+        "num_images": jnp.ones((1,), jnp.int32),
+    }
+
+
+def init_params(cfg: OwlConfig, rng: jax.Array) -> dict:
+    """Boxed params (nn.LogicallyPartitioned leaves). Wrap in jax.eval_shape for shapes only."""
+    return MplugOwl(cfg).init(rng, **dummy_inputs(cfg))["params"]

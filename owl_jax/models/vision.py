@@ -1,0 +1,115 @@
+"""CLIP ViT vision encoder in the released mPLUG-Owl layout (DESIGN 1.1)."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from owl_jax.models.config import VisionConfig
+from owl_jax.models.layers import Dense, Dtype, LayerNorm, attention, Stack, constrain, partitioned
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class VisionAttention(nn.Module):
+    cfg: VisionConfig
+    dtype: Dtype
+    param_dtype: Dtype
+    attention_impl: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """float[N, S, D] -> float[N, S, D]; no mask (every image has all S tokens)."""
+        n, s, d = x.shape
+        h = self.cfg.num_heads
+        dense = lambda f, axes, name: Dense(f, axes, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        # Fused projection; output axis ordered (head, {q,k,v}, head_dim) as in the released weights.
+        qkv = dense(3 * d, ("embed", "heads"), "query_key_value")(x).reshape(n, s, h, 3, d // h)
+        out = attention(qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2], None, impl=self.attention_impl)
+        return dense(d, ("heads", "embed"), "dense")(out.reshape(n, s, d))
+
+
+class VisionMLP(nn.Module):
+    cfg: VisionConfig
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = quick_gelu(Dense(self.cfg.mlp_size, ("embed", "mlp"), name="fc1", **kw)(x))
+        return Dense(self.cfg.hidden_size, ("mlp", "embed"), name="fc2", **kw)(x)
+
+
+class VisionLayer(nn.Module):
+    """Pre-LN block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+
+    cfg: VisionConfig
+    dtype: Dtype
+    param_dtype: Dtype
+    attention_impl: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> tuple[jax.Array, None]:
+        ln = lambda name: LayerNorm(self.cfg.layer_norm_eps, self.param_dtype, name=name)
+        x = x + VisionAttention(self.cfg, self.dtype, self.param_dtype, self.attention_impl, name="self_attn")(
+            ln("input_layernorm")(x)
+        )
+        x = x + VisionMLP(self.cfg, self.dtype, self.param_dtype, name="mlp")(ln("post_attention_layernorm")(x))
+        return constrain(x, ("batch", "length", "embed")), None
+
+
+class VisionEmbeddings(nn.Module):
+    cfg: VisionConfig
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        """float[N, H, W, 3] (CLIP-normalised) -> float[N, 1 + (H/p)*(W/p), D]."""
+        d, p = self.cfg.hidden_size, self.cfg.patch_size
+        init = nn.initializers.truncated_normal(0.02)
+        cls_token = self.param("cls_token", partitioned(init, (None, None, "embed")), (1, 1, d), self.param_dtype)
+        pos = self.param(
+            "position_embedding", partitioned(init, (None, None, "embed")), (1, self.cfg.num_positions, d), self.param_dtype
+        )
+        patches = nn.Conv(
+            d,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=partitioned(nn.initializers.normal(0.02), (None, None, None, "embed")),
+            name="patch_embed",
+        )(pixels.astype(self.dtype))
+        n = patches.shape[0]
+        patches = patches.reshape(n, -1, d)
+        x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(self.dtype), (n, 1, d)), patches], axis=1)
+        x = x + pos[:, : x.shape[1]].astype(self.dtype)
+        return LayerNorm(self.cfg.layer_norm_eps, self.param_dtype, name="pre_layernorm")(x)
+
+
+class VisionEncoder(nn.Module):
+    cfg: VisionConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, pixels: jax.Array, deterministic: bool = True) -> jax.Array:
+        """float[N, H, W, 3] -> float[N, S, D]: every token post-LayerNormed (S = 257 for ViT-L/14 @ 224)."""
+        x = VisionEmbeddings(self.cfg, self.dtype, self.param_dtype, name="embeddings")(pixels)
+        x = constrain(x, ("batch", "length", "embed"))
+        x = Stack(
+            VisionLayer,
+            self.cfg.num_layers,
+            self.remat_policy,
+            dict(cfg=self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl),
+            name="encoder",
+        )(x, deterministic)
+        return LayerNorm(self.cfg.layer_norm_eps, self.param_dtype, name="post_layernorm")(x)

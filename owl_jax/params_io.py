@@ -1,0 +1,46 @@
+"""owl_jax parameter directories: `DIR/owl_config.json` (the model config) + `DIR/params` (orbax).
+
+This is what `python -m owl_jax.convert from-torch` writes and what training, generation and
+`to-torch` read.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from owl_jax.models.config import OwlConfig, owl_config_from_dict, owl_config_to_dict
+
+CONFIG_FILE = "owl_config.json"
+PARAMS_DIR = "params"
+
+
+def save_params(directory: str, params: Any, cfg: OwlConfig) -> None:
+    """Writes params (a pytree of arrays, boxed or not) and the config."""
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(directory, PARAMS_DIR), nn.unbox(params), force=True)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(owl_config_to_dict(cfg), f, indent=2)
+
+
+def load_config(directory: str) -> OwlConfig:
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no owl_jax model config; expected a directory written by save_params / convert from-torch")
+    with open(path) as f:
+        return owl_config_from_dict(json.load(f))
+
+
+def load_params(directory: str) -> tuple[Any, OwlConfig]:
+    """Returns (params as numpy arrays on the host, config)."""
+    cfg = load_config(directory)
+    params = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(directory, PARAMS_DIR)))
+    return jax.tree_util.tree_map(np.asarray, params), cfg
