@@ -91,6 +91,17 @@ def _unused(reader: TorchCheckpointReader, used: set[str]) -> list[str]:
     )
 
 
+def _strip_missing_prefix(maps: list[TensorMap], reader: TorchCheckpointReader, prefix: str) -> list[TensorMap]:
+    """CLIPVisionModel saved by transformers 5 drops the `vision_model.` prefix that CLIPModel and
+    older versions write; accept both."""
+    if not maps or maps[0].key in reader or not maps[0].key.startswith(prefix) or maps[0].key[len(prefix):] not in reader:
+        return maps
+    return [
+        dataclasses.replace(m, sources=tuple((k[len(prefix):] if k.startswith(prefix) else k, s) for k, s in m.sources))
+        for m in maps
+    ]
+
+
 def init_missing(cfg: OwlConfig, paths: list[Path], rng: jax.Array) -> dict[Path, np.ndarray]:
     """Fresh initialisation of just `paths`: jit drops the initialisers of everything else."""
 
@@ -132,6 +143,7 @@ def from_torch(
         raise ValueError("from_torch: give at least one of released=, clip=, llama=")
     for directory, maps in sources:
         reader = TorchCheckpointReader(directory)
+        maps = _strip_missing_prefix(maps, reader, "vision_model.")
         used = _fill(out, shapes, maps, reader, np_dtype)
         report.loaded[directory] = len(used)
         report.unused[directory] = _unused(reader, used)

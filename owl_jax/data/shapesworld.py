@@ -1,0 +1,416 @@
+"""ShapesWorld: a procedural multimodal dataset, generated locally and deterministically from a seed.
+
+Images are 224x224: 1-4 shapes (circle, square, triangle, star) in 8 colours on a plain or noisy
+grey background, each shape in its own region (left, right, top, bottom, center), so positions are
+unambiguous. About a third of the images also carry a rendered word of 3-6 capital letters in the
+middle band (shapes then avoid the center region).
+
+Splits (train and test drawn from different seed streams; a test sample's (scene, conversation)
+never occurs in train, where the scene is compared by its content: shapes, colours, regions, word):
+
+* ``captions_train`` / ``captions_test`` (stage 1): ``Human: <image>`` then the AI's one-sentence
+  caption naming every shape, e.g. "A red circle on the left and a blue star at the top."
+* ``instructions_train`` / ``instructions_test`` (stage 2), categories (``category`` field):
+  colour, shape, count, position (single image); two_image (which has more shapes; same colour?);
+  reading (the rendered word); multi_turn (2-3 questions on one image); text_only (arithmetic,
+  spelling backwards, counting letters: no image). Every sample records the last ``question`` and
+  its exact expected ``answer`` (lower-case words, digits, or the upper-case word) for exact-match
+  evaluation, and its ``scene`` (JSON) so answers can be checked against the drawing.
+
+`prepare_shapesworld` also trains the SentencePiece tokenizer on the train text.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from owl_jax.data import records
+from owl_jax.data.conversation import build_conversation, caption_conversation
+
+IMAGE_SIZE = 224
+SHAPES = ("circle", "square", "triangle", "star")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (240, 220, 40),
+    "purple": (140, 60, 180),
+    "orange": (250, 140, 30),
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+}
+REGIONS = {"left": (40, 112), "right": (184, 112), "top": (112, 40), "bottom": (112, 184), "center": (112, 112)}
+REGION_ORDER = ("left", "top", "center", "right", "bottom")
+REGION_PHRASE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
+                 "center": "in the center"}
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+CATEGORIES = ("colour", "shape", "count", "position", "two_image", "reading", "multi_turn", "text_only")
+CATEGORY_WEIGHTS = (0.13, 0.13, 0.13, 0.13, 0.12, 0.12, 0.1, 0.14)
+SPLITS = ("captions_train", "captions_test", "instructions_train", "instructions_test")
+_SPLIT_CODE = {s: i + 1 for i, s in enumerate(SPLITS)}
+DEFAULT_SIZES = {"captions_train": 4000, "captions_test": 200, "instructions_train": 12000, "instructions_test": 400}
+WORD_PROB = 0.3
+
+# ---------------------------------------------------------------- scenes
+
+
+def random_word(rng: np.random.Generator) -> str:
+    return "".join(rng.choice(list(LETTERS), size=int(rng.integers(3, 7))))
+
+
+def sample_scene(rng: np.random.Generator, n_shapes: int | None = None, word: bool | None = None) -> dict:
+    """A random scene: {"shapes": [...], "word": str, "background": {...}} (JSON-able)."""
+    if word is None:
+        word = rng.random() < WORD_PROB
+    regions = [r for r in REGION_ORDER if not (word and r == "center")]
+    n = int(n_shapes if n_shapes is not None else rng.integers(1, 5))
+    chosen = sorted(rng.choice(regions, size=n, replace=False).tolist(), key=REGION_ORDER.index)
+    shapes = []
+    for region in chosen:
+        cx, cy = REGIONS[region]
+        shapes.append({
+            "shape": str(rng.choice(SHAPES)),
+            "colour": str(rng.choice(list(COLOURS))),
+            "region": region,
+            "x": int(cx + rng.integers(-8, 9)),
+            "y": int(cy + rng.integers(-8, 9)),
+            "r": int(rng.integers(16, 25)),
+        })
+    background = {"kind": "noise" if rng.random() < 0.5 else "plain", "grey": int(rng.integers(95, 166)),
+                  "seed": int(rng.integers(0, 2**31 - 1))}
+    return {"shapes": shapes, "word": random_word(rng) if word else "", "background": background}
+
+
+def scene_key(scene: dict) -> tuple:
+    """What a scene shows (not where exactly): the identity used for train/test disjointness."""
+    return (tuple((s["shape"], s["colour"], s["region"]) for s in scene["shapes"]), scene["word"])
+
+
+_FONT_CACHE: dict = {}
+
+
+def _font(size: int):
+    if size not in _FONT_CACHE:
+        _FONT_CACHE[size] = ImageFont.load_default(size=size)
+    return _FONT_CACHE[size]
+
+
+def _star(cx, cy, r):
+    pts = []
+    for i in range(10):
+        rad = r if i % 2 == 0 else 0.45 * r
+        a = -np.pi / 2 + i * np.pi / 5
+        pts.append((cx + rad * np.cos(a), cy + rad * np.sin(a)))
+    return pts
+
+
+def render_scene(scene: dict, size: int = IMAGE_SIZE) -> Image.Image:
+    """Draws a scene as an RGB image (deterministic: noise comes from the scene's own seed)."""
+    bg = scene["background"]
+    if bg["kind"] == "noise":
+        noise = np.random.default_rng(bg["seed"]).normal(0.0, 18.0, (IMAGE_SIZE, IMAGE_SIZE, 3))
+        img = Image.fromarray(np.clip(bg["grey"] + noise, 0, 255).astype(np.uint8))
+    else:
+        img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (bg["grey"],) * 3)
+    draw = ImageDraw.Draw(img)
+    for s in scene["shapes"]:
+        x, y, r, fill = s["x"], s["y"], s["r"], COLOURS[s["colour"]]
+        if s["shape"] == "circle":
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+        elif s["shape"] == "square":
+            h = round(r * 0.85)
+            draw.rectangle((x - h, y - h, x + h, y + h), fill=fill)
+        elif s["shape"] == "triangle":
+            draw.polygon([(x, y - r), (x + 0.95 * r, y + 0.75 * r), (x - 0.95 * r, y + 0.75 * r)], fill=fill)
+        else:
+            draw.polygon(_star(x, y, r), fill=fill)
+    if scene["word"]:
+        draw.text((IMAGE_SIZE // 2, IMAGE_SIZE // 2), scene["word"], fill=(0, 0, 0), font=_font(26), anchor="mm")
+    if size != IMAGE_SIZE:
+        img = img.resize((size, size), Image.BICUBIC)
+    return img
+
+
+def encode_jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- language
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def describe(scene: dict) -> str:
+    """The caption: every shape with its colour and position, then the word if any."""
+    parts = [f"a {s['colour']} {s['shape']} {REGION_PHRASE[s['region']]}" for s in scene["shapes"]]
+    text = _join(parts)
+    text = text[0].upper() + text[1:] + "."
+    if scene["word"]:
+        text += f" The word {scene['word']} is written in the middle."
+    return text
+
+
+def _unique(scene, attr):
+    vals = [s[attr] for s in scene["shapes"]]
+    return [s for s in scene["shapes"] if vals.count(s[attr]) == 1]
+
+
+def ask(kind: str, scene: dict, rng: np.random.Generator) -> tuple[str, str] | None:
+    """One (question, answer) about one scene; None when the scene cannot support `kind`."""
+    shapes = scene["shapes"]
+    if kind == "colour":
+        s = shapes[int(rng.integers(len(shapes)))]
+        if len(shapes) == 1:
+            return "What colour is the shape?", s["colour"]
+        if s in _unique(scene, "shape") and rng.random() < 0.5:
+            return f"What colour is the {s['shape']}?", s["colour"]
+        return f"What colour is the shape {REGION_PHRASE[s['region']]}?", s["colour"]
+    if kind == "shape":
+        s = shapes[int(rng.integers(len(shapes)))]
+        if len(shapes) == 1:
+            return "What shape is in the image?", s["shape"]
+        if s in _unique(scene, "colour") and rng.random() < 0.5:
+            return f"What shape is the {s['colour']} object?", s["shape"]
+        return f"What shape is {REGION_PHRASE[s['region']]}?", s["shape"]
+    if kind == "count":
+        if rng.random() < 0.6:
+            return "How many shapes are there?", str(len(shapes))
+        if rng.random() < 0.5:
+            c = str(rng.choice(list(COLOURS)))
+            return f"How many {c} shapes are there?", str(sum(s["colour"] == c for s in shapes))
+        t = str(rng.choice(SHAPES))
+        return f"How many {t}s are there?", str(sum(s["shape"] == t for s in shapes))
+    if kind == "position":
+        pairs = [(s["colour"], s["shape"]) for s in shapes]
+        unique = [s for s in shapes if pairs.count((s["colour"], s["shape"])) == 1]
+        if not unique:
+            return None
+        s = unique[int(rng.integers(len(unique)))]
+        return f"Where is the {s['colour']} {s['shape']}?", s["region"]
+    if kind == "reading":
+        if not scene["word"]:
+            return None
+        return "What word is written in the image?", scene["word"]
+    raise ValueError(kind)
+
+
+def _text_only(rng: np.random.Generator) -> tuple[str, str]:
+    k = int(rng.integers(4))
+    if k == 0:
+        a, b = (int(x) for x in rng.integers(0, 50, size=2))
+        return f"What is {a} plus {b}?", str(a + b)
+    if k == 1:
+        a, b = sorted((int(x) for x in rng.integers(0, 50, size=2)), reverse=True)
+        return f"What is {a} minus {b}?", str(a - b)
+    w = random_word(rng)
+    if k == 2:
+        return f"Spell the word {w} backwards.", w[::-1]
+    return f"How many letters are in the word {w}?", str(len(w))
+
+
+def _two_image(rng: np.random.Generator) -> tuple[list[dict], tuple[str, str]]:
+    if rng.random() < 0.5:
+        n1, n2 = (int(x) for x in rng.choice(np.arange(1, 5), size=2, replace=False))
+        scenes = [sample_scene(rng, n_shapes=n1), sample_scene(rng, n_shapes=n2)]
+        return scenes, ("Which image has more shapes, the first or the second?", "first" if n1 > n2 else "second")
+    a, b = sample_scene(rng, n_shapes=1), sample_scene(rng, n_shapes=1)
+    same = rng.random() < 0.5
+    if same:
+        b["shapes"][0]["colour"] = a["shapes"][0]["colour"]
+    elif b["shapes"][0]["colour"] == a["shapes"][0]["colour"]:
+        b["shapes"][0]["colour"] = str(rng.choice([c for c in COLOURS if c != a["shapes"][0]["colour"]]))
+    return [a, b], ("Are the shapes in the two images the same colour?", "yes" if same else "no")
+
+
+def _instruction(rng: np.random.Generator) -> dict:
+    category = str(rng.choice(CATEGORIES, p=CATEGORY_WEIGHTS))
+    if category == "text_only":
+        return {"category": category, "scenes": [], "turns": [_text_only(rng)]}
+    if category == "two_image":
+        scenes, qa = _two_image(rng)
+        return {"category": category, "scenes": scenes, "turns": [qa]}
+    if category == "multi_turn":
+        scene = sample_scene(rng)
+        kinds = ["colour", "shape", "count", "position"] + (["reading"] if scene["word"] else [])
+        n = int(rng.integers(2, 4))
+        picks = rng.choice(kinds, size=n, replace=False).tolist()
+        turns = [t for t in (ask(k, scene, rng) for k in picks) if t is not None]
+        return {"category": category, "scenes": [scene], "turns": turns} if len(turns) >= 2 else None
+    scene = sample_scene(rng, word=True if category == "reading" else None)
+    qa = ask(category, scene, rng)
+    return {"category": category, "scenes": [scene], "turns": [qa]} if qa is not None else None
+
+
+def _caption(rng: np.random.Generator) -> dict:
+    scene = sample_scene(rng)
+    return {"category": "caption", "scenes": [scene], "caption": describe(scene)}
+
+
+def _to_record(item: dict, split: str, index: int, render: bool) -> dict:
+    scenes = item["scenes"]
+    if item["category"] == "caption":
+        text = caption_conversation(item["caption"])
+        question, answer = "", item["caption"]
+    else:
+        text = build_conversation(len(scenes), item["turns"])
+        question, answer = item["turns"][-1]
+    return records.empty_record(
+        text=text,
+        images=[encode_jpeg(render_scene(s)) for s in scenes] if render else [],
+        task_type=f"shapesworld_{split.split('_')[0]}",
+        source=f"shapesworld/{split}/{index}",
+        category=item["category"],
+        question=question,
+        answer=answer,
+        scene=json.dumps(scenes, sort_keys=True),
+    )
+
+
+def sample_key(item: dict) -> str:
+    """Identity for disjointness: scene contents + the whole conversation."""
+    if item["category"] == "caption":
+        conv = item["caption"]
+    else:
+        conv = json.dumps(item["turns"])
+    return json.dumps([[scene_key(s) for s in item["scenes"]], conv])
+
+
+def generate(split: str, n: int, seed: int, exclude: set | None = None, render: bool = True) -> Iterator[dict]:
+    """The `n` records of `split` in order (deterministic in (split, n, seed, exclude)).
+
+    Samples whose `sample_key` is in `exclude` (the test keys, for train splits) or already drawn
+    are skipped and redrawn.
+    """
+    if split not in _SPLIT_CODE:
+        raise ValueError(f"unknown ShapesWorld split {split!r}; one of {SPLITS}")
+    rng = np.random.default_rng([seed, _SPLIT_CODE[split]])
+    make = _caption if split.startswith("captions") else _instruction
+    seen: set = set()
+    exclude = exclude or set()
+    produced, attempts = 0, 0
+    while produced < n:
+        attempts += 1
+        if attempts > 50 * n + 1000:
+            raise RuntimeError(f"ShapesWorld {split}: could not draw {n} distinct samples")
+        item = make(rng)
+        if item is None:
+            continue
+        key = sample_key(item)
+        if key in exclude or key in seen:
+            continue
+        seen.add(key)
+        yield _to_record(item, split, produced, render) | {"_key": key}
+        produced += 1
+
+
+def split_keys(split: str, n: int, seed: int) -> set:
+    return {r["_key"] for r in generate(split, n, seed, render=False)}
+
+
+def generate_all(sizes: dict, seed: int, render: bool = True) -> dict[str, Iterator[dict]]:
+    """Generators for every split in `sizes`; train splits exclude their test split's samples."""
+    gens = {}
+    for split, n in sizes.items():
+        exclude = None
+        if split.endswith("_train"):
+            test = split.replace("_train", "_test")
+            exclude = split_keys(test, sizes.get(test, DEFAULT_SIZES[test]), seed)
+        gens[split] = generate(split, n, seed, exclude=exclude, render=render)
+    return gens
+
+
+# ---------------------------------------------------------------- TFDS builder
+
+import tensorflow_datasets as tfds  # noqa: E402
+
+
+class ShapesWorld(tfds.core.GeneratorBasedBuilder):
+    """ShapesWorld as ArrayRecord shards. Sizes and seed are given at construction."""
+
+    name = "shapesworld"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "captions + instructions, 224x224 JPEG images."}
+
+    def __init__(self, *, sizes: dict | None = None, seed: int = 0, **kwargs):
+        self._sizes = dict(sizes or DEFAULT_SIZES)
+        self._seed = seed
+        self.report = records.BuildReport()
+        super().__init__(**kwargs)
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, description=__doc__, features=records.features(),
+                                     metadata=tfds.core.MetadataDict(seed=self._seed, sizes=self._sizes))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(split, gen)
+                for split, gen in generate_all(self._sizes, self._seed).items()}
+
+    def _generate_examples(self, split, gen):
+        for i, rec in enumerate(gen):
+            rec.pop("_key")
+            self.report.written[split] += 1
+            self.report.written[f"{split}:{rec['category']}"] += 1
+            yield i, rec
+
+
+def tokenizer_texts(sizes: dict, seed: int) -> Iterator[str]:
+    """The text the ShapesWorld tokenizer is trained on: every train-split conversation."""
+    for split, gen in generate_all({s: n for s, n in sizes.items() if s.endswith("_train")}, seed,
+                                   render=False).items():
+        for rec in gen:
+            yield rec["text"]
+
+
+def iter_test_questions(dataset_dir: str, split: str = "instructions_test", image_size: int = 224,
+                        blank_images: bool = False, categories=None) -> Iterator[dict]:
+    """Evaluation records of a prepared ShapesWorld split, in record order.
+
+    Yields dicts: ``index``, ``source``, ``category``, ``question``, ``answer`` (exact expected
+    string), ``history`` (earlier (question, answer) turns, for multi_turn), ``prompt`` (the
+    generation prompt ending in "AI: ", from `conversation.build_prompt`), ``num_images``,
+    ``pixel_values`` float32[k, image_size, image_size, 3] (CLIP-normalised; zeros, the mean
+    colour, if `blank_images`), ``scene`` (list of scene dicts).
+    """
+    from owl_jax.data.conversation import build_prompt, parse_turns
+    from owl_jax.data.image import load_and_preprocess
+
+    src = records.data_source(dataset_dir, "shapesworld", split)
+    for i in range(len(src)):
+        rec = src[i]
+        category = records.as_str(rec["category"])
+        if categories is not None and category not in categories:
+            continue
+        text = records.as_str(rec["text"])
+        n_images, turns = parse_turns(text)
+        history, (question, answer) = turns[:-1], turns[-1]
+        images = list(rec["images"])
+        if blank_images:
+            pixels = np.zeros((len(images), image_size, image_size, 3), np.float32)
+        else:
+            pixels = np.stack([load_and_preprocess(b, image_size) for b in images]) if images else \
+                np.zeros((0, image_size, image_size, 3), np.float32)
+        yield {
+            "index": i,
+            "source": records.as_str(rec["source"]),
+            "category": category,
+            "question": question if category != "caption" else "",
+            "answer": records.as_str(rec["answer"]),
+            "history": history,
+            "prompt": build_prompt(n_images, history, question) if category != "caption"
+            else text[: len(text) - len(answer)],
+            "num_images": len(images),
+            "pixel_values": pixels,
+            "scene": json.loads(records.as_str(rec["scene"]) or "[]"),
+        }

@@ -1,0 +1,115 @@
+"""Tokenisation of conversations: token layout and label (loss) masks, per DESIGN 1.4 / 1.5.
+
+Matches the released `MultiModalDataset._extract_text_token_from_conversation`:
+
+* The text is split on ``<image>``, ``"AI: "`` and ``"\\nHuman: "`` (the delimiters are kept as
+  chunks) and every non-empty chunk is tokenised on its own (``add_special_tokens=False``), so
+  each chunk gets SentencePiece's dummy-prefix space exactly as in the release.
+* BOS (1) starts the sample; each ``<image>`` becomes `image_token_count` placeholders of id -1.
+* A chunk that directly follows an ``"AI: "`` chunk is an answer: its tokens plus EOS (2) have
+  loss_mask 1. Everything else (system prompt, human turns, the ``"AI: "`` prefix, placeholders)
+  has loss_mask 0.
+
+The loss mask marks the token *itself* as a target: the training loss uses logits[t] to predict
+ids[t+1] with weight loss_mask[t+1] (the release's ``prompt_mask = label_chunk[1:]``).
+
+Truncation to `max_len` tokens (BOS included) is left to right: a text chunk is cut at the limit;
+an image whose placeholders do not all fit is dropped together with everything after it (so the
+sample keeps only the images whose tags survived); an answer cut by the limit keeps the tokens that
+fit and gets no EOS. (Deliberate deviation: the release appends EOS to a truncated answer, which
+teaches the model to stop mid-sentence.) A sample may end with no loss token at all; it is
+reported (``num_loss_tokens == 0``), never divided by.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+from owl_jax.data.conversation import AI_DELIM, HUMAN_DELIM, IMAGE_TAG
+from owl_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+IMAGE_PLACEHOLDER_ID = -1
+DEFAULT_IMAGE_TOKEN_COUNT = 65  # 64 queries + vit_eos
+
+_SPLIT_RE = re.compile("(" + "|".join(map(re.escape, [IMAGE_TAG, AI_DELIM, HUMAN_DELIM])) + ")")
+
+
+@dataclasses.dataclass
+class Encoded:
+    ids: np.ndarray  # int32[n], n <= max_len
+    loss_mask: np.ndarray  # int32[n]
+    num_images: int  # images whose placeholders were kept (a prefix of the sample's images)
+    num_image_tags: int  # <image> tags in the text
+    truncated: bool  # the max_len limit cut something off
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def split_chunks(text: str) -> list[str]:
+    """The release's chunking: delimiters kept, empty chunks dropped."""
+    return [c for c in _SPLIT_RE.split(text) if c]
+
+
+def _tok(tokenizer, s: str) -> list[int]:
+    return list(tokenizer(s, add_special_tokens=False)["input_ids"])
+
+
+def encode_conversation(text: str, tokenizer, max_len: int, image_token_count: int = DEFAULT_IMAGE_TOKEN_COUNT,
+                        add_bos: bool = True, answer_eos: bool = True) -> Encoded:
+    """Token ids and loss mask of one conversation (see module docstring)."""
+    ids: list[int] = [BOS_ID] if add_bos else []
+    loss: list[int] = [0] * len(ids)
+    chunks = split_chunks(text)
+    num_tags = sum(c == IMAGE_TAG for c in chunks)
+    num_images = 0
+    truncated = len(ids) > max_len
+    ids, loss = ids[:max_len], loss[:max_len]
+    prev = None
+    for chunk in chunks:
+        if truncated:
+            break
+        room = max_len - len(ids)
+        if chunk == IMAGE_TAG:
+            if image_token_count > room:
+                truncated = True
+                break
+            ids += [IMAGE_PLACEHOLDER_ID] * image_token_count
+            loss += [0] * image_token_count
+            num_images += 1
+        else:
+            is_answer = prev == AI_DELIM
+            toks = _tok(tokenizer, chunk)
+            if is_answer and answer_eos:
+                toks.append(EOS_ID)
+            if len(toks) > room:
+                toks = toks[:room]  # a cut answer loses its EOS (it was the last token)
+                truncated = True
+            ids += toks
+            loss += [1 if is_answer else 0] * len(toks)
+        prev = chunk
+    return Encoded(np.asarray(ids, np.int32), np.asarray(loss, np.int32), num_images, num_tags, truncated)
+
+
+def encode_prompt(text: str, tokenizer, image_token_count: int = DEFAULT_IMAGE_TOKEN_COUNT) -> np.ndarray:
+    """Token ids of a generation prompt (ending in ``"AI: "``), chunked exactly as in training.
+
+    Returns int32[n] starting with BOS, with -1 placeholders per image and no EOS.
+    """
+    enc = encode_conversation(text, tokenizer, max_len=1 << 30, image_token_count=image_token_count)
+    return enc.ids
+
+
+def pad_to(enc: Encoded, max_len: int) -> dict[str, np.ndarray]:
+    """Right-pads one encoded sample to `max_len`: input_ids (pad 0), attention_mask, loss_mask."""
+    n = len(enc.ids)
+    input_ids = np.full((max_len,), PAD_ID, np.int32)
+    input_ids[:n] = enc.ids
+    attention = np.zeros((max_len,), np.int32)
+    attention[:n] = 1
+    loss = np.zeros((max_len,), np.int32)
+    loss[:n] = enc.loss_mask
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss}
