@@ -1,0 +1,70 @@
+"""Remat policies, attention implementations and bf16 compute change speed/memory, not results."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import perturb, small_owl_config
+from owl_jax.losses import answer_loss
+from owl_jax.models.config import IMAGE_PLACEHOLDER_ID
+from owl_jax.models.owl import MplugOwl, init_params
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = small_owl_config()
+    params = perturb(nn.unbox(init_params(cfg, jax.random.PRNGKey(0))), seed=7)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, cfg.llm.vocab_size, size=(2, 24))
+    ids[0, 2 : 2 + cfg.tokens_per_image] = IMAGE_PLACEHOLDER_ID
+    batch = dict(
+        input_ids=jnp.asarray(ids),
+        pixel_values=jnp.asarray(rng.normal(size=(1, 56, 56, 3)), jnp.float32),
+        num_images=jnp.asarray([1, 0]),
+        attention_mask=jnp.ones((2, 24), jnp.int32),
+    )
+    loss_mask = jnp.asarray(rng.integers(0, 2, size=(2, 24)))
+    return cfg, params, batch, loss_mask
+
+
+def _loss_and_grad(cfg, params, batch, loss_mask):
+    def loss_fn(p):
+        logits = MplugOwl(cfg).apply({"params": p}, **batch)
+        return answer_loss(logits, batch["input_ids"], loss_mask)[0]
+
+    return jax.jit(jax.value_and_grad(loss_fn))(params)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_no_batch"])
+def test_remat_gives_same_loss_and_gradients(setup, policy):
+    cfg, params, batch, loss_mask = setup
+    loss, grads = _loss_and_grad(cfg, params, batch, loss_mask)
+    loss_r, grads_r = _loss_and_grad(dataclasses.replace(cfg, remat_policy=policy), params, batch, loss_mask)
+    np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_r)):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+    assert float(jnp.abs(grads["vision_model"]["embeddings"]["cls_token"]).sum()) > 0  # images get gradients
+
+
+def test_unknown_remat_policy_is_a_clear_error(setup):
+    cfg, params, batch, _ = setup
+    with pytest.raises(ValueError, match="remat_policy 'sometimes'"):
+        MplugOwl(dataclasses.replace(cfg, remat_policy="sometimes")).apply({"params": params}, **batch)
+
+
+def test_dot_product_attention_impl_matches_xla(setup):
+    cfg, params, batch, _ = setup
+    xla = MplugOwl(cfg).apply({"params": params}, **batch)
+    auto = MplugOwl(dataclasses.replace(cfg, attention_impl="auto")).apply({"params": params}, **batch)
+    np.testing.assert_allclose(auto, xla, atol=1e-4)
+
+
+def test_bf16_compute_stays_close_to_fp32(setup):
+    cfg, params, batch, _ = setup
+    fp32 = MplugOwl(cfg).apply({"params": params}, **batch)
+    bf16 = MplugOwl(dataclasses.replace(cfg, dtype="bfloat16")).apply({"params": params}, **batch)
+    assert bf16.dtype == jnp.bfloat16
+    assert np.abs(np.asarray(bf16, np.float32) - np.asarray(fp32)).max() < 0.1
