@@ -19,7 +19,12 @@ CORE_REQUIRES = [
 ]
 
 # The input pipeline (owl_jax/data): TFDS builders, ArrayRecord shards, grain loaders.
-DATA_REQUIRES = []
+DATA_REQUIRES = [
+    "grain==0.2.18",
+    "tensorflow-datasets==4.9.10",  # builders + ArrayRecord data sources; TensorFlow itself is not needed
+    "array-record==0.8.6",
+    "importlib_resources==7.1.0",  # imported by tensorflow-datasets' builder code, not declared by it
+]
 
 setup(
     name="owl_jax",

@@ -153,7 +153,8 @@ def _join(parts: list[str]) -> str:
 
 def describe(scene: dict) -> str:
     """The caption: every shape with its colour and position, then the word if any."""
-    parts = [f"a {s['colour']} {s['shape']} {REGION_PHRASE[s['region']]}" for s in scene["shapes"]]
+    parts = [f"{'an' if s['colour'][0] in 'aeiou' else 'a'} {s['colour']} {s['shape']} {REGION_PHRASE[s['region']]}"
+             for s in scene["shapes"]]
     text = _join(parts)
     text = text[0].upper() + text[1:] + "."
     if scene["word"]:
@@ -393,8 +394,13 @@ def iter_test_questions(dataset_dir: str, split: str = "instructions_test", imag
         if categories is not None and category not in categories:
             continue
         text = records.as_str(rec["text"])
-        n_images, turns = parse_turns(text)
-        history, (question, answer) = turns[:-1], turns[-1]
+        answer = records.as_str(rec["answer"])
+        if category == "caption":  # prompt = the text up to the caption (ends in "AI: ")
+            history, question, prompt = [], "", text[: len(text) - len(answer)]
+        else:
+            n_images, turns = parse_turns(text)
+            history, question = turns[:-1], turns[-1][0]
+            prompt = build_prompt(n_images, history, question)
         images = list(rec["images"])
         if blank_images:
             pixels = np.zeros((len(images), image_size, image_size, 3), np.float32)
@@ -405,11 +411,10 @@ def iter_test_questions(dataset_dir: str, split: str = "instructions_test", imag
             "index": i,
             "source": records.as_str(rec["source"]),
             "category": category,
-            "question": question if category != "caption" else "",
-            "answer": records.as_str(rec["answer"]),
+            "question": question,
+            "answer": answer,
             "history": history,
-            "prompt": build_prompt(n_images, history, question) if category != "caption"
-            else text[: len(text) - len(answer)],
+            "prompt": prompt,
             "num_images": len(images),
             "pixel_values": pixels,
             "scene": json.loads(records.as_str(rec["scene"]) or "[]"),

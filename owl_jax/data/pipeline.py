@@ -1,0 +1,413 @@
+"""The input pipeline: prepared TFDS dataset -> fixed-shape, resumable, per-process batches (grain).
+
+Graph (grain dataset API)::
+
+    record indices (all, or text-only / with-image groups when text_only_ratio >= 0)
+      -> this process's shard  [process_index::process_count]     (disjoint, together cover all)
+      -> shuffle(seed) -> repeat(num_epochs)                        (reshuffled every epoch)
+      -> mix(text-only, image; weights ratio, 1 - ratio)            (only when text_only_ratio >= 0)
+      -> random_map(read + tokenise + image preprocessing)          (per-index rng: deterministic)
+      -> to_iter_dataset(read_threads)
+      -> image-aware batching (`make_batch`)                        (fixed shapes, see below)
+      -> mp_prefetch(worker_count)                                  (optional worker processes)
+
+A batch (per process) is a dict of numpy arrays with fixed shapes, B = batch_size // process_count,
+T = max_len, M = max_images_per_batch // process_count, S = image_size:
+
+===============  ==================  =========================================================
+input_ids        int32[B, T]         BOS 1, text ids, -1 x image_token_count per image, EOS 2
+                                     after each answer, pad 0 (right padding)
+attention_mask   int32[B, T]         1 on real tokens (placeholders included), 0 on padding
+loss_mask        int32[B, T]         1 where the token is part of an AI answer (its EOS included)
+pixel_values     float32[M, S, S, 3] the batch's images in sample order, CLIP-normalised,
+                                     unused slots zero
+num_images       int32[B]            images per sample (sum <= M)
+===============  ==================  =========================================================
+
+A sample whose images do not fit the batch's remaining image slots is deferred to the next batch;
+a sample with more than M images is dropped. Both are counted (`OwlDataIterator.stats`), as are
+truncated samples and samples left with no loss token. At the end of a finite run the last batch
+is filled with inert rows (a lone BOS, attention 1 at position 0, loss 0, no images).
+
+Multi-process: each process gets its own B rows and M image slots; a sample's images are always in
+its own process's slots. Concatenating per-process batches into one global array keeps that
+layout: image offsets are then per process block (cumsum of num_images within each block of B
+rows, offset by the block's M slots).
+
+Checkpointing: `OwlDataIterator` is a grain `DatasetIterator`. ``get_state()`` returns a
+JSON-able dict and ``set_state(state)`` restores it (the resumed run yields exactly the batches it
+would have); with orbax use ``grain.checkpoint.CheckpointSave(it)`` /
+``grain.checkpoint.CheckpointRestore(it)`` (one JSON file per process) inside
+``ocp.args.Composite``. The state depends on (config, process_count) and, with workers, on
+worker_count: restore with the same values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from typing import Any, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+
+from owl_jax.data import records
+from owl_jax.data.image import load_and_preprocess
+from owl_jax.data.text import DEFAULT_IMAGE_TOKEN_COUNT, encode_conversation, pad_to
+from owl_jax.data.tokenizer import BOS_ID, load_tokenizer
+
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "pixel_values", "num_images")
+STAT_NAMES = ("samples", "truncated", "no_loss_tokens", "images_truncated", "deferred", "dropped_too_many_images",
+              "filler_rows")
+_STATS = "_stats"
+_INDEX = "_index"
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The ``config.data`` section with defaults (documented in owl_jax/data/__init__.py)."""
+    return ml_collections.ConfigDict(dict(
+        dataset="shapesworld",  # 'shapesworld' | 'owl_jsonl' (the TFDS name under dataset_dir)
+        dataset_dir="",  # the --out of `python -m owl_jax.data.prepare`
+        split="instructions_train",
+        tokenizer_path="",  # '' -> <dataset_dir>/tokenizer (ShapesWorld's trained tokenizer)
+        batch_size=8,  # global: each process yields batch_size // process_count rows
+        max_len=256,
+        max_images_per_batch=8,  # global: each process holds max_images_per_batch // process_count
+        image_size=224,
+        image_token_count=DEFAULT_IMAGE_TOKEN_COUNT,  # placeholders per <image> (queries + 1)
+        augment=False,  # train augmentation: random resized crop (else bicubic resize)
+        crop_scale_min=0.5,
+        horizontal_flip=False,  # only with augment; breaks text reading and left/right questions
+        text_only_ratio=-1.0,  # < 0: natural order; in [0, 1]: fraction of text-only samples
+        shuffle=True,
+        num_epochs=0,  # 0: repeat forever
+        seed=0,
+        blank_images=False,  # replace every image by zeros (the mean colour): the "no image" control
+        return_index=False,  # add "index": int32[B] record index of each row (-1 for filler rows)
+        read_threads=2,  # grain ReadOptions.num_threads
+        read_buffer_size=32,  # grain ReadOptions.prefetch_buffer_size (samples)
+        worker_count=0,  # grain mp_prefetch worker processes (0: none)
+        worker_buffer_size=2,  # batches buffered per worker
+    ))
+
+
+def _get(cfg, name):
+    defaults = default_config()
+    return cfg.get(name, defaults[name]) if hasattr(cfg, "get") else getattr(cfg, name, defaults[name])
+
+
+def resolve_tokenizer_path(cfg) -> str:
+    path = _get(cfg, "tokenizer_path")
+    if path:
+        return path
+    if _get(cfg, "dataset") == "shapesworld":
+        return os.path.join(_get(cfg, "dataset_dir"), "tokenizer")
+    raise ValueError("config.data.tokenizer_path is required for datasets other than shapesworld")
+
+
+# ---------------------------------------------------------------- per sample
+
+
+@dataclasses.dataclass
+class SampleOptions:
+    max_len: int
+    image_size: int
+    image_token_count: int = DEFAULT_IMAGE_TOKEN_COUNT
+    augment: bool = False
+    horizontal_flip: bool = False
+    crop_scale_min: float = 0.5
+    blank_images: bool = False
+
+
+def encode_sample(text: str, images: Sequence[bytes], tokenizer, opts: SampleOptions,
+                  rng: np.random.Generator | None = None) -> dict[str, Any]:
+    """One record -> padded input_ids/attention_mask/loss_mask [T], images [k, S, S, 3], stats."""
+    enc = encode_conversation(text, tokenizer, opts.max_len, opts.image_token_count)
+    kept = list(images)[: enc.num_images]
+    s = opts.image_size
+    if opts.blank_images or not kept:
+        pixels = np.zeros((len(kept), s, s, 3), np.float32)
+    else:
+        pixels = np.stack([load_and_preprocess(b, s, rng, opts.augment, opts.horizontal_flip, opts.crop_scale_min)
+                           for b in kept])
+    out = pad_to(enc, opts.max_len)
+    out["images"] = pixels
+    out["num_images"] = len(kept)
+    stats = np.zeros(len(STAT_NAMES), np.int64)
+    stats[0] = 1
+    stats[1] = enc.truncated
+    stats[2] = enc.num_loss_tokens == 0
+    stats[3] = min(len(images), enc.num_image_tags) - enc.num_images
+    out[_STATS] = stats
+    return out
+
+
+class _Preprocess(grain.transforms.RandomMap):
+    """Record index -> encoded sample. Loads the tokenizer lazily (once per worker process)."""
+
+    def __init__(self, source, tokenizer_path: str, opts: SampleOptions):
+        self._source = source
+        self._tokenizer_path = tokenizer_path
+        self._opts = opts
+        self._lock = threading.Lock()
+        self._tokenizer = load_tokenizer(tokenizer_path)  # fail early, in the caller's process
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_tokenizer"] = None
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def random_map(self, index, rng: np.random.Generator):
+        if self._tokenizer is None:
+            with self._lock:  # read threads share one tokenizer; load it once
+                if self._tokenizer is None:
+                    self._tokenizer = load_tokenizer(self._tokenizer_path)
+        rec = self._source[int(index)]
+        images = rec["images"]
+        images = [] if images is None else list(images)
+        out = encode_sample(records.as_str(rec["text"]), images, self._tokenizer, self._opts, rng)
+        out[_INDEX] = int(index)
+        return out
+
+
+# ---------------------------------------------------------------- batching
+
+
+def _filler_row(max_len: int, s: int) -> dict:
+    ids = np.zeros((max_len,), np.int32)
+    ids[0] = BOS_ID
+    att = np.zeros((max_len,), np.int32)
+    att[0] = 1
+    return {"input_ids": ids, "attention_mask": att, "loss_mask": np.zeros((max_len,), np.int32),
+            "images": np.zeros((0, s, s, 3), np.float32), "num_images": 0}
+
+
+def make_batch(samples: Sequence[dict], batch_size: int, max_images: int, max_len: int, image_size: int,
+               extra_stats: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Stacks <= batch_size encoded samples (images sum <= max_images) into one fixed-shape batch.
+
+    Missing rows are filled with inert rows (counted in the stats as filler_rows).
+    """
+    if len(samples) > batch_size:
+        raise ValueError(f"{len(samples)} samples > batch_size {batch_size}")
+    s = image_size
+    stats = np.zeros(len(STAT_NAMES), np.int64) if extra_stats is None else extra_stats.astype(np.int64).copy()
+    rows = list(samples)
+    n_fill = batch_size - len(rows)
+    rows += [_filler_row(max_len, s) for _ in range(n_fill)]
+    stats[STAT_NAMES.index("filler_rows")] += n_fill
+    pixel_values = np.zeros((max_images, s, s, 3), np.float32)
+    slot = 0
+    for r in rows:
+        k = int(r["num_images"])
+        if slot + k > max_images:
+            raise ValueError("images exceed max_images")
+        if k:
+            pixel_values[slot:slot + k] = r["images"]
+        slot += k
+        if _STATS in r:
+            stats += r[_STATS]
+    batch = {
+        "input_ids": np.stack([r["input_ids"] for r in rows]).astype(np.int32),
+        "attention_mask": np.stack([r["attention_mask"] for r in rows]).astype(np.int32),
+        "loss_mask": np.stack([r["loss_mask"] for r in rows]).astype(np.int32),
+        "pixel_values": pixel_values,
+        "num_images": np.asarray([int(r["num_images"]) for r in rows], np.int32),
+        _STATS: stats,
+        _INDEX: np.asarray([int(r.get(_INDEX, -1)) for r in rows], np.int32),
+    }
+    return batch
+
+
+class _ImageAwareBatchDataset(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, batch_size: int, max_images: int, max_len: int, image_size: int):
+        super().__init__(parent)
+        self._args = (batch_size, max_images, max_len, image_size)
+
+    def __iter__(self):
+        return _ImageAwareBatchIterator(self._parent.__iter__(), *self._args)
+
+    def __str__(self):
+        return f"ImageAwareBatch{self._args}"
+
+
+class _ImageAwareBatchIterator(grain.DatasetIterator):
+    """Fills batches in order; a sample whose images overflow waits (one at most) for the next batch.
+
+    State = the parent's state before the waiting sample was read (or the current parent state if
+    none waits), so restoring re-reads that sample: exact resumption without storing samples.
+    """
+
+    def __init__(self, parent, batch_size, max_images, max_len, image_size):
+        super().__init__(parent)
+        self._batch_size, self._max_images, self._max_len, self._image_size = (
+            batch_size, max_images, max_len, image_size)
+        self._pending = None
+        self._pending_state = None
+        self._exhausted = False
+
+    def __next__(self):
+        self._assert_not_closed()
+        rows, n_images = [], 0
+        extra = np.zeros(len(STAT_NAMES), np.int64)
+        if self._pending is not None:
+            rows.append(self._pending)
+            n_images += int(self._pending["num_images"])
+            self._pending = self._pending_state = None
+        while len(rows) < self._batch_size and not self._exhausted:
+            state_before = self._parent.get_state()
+            try:
+                sample = next(self._parent)
+            except StopIteration:
+                self._exhausted = True
+                break
+            k = int(sample["num_images"])
+            if k > self._max_images:
+                extra[STAT_NAMES.index("dropped_too_many_images")] += 1
+                continue
+            if n_images + k > self._max_images:
+                extra[STAT_NAMES.index("deferred")] += 1
+                self._pending, self._pending_state = sample, state_before
+                break
+            rows.append(sample)
+            n_images += k
+        if not rows:
+            raise StopIteration
+        return make_batch(rows, self._batch_size, self._max_images, self._max_len, self._image_size, extra)
+
+    def get_state(self):
+        parent = self._pending_state if self._pending is not None else self._parent.get_state()
+        return {"parent": parent}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._pending = self._pending_state = None
+        self._exhausted = False
+
+
+class _StatsDataset(grain.IterDataset):
+    def __init__(self, parent, return_index: bool):
+        super().__init__(parent)
+        self._return_index = return_index
+
+    def __iter__(self):
+        return OwlDataIterator(self._parent.__iter__(), self._return_index)
+
+
+class OwlDataIterator(grain.DatasetIterator):
+    """Yields batch dicts (the `BATCH_KEYS`); accumulates pipeline counters in `stats`.
+
+    ``get_state()`` -> JSON-able dict; ``set_state(state)``; works with
+    ``grain.checkpoint.CheckpointSave/CheckpointRestore`` for orbax.
+    """
+
+    def __init__(self, parent, return_index: bool = False):
+        super().__init__(parent)
+        self._counts = np.zeros(len(STAT_NAMES), np.int64)
+        self._return_index = return_index
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = dict(next(self._parent))
+        self._counts += batch.pop(_STATS)
+        index = batch.pop(_INDEX)
+        if self._return_index:
+            batch["index"] = index
+        return batch
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters since the start of the run (restored with the state)."""
+        return {k: int(v) for k, v in zip(STAT_NAMES, self._counts)}
+
+    def get_state(self):
+        return {"pipeline": self._parent.get_state(), "stats": [int(x) for x in self._counts]}
+
+    def set_state(self, state):
+        self._parent.set_state(state["pipeline"])
+        self._counts = np.asarray(state["stats"], np.int64)
+
+
+# ---------------------------------------------------------------- builder
+
+
+def _process_index_and_count(process_index, process_count):
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    return int(process_index), int(process_count)
+
+
+def _index_dataset(indices: np.ndarray, shard: slice, shuffle: bool, seed: int, num_epochs: int):
+    ds = grain.MapDataset.source(np.asarray(indices, np.int64))[shard]
+    if len(ds) == 0:
+        return None
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    return ds.repeat(None if num_epochs <= 0 else num_epochs)
+
+
+def shard_indices(num_records: int, process_index: int, process_count: int) -> np.ndarray:
+    """The record indices a process reads (before shuffling): index % process_count == process_index."""
+    return np.arange(num_records)[process_index::process_count]
+
+
+def make_iterator(config, process_index: int | None = None, process_count: int | None = None,
+                  source=None) -> OwlDataIterator:
+    """Builds the pipeline for `config` (a ``config.data`` ConfigDict, see `default_config`).
+
+    `process_index` / `process_count` default to jax's. Returns an `OwlDataIterator`.
+    """
+    pi, pc = _process_index_and_count(process_index, process_count)
+    batch_size, max_images = _get(config, "batch_size"), _get(config, "max_images_per_batch")
+    if batch_size % pc or max_images % pc:
+        raise ValueError(f"batch_size {batch_size} and max_images_per_batch {max_images} must divide by "
+                         f"process_count {pc}")
+    b_local, m_local = batch_size // pc, max_images // pc
+    name, ddir, split = _get(config, "dataset"), _get(config, "dataset_dir"), _get(config, "split")
+    if source is None:
+        source = records.data_source(ddir, name, split)
+    seed, shuffle, epochs = int(_get(config, "seed")), bool(_get(config, "shuffle")), int(_get(config, "num_epochs"))
+    shard = slice(pi, None, pc)
+    ratio = float(_get(config, "text_only_ratio"))
+    if ratio < 0:
+        ds = _index_dataset(np.arange(len(source)), shard, shuffle, seed, epochs)
+        if ds is None:
+            raise ValueError(f"process {pi} of {pc} has no records in {name}/{split}")
+    else:
+        if ratio > 1:
+            raise ValueError("text_only_ratio must be < 0 (off) or in [0, 1]")
+        n_img = records.num_images_index(ddir, name, split, source)
+        groups = [(ratio, np.flatnonzero(n_img == 0)), (1.0 - ratio, np.flatnonzero(n_img > 0))]
+        parts, weights = [], []
+        for g, (w, idx) in enumerate(groups):
+            if w <= 0:
+                continue
+            d = _index_dataset(idx, shard, shuffle, seed + 7919 * (g + 1), epochs)
+            if d is None:
+                raise ValueError(f"text_only_ratio={ratio} needs {'text-only' if g == 0 else 'image'} records "
+                                 f"in {name}/{split} for process {pi}")
+            parts.append(d)
+            weights.append(w)
+        ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights=weights)
+    opts = SampleOptions(
+        max_len=int(_get(config, "max_len")), image_size=int(_get(config, "image_size")),
+        image_token_count=int(_get(config, "image_token_count")), augment=bool(_get(config, "augment")),
+        horizontal_flip=bool(_get(config, "horizontal_flip")), crop_scale_min=float(_get(config, "crop_scale_min")),
+        blank_images=bool(_get(config, "blank_images")))
+    ds = ds.random_map(_Preprocess(source, resolve_tokenizer_path(config), opts), seed=seed + 1)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(_get(config, "read_threads")),
+                                              prefetch_buffer_size=int(_get(config, "read_buffer_size"))))
+    ds = _ImageAwareBatchDataset(ds, b_local, m_local, opts.max_len, opts.image_size)
+    workers = int(_get(config, "worker_count"))
+    if workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                         per_worker_buffer_size=int(_get(config, "worker_buffer_size"))))
+    return iter(_StatsDataset(ds, bool(_get(config, "return_index"))))
