@@ -1,0 +1,193 @@
+"""Token layout and label masks (DESIGN 1.4-1.6) on hand-written released-format samples."""
+import ast
+import os
+import re
+
+import numpy as np
+import pytest
+
+from owl_jax.data import conversation as conv
+from owl_jax.data.text import encode_conversation, encode_prompt, pad_to, split_chunks
+from owl_jax.data.tokenizer import load_tokenizer, train_tokenizer
+
+SYS = conv.SYSTEM_PROMPT
+P = -1  # placeholder id
+
+
+class CharTokenizer:
+    """Every character is one token: id = ord(c) + 3 (0..2 stay unk/bos/eos). Easy to hand-work."""
+
+    def __call__(self, s, add_special_tokens=False):
+        assert not add_special_tokens
+        return {"input_ids": [ord(c) + 3 for c in s]}
+
+
+def t(s):
+    return [ord(c) + 3 for c in s]
+
+
+def layout(*segments):
+    """segments: (ids, label) pairs -> (ids, loss) arrays."""
+    ids, loss = [], []
+    for seg, label in segments:
+        ids += seg
+        loss += [label] * len(seg)
+    return np.array(ids, np.int32), np.array(loss, np.int32)
+
+
+def check(text, expected, max_len=10_000, k=3):
+    enc = encode_conversation(text, CharTokenizer(), max_len=max_len, image_token_count=k)
+    ids, loss = expected
+    np.testing.assert_array_equal(enc.ids, ids)
+    np.testing.assert_array_equal(enc.loss_mask, loss)
+    return enc
+
+
+def test_single_image():
+    text = SYS + "\nHuman: <image>\nHuman: What colour is it?\nAI: red"
+    enc = check(text, layout(
+        ([1], 0), (t(SYS), 0), (t("\nHuman: "), 0), ([P] * 3, 0), (t("\nHuman: "), 0),
+        (t("What colour is it?\n"), 0), (t("AI: "), 0), (t("red") + [2], 1)))
+    assert enc.num_images == 1 and enc.num_image_tags == 1 and not enc.truncated
+    assert enc.num_loss_tokens == 4
+
+
+def test_two_images():
+    text = SYS + "\nHuman: <image>\nHuman: <image>\nHuman: Same?\nAI: no"
+    enc = check(text, layout(
+        ([1], 0), (t(SYS), 0), (t("\nHuman: "), 0), ([P] * 3, 0), (t("\nHuman: "), 0), ([P] * 3, 0),
+        (t("\nHuman: "), 0), (t("Same?\n"), 0), (t("AI: "), 0), (t("no") + [2], 1)))
+    assert enc.num_images == 2
+
+
+def test_multi_turn():
+    text = SYS + "\nHuman: <image>\nHuman: Q1\nAI: A1\nHuman: Q2\nAI: A2"
+    check(text, layout(
+        ([1], 0), (t(SYS), 0), (t("\nHuman: "), 0), ([P] * 3, 0), (t("\nHuman: "), 0), (t("Q1\n"), 0),
+        (t("AI: "), 0), (t("A1") + [2], 1), (t("\nHuman: "), 0), (t("Q2\n"), 0), (t("AI: "), 0),
+        (t("A2") + [2], 1)))
+
+
+def test_text_only():
+    text = SYS + "\nHuman: What is 2 plus 3?\nAI: 5"
+    enc = check(text, layout(
+        ([1], 0), (t(SYS), 0), (t("\nHuman: "), 0), (t("What is 2 plus 3?\n"), 0), (t("AI: "), 0),
+        (t("5") + [2], 1)))
+    assert enc.num_images == 0
+
+
+def test_literal_ids():
+    """Fully literal: system 'S', one image of 2 placeholders, no question, answer 'a'."""
+    text = "S\nHuman: <image>\nAI: a"
+    # chunks: "S", "\nHuman: ", "<image>", "\n", "AI: ", "a" ("\n" before "AI: " is its own chunk)
+    assert split_chunks(text) == ["S", "\nHuman: ", "<image>", "\n", "AI: ", "a"]
+    enc = encode_conversation(text, CharTokenizer(), max_len=100, image_token_count=2)
+    #                  BOS  S   \n  H   u    m    a    n    :   ' '  img img  \n  A   I   :   ' '  a   EOS
+    assert enc.ids.tolist() == [1, 86, 13, 75, 120, 112, 100, 113, 61, 35, -1, -1, 13, 68, 76, 61, 35, 100, 2]
+    assert enc.loss_mask.tolist() == [0] * 17 + [1, 1]
+
+
+def test_truncated_answer_has_no_loss_tokens():
+    text = SYS + "\nHuman: <image>\nHuman: What colour is it?\nAI: red"
+    prefix = 1 + len(SYS) + 8 + 3 + 8 + len("What colour is it?\n") + 4
+    enc = encode_conversation(text, CharTokenizer(), max_len=prefix, image_token_count=3)
+    assert enc.truncated and enc.num_loss_tokens == 0 and len(enc.ids) == prefix
+    # Cut inside the answer: the kept answer tokens count, the EOS is gone.
+    enc = encode_conversation(text, CharTokenizer(), max_len=prefix + 2, image_token_count=3)
+    assert enc.truncated and enc.loss_mask.tolist()[-2:] == [1, 1] and 2 not in enc.ids.tolist()
+    # Exactly enough room: not truncated, EOS kept.
+    enc = encode_conversation(text, CharTokenizer(), max_len=prefix + 4, image_token_count=3)
+    assert not enc.truncated and enc.ids[-1] == 2
+    padded = pad_to(enc, prefix + 10)
+    assert padded["attention_mask"].sum() == prefix + 4 and padded["input_ids"][-1] == 0
+
+
+def test_image_that_does_not_fit_is_dropped_with_the_rest():
+    text = SYS + "\nHuman: <image>\nHuman: <image>\nHuman: Same?\nAI: no"
+    first = 1 + len(SYS) + 8 + 3 + 8
+    enc = encode_conversation(text, CharTokenizer(), max_len=first + 2, image_token_count=3)
+    assert enc.num_images == 1 and enc.num_image_tags == 2 and enc.truncated
+    assert enc.ids.tolist().count(P) == 3 and len(enc.ids) == first
+
+
+def test_conversation_template_round_trip():
+    text = conv.build_conversation(2, [("Q1", "A1"), ("Q2", "A2")])
+    assert text == SYS + "\nHuman: <image>\nHuman: <image>\nHuman: Q1\nAI: A1\nHuman: Q2\nAI: A2"
+    assert conv.parse_turns(text) == (2, [("Q1", "A1"), ("Q2", "A2")])
+    prompt = conv.build_prompt(1, [("Q1", "A1")], "Q2")
+    assert prompt.endswith("\nHuman: Q2\nAI: ") and prompt.count("<image>") == 1
+    assert conv.caption_conversation("A cat.") == SYS + "\nHuman: <image>\nAI: A cat."
+    # A generation prompt tokenises like the training text up to the answer.
+    ids = encode_prompt(prompt, CharTokenizer(), image_token_count=3)
+    train = encode_conversation(conv.build_conversation(1, [("Q1", "A1"), ("Q2", "A2")]), CharTokenizer(), 10_000, 3)
+    assert ids.tolist() == train.ids.tolist()[: len(ids)] and 2 not in ids.tolist()[-3:]
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer(tmp_path_factory):
+    texts = [conv.build_conversation(1, [(f"What colour is the {s}?", c)]) for s in ("circle", "star", "square")
+             for c in ("red", "blue", "green")] * 20 + ["What is 12 plus 30? 42", "Spell KEPLO backwards. OLPEK"] * 20
+    out = str(tmp_path_factory.mktemp("tok"))
+    train_tokenizer(texts, out, vocab_size=400)
+    return load_tokenizer(out)
+
+
+def test_tokenizer_llama_ids(sp_tokenizer, tmp_path):
+    tok = sp_tokenizer
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 0)
+    assert len(tok) <= 400
+    ids = tok("What colour is the circle? é", add_special_tokens=False)["input_ids"]
+    assert 0 not in ids  # byte fallback: no unk even for unseen characters
+    assert tok.decode(ids) == "What colour is the circle? é"
+    assert tok("12", add_special_tokens=False)["input_ids"][-2:] != tok("1", add_special_tokens=False)["input_ids"]
+    # a bare .model file under another name loads too
+    import shutil
+
+    src = os.path.join(os.path.dirname(tok.name_or_path) if os.path.isfile(tok.name_or_path) else tok.name_or_path,
+                       "tokenizer.model")
+    shutil.copy(src, tmp_path / "other.model")
+    tok2 = load_tokenizer(str(tmp_path / "other.model"))
+    assert tok2("red circle", add_special_tokens=False)["input_ids"] == \
+        tok("red circle", add_special_tokens=False)["input_ids"]
+
+
+RELEASE = os.environ.get("OWL_RELEASE_SRC", "/work/owl_release_src/mPLUG-Owl")
+
+
+def _release_extract():
+    """The released `_extract_text_token_from_conversation`, compiled from the release source."""
+    path = os.path.join(RELEASE, "pipeline/data_utils/xgpt3_dataset.py")
+    if not os.path.exists(path):
+        pytest.skip("released mPLUG-Owl source not available")
+    torch = pytest.importorskip("torch")
+    tree = ast.parse(open(path).read())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MultiModalDataset")
+    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "_extract_text_token_from_conversation")
+    ns = {"re": re, "torch": torch}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), path, "exec"), ns)
+    return ns["_extract_text_token_from_conversation"]
+
+
+def test_matches_released_tokenisation(sp_tokenizer):
+    """Untruncated samples: ids and labels equal the release's (its labels = [0] + prompt_mask)."""
+    extract = _release_extract()
+
+    class Self:
+        tokenizer = sp_tokenizer
+        media_tokens = {"<image>": -1}
+        media_lengths = {"<image>": 65}
+
+    samples = [
+        conv.build_conversation(1, [("What colour is the circle?", "red")]),
+        conv.build_conversation(2, [("Are they the same colour?", "yes")]),
+        conv.build_conversation(1, [("What shape is it?", "star"), ("How many?", "3"), ("Where?", "left")]),
+        conv.build_conversation(0, [("What is 12 plus 30?", "42"), ("Spell KEPLO backwards.", "OLPEK")]),
+        conv.caption_conversation("A red circle on the left."),
+    ]
+    max_length = 512
+    for text in samples:
+        ref = extract(Self(), {"completion": text}, max_length, 0)
+        n = int(ref["seq_length"])
+        ours = encode_conversation(text, sp_tokenizer, max_len=max_length)
+        assert ours.ids.tolist() == ref["input_ids"][:n].tolist(), text
+        assert ours.loss_mask.tolist() == [0] + ref["prompt_mask"][: n - 1].tolist(), text
