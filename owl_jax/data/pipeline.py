@@ -408,6 +408,10 @@ def make_iterator(config, process_index: int | None = None, process_count: int |
     ds = _ImageAwareBatchDataset(ds, b_local, m_local, opts.max_len, opts.image_size)
     workers = int(_get(config, "worker_count"))
     if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside absl.app use defaults
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                          per_worker_buffer_size=int(_get(config, "worker_buffer_size"))))
     return iter(_StatsDataset(ds, bool(_get(config, "return_index"))))

@@ -1,0 +1,154 @@
+"""ShapesWorld: deterministic, train/test disjoint, answers consistent with the scene description."""
+import json
+import re
+
+import numpy as np
+import pytest
+
+from owl_jax.data import conversation as conv
+from owl_jax.data import shapesworld as sw
+
+SIZES = {"captions_train": 60, "captions_test": 30, "instructions_train": 400, "instructions_test": 150}
+PHRASE_TO_REGION = {v: k for k, v in sw.REGION_PHRASE.items()}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return {s: list(g) for s, g in sw.generate_all(SIZES, seed=3, render=False).items()}
+
+
+def test_same_seed_same_data_including_pixels():
+    a = list(sw.generate("instructions_train", 12, seed=5))
+    b = list(sw.generate("instructions_train", 12, seed=5))
+    assert a == b  # text, metadata and the encoded JPEG bytes
+    c = list(sw.generate("instructions_train", 12, seed=6))
+    assert [r["text"] for r in a] != [r["text"] for r in c]
+    assert all(r["images"] for r in a if r["category"] != "text_only")
+
+
+def test_test_questions_do_not_occur_in_train(data):
+    for kind in ("captions", "instructions"):
+        train = {r["_key"] for r in data[f"{kind}_train"]}
+        test = {r["_key"] for r in data[f"{kind}_test"]}
+        assert len(test) == SIZES[f"{kind}_test"] and len(train) == SIZES[f"{kind}_train"]
+        assert not train & test
+    # also by plain text for the text-only questions (no scene to tell them apart)
+    tr = {r["text"] for r in data["instructions_train"] if r["category"] == "text_only"}
+    te = {r["text"] for r in data["instructions_test"] if r["category"] == "text_only"}
+    assert te and not tr & te
+
+
+def test_categories_are_all_present(data):
+    cats = {r["category"] for r in data["instructions_train"]}
+    assert cats == set(sw.CATEGORIES)
+    assert {r["category"] for r in data["captions_train"]} == {"caption"}
+
+
+def _one(shapes, **kw):
+    found = [s for s in shapes if all(s[k] == v for k, v in kw.items())]
+    assert len(found) == 1, (kw, shapes)  # the question must be unambiguous
+    return found[0]
+
+
+def oracle(question: str, scenes: list) -> str:
+    """Answers a ShapesWorld question from the scene description alone (independent of the generator)."""
+    if not scenes:
+        if m := re.fullmatch(r"What is (\d+) plus (\d+)\?", question):
+            return str(int(m[1]) + int(m[2]))
+        if m := re.fullmatch(r"What is (\d+) minus (\d+)\?", question):
+            return str(int(m[1]) - int(m[2]))
+        if m := re.fullmatch(r"Spell the word ([A-Z]+) backwards\.", question):
+            return m[1][::-1]
+        if m := re.fullmatch(r"How many letters are in the word ([A-Z]+)\?", question):
+            return str(len(m[1]))
+        raise AssertionError(question)
+    if len(scenes) == 2:
+        a, b = scenes
+        if question == "Which image has more shapes, the first or the second?":
+            assert len(a["shapes"]) != len(b["shapes"])
+            return "first" if len(a["shapes"]) > len(b["shapes"]) else "second"
+        if question == "Are the shapes in the two images the same colour?":
+            assert len(a["shapes"]) == len(b["shapes"]) == 1
+            return "yes" if a["shapes"][0]["colour"] == b["shapes"][0]["colour"] else "no"
+        raise AssertionError(question)
+    (scene,) = scenes
+    shapes = scene["shapes"]
+    if question == "What colour is the shape?":
+        assert len(shapes) == 1
+        return shapes[0]["colour"]
+    if question == "What shape is in the image?":
+        assert len(shapes) == 1
+        return shapes[0]["shape"]
+    if question == "How many shapes are there?":
+        return str(len(shapes))
+    if question == "What word is written in the image?":
+        assert scene["word"]
+        return scene["word"]
+    if m := re.fullmatch(r"What colour is the shape (.+)\?", question):
+        return _one(shapes, region=PHRASE_TO_REGION[m[1]])["colour"]
+    if m := re.fullmatch(r"What colour is the (\w+)\?", question):
+        return _one(shapes, shape=m[1])["colour"]
+    if m := re.fullmatch(r"What shape is the (\w+) object\?", question):
+        return _one(shapes, colour=m[1])["shape"]
+    if m := re.fullmatch(r"What shape is (.+)\?", question):
+        return _one(shapes, region=PHRASE_TO_REGION[m[1]])["shape"]
+    if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
+        return str(sum(s["colour"] == m[1] for s in shapes))
+    if m := re.fullmatch(r"How many (\w+)s are there\?", question):
+        return str(sum(s["shape"] == m[1] for s in shapes))
+    if m := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
+        return _one(shapes, colour=m[1], shape=m[2])["region"]
+    raise AssertionError(question)
+
+
+def test_answers_are_consistent_with_the_scene(data):
+    for split in ("instructions_train", "instructions_test"):
+        for r in data[split]:
+            scenes = json.loads(r["scene"])
+            n_images, turns = conv.parse_turns(r["text"])
+            assert n_images == len(scenes) and r["text"] == conv.build_conversation(n_images, turns)
+            for q, a in turns:
+                assert oracle(q, scenes) == a, (q, a, scenes)
+            assert (r["question"], r["answer"]) == turns[-1]
+            assert (len(turns) >= 2) == (r["category"] == "multi_turn")
+
+
+def test_captions_describe_every_shape(data):
+    for r in data["captions_train"] + data["captions_test"]:
+        (scene,) = json.loads(r["scene"])
+        cap = r["answer"]
+        assert r["text"] == conv.caption_conversation(cap)
+        for s in scene["shapes"]:
+            assert re.search(rf"\b{s['colour']} {s['shape']} {sw.REGION_PHRASE[s['region']]}\b", cap), (cap, s)
+        assert len(re.findall(r"\b(circle|square|triangle|star)\b", cap)) == len(scene["shapes"])
+        assert (f"The word {scene['word']} " in cap) == bool(scene["word"])
+
+
+def test_scene_geometry_matches_its_description(data):
+    """Each shape lies in the image, nearest its named region, clear of the others and of the word."""
+    for r in data["instructions_train"] + data["captions_train"]:
+        for scene in json.loads(r["scene"]):
+            regions = [s["region"] for s in scene["shapes"]]
+            assert 1 <= len(regions) <= 4 and len(set(regions)) == len(regions)
+            for s in scene["shapes"]:
+                assert s["r"] <= s["x"] <= sw.IMAGE_SIZE - s["r"] and s["r"] <= s["y"] <= sw.IMAGE_SIZE - s["r"]
+                nearest = min(sw.REGIONS, key=lambda k: np.hypot(s["x"] - sw.REGIONS[k][0], s["y"] - sw.REGIONS[k][1]))
+                assert nearest == s["region"]
+                if scene["word"]:
+                    assert s["region"] != "center"
+            for i, a in enumerate(scene["shapes"]):
+                for b in scene["shapes"][i + 1:]:
+                    assert np.hypot(a["x"] - b["x"], a["y"] - b["y"]) > a["r"] + b["r"]
+            if scene["word"]:
+                assert re.fullmatch(r"[A-Z]{3,6}", scene["word"])
+
+
+def test_rendering_draws_the_described_colours():
+    """A light pixel check that the renderer honours the scene (the answers above need no pixels)."""
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        scene = sw.sample_scene(rng, word=False)
+        scene["background"]["kind"] = "plain"
+        img = np.asarray(sw.render_scene(scene))
+        for s in scene["shapes"]:
+            np.testing.assert_array_equal(img[s["y"], s["x"]], sw.COLOURS[s["colour"]])
