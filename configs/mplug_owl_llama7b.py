@@ -1,14 +1,38 @@
-"""mPLUG-Owl with LLaMA-7B: the released shapes (DESIGN 1; 7,123,068,928 parameters).
+"""mPLUG-Owl with LLaMA-7B: the released shapes (DESIGN 1; 7,123,068,928 parameters) and the paper's
+two recipes (DESIGN 2). `--config=configs/mplug_owl_llama7b.py:stage1` (default) or `:stage2_lora`
+or `:full_ft`.
 
 ViT-L/14 24 x 1024 (LN eps 1e-6), abstractor 6 x 1024 with FFN 2816 and 64 queries, LLaMA-7B.
 """
 import ml_collections
 
-from owl_jax.configs import model_section
-from owl_jax.models.config import OwlConfig
+from owl_jax.configs import base_config
+from owl_jax.models.config import LlamaConfig, LoraConfig, OwlConfig
 
 
-def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.model = model_section(OwlConfig(dtype="bfloat16", remat_policy="dots_no_batch"))
+def recipe(stage: str, llm: LlamaConfig = LlamaConfig()) -> ml_collections.ConfigDict:
+    lora = LoraConfig(rank=8, alpha=32.0, dropout=0.05) if stage == "stage2_lora" else LoraConfig()
+    config = base_config(OwlConfig(llm=llm, lora=lora, dtype="bfloat16", remat_policy="dots_no_batch"))
+    config.stage = stage
+    config.frozen_dtype = "bfloat16"
+    o = config.optim
+    if stage == "stage1":
+        # 50k steps x 4096 pairs x 512 tokens; AdamW (0.9, 0.98) eps 1e-6, lr 1e-4, wd 0.1, warmup 2k
+        config.num_steps, config.batch_size, config.seq_len, config.max_images_per_batch = 50_000, 4096, 512, 4096
+        o.lr, o.end_lr, o.warmup_steps, o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm = 1e-4, 0.0, 2000, 0.9, 0.98, 1e-6, 0.1, 1.0
+        config.mesh.update({"data": 1, "fsdp": -1, "tensor": 1})
+    else:
+        # 2k steps x 256 (128 text + 128 image); AdamW (0.9, 0.999) eps 1e-6, lr 2e-5 -> 1e-6, wd 1e-4,
+        # warmup 50, clip 1.0, bf16, max len 2048 (release; paper 1024)
+        config.num_steps, config.batch_size, config.seq_len, config.max_images_per_batch = 2000, 256, 2048, 128
+        o.lr, o.end_lr, o.warmup_steps, o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm = 2e-5, 1e-6, 50, 0.9, 0.999, 1e-6, 1e-4, 1.0
+        config.train_abstractor = True  # paper; the release froze it (set False to match the release)
+        if stage == "full_ft":
+            o.lr = 1e-5
+    config.checkpoint.every_steps = 1000
+    config.log_every_steps = 10
     return config
+
+
+def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
+    return recipe(stage)

@@ -1,12 +1,63 @@
-"""Helpers for the ml_collections files under configs/: the model section as plain data."""
+"""Helpers for the ml_collections files under configs/: every section as plain data."""
 from __future__ import annotations
 
 import ml_collections
 
 from owl_jax.models.config import OwlConfig, owl_config_to_dict
+from owl_jax.sharding import DEFAULT_RULES
 
 
 def model_section(cfg: OwlConfig = OwlConfig()) -> ml_collections.ConfigDict:
     """`config.model`: every OwlConfig field, overridable from the command line
     (e.g. --config.model.llm.num_layers=2)."""
     return ml_collections.ConfigDict(owl_config_to_dict(cfg))
+
+
+def base_config(model: OwlConfig) -> ml_collections.ConfigDict:
+    """Every training field with a default; configs/*.py override what their recipe changes."""
+    c = ml_collections.ConfigDict()
+    c.model = model_section(model)
+    # Which parameters train: stage1 | stage2_lora | full_ft | all (owl_jax/training/stages.py),
+    # plus regexes in extra_trainable. train_abstractor: stage 2 also trains the abstractor (paper).
+    c.stage = "stage1"
+    c.train_abstractor = True
+    c.extra_trainable = ()
+    c.frozen_dtype = "float32"  # frozen weights may be held in bfloat16
+    c.seed = 0
+    c.num_steps = 100
+    # One micro-batch, global: samples, tokens per sample, image slots. A step is
+    # optim.grad_accum_steps micro-batches.
+    c.batch_size = 8
+    c.seq_len = 256
+    c.max_images_per_batch = 8
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})  # -1 fills the devices
+    c.logical_axis_rules = [list(r) for r in DEFAULT_RULES]
+    c.optim = ml_collections.ConfigDict(
+        {"lr": 1e-4, "end_lr": 1e-6, "warmup_steps": 10, "b1": 0.9, "b2": 0.98, "eps": 1e-6,
+         "weight_decay": 0.1, "clip_norm": 1.0, "grad_accum_steps": 1}
+    )
+    # source "synthetic": random tokens (tests, benchmarks); otherwise owl_jax.data's pipeline.
+    c.data = ml_collections.ConfigDict({"source": "synthetic", "images_per_sample": 1})
+    # Initial weights: an owl_jax params dir (convert from-torch output, or a finished run's
+    # workdir/params); missing parameters (e.g. fresh LoRA) are initialised. Empty: random init.
+    c.init = ml_collections.ConfigDict({"params_dir": ""})
+    c.checkpoint = ml_collections.ConfigDict({"every_steps": 100, "keep": 2, "keep_best": True, "async_save": True})
+    c.log_every_steps = 10
+    c.export_params = True  # write workdir/params (owl_jax params dir, LoRA unmerged) at the end
+    c.peak_flops_per_device = 0.0  # for MFU; 0 looks the device kind up (owl_jax/training/flops.py)
+    # Fault injection for preemption tests: sleep forever after this step's checkpoint (-1: off).
+    c.debug = ml_collections.ConfigDict({"hang_after_step": -1})
+    return c
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`path/to/config.py[:arg]` -> get_config(arg), as absl's config_flags would."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("owl_config_file", path)
+    if module_spec is None:
+        raise FileNotFoundError(f"{path}: not a config file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()

@@ -44,3 +44,26 @@ def load_params(directory: str) -> tuple[Any, OwlConfig]:
     cfg = load_config(directory)
     params = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(directory, PARAMS_DIR)))
     return jax.tree_util.tree_map(np.asarray, params), cfg
+
+
+def load_params_for(directory: str, cfg: OwlConfig, seed: int = 0) -> tuple[Any, list[str]]:
+    """Params from `directory` fitted to `cfg`: every tensor must match cfg's shapes; parameters cfg has
+    and the directory lacks (e.g. LoRA adapters when stage 2 starts from stage 1) are initialised
+    fresh. Returns (params, paths initialised fresh)."""
+    from flax import traverse_util
+
+    from owl_jax.models.owl import init_missing, param_shapes
+
+    loaded, _ = load_params(directory)
+    flat = traverse_util.flatten_dict(loaded)
+    shapes = param_shapes(cfg)
+    extra = sorted("/".join(p) for p in flat if p not in shapes)
+    if extra:
+        raise ValueError(f"{directory}: parameters {extra[:5]}{'...' if len(extra) > 5 else ''} do not exist in the configured model")
+    for path, shape in shapes.items():
+        if path in flat and tuple(flat[path].shape) != shape:
+            raise ValueError(f"{directory}: parameter {'/'.join(path)} has shape {tuple(flat[path].shape)}, the config expects {shape}")
+    missing = [p for p in shapes if p not in flat]
+    if missing:
+        flat.update(init_missing(cfg, missing, jax.random.PRNGKey(seed)))
+    return traverse_util.unflatten_dict(flat), ["/".join(p) for p in missing]

@@ -32,13 +32,7 @@ from owl_jax.convert.layouts import (
 )
 from owl_jax.convert.torch_io import TorchCheckpointReader, write_safetensors
 from owl_jax.models.config import OwlConfig
-from owl_jax.models.owl import init_params
-
-
-def param_shapes(cfg: OwlConfig) -> dict[Path, tuple[int, ...]]:
-    """Every parameter's path and shape, without allocating (jax.eval_shape)."""
-    abstract = jax.eval_shape(lambda: nn.unbox(init_params(cfg, jax.random.PRNGKey(0))))
-    return {p: tuple(x.shape) for p, x in traverse_util.flatten_dict(abstract).items()}
+from owl_jax.models.owl import init_missing, param_shapes
 
 
 @dataclasses.dataclass
@@ -100,17 +94,6 @@ def _strip_missing_prefix(maps: list[TensorMap], reader: TorchCheckpointReader, 
         dataclasses.replace(m, sources=tuple((k[len(prefix):] if k.startswith(prefix) else k, s) for k, s in m.sources))
         for m in maps
     ]
-
-
-def init_missing(cfg: OwlConfig, paths: list[Path], rng: jax.Array) -> dict[Path, np.ndarray]:
-    """Fresh initialisation of just `paths`: jit drops the initialisers of everything else."""
-
-    @jax.jit
-    def init(rng):
-        flat = traverse_util.flatten_dict(nn.unbox(init_params(cfg, rng)))
-        return {"/".join(p): flat[p] for p in paths}
-
-    return {tuple(k.split("/")): np.asarray(v) for k, v in init(rng).items()}
 
 
 def from_torch(

@@ -18,14 +18,10 @@ from owl_jax.convert import hf_config
 from owl_jax.models.config import owl_config_from_dict
 
 
-def _config_from_file(path: str):
-    from ml_collections import config_flags  # noqa: F401  (ensures ml_collections is importable)
-    import importlib.util
+def _config_from_file(spec: str):
+    from owl_jax.configs import load_config_file
 
-    spec = importlib.util.spec_from_file_location("owl_config_module", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return owl_config_from_dict(module.get_config().model.to_dict())
+    return owl_config_from_dict(load_config_file(spec).model.to_dict())
 
 
 def main(argv=None) -> int:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import numpy as np
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -13,18 +15,24 @@ from owl_jax.models.vision import VisionEncoder
 
 
 def splice_images(
-    text_embeds: jax.Array, image_tokens: jax.Array, is_image: jax.Array, num_images: jax.Array
+    text_embeds: jax.Array,
+    image_tokens: jax.Array,
+    is_image: jax.Array,
+    num_images: jax.Array,
+    image_start: jax.Array | None = None,
 ) -> jax.Array:
     """Puts the k-th image of each sample into the k-th run of placeholders of that sample.
 
     text_embeds float[B, T, D]; image_tokens float[M, P, D] (the batch's images, flat, in sample order;
-    P tokens per image); is_image bool[B, T]; num_images int[B]. Returns float[B, T, D].
+    P tokens per image); is_image bool[B, T]; num_images int[B]; image_start int[B] index of each
+    sample's first image (default: images packed, the exclusive cumsum of num_images; multi-process
+    batches pass it, as each process's images start at its own block). Returns float[B, T, D].
     Vectorised: the j-th placeholder of a sample takes row j % P of its image j // P.
     """
     m, p, d = image_tokens.shape
     if m == 0:
         return text_embeds
-    first_image = jnp.cumsum(num_images) - num_images  # [B] index of each sample's first image
+    first_image = jnp.cumsum(num_images) - num_images if image_start is None else image_start
     rank = jnp.cumsum(is_image, axis=1) - 1  # [B, T] placeholder rank within the sample
     flat_index = (first_image[:, None] + rank // p) * p + rank % p
     flat_index = jnp.clip(flat_index, 0, m * p - 1)
@@ -59,13 +67,13 @@ class MplugOwl(nn.Module):
         queries = jnp.broadcast_to(self.query_tokens, (features.shape[0],) + self.query_tokens.shape[1:])
         return self.abstractor(queries, features, deterministic)
 
-    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None, num_images: jax.Array | None, deterministic: bool = True):
+    def embed(self, input_ids, pixel_values, num_images, deterministic: bool = True, image_start=None):
         """Text embeddings with the images spliced in: int[B, T] -> float[B, T, D_llm]."""
         is_image = input_ids == IMAGE_PLACEHOLDER_ID
         text = self.language_model.embed(jnp.where(is_image, 0, input_ids))
         if pixel_values is None or pixel_values.shape[0] == 0:
             return text
-        return splice_images(text, self.encode_images(pixel_values, deterministic), is_image, num_images)
+        return splice_images(text, self.encode_images(pixel_values, deterministic), is_image, num_images, image_start)
 
     def __call__(
         self,
@@ -75,14 +83,15 @@ class MplugOwl(nn.Module):
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         deterministic: bool = True,
+        image_start: jax.Array | None = None,
     ) -> jax.Array:
         """Logits float[B, T, V].
 
         input_ids int[B, T] with `IMAGE_PLACEHOLDER_ID` (65 per image), pixel_values float[M, H, W, 3]
         (M fixed per batch; unused slots are ignored), num_images int[B] (sum <= M), attention_mask
         int/bool[B, T] (1 = real token; bool[B, S] over the cache when decoding), positions int[B, T]
-        (default 0..T-1)."""
-        embeds = self.embed(input_ids, pixel_values, num_images, deterministic)
+        (default 0..T-1), image_start int[B] (see splice_images)."""
+        embeds = self.embed(input_ids, pixel_values, num_images, deterministic, image_start)
         return self.language_model(
             inputs_embeds=embeds,
             positions=positions,
@@ -105,3 +114,20 @@ def dummy_inputs(cfg: OwlConfig) -> dict[str, jax.Array]:
 def init_params(cfg: OwlConfig, rng: jax.Array) -> dict:
     """Boxed params (nn.LogicallyPartitioned leaves). Wrap in jax.eval_shape for shapes only."""
     return MplugOwl(cfg).init(rng, **dummy_inputs(cfg))["params"]
+
+
+def param_shapes(cfg: OwlConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Every parameter's path and shape, without allocating (jax.eval_shape)."""
+    abstract = jax.eval_shape(lambda: nn.unbox(init_params(cfg, jax.random.PRNGKey(0))))
+    return {p: tuple(x.shape) for p, x in traverse_util.flatten_dict(abstract).items()}
+
+
+def init_missing(cfg: OwlConfig, paths: list[tuple[str, ...]], rng: jax.Array) -> dict[tuple[str, ...], np.ndarray]:
+    """Fresh initialisation of just `paths` (host arrays): jit drops the initialisers of the rest."""
+
+    @jax.jit
+    def init(rng):
+        flat = traverse_util.flatten_dict(nn.unbox(init_params(cfg, rng)))
+        return {"/".join(p): flat[p] for p in paths}
+
+    return {tuple(k.split("/")): np.asarray(v) for k, v in init(rng).items()}

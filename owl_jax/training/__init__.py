@@ -1,0 +1,1 @@
+"""Training: parameter filters per stage, optimiser, train step, checkpoints, synthetic data."""

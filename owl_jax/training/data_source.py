@@ -1,0 +1,30 @@
+"""The training input: config.data.source picks synthetic random tokens or owl_jax.data's pipeline.
+
+Every iterator yields this process's micro-batches (the pipeline's batch dict: input_ids,
+attention_mask, loss_mask int32[b, T], pixel_values float32[m, H, W, 3], num_images int32[b]) and
+has get_state() / set_state() for checkpoints.
+"""
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from owl_jax.models.config import OwlConfig
+from owl_jax.training.synthetic import RandomBatches
+
+
+def make_data_iterator(config: ml_collections.ConfigDict, model_cfg: OwlConfig, process_batch: int, process_images: int):
+    d = config.data
+    if d.source == "synthetic":
+        return RandomBatches(
+            batch_size=process_batch,
+            seq_len=config.seq_len,
+            max_images=process_images,
+            images_per_sample=d.images_per_sample,
+            vocab_size=model_cfg.llm.vocab_size,
+            tokens_per_image=model_cfg.tokens_per_image,
+            image_size=model_cfg.vision.image_size,
+            seed=config.seed,
+            process_index=jax.process_index(),
+        )
+    raise ValueError(f"config.data.source={d.source!r}: expected 'synthetic' or a prepared dataset source")

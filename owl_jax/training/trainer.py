@@ -1,0 +1,201 @@
+"""The training state and step, built once from a config and a mesh; shared by train.py and aot.py.
+
+State (a dict pytree, every leaf a sharded jax.Array):
+  step       int32[]
+  trainable  the stage's trainable parameters            (differentiated, optimised)
+  frozen     every other parameter, in config.frozen_dtype (never differentiated, no optimiser state)
+  opt_state  optax state of `trainable` only
+  rng        uint32[2]
+
+A step consumes `config.optim.grad_accum_steps` micro-batches stacked on a leading axis and applies
+one update. The loss is normalised by the global count of answer tokens over all micro-batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding
+
+from owl_jax import sharding as shd
+from owl_jax.losses import answer_loss
+from owl_jax.models.config import OwlConfig, owl_config_from_dict
+from owl_jax.models.owl import MplugOwl, init_params
+from owl_jax.training import stages
+from owl_jax.training.optim import make_optimizer, make_schedule
+
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "pixel_values", "num_images", "image_start")
+
+
+@dataclasses.dataclass
+class Trainer:
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+
+    def __post_init__(self):
+        c = self.config
+        self.model_cfg: OwlConfig = owl_config_from_dict(c.model.to_dict())
+        self.model = MplugOwl(self.model_cfg)
+        self.rules = shd.rules_from_config(c.get("logical_axis_rules"))
+        self.patterns = stages.trainable_patterns(c.stage, c.get("train_abstractor", False), c.get("extra_trainable", ()))
+        self.tx = make_optimizer(c.optim, c.num_steps)
+        self.schedule = make_schedule(c.optim, c.num_steps)
+        self.frozen_dtype = jnp.dtype(c.get("frozen_dtype", "float32"))
+        boxed = jax.eval_shape(lambda: init_params(self.model_cfg, jax.random.PRNGKey(0)))
+        self.param_shardings = shd.logical_shardings(boxed, self.mesh, self.rules)
+        self.abstract_state = jax.eval_shape(self._state_from_params, nn.unbox(boxed), jax.random.PRNGKey(0))
+        self.state_shardings = self._shardings_of_state(boxed)
+        self.trainable_paths = sorted(traverse_util.flatten_dict(self.abstract_state["trainable"], sep="/"))
+
+    # ----------------------------------------------------------------------------------- state
+    def _split(self, params):
+        trainable, frozen = stages.split_params(params, self.patterns)
+        frozen = jax.tree_util.tree_map(lambda x: x.astype(self.frozen_dtype), frozen)
+        return trainable, frozen
+
+    def _state_from_params(self, params, rng):
+        trainable, frozen = self._split(params)
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "trainable": trainable,
+            "frozen": frozen,
+            "opt_state": self.tx.init(trainable),
+            "rng": rng,
+        }
+
+    def _shardings_of_state(self, boxed_params):
+        """Parameters as the rules say; optimiser moments like their parameters; scalars replicated."""
+        boxed_state = jax.eval_shape(
+            lambda p: {**self._state_from_params(p, jax.random.PRNGKey(0)), "rng": jnp.zeros((2,), jnp.uint32)},
+            boxed_params,
+        )
+        shardings = shd.logical_shardings(boxed_state, self.mesh, self.rules)
+        return jax.tree_util.tree_map(
+            lambda s, a: s if a.ndim else shd.replicated(self.mesh), shardings, self.abstract_state
+        )
+
+    def init_state(self, rng: jax.Array, params: Any | None = None) -> dict:
+        """Sharded initial state: params from `params` (host arrays, e.g. a converted checkpoint)
+        or freshly initialised under jit straight into their shardings."""
+        init_rng, state_rng = jax.random.split(rng)
+        if params is None:
+            params = jax.jit(
+                lambda r: nn.unbox(init_params(self.model_cfg, r)), out_shardings=nn.unbox(self.param_shardings)
+            )(init_rng)
+        else:
+            params = jax.tree_util.tree_map(put_global, params, nn.unbox(self.param_shardings))
+        return jax.jit(self._state_from_params, out_shardings=self.state_shardings, donate_argnums=0)(params, state_rng)
+
+    def params(self, state: dict) -> dict:
+        return stages.merge_params(state["trainable"], state["frozen"])
+
+    # ------------------------------------------------------------------------------------ step
+    def _micro_loss(self, trainable, frozen, batch, rng):
+        params = stages.merge_params(trainable, frozen)
+        logits = self.model.apply(
+            {"params": params},
+            batch["input_ids"],
+            batch["pixel_values"],
+            batch["num_images"],
+            batch["attention_mask"],
+            deterministic=False,
+            image_start=batch["image_start"],
+            rngs={"dropout": rng},
+        )
+        loss, metrics = answer_loss(logits, batch["input_ids"], batch["loss_mask"])
+        return loss * metrics["loss_tokens"], metrics  # a sum over answer tokens: exact across micro-batches
+
+    def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        """batch: BATCH_KEYS arrays with a leading micro-batch axis [K, ...]."""
+        rng, step_rng = jax.random.split(state["rng"])
+        micro_rngs = jax.random.split(step_rng, batch["input_ids"].shape[0])
+        grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
+
+        def accumulate(carry, xs):
+            micro_batch, micro_rng = xs
+            (ce_sum, metrics), grads = grad_fn(state["trainable"], state["frozen"], micro_batch, micro_rng)
+            acc_grads, acc_stats = carry
+            acc_grads = jax.tree_util.tree_map(jnp.add, acc_grads, grads)
+            acc_stats = jax.tree_util.tree_map(jnp.add, acc_stats, {"ce_sum": ce_sum, **metrics})
+            return (acc_grads, acc_stats), None
+
+        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state["trainable"])
+        stats0 = {k: jnp.zeros((), jnp.float32) for k in ("ce_sum", "loss_tokens", "correct_tokens", "samples_without_loss")}
+        (grads, stats), _ = jax.lax.scan(accumulate, (zeros, stats0), (batch, micro_rngs))
+        denom = jnp.maximum(stats["loss_tokens"], 1.0)
+        grads = jax.tree_util.tree_map(lambda g, p: (g / denom).astype(p.dtype), grads, state["trainable"])
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        metrics = {
+            "loss": stats["ce_sum"] / denom,
+            "accuracy": stats["correct_tokens"] / denom,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": self.schedule(state["step"]),
+            "loss_tokens": stats["loss_tokens"],
+            "samples_without_loss": stats["samples_without_loss"],
+        }
+        new_state = {"step": state["step"] + 1, "trainable": trainable, "frozen": state["frozen"], "opt_state": opt_state, "rng": rng}
+        return new_state, metrics
+
+    def batch_shardings(self, batch_shapes: dict[str, tuple[int, ...]]) -> dict[str, NamedSharding]:
+        """Micro-batch axis unsharded, batch axis over the rules' `batch` mesh axes. Images are sharded
+        the same way when their count divides, else replicated."""
+        n = shd.batch_axis_size(self.mesh, self.rules)
+        out = {}
+        for k, shape in batch_shapes.items():
+            if shape[1] % n == 0:
+                out[k] = shd.batch_sharding(self.mesh, self.rules, len(shape), leading_unsharded=1)
+            else:
+                out[k] = shd.replicated(self.mesh)
+        return out
+
+    def jit_train_step(self, batch_shapes: dict[str, tuple[int, ...]]) -> Callable:
+        batch_sh = self.batch_shardings(batch_shapes)
+        step = jax.jit(
+            self.train_step,
+            in_shardings=(self.state_shardings, batch_sh),
+            out_shardings=(self.state_shardings, shd.replicated(self.mesh)),
+            donate_argnums=0,
+        )
+
+        def run(state, batch):
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+                return step(state, batch)
+
+        run.jitted = step
+        run.batch_shardings = batch_sh
+        return run
+
+
+def put_global(host_array, sharding: NamedSharding) -> jax.Array:
+    """A global jax.Array from a host array every process holds in full (e.g. loaded params)."""
+    host_array = np.asarray(host_array)
+    return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
+
+
+def stack_micro_batches(batches: list[dict]) -> dict[str, np.ndarray]:
+    """Pipeline batches -> one step's [K, ...] arrays, with `image_start` (each sample's first image
+    slot in the global flat image array: this process's images start at its own block)."""
+    out = {k: np.stack([b[k] for b in batches]) for k in BATCH_KEYS if k != "image_start"}
+    local_slots = out["pixel_values"].shape[1]
+    counts = out["num_images"]
+    out["image_start"] = (np.cumsum(counts, axis=1) - counts + jax.process_index() * local_slots).astype(np.int32)
+    return out
+
+
+def global_batch(local: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
+    """Each process's part of the batch -> global arrays (batch axis split across processes)."""
+    out = {}
+    for k, v in local.items():
+        if jax.process_count() == 1:
+            out[k] = jax.device_put(v, shardings[k])
+        else:
+            out[k] = jax.make_array_from_process_local_data(shardings[k], v)
+    return out
