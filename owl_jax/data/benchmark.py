@@ -1,0 +1,77 @@
+"""Throughput of the input pipeline alone (no model): samples/s and images/s.
+
+    python -m owl_jax.data.benchmark --dataset_dir=DIR [--split=instructions_train --image_size=224
+        --batch_size=32 --max_len=512 --max_images_per_batch=48 --worker_count=0,1,2
+        --read_threads=2 --augment=0,1 --seconds=20]
+
+Comma-separated values of worker_count / augment / read_threads are measured one after another.
+The first batches (start-up: tokenizer load, worker start) are excluded from the rate.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import time
+
+
+def measure(cfg, seconds: float, warmup_batches: int = 2) -> dict:
+    from owl_jax.data import pipeline
+
+    t0 = time.perf_counter()
+    it = pipeline.make_iterator(cfg, 0, 1)
+    for _ in range(warmup_batches):
+        next(it)
+    startup = time.perf_counter() - t0
+    samples = images = batches = 0
+    t1 = time.perf_counter()
+    while time.perf_counter() - t1 < seconds:
+        b = next(it)
+        batches += 1
+        samples += int((b["attention_mask"].sum(1) > 1).sum())
+        images += int(b["num_images"].sum())
+    dt = time.perf_counter() - t1
+    it.close()
+    return {"samples_per_s": samples / dt, "images_per_s": images / dt, "batches": batches, "startup_s": startup}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m owl_jax.data.benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset_dir", required=True)
+    p.add_argument("--dataset", default="shapesworld")
+    p.add_argument("--split", default="instructions_train")
+    p.add_argument("--tokenizer_path", default="")
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--max_len", type=int, default=512)
+    p.add_argument("--max_images_per_batch", type=int, default=48)
+    p.add_argument("--text_only_ratio", type=float, default=-1.0)
+    p.add_argument("--worker_count", default="0")
+    p.add_argument("--read_threads", default="2")
+    p.add_argument("--augment", default="0")
+    p.add_argument("--seconds", type=float, default=20.0)
+    args = p.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+    from owl_jax.data import pipeline
+
+    print(f"cores: {os.cpu_count()}  split: {args.split}  image_size: {args.image_size}  batch: {args.batch_size}  "
+          f"max_len: {args.max_len}  M: {args.max_images_per_batch}")
+    print(f"{'workers':>7} {'threads':>7} {'augment':>7} {'samples/s':>10} {'images/s':>9} {'startup_s':>9}")
+    for workers, threads, augment in itertools.product(
+            [int(x) for x in args.worker_count.split(",")], [int(x) for x in args.read_threads.split(",")],
+            [bool(int(x)) for x in args.augment.split(",")]):
+        cfg = pipeline.default_config()
+        cfg.update(dataset=args.dataset, dataset_dir=args.dataset_dir, split=args.split,
+                   tokenizer_path=args.tokenizer_path, image_size=args.image_size, batch_size=args.batch_size,
+                   max_len=args.max_len, max_images_per_batch=args.max_images_per_batch,
+                   text_only_ratio=args.text_only_ratio, worker_count=workers, read_threads=threads,
+                   read_buffer_size=2 * args.batch_size, augment=augment)
+        r = measure(cfg, args.seconds)
+        print(f"{workers:>7} {threads:>7} {int(augment):>7} {r['samples_per_s']:>10.1f} {r['images_per_s']:>9.1f} "
+              f"{r['startup_s']:>9.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
