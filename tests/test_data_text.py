@@ -168,6 +168,7 @@ def _release_extract():
     return ns["_extract_text_token_from_conversation"]
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # the release's torch.tensor(tensor)
 def test_matches_released_tokenisation(sp_tokenizer):
     """Untruncated samples: ids and labels equal the release's (its labels = [0] + prompt_mask)."""
     extract = _release_extract()

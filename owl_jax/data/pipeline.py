@@ -24,7 +24,8 @@ pixel_values     float32[M, S, S, 3] the batch's images in sample order, CLIP-no
 num_images       int32[B]            images per sample (sum <= M)
 ===============  ==================  =========================================================
 
-A sample whose images do not fit the batch's remaining image slots is deferred to the next batch;
+With text_only_ratio >= 0 and a finite num_epochs, iteration ends when either group (text-only or
+image) is exhausted at its weight. A sample whose images do not fit the batch's remaining image slots is deferred to the next batch;
 a sample with more than M images is dropped. Both are counted (`OwlDataIterator.stats`), as are
 truncated samples and samples left with no loss token. At the end of a finite run the last batch
 is filled with inert rows (a lone BOS, attention 1 at position 0, loss 0, no images).

@@ -86,7 +86,7 @@ def main(argv=None):
     p.add_argument("--dataset", required=True, choices=["shapesworld", "owl_jsonl"])
     p.add_argument("--out", required=True, help="output directory (config.data.dataset_dir)")
     p.add_argument("--seed", type=int, default=0, help="shapesworld: generation seed")
-    p.add_argument("--sizes", default="", help="shapesworld: split=N,... (0 skips a split)")
+    p.add_argument("--sizes", default="", help="shapesworld: split=N,... (unlisted splits keep their defaults; 0 skips a split)")
     p.add_argument("--vocab_size", type=int, default=1024, help="shapesworld: tokenizer vocabulary (max)")
     p.add_argument("--jsonl", default="", help="owl_jsonl: FILE[,FILE] for the train split")
     p.add_argument("--val_jsonl", default="", help="owl_jsonl: FILE[,FILE] for the validation split")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from typing import Iterator
 
 import numpy as np
