@@ -2,6 +2,9 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Eight fake CPU devices for the sharding tests; everything else runs on device 0 as usual.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import jax
 import numpy as np
@@ -46,6 +49,39 @@ def randomize_torch_(model, seed: int = 0, scale: float = 0.05):
             is_norm_weight = p.ndim == 1 and name.endswith("weight")
             p.copy_(noise + (1.0 if is_norm_weight else 0.0))
     return model
+
+
+def tiny_train_config(stage: str = "stage1", **overrides):
+    """configs/tiny.py shrunk for tests: the same code paths, seconds per compile."""
+    from owl_jax.configs import load_config_file
+
+    config = load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", f"tiny.py:{stage}"))
+    m = config.model
+    m.vision.update(image_size=28, hidden_size=32, num_layers=2, num_heads=2, mlp_size=64)
+    m.abstractor.update(hidden_size=32, num_layers=1, num_heads=2, ffn_size=48, num_queries=4, encoder_hidden_size=32)
+    m.llm.update(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_size=64)
+    config.update(batch_size=8, seq_len=24, max_images_per_batch=8, num_steps=4, log_every_steps=1)
+    config.optim.update(warmup_steps=1)
+    config.checkpoint.update(every_steps=2, async_save=False)
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return config
+
+
+TINY_TRAIN_FLAGS = [
+    "--config.model.vision.image_size=28", "--config.model.vision.hidden_size=32", "--config.model.vision.num_layers=2",
+    "--config.model.vision.num_heads=2", "--config.model.vision.mlp_size=64", "--config.model.abstractor.hidden_size=32",
+    "--config.model.abstractor.num_layers=1", "--config.model.abstractor.num_heads=2", "--config.model.abstractor.ffn_size=48",
+    "--config.model.abstractor.num_queries=4", "--config.model.abstractor.encoder_hidden_size=32",
+    "--config.model.llm.vocab_size=64", "--config.model.llm.hidden_size=32", "--config.model.llm.num_layers=2",
+    "--config.model.llm.num_heads=4", "--config.model.llm.num_kv_heads=2", "--config.model.llm.mlp_size=64",
+    "--config.batch_size=8", "--config.seq_len=24", "--config.max_images_per_batch=8", "--config.log_every_steps=1",
+    "--config.optim.warmup_steps=1",
+]
 
 
 @pytest.fixture

@@ -107,6 +107,7 @@ class VisualAbstractor(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
     attention_impl: str = "xla"
+    scan_unroll: int = 1
 
     @nn.compact
     def __call__(self, queries: jax.Array, img: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -116,6 +117,7 @@ class VisualAbstractor(nn.Module):
             self.cfg.num_layers,
             self.remat_policy,
             dict(cfg=self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl),
+            unroll=self.scan_unroll,
             name="encoder",
         )(queries.astype(self.dtype), img.astype(self.dtype), deterministic)
         h = Dense(self.llm_hidden_size, (None, "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name="visual_fc")(h)

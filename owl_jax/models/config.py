@@ -89,8 +89,10 @@ class OwlConfig:
     param_dtype: str = "float32"
     # Layers run under nn.scan (compile time flat in depth); remat policy per layer:
     # "none" | "full" (save nothing) | "dots" (save matmul outputs) | "dots_no_batch".
-    scan_layers: bool = True
     remat_policy: str = "none"
+    # Scan unrolling: 1 keeps one loop body (compile time flat in depth); 0 unrolls fully (XLA's cost
+    # analysis counts a loop body once, so FLOP audits compile unrolled).
+    scan_unroll: int = 1
     attention_impl: str = "xla"  # "xla" (einsum, fp32 softmax) | "cudnn" | "auto" (jax.nn.dot_product_attention)
 
     @property

@@ -146,7 +146,9 @@ _REMAT_POLICIES = {
 }
 
 
-def scan_layers(layer_cls: Any, num_layers: int, remat_policy: str, num_args: int, **layer_kwargs) -> nn.Module:
+def scan_layers(
+    layer_cls: Any, num_layers: int, remat_policy: str, num_args: int, unroll: int = 1, **layer_kwargs
+) -> nn.Module:
     """`num_layers` copies of `layer_cls` under `nn.scan` (unbound; name it via layer_kwargs).
 
     The layer's __call__ must be `(carry, *broadcast_args, deterministic) -> (carry, None)` with
@@ -165,6 +167,7 @@ def scan_layers(layer_cls: Any, num_layers: int, remat_policy: str, num_args: in
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * num_args,
         length=num_layers,
+        unroll=num_layers if unroll == 0 else unroll,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(**layer_kwargs)
 
@@ -176,10 +179,13 @@ class Stack(nn.Module):
     num_layers: int
     remat_policy: str
     layer_kwargs: dict
+    unroll: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, *args) -> jax.Array:
-        layers = scan_layers(self.layer_cls, self.num_layers, self.remat_policy, len(args), name="layers", **self.layer_kwargs)
+        layers = scan_layers(
+            self.layer_cls, self.num_layers, self.remat_policy, len(args), self.unroll, name="layers", **self.layer_kwargs
+        )
         return layers(x, *args)[0]
 
 

@@ -123,6 +123,7 @@ class LlamaModel(nn.Module):
     remat_policy: str = "none"
     attention_impl: str = "xla"
     decode: bool = False
+    scan_unroll: int = 1
 
     def setup(self):
         self.embed_tokens = nn.Embed(
@@ -137,6 +138,7 @@ class LlamaModel(nn.Module):
             self.cfg.num_layers,
             self.remat_policy,
             num_args=3,
+            unroll=self.scan_unroll,
             cfg=self.cfg,
             lora=self.lora,
             dtype=self.dtype,
@@ -166,10 +168,12 @@ class LlamaForCausalLM(nn.Module):
     remat_policy: str = "none"
     attention_impl: str = "xla"
     decode: bool = False
+    scan_unroll: int = 1
 
     def setup(self):
         self.model = LlamaModel(
-            self.cfg, self.lora, self.dtype, self.param_dtype, self.remat_policy, self.attention_impl, self.decode
+            self.cfg, self.lora, self.dtype, self.param_dtype, self.remat_policy, self.attention_impl, self.decode,
+            self.scan_unroll,
         )
         self.lm_head = Dense(
             self.cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype

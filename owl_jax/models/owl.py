@@ -50,7 +50,13 @@ class MplugOwl(nn.Module):
     def setup(self):
         cfg = self.cfg
         dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-        common = dict(dtype=dtype, param_dtype=param_dtype, remat_policy=cfg.remat_policy, attention_impl=cfg.attention_impl)
+        common = dict(
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat_policy=cfg.remat_policy,
+            attention_impl=cfg.attention_impl,
+            scan_unroll=cfg.scan_unroll,
+        )
         self.vision_model = VisionEncoder(cfg.vision, **common)
         self.query_tokens = self.param(
             "query_tokens",

@@ -99,6 +99,7 @@ class VisionEncoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
     attention_impl: str = "xla"
+    scan_unroll: int = 1
 
     @nn.compact
     def __call__(self, pixels: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -110,6 +111,7 @@ class VisionEncoder(nn.Module):
             self.cfg.num_layers,
             self.remat_policy,
             dict(cfg=self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl),
+            unroll=self.scan_unroll,
             name="encoder",
         )(x, deterministic)
         return LayerNorm(self.cfg.layer_norm_eps, self.param_dtype, name="post_layernorm")(x)

@@ -128,7 +128,8 @@ class Trainer:
 
         zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state["trainable"])
         stats0 = {k: jnp.zeros((), jnp.float32) for k in ("ce_sum", "loss_tokens", "correct_tokens", "samples_without_loss")}
-        (grads, stats), _ = jax.lax.scan(accumulate, (zeros, stats0), (batch, micro_rngs))
+        unroll = batch["input_ids"].shape[0] if self.model_cfg.scan_unroll == 0 else 1
+        (grads, stats), _ = jax.lax.scan(accumulate, (zeros, stats0), (batch, micro_rngs), unroll=unroll)
         denom = jnp.maximum(stats["loss_tokens"], 1.0)
         grads = jax.tree_util.tree_map(lambda g, p: (g / denom).astype(p.dtype), grads, state["trainable"])
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["trainable"])
@@ -136,7 +137,7 @@ class Trainer:
         metrics = {
             "loss": stats["ce_sum"] / denom,
             "accuracy": stats["correct_tokens"] / denom,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": self.schedule(state["step"]),
             "loss_tokens": stats["loss_tokens"],
             "samples_without_loss": stats["samples_without_loss"],

@@ -1,0 +1,120 @@
+"""Sharding on 8 fake CPU devices: parameter placement per the rules, and a sharded step that equals
+the single-device step."""
+import re
+
+import jax
+import numpy as np
+from flax import traverse_util
+from jax.sharding import PartitionSpec as P
+
+from conftest import tiny_train_config
+from owl_jax.sharding import make_mesh
+from owl_jax.training.synthetic import RandomBatches
+from owl_jax.training.trainer import Trainer, global_batch, stack_micro_batches
+
+# Tiny config on mesh (data 1, fsdp 4, tensor 2), default rules. Every parameter but the norms
+# (replicated) matches exactly one row.
+GOLDEN = [
+    (r"^vision_model/embeddings/(cls_token|position_embedding)$", P(None, None, "fsdp")),
+    (r"^vision_model/embeddings/patch_embed/kernel$", P(None, None, None, "fsdp")),
+    (r"^vision_model/encoder/layers/self_attn/query_key_value/kernel$", P(None, "fsdp", "tensor")),
+    (r"^vision_model/encoder/layers/self_attn/query_key_value/bias$", P(None, "tensor")),
+    (r"^vision_model/encoder/layers/self_attn/dense/kernel$", P(None, "tensor", "fsdp")),
+    (r"^vision_model/encoder/layers/(self_attn/dense|mlp/fc2)/bias$", P(None, "fsdp")),
+    (r"^vision_model/encoder/layers/mlp/fc1/kernel$", P(None, "fsdp", "tensor")),
+    (r"^vision_model/encoder/layers/mlp/fc1/bias$", P(None, "tensor")),
+    (r"^vision_model/encoder/layers/mlp/fc2/kernel$", P(None, "tensor", "fsdp")),
+    (r"^query_tokens$", P(None, None, "fsdp")),
+    (r"^abstractor/encoder/layers/crossattention/attention/(query|key|value)/kernel$", P(None, "fsdp", "tensor")),
+    (r"^abstractor/encoder/layers/crossattention/attention/(query|key|value)/bias$", P(None, "tensor")),
+    (r"^abstractor/encoder/layers/crossattention/output/out_proj/kernel$", P(None, "tensor", "fsdp")),
+    (r"^abstractor/encoder/layers/crossattention/output/(out_proj|mlp/w2)/bias$", P(None, "fsdp")),
+    (r"^abstractor/encoder/layers/crossattention/output/mlp/(w1|w3)/kernel$", P(None, "fsdp", "tensor")),
+    (r"^abstractor/encoder/layers/crossattention/output/mlp/(w1|w3)/bias$", P(None, "tensor")),
+    (r"^abstractor/encoder/layers/crossattention/output/mlp/w2/kernel$", P(None, "tensor", "fsdp")),
+    (r"^abstractor/visual_fc/kernel$", P(None, "fsdp")),
+    (r"^abstractor/visual_fc/bias$", P("fsdp")),
+    (r"^abstractor/vit_eos$", P(None, None, "fsdp")),
+    (r"^language_model/model/embed_tokens/embedding$", P("tensor", "fsdp")),
+    (r"^language_model/model/layers/self_attn/q_proj/kernel$", P(None, "fsdp", "tensor")),
+    (r"^language_model/model/layers/self_attn/(k|v)_proj/kernel$", P(None, "fsdp", "tensor")),
+    (r"^language_model/model/layers/self_attn/o_proj/kernel$", P(None, "tensor", "fsdp")),
+    (r"^language_model/model/layers/mlp/(gate|up)_proj/kernel$", P(None, "fsdp", "tensor")),
+    (r"^language_model/model/layers/mlp/down_proj/kernel$", P(None, "tensor", "fsdp")),
+    (r"^language_model/lm_head/kernel$", P("fsdp", "tensor")),
+]
+NORM = re.compile(r"(layernorm|norm1|normk|norm2|ffn_ln|/norm)/(scale|bias)$")
+
+
+def _expected_spec(path):
+    if NORM.search(path):
+        return P(None, None) if "/layers/" in path else P(None)
+    matches = [spec for pattern, spec in GOLDEN if re.search(pattern, path)]
+    assert len(matches) == 1, (path, matches)
+    return matches[0]
+
+
+def _normalise(spec):
+    """P(None, 'x') and P(None, 'x', None)... compare equal after trimming trailing Nones."""
+    parts = list(spec)
+    while parts and parts[-1] is None:
+        parts.pop()
+    return tuple(parts)
+
+
+def test_every_parameter_is_sharded_as_the_rules_say():
+    mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    trainer = Trainer(tiny_train_config("all"), mesh)
+    state = trainer.init_state(jax.random.PRNGKey(0))
+    params = traverse_util.flatten_dict(trainer.params(state), sep="/")
+    assert len(params) == 57
+    for path, value in params.items():
+        assert _normalise(value.sharding.spec) == _normalise(_expected_spec(path)), path
+    # Adam moments live where their parameters live.
+    mu = traverse_util.flatten_dict(state["opt_state"][1][0].mu, sep="/")
+    assert mu["language_model/model/layers/mlp/down_proj/kernel"].sharding.spec == params["language_model/model/layers/mlp/down_proj/kernel"].sharding.spec
+
+
+def _one_step(mesh, config):
+    trainer = Trainer(config, mesh)
+    state = trainer.init_state(jax.random.PRNGKey(0))
+    data = RandomBatches(batch_size=8, seq_len=24, max_images=8, images_per_sample=1, vocab_size=64,
+                         tokens_per_image=trainer.model_cfg.tokens_per_image, image_size=28, seed=3)
+    local = stack_micro_batches([next(data) for _ in range(config.optim.grad_accum_steps)])
+    step = trainer.jit_train_step({k: v.shape for k, v in local.items()})
+    state, metrics = step(state, global_batch(local, step.batch_shardings))
+    return jax.device_get(trainer.params(state)), jax.device_get(metrics)
+
+
+def test_sharded_step_equals_single_device_step():
+    config = tiny_train_config("all")
+    config.model.abstractor.attention_dropout = 0.0  # dropout masks depend on the partitioning of the RNG
+    single_params, single_metrics = _one_step(make_mesh({"fsdp": 1}, jax.devices()[:1]), config)
+    sharded_params, sharded_metrics = _one_step(make_mesh({"data": 1, "fsdp": 4, "tensor": 2}), config)
+    np.testing.assert_allclose(sharded_metrics["loss"], single_metrics["loss"], rtol=1e-5)
+    for (path, a), b in zip(traverse_util.flatten_dict(single_params, sep="/").items(),
+                            traverse_util.flatten_dict(sharded_params, sep="/").values()):
+        np.testing.assert_allclose(b, a, atol=1e-5, err_msg=path)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """Two micro-batches of 4 == one batch of 8 (the loss is normalised by the global token count)."""
+    config = tiny_train_config("all")
+    config.model.abstractor.attention_dropout = 0.0
+    mesh = make_mesh({"fsdp": 1}, jax.devices()[:1])
+    trainer = Trainer(config, mesh)
+    data = RandomBatches(batch_size=8, seq_len=24, max_images=8, images_per_sample=1, vocab_size=64,
+                         tokens_per_image=trainer.model_cfg.tokens_per_image, image_size=28, seed=3)
+    big = next(data)
+    halves = [{k: (v[:4] if k != "pixel_values" else v[:4]) for k, v in big.items()},
+              {k: (v[4:] if k != "pixel_values" else v[4:]) for k, v in big.items()}]
+    results = []
+    for micro in ([big], halves):
+        state = trainer.init_state(jax.random.PRNGKey(0))
+        local = stack_micro_batches(micro)
+        step = trainer.jit_train_step({k: v.shape for k, v in local.items()})
+        state, metrics = step(state, global_batch(local, step.batch_shardings))
+        results.append((jax.device_get(trainer.params(state)), float(metrics["loss"])))
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(results[0][0]), jax.tree_util.tree_leaves(results[1][0])):
+        np.testing.assert_allclose(b, a, atol=1e-5)
