@@ -403,7 +403,8 @@ def make_iterator(config, process_index: int | None = None, process_count: int |
         image_token_count=int(_get(config, "image_token_count")), augment=bool(_get(config, "augment")),
         horizontal_flip=bool(_get(config, "horizontal_flip")), crop_scale_min=float(_get(config, "crop_scale_min")),
         blank_images=bool(_get(config, "blank_images")))
-    ds = ds.random_map(_Preprocess(source, resolve_tokenizer_path(config), opts), seed=seed + 1)
+    # augmentation rng: per (seed, process, position in this process's stream)
+    ds = ds.random_map(_Preprocess(source, resolve_tokenizer_path(config), opts), seed=(seed + 1 + 7877 * pi) % 2**32)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(_get(config, "read_threads")),
                                               prefetch_buffer_size=int(_get(config, "read_buffer_size"))))
     ds = _ImageAwareBatchDataset(ds, b_local, m_local, opts.max_len, opts.image_size)
