@@ -1,0 +1,333 @@
+"""The Python API a user reaches for first::
+
+    import owl_jax
+    owl = owl_jax.load("checkpoints/owl")                      # params dir (+ tokenizer)
+    owl.chat(images=["cat.jpg"], messages="What is in the image?")
+    owl.chat(images=["a.jpg", "b.jpg"], messages=[
+        {"role": "user", "content": "What differs between the images?"},
+        {"role": "assistant", "content": "The colour of the car."},
+        {"role": "user", "content": "Which one is older?"}])
+    owl.generate([{"images": ["a.jpg"], "messages": "Describe it."}, ...], batch_size=8)
+    owl.logits(input_ids, pixel_values, num_images)             # raw logits (numpy)
+    owl.score(["a.jpg"], "What colour is the car?", ["Red.", "Blue."])  # log-likelihood per candidate
+
+Prompts follow the released conversation template (DESIGN 1.6, `owl_jax.data.conversation`): the
+images as ``Human: <image>`` lines first, then the turns, ending in ``"AI: "``; they are tokenised
+exactly as in training (`owl_jax.data.text`). Images may be paths, PIL images, or arrays (uint8
+[H, W, 3] pixels, or float32 [S, S, 3] already CLIP-normalised at the model's image size).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from typing import Any, Callable, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from owl_jax.data import conversation
+from owl_jax.data.image import preprocess, to_rgb
+from owl_jax.data.text import encode_conversation, encode_prompt
+from owl_jax.generate import Generator, Sampling, bucket_count, bucket_length, make_batch, trim
+from owl_jax.models.config import OwlConfig
+from owl_jax.models.owl import MplugOwl, init_params
+from owl_jax import params_io
+
+ImageLike = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray
+Messages = Any  # str | list[str] | list[dict(role, content)]
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_USER, _ASSISTANT = ("user", "human"), ("assistant", "ai")
+
+
+def _image_list(images) -> list:
+    if images is None:
+        return []
+    if isinstance(images, (str, os.PathLike, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim == 3):
+        return [images]
+    return list(images)
+
+
+def load_image(image: ImageLike, image_size: int) -> np.ndarray:
+    """Eval preprocessing: RGB, bicubic resize to image_size (no crop), CLIP mean/std, NHWC float32."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            if image.shape != (image_size, image_size, 3):
+                raise ValueError(f"float image of shape {image.shape}: expected CLIP-normalised "
+                                 f"[{image_size}, {image_size}, 3] (or pass uint8 pixels / a PIL image)")
+            return image.astype(np.float32)
+        image = Image.fromarray(image)
+    elif not isinstance(image, Image.Image):
+        with Image.open(os.fspath(image)) as f:  # any format PIL reads (a .jpg may hold a PNG)
+            f.load()
+            image = to_rgb(f)
+    return preprocess(to_rgb(image), image_size)
+
+
+def normalize_messages(messages: Messages) -> tuple[list[tuple[str, str | None]], str]:
+    """Messages -> (turns [(question, answer)], system prompt); the last turn's answer is None.
+
+    Accepts one question (str), alternating strings (user first), or dicts with `role`
+    user/human, assistant/ai or system and `content`. Must end with a user message."""
+    system = conversation.SYSTEM_PROMPT
+    if isinstance(messages, str):
+        messages = [messages]
+    items = []
+    for i, m in enumerate(messages):
+        if isinstance(m, str):
+            items.append(("user" if i % 2 == 0 else "assistant", m))
+        else:
+            role = str(m["role"]).lower()
+            if role == "system":
+                system = m["content"]
+                continue
+            if role not in _USER + _ASSISTANT:
+                raise ValueError(f"message {i}: unknown role {m['role']!r}")
+            items.append(("user" if role in _USER else "assistant", m["content"]))
+    if not items or items[-1][0] != "user":
+        raise ValueError("messages must end with a user message")
+    turns: list[tuple[str, str | None]] = []
+    for role, content in items:
+        if role == "user":
+            if turns and turns[-1][1] is None:
+                raise ValueError("two user messages in a row")
+            turns.append((content, None))
+        else:
+            if not turns or turns[-1][1] is not None:
+                raise ValueError("an assistant message must follow a user message")
+            turns[-1] = (turns[-1][0], content)
+    return turns, system
+
+
+class Owl:
+    """A loaded model: params, config, tokenizer and a `Generator` (see `load`)."""
+
+    def __init__(self, params: Any, cfg: OwlConfig, tokenizer, mesh=None, rules=None):
+        self.cfg = cfg
+        self.params = params
+        self.tokenizer = tokenizer
+        self.mesh, self.rules = mesh, rules
+        vocab_limit = len(tokenizer) if tokenizer is not None else None
+        self.generator = Generator(params, cfg, mesh=mesh, rules=rules, vocab_limit=vocab_limit)
+        self.eos_id = self.generator.eos_id
+
+    # -- prompts -----------------------------------------------------------------------------
+    def prompt_text(self, num_images: int, messages: Messages) -> str:
+        turns, system = normalize_messages(messages)
+        return conversation.build_prompt(num_images, turns, system_prompt=system)
+
+    def encode(self, text: str) -> np.ndarray:
+        """Template text (with ``<image>`` tags) -> ids with BOS and -1 placeholders."""
+        return encode_prompt(text, self.tokenizer, image_token_count=self.cfg.tokens_per_image)
+
+    def images(self, images: Sequence[ImageLike] | ImageLike | None) -> list[np.ndarray]:
+        """Images (one or a list) -> CLIP-normalised float32 [S, S, 3] arrays."""
+        return [load_image(x, self.cfg.vision.image_size) for x in _image_list(images)]
+
+    def _request_text(self, request: dict) -> str:
+        n = len(_image_list(request.get("images")))
+        if "prompt" in request:  # raw template text
+            text = request["prompt"]
+            if conversation.count_image_tags(text) != n:
+                raise ValueError(f"prompt has {conversation.count_image_tags(text)} <image> tags for {n} images")
+            return text
+        return self.prompt_text(n, request["messages"])
+
+    def _request(self, request: dict) -> tuple[np.ndarray, list[np.ndarray]]:
+        return self.encode(self._request_text(request)), self.images(request.get("images"))
+
+    def _decode_text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # -- generation --------------------------------------------------------------------------
+    @staticmethod
+    def _sampling(sampling: Sampling | None, kwargs: dict) -> Sampling:
+        import dataclasses
+
+        return dataclasses.replace(sampling or Sampling(), **kwargs)
+
+    def chat(self, images: Sequence[ImageLike] | None = None, messages: Messages = None,
+             sampling: Sampling | None = None, **sampling_kwargs) -> str:
+        """The answer to the last user message (greedy unless do_sample=True; see `Sampling`)."""
+        return self.generate([{"images": images, "messages": messages}], batch_size=1,
+                             sampling=sampling, **sampling_kwargs)[0]
+
+    def chat_stream(self, images: Sequence[ImageLike] | None = None, messages: Messages = None,
+                    sampling: Sampling | None = None, chunk: int = 8, **sampling_kwargs) -> Iterator[str]:
+        """Like `chat`, yielding pieces of the answer as they are decoded (every `chunk` tokens); the
+        generator's return value (StopIteration.value) is the whole answer, as `chat` gives it."""
+        sampling = self._sampling(sampling, sampling_kwargs)
+        ids, pixels = self._request({"images": images, "messages": messages})
+        batch = make_batch([ids], pixels, [len(pixels)], self.cfg, pad_id=self.generator.pad_id)
+        printed, text = "", ""
+        for out in self.generator.stream(batch, sampling, chunk=chunk):
+            ids = trim(out["tokens"][0], int(out["length"][0]), self.eos_id)
+            final = bool(out["done"][0]) or out["step"] >= sampling.max_new_tokens
+            text = self._decode_text(ids)
+            stable = text if final else self._decode_text(ids[:self._stable_prefix(ids)])
+            if stable.startswith(printed) and len(stable) > len(printed):
+                yield stable[len(printed):]
+                printed = stable
+        return text
+
+    def _stable_prefix(self, ids: Sequence[int]) -> int:
+        """Tokens whose text cannot change when more come: up to the last non-byte piece (a run of
+        byte-fallback pieces decodes only once it is complete UTF-8)."""
+        pieces = self.tokenizer.convert_ids_to_tokens(list(ids))
+        k = len(pieces)
+        while k > 0 and _BYTE_PIECE.fullmatch(pieces[k - 1] or ""):
+            k -= 1
+        return k
+
+    def generate(self, requests: Sequence[dict], batch_size: int = 8, sampling: Sampling | None = None,
+                 progress: Callable[[int], None] | None = None, **sampling_kwargs) -> list[str]:
+        """Answers for requests `{"images": [...], "messages": ...}` (or `"prompt"`: raw template text
+        with ``<image>`` tags), in order. Runs in batches of `batch_size` (the last one padded, so every
+        batch reuses one compilation per prompt-length bucket), shortest prompts together;
+        `progress(n)` is called after each batch with the number of requests it finished."""
+        sampling = self._sampling(sampling, sampling_kwargs)
+        encoded = [self.encode(self._request_text(r)) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
+        answers: list[str | None] = [None] * len(requests)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            pixels = [self.images(requests[i].get("images")) for i in idx]
+            batch = make_batch([encoded[i] for i in idx], [x for p in pixels for x in p], [len(p) for p in pixels],
+                               self.cfg, pad_id=self.generator.pad_id,
+                               min_batch=bucket_count(batch_size))
+            out = self.generator.generate(batch, sampling)
+            for row, i in enumerate(idx):
+                answers[i] = self._decode_text(trim(out["tokens"][row], int(out["length"][row]), self.eos_id))
+            if progress is not None:
+                progress(len(idx))
+        return answers
+
+    # -- scoring -----------------------------------------------------------------------------
+    def logits(self, input_ids, pixel_values=None, num_images=None, attention_mask=None) -> np.ndarray:
+        """Raw logits float32[B, T, V] of a full forward. input_ids int[B, T] with -1 placeholders
+        (tokens_per_image per image); pixel_values float[M, S, S, 3] CLIP-normalised; num_images
+        int[B]; attention_mask int/bool[B, T] (default all ones; left or right padding)."""
+        input_ids = np.asarray(input_ids, np.int32)
+        b, t = input_ids.shape
+        mask = np.ones((b, t), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+        if pixel_values is not None and len(pixel_values) == 0:
+            pixel_values = None
+        if num_images is None:
+            num_images = np.zeros((b,), np.int32)
+        with self.generator._context():
+            out = _forward(self.params, jnp.asarray(input_ids), None if pixel_values is None else jnp.asarray(pixel_values),
+                           jnp.asarray(num_images, jnp.int32), jnp.asarray(mask), cfg=self.cfg)
+        return np.asarray(out)
+
+    def score(self, images: Sequence[ImageLike] | None, prompt: Messages, candidates: Sequence[str],
+              include_eos: bool = False, batch_size: int = 16) -> np.ndarray:
+        """Log-likelihood float64[len(candidates)] of each candidate as the AI's answer to `prompt`
+        (a question, or messages ending with one) about `images`: the sum of the answer tokens'
+        log-probabilities (plus EOS's with include_eos). Rank with argmax, as multiple-choice
+        benchmarks (MMBench, SEED-Bench) do."""
+        pixels = self.images(images)
+        turns, system = normalize_messages(prompt)
+        prompt_ids = self.encode(conversation.build_prompt(len(pixels), turns, system_prompt=system))
+        rows, starts = [], []
+        for cand in candidates:
+            text = conversation.build_conversation(len(pixels), turns[:-1] + [(turns[-1][0], cand)], system)
+            enc = encode_conversation(text, self.tokenizer, max_len=1 << 30, image_token_count=self.cfg.tokens_per_image,
+                                      answer_eos=include_eos)
+            if not np.array_equal(enc.ids[:len(prompt_ids)], prompt_ids):
+                raise AssertionError("candidate tokenisation changed the prompt's tokens")
+            rows.append(enc.ids)
+            starts.append(len(prompt_ids))
+        scores = np.zeros((len(candidates),), np.float64)
+        for lo in range(0, len(rows), batch_size):
+            chunk = rows[lo:lo + batch_size]
+            b = max(bucket_count(len(chunk)), 1)
+            t = bucket_length(max(len(r) for r in chunk))
+            ids = np.zeros((b, t), np.int32)
+            mask = np.zeros((b, t), bool)
+            target = np.zeros((b, t), bool)
+            for i, r in enumerate(chunk):
+                ids[i, :len(r)] = r
+                mask[i, :len(r)] = True
+                target[i, starts[lo + i]:len(r)] = True
+            counts = np.zeros((b,), np.int32)
+            counts[:len(chunk)] = len(pixels)
+            pix = None
+            if pixels:
+                m = bucket_count(len(chunk) * len(pixels))
+                pix = np.zeros((m,) + pixels[0].shape, np.float32)
+                pix[:len(chunk) * len(pixels)] = np.stack(pixels * len(chunk))
+            with self.generator._context():
+                ll = _sequence_logprob(self.params, jnp.asarray(ids), None if pix is None else jnp.asarray(pix),
+                                       jnp.asarray(counts), jnp.asarray(mask), jnp.asarray(target), cfg=self.cfg)
+            scores[lo:lo + len(chunk)] = np.asarray(ll, np.float64)[:len(chunk)]
+        return scores
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _forward(params, input_ids, pixel_values, num_images, mask, *, cfg: OwlConfig):
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    return MplugOwl(cfg).apply({"params": params}, input_ids, pixel_values, num_images, mask, positions).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _sequence_logprob(params, input_ids, pixel_values, num_images, mask, target, *, cfg: OwlConfig):
+    """Sum over t with target[t] of log p(ids[t] | ids[<t]) -> float32[B]."""
+    logits = _forward.__wrapped__(params, input_ids, pixel_values, num_images, mask, cfg=cfg)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nxt = jnp.maximum(input_ids[:, 1:], 0)
+    tok = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(target[:, 1:], tok, 0.0), axis=1)
+
+
+def find_tokenizer(checkpoint: str) -> str | None:
+    for d in (checkpoint, os.path.join(checkpoint, "tokenizer")):
+        if any(os.path.exists(os.path.join(d, f)) for f in ("tokenizer.model", "tokenizer.json")):
+            return d
+    return None
+
+
+def shard_params(params: Any, cfg: OwlConfig, mesh, rules) -> Any:
+    """Places params on `mesh` by their logical axis names under `rules`."""
+    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    specs = nn.get_partition_spec(abstract)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    return jax.device_put(params, shardings)
+
+
+def load(path: str, tokenizer: Any = None, mesh=None, rules=None, dtype: str | None = None) -> Owl:
+    """Loads an owl_jax params dir (`python -m owl_jax.convert from-torch` / `save_params` output).
+
+    `tokenizer`: a tokenizer object, or a path (dir or .model); default: the checkpoint dir or its
+    `tokenizer/` subdir. `mesh` + `rules` (logical axis rules) shard the params; `dtype` (e.g.
+    "bfloat16") casts the parameters and the compute."""
+    params, cfg = params_io.load_params(path)
+    return from_params(params, cfg, tokenizer if tokenizer is not None else find_tokenizer(path), mesh, rules, dtype,
+                       where=path)
+
+
+def from_params(params: Any, cfg: OwlConfig, tokenizer: Any, mesh=None, rules=None, dtype: str | None = None,
+                where: str = "the params") -> Owl:
+    """An `Owl` from params in memory (numpy or jax arrays, unboxed) and a tokenizer (object or path)."""
+    import dataclasses
+
+    from owl_jax.data.tokenizer import load_tokenizer
+
+    if tokenizer is None:
+        raise FileNotFoundError(f"no tokenizer in {where} (tokenizer.model / tokenizer.json, or a tokenizer/ subdir); "
+                                "pass tokenizer=PATH (--tokenizer)")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(os.fspath(tokenizer))
+    params = nn.unbox(params)
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+        params = jax.tree_util.tree_map(
+            lambda x: np.asarray(x).astype(jnp.dtype(dtype)) if np.issubdtype(np.asarray(x).dtype, np.floating) else x, params)
+    if mesh is not None:
+        params = shard_params(params, cfg, mesh, rules)
+    else:
+        params = jax.device_put(params)
+    return Owl(params, cfg, tokenizer, mesh=mesh, rules=rules)
