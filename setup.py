@@ -36,7 +36,7 @@ setup(
     install_requires=CORE_REQUIRES + DATA_REQUIRES,
     extras_require={
         # torch only as the reference implementation in tests and for torch-side export checks.
-        "test": ["pytest==9.2.0", "torch==2.13.0"],
-        "tpu": ["libtpu"],
+        "test": ["pytest==9.2.0", "torch==2.13.0", "libtpu==0.0.42.1"],
+        "tpu": ["libtpu==0.0.42.1"],
     },
 )

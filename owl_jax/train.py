@@ -99,7 +99,7 @@ def train(config, workdir: str) -> dict:
 
     # -------------------------------------------------------------------------- loop
     preempted = {"flag": False}
-    signal.signal(signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True))
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True))
 
     def save(step: int, metrics: dict | None, force: bool = False):
         manager.save(
@@ -139,14 +139,16 @@ def train(config, workdir: str) -> dict:
             save(step, {"loss": last.get("loss", float("inf"))})
         if step == config.debug.hang_after_step:
             manager.wait_until_finished()
-            logging.warning("debug.hang_after_step=%d: hanging (fault injection)", step)
-            time.sleep(10**6)
+            logging.warning("debug.hang_after_step=%d: hanging until killed or SIGTERM (fault injection)", step)
+            while not preempted["flag"]:
+                time.sleep(0.05)
         if _any_process(preempted["flag"]):
             logging.warning("SIGTERM: saving step %d and exiting", step)
             if manager.latest_step() != step:
                 save(step, None, force=True)
             break
     manager.wait_until_finished()
+    signal.signal(signal.SIGTERM, previous_handler)
     bar.close()
     writer.close()
 
