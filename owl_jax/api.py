@@ -302,7 +302,8 @@ def load(path: str, tokenizer: Any = None, mesh=None, rules=None, dtype: str | N
     """Loads an owl_jax params dir (`python -m owl_jax.convert from-torch` / `save_params` output).
 
     `tokenizer`: a tokenizer object, or a path (dir or .model); default: the checkpoint dir or its
-    `tokenizer/` subdir. `mesh` + `rules` (logical axis rules) shard the params; `dtype` (e.g.
+    `tokenizer/` subdir. `mesh` + `rules` (logical axis rules; default `owl_jax.sharding.DEFAULT_RULES`,
+    the training layout) shard the params; `dtype` (e.g.
     "bfloat16") casts the parameters and the compute."""
     params, cfg = params_io.load_params(path)
     return from_params(params, cfg, tokenizer if tokenizer is not None else find_tokenizer(path), mesh, rules, dtype,
@@ -327,6 +328,8 @@ def from_params(params: Any, cfg: OwlConfig, tokenizer: Any, mesh=None, rules=No
         params = jax.tree_util.tree_map(
             lambda x: np.asarray(x).astype(jnp.dtype(dtype)) if np.issubdtype(np.asarray(x).dtype, np.floating) else x, params)
     if mesh is not None:
+        if rules is None:
+            from owl_jax.sharding import DEFAULT_RULES as rules
         params = shard_params(params, cfg, mesh, rules)
     else:
         params = jax.device_put(params)

@@ -261,9 +261,12 @@ class Generator:
 
     def __init__(self, params: Any, cfg: OwlConfig, mesh: jax.sharding.Mesh | None = None,
                  rules: Sequence[tuple[str, Any]] | None = None, eos_id: int | None = None,
-                 pad_id: int | None = None, vocab_limit: int | None = None):
+                 pad_id: int | None = None, vocab_limit: int | None = None, unroll_layers: bool = False):
         self.params = params
         self.cfg = cfg
+        # unroll_layers: run the layers unrolled (scan_unroll 0) in the prefill and decode programs.
+        # Compiles slower; on the 2-core CPU it was no faster (see BENCHMARKS.md, Decoding).
+        self.decode_cfg = dataclasses.replace(cfg, scan_unroll=0) if unroll_layers else cfg
         self.mesh = mesh
         self.rules = tuple(rules) if rules is not None else None
         self.eos_id = cfg.llm.eos_token_id if eos_id is None else eos_id
@@ -280,7 +283,7 @@ class Generator:
             yield
 
     def _statics(self, sampling: Sampling, return_logits: bool) -> dict:
-        return dict(cfg=self.cfg, max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy,
+        return dict(cfg=self.decode_cfg, max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy,
                     pad_id=self.pad_id, vocab_limit=self.vocab_limit,
                     return_logits=return_logits)
 

@@ -137,17 +137,56 @@ def test_buckets_compile_once(owl, rng):
 
 
 def test_sharded_params_on_a_mesh(owl, rng):
-    """Params placed by their logical axes on a (data, model) mesh give the same tokens."""
+    """Params placed by their logical axes (the training rules) on a mesh give the same tokens."""
     from owl_jax.api import shard_params
+    from owl_jax.sharding import DEFAULT_RULES, make_mesh
 
     cfg, params = owl
-    devices = np.asarray(jax.devices()[:1]).reshape(1, 1)
-    mesh = jax.sharding.Mesh(devices, ("data", "model"))
-    rules = (("batch", "data"), ("heads", "model"), ("kv_heads", "model"), ("mlp", "model"), ("vocab", "model"))
-    sharded = shard_params(params, cfg, mesh, rules)
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    sharded = shard_params(params, cfg, mesh, DEFAULT_RULES)
     assert isinstance(jax.tree_util.tree_leaves(sharded)[0].sharding, jax.sharding.NamedSharding)
     prompts, images, counts = _prompts(cfg, rng)
     batch = make_batch(prompts, images, counts, cfg)
     want = Generator(params, cfg).generate(batch, Sampling(max_new_tokens=5), disable_eos=True)["tokens"]
-    got = Generator(sharded, cfg, mesh=mesh, rules=rules).generate(batch, Sampling(max_new_tokens=5), disable_eos=True)
+    got = Generator(sharded, cfg, mesh=mesh, rules=DEFAULT_RULES).generate(batch, Sampling(max_new_tokens=5),
+                                                                           disable_eos=True)
     assert (got["tokens"] == want).all()
+
+
+MULTI_DEVICE = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, sys.argv[1])
+import jax, numpy as np
+jax.config.update("jax_default_matmul_precision", "highest")
+from conftest import small_owl_config
+from test_generate import _prompts, random_params
+from owl_jax.api import shard_params
+from owl_jax.generate import Generator, Sampling, make_batch
+from owl_jax.sharding import DEFAULT_RULES, make_mesh
+cfg = small_owl_config()
+params = random_params(cfg, seed=5)
+prompts, images, counts = _prompts(cfg, np.random.default_rng(0))
+batch = make_batch(prompts, images, counts, cfg)
+want = Generator(jax.device_put(params, jax.devices()[0]), cfg).generate(batch, Sampling(max_new_tokens=5))
+mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 2})
+sharded = shard_params(params, cfg, mesh, DEFAULT_RULES)
+kernel = sharded["language_model"]["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+assert len({s.device for s in kernel.addressable_shards}) == 4 and kernel.addressable_shards[0].data.size * 4 == kernel.size
+got = Generator(sharded, cfg, mesh=mesh, rules=DEFAULT_RULES).generate(batch, Sampling(max_new_tokens=5))
+assert (got["tokens"] == want["tokens"]).all(), (got["tokens"], want["tokens"])
+print("OK")
+"""
+
+
+def test_params_sharded_over_four_devices_give_the_same_tokens():
+    """fsdp x tensor = 2 x 2 host devices (a fresh process: the device count is fixed at start-up)."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE, here], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
