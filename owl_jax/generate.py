@@ -109,7 +109,7 @@ _STATIC = ("cfg", "max_new_tokens", "greedy", "pad_id", "vocab_limit", "return_l
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def prefill(params, input_ids, prompt_mask, pixel_values, num_images, rng, eos_id, temperature, top_k, top_p, *,
+def prefill(params, input_ids, prompt_mask, pixel_values, num_images, num_rows, rng, eos_id, temperature, top_k, top_p, *,
             cfg: OwlConfig, max_new_tokens: int, greedy: bool, pad_id: int,
             vocab_limit: int | None, return_logits: bool) -> dict:
     """Left-padded prompts int[B, P] (mask int/bool[B, P]) -> decoding state with the first new token.
@@ -117,7 +117,8 @@ def prefill(params, input_ids, prompt_mask, pixel_values, num_images, rng, eos_i
     The state holds the cache (P + max_new_tokens slots), `tokens` int[B, max_new_tokens] (pad_id
     after the end), `step` (tokens generated so far), `done` bool[B], `length` int[B] (tokens
     generated per sample, EOS included) and, with return_logits, `logits` float[B, max_new_tokens, V]:
-    the distribution each token was drawn from. eos_id: int32 scalar, -1 for none."""
+    the distribution each token was drawn from. eos_id: int32 scalar, -1 for none. Rows from
+    `num_rows` on are batch padding: done from the start, so they never hold the loop up."""
     model = MplugOwl(cfg, decode=True)
     b, p = input_ids.shape
     s = p + max_new_tokens
@@ -135,7 +136,7 @@ def prefill(params, input_ids, prompt_mask, pixel_values, num_images, rng, eos_i
     )
     token = sample_token(logits, jax.random.fold_in(rng, 0), temperature, top_k, top_p, greedy=greedy,
                          vocab_limit=vocab_limit)
-    done = token == eos_id
+    done = (token == eos_id) | (jnp.arange(b) >= num_rows)
     state = {
         "cache": variables["cache"],
         "cache_mask": cache_mask,
@@ -303,7 +304,8 @@ class Generator:
         with self._context():
             pixels = None if batch.pixel_values is None else jnp.asarray(batch.pixel_values)
             state = prefill(self.params, jnp.asarray(batch.input_ids), jnp.asarray(batch.prompt_mask), pixels,
-                            jnp.asarray(batch.num_images), rng, eos, *samp, **statics)
+                            jnp.asarray(batch.num_images), jnp.int32(batch.size), rng, eos, *samp,
+                            **statics)
             step = 1
             yield self._host(state, batch.size, return_logits)
             while step < sampling.max_new_tokens:

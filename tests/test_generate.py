@@ -80,6 +80,9 @@ def test_batch_equals_one_at_a_time_and_stops_per_sample(owl, rng):
     together = gen.generate(make_batch(prompts, images, counts, cfg), Sampling(max_new_tokens=steps))
     assert together["length"][1] == 3 and together["done"][1]
     assert (together["tokens"][1, 3:] == cfg.llm.pad_token_id).all()
+    # The loop ends when the real samples are done; rows padding the batch do not hold it up.
+    padded = gen.generate(make_batch([prompts[1]], images[:1], [1], cfg, min_batch=2), Sampling(max_new_tokens=steps))
+    assert padded["step"] == 3 and padded["tokens"][0, :3].tolist() == together["tokens"][1, :3].tolist()
     for i, imgs in enumerate(_split_images(images, counts)):
         alone = gen.generate(make_batch([prompts[i]], imgs, [counts[i]], cfg), Sampling(max_new_tokens=steps))
         assert alone["tokens"][0].tolist() == together["tokens"][i].tolist(), i
