@@ -21,14 +21,16 @@ PARAMS_DIR = "params"
 
 
 def save_params(directory: str, params: Any, cfg: OwlConfig) -> None:
-    """Writes params (a pytree of arrays, boxed or not) and the config."""
+    """Writes params (a pytree of arrays, boxed or not) and the config. With several processes every
+    process calls it (orbax synchronises them; the primary process writes host arrays)."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(directory, PARAMS_DIR), nn.unbox(params), force=True)
     checkpointer.wait_until_finished()
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(owl_config_to_dict(cfg), f, indent=2)
+    if jax.process_index() == 0:
+        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+            json.dump(owl_config_to_dict(cfg), f, indent=2)
 
 
 def load_config(directory: str) -> OwlConfig:

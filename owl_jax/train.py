@@ -155,8 +155,7 @@ def train(config, workdir: str) -> dict:
     # ------------------------------------------------------------------------ export
     if config.export_params and step >= config.num_steps:
         params = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), _fully_replicated(trainer.params(state)))
-        if jax.process_index() == 0:
-            params_io.save_params(os.path.join(workdir, "params"), params, trainer.model_cfg)
+        params_io.save_params(os.path.join(workdir, "params"), params, trainer.model_cfg)  # collective in orbax
     manager.close()
     return last
 
