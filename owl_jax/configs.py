@@ -13,6 +13,24 @@ def model_section(cfg: OwlConfig = OwlConfig()) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(owl_config_to_dict(cfg))
 
 
+def data_section(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config.data`: the input pipeline's fields (owl_jax/data/__init__.py documents them) plus
+    `source`: "tfds" (a dataset built by `python -m owl_jax.data.prepare`) or "synthetic" (random
+    tokens: tests, benchmarks, AOT). Batch geometry is not repeated here: it follows the top-level
+    batch_size / seq_len / max_images_per_batch and the model's image size and tokens per image."""
+    from owl_jax.data.pipeline import default_config
+
+    d = default_config()
+    d.source = "synthetic"
+    d.images_per_sample = 1  # synthetic only
+    d.batch_size = c.get_ref("batch_size")
+    d.max_len = c.get_ref("seq_len")
+    d.max_images_per_batch = c.get_ref("max_images_per_batch")
+    d.image_size = c.model.vision.get_ref("image_size")
+    d.image_token_count = c.model.abstractor.get_ref("num_queries") + 1
+    return d
+
+
 def base_config(model: OwlConfig) -> ml_collections.ConfigDict:
     """Every training field with a default; configs/*.py override what their recipe changes."""
     c = ml_collections.ConfigDict()
@@ -36,8 +54,7 @@ def base_config(model: OwlConfig) -> ml_collections.ConfigDict:
         {"lr": 1e-4, "end_lr": 1e-6, "warmup_steps": 10, "b1": 0.9, "b2": 0.98, "eps": 1e-6,
          "weight_decay": 0.1, "clip_norm": 1.0, "grad_accum_steps": 1}
     )
-    # source "synthetic": random tokens (tests, benchmarks); otherwise owl_jax.data's pipeline.
-    c.data = ml_collections.ConfigDict({"source": "synthetic", "images_per_sample": 1})
+    c.data = data_section(c)
     # Initial weights: an owl_jax params dir (convert from-torch output, or a finished run's
     # workdir/params); missing parameters (e.g. fresh LoRA) are initialised. Empty: random init.
     c.init = ml_collections.ConfigDict({"params_dir": ""})

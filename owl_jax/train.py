@@ -184,6 +184,9 @@ def main(argv):
     del argv
     from owl_jax import distributed
 
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
+
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
@@ -192,5 +195,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    FLAGS.set_default("verbosity", logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
     app.run(main)

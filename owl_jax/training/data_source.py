@@ -1,4 +1,4 @@
-"""The training input: config.data.source picks synthetic random tokens or owl_jax.data's pipeline.
+"""The training input: config.data.source picks owl_jax.data's pipeline ("tfds") or random tokens.
 
 Every iterator yields this process's micro-batches (the pipeline's batch dict: input_ids,
 attention_mask, loss_mask int32[b, T], pixel_values float32[m, H, W, 3], num_images int32[b]) and
@@ -27,4 +27,10 @@ def make_data_iterator(config: ml_collections.ConfigDict, model_cfg: OwlConfig, 
             seed=config.seed,
             process_index=jax.process_index(),
         )
-    raise ValueError(f"config.data.source={d.source!r}: expected 'synthetic' or a prepared dataset source")
+    if d.source == "tfds":
+        from owl_jax.data.pipeline import make_iterator
+
+        if not d.dataset_dir:
+            raise ValueError("config.data.dataset_dir is empty: build a dataset with `python -m owl_jax.data.prepare` first")
+        return make_iterator(d)
+    raise ValueError(f"config.data.source={d.source!r}: expected 'tfds' or 'synthetic'")
