@@ -94,3 +94,24 @@ def test_command_line_round_trip(released_dir, tmp_path, capsys):
     back = load_file(str(tmp_path / "back" / "model.safetensors"))
     assert str(back["query_tokens"].dtype) == "bfloat16"
     assert "wrote owl_jax params" in capsys.readouterr().out
+
+
+def test_stage1_start_from_clip_and_llama_command_line(tmp_path, capsys):
+    """from-torch --clip --llama: towers converted, abstractor + query tokens fresh and reported,
+    tokenizer files copied along."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=56, patch_size=14)).save_pretrained(tmp_path / "clip")
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, tie_word_embeddings=False)).save_pretrained(tmp_path / "llama")
+    (tmp_path / "llama" / "tokenizer.model").write_bytes(b"sentencepiece")
+    assert convert_main(["from-torch", "--clip", str(tmp_path / "clip"), "--llama", str(tmp_path / "llama"),
+                         "--out", str(tmp_path / "owl")]) == 0
+    out = capsys.readouterr().out
+    assert "initialised" in out and "query_tokens" in out and "abstractor/visual_fc/kernel" in out
+    assert "language_model" not in out.split("initialised")[1].split("copied")[0]
+    params, cfg = params_io.load_params(str(tmp_path / "owl"))
+    assert cfg.vision.layer_norm_eps == 1e-5 and cfg.abstractor.ffn_size == 2816 and cfg.llm.hidden_size == 64
+    assert params["abstractor"]["visual_fc"]["kernel"].shape == (64, 64)
+    assert (tmp_path / "owl" / "tokenizer.model").read_bytes() == b"sentencepiece"

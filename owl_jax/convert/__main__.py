@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from owl_jax import convert, params_io
@@ -57,9 +58,27 @@ def main(argv=None) -> int:
         cfg = _config_from_parts(args)
     params, report = convert.from_torch(cfg, released=args.released, clip=args.clip, llama=args.llama, dtype=args.dtype, seed=args.seed)
     params_io.save_params(args.out, params, cfg)
+    copied = _copy_tokenizer(args.released or args.llama, args.out)
     print(report)
+    if copied:
+        print(f"copied tokenizer files {copied}")
     print(f"wrote owl_jax params to {args.out}")
     return 0
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _copy_tokenizer(src: str | None, out: str) -> list[str]:
+    """The LLaMA tokenizer travels with the weights, so `owl_jax.load(out)` finds it."""
+    import shutil
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        if src and os.path.exists(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), os.path.join(out, name))
+            copied.append(name)
+    return copied
 
 
 def _config_from_parts(args):
@@ -71,7 +90,8 @@ def _config_from_parts(args):
     clip = hf_config.read_json(args.clip)
     vision = hf_config.vision_from_hf(clip.get("vision_config", clip), default_eps=1e-5)
     llm = hf_config.llama_from_hf(hf_config.read_json(args.llama))
-    abstractor = dataclasses.replace(AbstractorConfig(), encoder_hidden_size=vision.hidden_size)
+    # The abstractor concatenates queries and image features, so its width is the vision width.
+    abstractor = dataclasses.replace(AbstractorConfig(), hidden_size=vision.hidden_size, encoder_hidden_size=vision.hidden_size)
     return OwlConfig(vision=vision, abstractor=abstractor, llm=llm)
 
 

@@ -42,6 +42,13 @@ class AbstractorConfig:
     layer_norm_eps: float = 1e-5  # norm1, normk, norm2
     ffn_layer_norm_eps: float = 1e-6  # ffn_ln
 
+    def __post_init__(self):
+        if self.encoder_hidden_size != self.hidden_size:
+            raise ValueError(
+                f"abstractor.encoder_hidden_size={self.encoder_hidden_size} must equal abstractor.hidden_size="
+                f"{self.hidden_size}: the queries attend to [queries; image features] concatenated"
+            )
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -94,6 +101,13 @@ class OwlConfig:
     # analysis counts a loop body once, so FLOP audits compile unrolled).
     scan_unroll: int = 1
     attention_impl: str = "xla"  # "xla" (einsum, fp32 softmax) | "cudnn" | "auto" (jax.nn.dot_product_attention)
+
+    def __post_init__(self):
+        if self.vision.hidden_size != self.abstractor.encoder_hidden_size:
+            raise ValueError(
+                f"vision.hidden_size={self.vision.hidden_size} != abstractor.encoder_hidden_size="
+                f"{self.abstractor.encoder_hidden_size}: the abstractor reads the vision features as they are"
+            )
 
     @property
     def tokens_per_image(self) -> int:
