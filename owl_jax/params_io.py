@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from owl_jax.models.config import OwlConfig, owl_config_from_dict, owl_config_to_dict
 
@@ -20,31 +21,35 @@ CONFIG_FILE = "owl_config.json"
 PARAMS_DIR = "params"
 
 
+def _path(directory) -> epath.Path:
+    """Local paths made absolute (orbax needs that); gs:// and other remote URIs kept as they are."""
+    directory = str(directory)
+    return epath.Path(directory if "://" in directory else os.path.abspath(directory))
+
+
 def save_params(directory: str, params: Any, cfg: OwlConfig) -> None:
     """Writes params (a pytree of arrays, boxed or not) and the config. With several processes every
     process calls it (orbax synchronises them; the primary process writes host arrays)."""
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    directory = _path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(directory, PARAMS_DIR), nn.unbox(params), force=True)
+    checkpointer.save(directory / PARAMS_DIR, nn.unbox(params), force=True)
     checkpointer.wait_until_finished()
     if jax.process_index() == 0:
-        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            json.dump(owl_config_to_dict(cfg), f, indent=2)
+        (directory / CONFIG_FILE).write_text(json.dumps(owl_config_to_dict(cfg), indent=2))
 
 
 def load_config(directory: str) -> OwlConfig:
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = _path(directory) / CONFIG_FILE
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no owl_jax model config; expected a directory written by save_params / convert from-torch")
-    with open(path) as f:
-        return owl_config_from_dict(json.load(f))
+    return owl_config_from_dict(json.loads(path.read_text()))
 
 
 def load_params(directory: str) -> tuple[Any, OwlConfig]:
     """Returns (params as numpy arrays on the host, config)."""
     cfg = load_config(directory)
-    params = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(directory, PARAMS_DIR)))
+    params = ocp.StandardCheckpointer().restore(_path(directory) / PARAMS_DIR)
     return jax.tree_util.tree_map(np.asarray, params), cfg
 
 
