@@ -48,14 +48,20 @@ class AbstractorAttention(nn.Module):
 
     @nn.compact
     def __call__(self, q: jax.Array, kv: jax.Array, deterministic: bool) -> jax.Array:
-        """q float[N, Q, D], kv float[N, Q + S, D] -> float[N, Q, D]."""
+        """q float[N, Q, D], kv float[N, Q + S, D] -> float[N, Q, D]. With `intermediates` mutable, sows
+        the attention probabilities (keys: the Q queries, then the S image tokens) as `attention_probs`."""
         d, heads = self.cfg.hidden_size, self.cfg.num_heads
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, d // heads)
         dropout = 0.0 if deterministic else self.cfg.attention_dropout
+        qh = split(Dense(d, ("embed", "heads"), name="query", **kw)(q))
+        kh = split(Dense(d, ("embed", "heads"), name="key", **kw)(kv))
+        if self.is_mutable_collection("intermediates"):  # inspection only (plots): float32[N, H, Q, Q + S]
+            scores = jnp.einsum("nqhd,nkhd->nhqk", qh, kh, preferred_element_type=jnp.float32) * (d // heads) ** -0.5
+            self.sow("intermediates", "attention_probs", jax.nn.softmax(scores, axis=-1))
         out = attention(
-            split(Dense(d, ("embed", "heads"), name="query", **kw)(q)),
-            split(Dense(d, ("embed", "heads"), name="key", **kw)(kv)),
+            qh,
+            kh,
             split(Dense(d, ("embed", "heads"), name="value", **kw)(kv)),
             None,
             impl=self.attention_impl,
