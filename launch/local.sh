@@ -10,7 +10,7 @@
 #   --devices-per-process=K  fake CPU devices per process (XLA --xla_force_host_platform_device_count; default 1)
 #   --port=P                 coordinator port on 127.0.0.1 (default: a free one)
 #   --log-dir=DIR            every process's output to DIR/process_<i>.log (default: process 0 to this
-#                            terminal, the others to a temporary directory shown on failure)
+#                            terminal, the others to a temporary directory, kept only on failure)
 #   --dry-run                print the commands and exit
 # Environment: PYTHON (default python).
 #
@@ -30,7 +30,7 @@ while [[ $# -gt 0 ]]; do
     --port=*) port="${1#*=}"; shift ;;
     --log-dir=*) log_dir="${1#*=}"; shift ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     --*) echo "local.sh: unknown option $1 (options go before N)" >&2; exit 2 ;;
     *) break ;;
   esac
@@ -128,5 +128,8 @@ while [[ ${#live[@]} -gt 0 ]]; do
 done
 if [[ -n "${killer:-}" ]]; then
   kill "$killer" 2>/dev/null || true
+fi
+if [[ "$to_terminal" == 1 && $status -eq 0 ]]; then
+  rm -rf "$log_dir"  # our temporary logs of processes 1..N-1; kept (and named above) on failure
 fi
 exit $status
