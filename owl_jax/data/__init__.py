@@ -40,6 +40,8 @@ num_epochs             0                      0: forever; else finite (last batc
 seed                   0                      shuffle, mixing and augmentation seed
 blank_images           False                  every image replaced by zeros (the mean colour):
                                               the "does it use the image" control
+text_only              False                  drop every image and its "Human: <image>" line:
+                                              text-only conversations (language pretraining)
 return_index           False                  add "index" int32[B]: record index (-1: filler)
 read_threads           2                      grain ReadOptions.num_threads
 read_buffer_size       32                     grain ReadOptions.prefetch_buffer_size

@@ -74,6 +74,11 @@ def caption_conversation(caption: str, num_images: int = 1) -> str:
     return "\n".join(lines) + "\n" + AI_PREFIX + caption
 
 
+def drop_images(text: str) -> str:
+    """The conversation without its ``Human: <image>`` lines (a text-only conversation)."""
+    return text.replace("\n" + HUMAN_PREFIX + IMAGE_TAG, "")
+
+
 def count_image_tags(text: str) -> int:
     return text.count(IMAGE_TAG)
 

@@ -54,6 +54,7 @@ import ml_collections
 import numpy as np
 
 from owl_jax.data import records
+from owl_jax.data.conversation import drop_images
 from owl_jax.data.image import load_and_preprocess
 from owl_jax.data.text import DEFAULT_IMAGE_TOKEN_COUNT, encode_conversation, pad_to
 from owl_jax.data.tokenizer import BOS_ID, load_tokenizer
@@ -85,6 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
         num_epochs=0,  # 0: repeat forever
         seed=0,
         blank_images=False,  # replace every image by zeros (the mean colour): the "no image" control
+        text_only=False,  # drop every image and its "Human: <image>" line (text-only pretraining)
         return_index=False,  # add "index": int32[B] record index of each row (-1 for filler rows)
         read_threads=2,  # grain ReadOptions.num_threads
         read_buffer_size=32,  # grain ReadOptions.prefetch_buffer_size (samples)
@@ -119,11 +121,14 @@ class SampleOptions:
     horizontal_flip: bool = False
     crop_scale_min: float = 0.5
     blank_images: bool = False
+    text_only: bool = False
 
 
 def encode_sample(text: str, images: Sequence[bytes], tokenizer, opts: SampleOptions,
                   rng: np.random.Generator | None = None) -> dict[str, Any]:
     """One record -> padded input_ids/attention_mask/loss_mask [T], images [k, S, S, 3], stats."""
+    if opts.text_only:
+        text, images = drop_images(text), []
     enc = encode_conversation(text, tokenizer, opts.max_len, opts.image_token_count)
     kept = list(images)[: enc.num_images]
     s = opts.image_size
@@ -402,7 +407,7 @@ def make_iterator(config, process_index: int | None = None, process_count: int |
         max_len=int(_get(config, "max_len")), image_size=int(_get(config, "image_size")),
         image_token_count=int(_get(config, "image_token_count")), augment=bool(_get(config, "augment")),
         horizontal_flip=bool(_get(config, "horizontal_flip")), crop_scale_min=float(_get(config, "crop_scale_min")),
-        blank_images=bool(_get(config, "blank_images")))
+        blank_images=bool(_get(config, "blank_images")), text_only=bool(_get(config, "text_only")))
     # augmentation rng: per (seed, process, position in this process's stream)
     ds = ds.random_map(_Preprocess(source, resolve_tokenizer_path(config), opts), seed=(seed + 1 + 7877 * pi) % 2**32)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(_get(config, "read_threads")),
