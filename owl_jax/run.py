@@ -1,0 +1,338 @@
+r"""The main job: a tiny owl learns ShapesWorld on CPU, end to end, in one command.
+
+  python -m owl_jax.run --workdir=/tmp/owl                  # the tiny owl, ~25 min on 2 CPU cores
+  python -m owl_jax.run --workdir=/tmp/owl_blank --blank_images   # the control: every image blank
+  python -m owl_jax.run --workdir=/tmp/owl_ci --quick       # CI-sized smoke run (seconds a stage)
+  [--config=configs/shapesworld.py] [--config.stages.stage1.num_steps=600 ...]
+
+Sections below, top to bottom:
+  data     ShapesWorld is generated into WORKDIR/data (kept if already there)
+  stage 0  text-only pretraining of the LLM (full_ft; captions and instructions without images)
+  stage 1  vision encoder + abstractor on captions, LLM frozen
+  stage 2  LoRA (q, v) + abstractor on the instruction mix (text-only samples included)
+           each stage trains into WORKDIR/stage{0,1,2} (owl_jax.train: checkpoints/, metrics.jsonl,
+           tensorboard/, params/) and is then evaluated: exact match per ability category on the
+           held-out split, batched greedy decoding (stage{k}/eval.json)
+  samples  a few test questions and the stage-2 owl's answers, printed
+  export   WORKDIR/export: the released PyTorch layout (LoRA merged) + the tokenizer
+  report   WORKDIR/report.json and WORKDIR/plots/{loss,accuracy,attention}.png
+
+Resumable: rerunning the same command skips what is finished (stage{k}/stage.json, eval.json)
+and resumes an interrupted stage from its last checkpoint. Every setting is in the config file
+(configs/shapesworld.py); --quick merges its `quick` section, --blank_images sets blank_images.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+from absl import app, flags, logging
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapesworld.py")
+STAGES = ("stage0", "stage1", "stage2")
+STAGE_TITLES = {
+    "stage0": "stage 0: text-only LLM pretraining",
+    "stage1": "stage 1: vision + abstractor on captions",
+    "stage2": "stage 2: LoRA + abstractor on instructions",
+}
+
+FLAGS = flags.FLAGS
+# owl_jax.train defines --config (a config file, `--config.x=y` overrides) and --workdir; the main
+# job shares them: here --config is the job's file (default configs/shapesworld.py) and --workdir
+# receives everything (data, stages, export, report).
+from owl_jax import train as _train  # noqa: E402
+
+FLAGS.set_default("config", _DEFAULT_CONFIG)
+flags.DEFINE_bool("quick", False, "CI-sized smoke run: merge the config's `quick` section.")
+flags.DEFINE_bool("blank_images", False, "The control run: every image (training and evaluation) blank.")
+
+
+# ------------------------------------------------------------------------------------ config
+
+
+def merge(dst, src, where: str = "config") -> None:
+    """Recursively sets `src`'s leaves (dicts or ConfigDicts) into the ConfigDict `dst`; unknown keys
+    are an error (a typo in a stage section must not pass silently)."""
+    for key, value in (src.items() if hasattr(src, "items") else []):
+        if key not in dst:
+            raise KeyError(f"{where}.{key}: no such field")
+        if hasattr(value, "items") and hasattr(dst[key], "items"):
+            merge(dst[key], value, f"{where}.{key}")
+        else:
+            dst[key] = value.to_dict() if hasattr(value, "to_dict") else value
+
+
+def resolve_config(config, quick: bool = False, blank_images: bool = False):
+    """The job's config with --quick / --blank_images applied (a copy)."""
+    import ml_collections
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    if quick:
+        merge(config, config.quick)
+    if blank_images:
+        config.blank_images = True
+    return config
+
+
+def stage_config(config, name: str, data_dir: str, init_dir: str):
+    """owl_jax.train's config for stage `name`: base_config(model), then the stage's overrides."""
+    from owl_jax.configs import base_config
+    from owl_jax.models.config import owl_config_from_dict
+
+    tc = base_config(owl_config_from_dict(config.model.to_dict()))
+    merge(tc, config.stages[name], f"stages.{name}")
+    tc.data.source = "tfds"
+    tc.data.dataset = "shapesworld"
+    tc.data.dataset_dir = data_dir
+    tc.data.blank_images = bool(config.blank_images)
+    tc.init.params_dir = init_dir
+    return tc
+
+
+# ------------------------------------------------------------------------------------ stages
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def run_stage(config, name: str, workdir: str, data_dir: str, init_dir: str) -> dict:
+    """Trains (or resumes) one stage; returns its stage.json record. Skips a finished stage."""
+    stage_dir = os.path.join(workdir, name)
+    done = os.path.join(stage_dir, "stage.json")
+    if os.path.exists(done):
+        print(f"== {STAGE_TITLES[name]}: finished earlier ({done})")
+        return _read_json(done)
+    tc = stage_config(config, name, data_dir, init_dir)
+    resumed = os.path.isdir(os.path.join(stage_dir, "checkpoints"))
+    print(f"== {STAGE_TITLES[name]}: {tc.num_steps} steps of {tc.batch_size} x {tc.seq_len} tokens on "
+          f"{tc.data.split}{' (resuming)' if resumed else ''}")
+    t0 = time.time()
+    last = _train.train(tc, stage_dir)
+    wall = time.time() - t0
+    if not os.path.exists(os.path.join(stage_dir, "params", "owl_config.json")):
+        raise SystemExit(f"{name} stopped before its last step (preempted?): rerun the same command to resume")
+    record = {"name": name, "title": STAGE_TITLES[name], "train_stage": tc.stage, "num_steps": tc.num_steps,
+              "batch_size": tc.batch_size, "seq_len": tc.seq_len, "split": tc.data.split,
+              "wall_s": wall, "resumed": resumed, "last_metrics": last, "config": tc.to_dict()}
+    _write_json(done, record)
+    return record
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate(params_dir: str, data_dir: str, eval_cfg, blank_images: bool, desc: str) -> dict:
+    """Exact-match accuracy per ability category on the held-out split (batched greedy decoding)."""
+    import sys
+
+    from tqdm import tqdm
+
+    import owl_jax
+    from owl_jax.data.shapesworld import iter_test_questions
+    from owl_jax.report import score
+
+    t0 = time.time()
+    owl = owl_jax.load(params_dir, tokenizer=os.path.join(data_dir, "tokenizer"))
+    questions = list(iter_test_questions(data_dir, eval_cfg.split, image_size=owl.cfg.vision.image_size,
+                                         blank_images=blank_images))
+    if eval_cfg.max_questions:
+        questions = questions[: eval_cfg.max_questions]
+    requests = [{"prompt": q["prompt"], "images": list(q["pixel_values"])} for q in questions]
+    bar = tqdm(total=len(requests), desc=f"eval {desc}", unit="q", file=sys.stderr)
+    predictions = owl.generate(requests, batch_size=eval_cfg.batch_size, max_new_tokens=eval_cfg.max_new_tokens,
+                               progress=bar.update)
+    bar.close()
+    rows = [{"index": q["index"], "category": q["category"], "question": q["question"], "answer": q["answer"],
+             "prediction": p} for q, p in zip(questions, predictions)]
+    for r in rows:
+        r["correct"] = r["prediction"].strip() == r["answer"].strip()
+    return {"accuracy": score(rows), "answers": rows, "wall_s": time.time() - t0}
+
+
+def evaluate_stage(config, name: str, workdir: str, data_dir: str) -> dict:
+    path = os.path.join(workdir, name, "eval.json")
+    if os.path.exists(path):
+        return _read_json(path)
+    result = evaluate(os.path.join(workdir, name, "params"), data_dir, config.eval, bool(config.blank_images), name)
+    _write_json(path, result)
+    acc = result["accuracy"]
+    print(f"   {name} exact match: " + ", ".join(f"{c} {100 * a['accuracy']:.0f}%" for c, a in acc.items())
+          + f"  ({result['wall_s']:.0f} s)")
+    return result
+
+
+def print_samples(result: dict, n: int) -> list[dict]:
+    """One question per category first, then more, up to n; printed with the expected answer."""
+    seen, picked = set(), []
+    for r in result["answers"]:
+        if r["category"] not in seen:
+            seen.add(r["category"])
+            picked.append(r)
+    picked += [r for r in result["answers"] if r not in picked]
+    picked = picked[:n]
+    print("== sample questions (stage 2 owl, held-out)")
+    for r in picked:
+        mark = "ok " if r["correct"] else "XX "
+        print(f"   {mark}[{r['category']}] {r['question']}  ->  {r['prediction']!r}  (expected {r['answer']!r})")
+    return picked
+
+
+# ------------------------------------------------------------------------------------ export, report
+
+
+def export(workdir: str, data_dir: str) -> dict:
+    """WORKDIR/export: stage 2's params in the released PyTorch layout (LoRA merged) + tokenizer."""
+    from owl_jax.convert import to_torch
+    from owl_jax.params_io import load_params
+
+    out = os.path.join(workdir, "export")
+    t0 = time.time()
+    if not os.path.exists(os.path.join(out, "config.json")):
+        params, cfg = load_params(os.path.join(workdir, "stage2", "params"))
+        tmp = out + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        to_torch(params, cfg, tmp)
+        for f in os.listdir(os.path.join(data_dir, "tokenizer")):
+            shutil.copy(os.path.join(data_dir, "tokenizer", f), tmp)
+        os.replace(tmp, out)
+    print(f"== export: {out} (released PyTorch layout, LoRA merged; load with "
+          f"owl_jax.convert.from_torch(cfg, released=...))")
+    return {"dir": out, "files": sorted(os.listdir(out)), "wall_s": time.time() - t0}
+
+
+def test_answers_for_baselines(data_dir: str, split: str):
+    """(train rows, test rows) of {category, question, answer} for the image-blind baselines."""
+    from owl_jax.data import records
+
+    def rows(s):
+        src = records.data_source(data_dir, "shapesworld", s)
+        for i in range(len(src)):
+            r = src[i]
+            yield {k: records.as_str(r[k]) for k in ("category", "question", "answer")}
+
+    return rows(split.replace("_test", "_train")), list(rows(split))
+
+
+def write_report(config, workdir: str, data_dir: str, timings: dict, stages: dict, evals: dict, samples: list,
+                 exported: dict) -> dict:
+    from owl_jax import report as rp
+    from owl_jax.params_io import load_params
+
+    t0 = time.time()
+    plots = os.path.join(workdir, "plots")
+    os.makedirs(plots, exist_ok=True)
+    metrics = {n: rp.read_metrics(os.path.join(workdir, n, "metrics.jsonl")) for n in STAGES}
+    train_rows, test_rows = test_answers_for_baselines(data_dir, config.eval.split)
+    baselines = rp.blind_baselines(train_rows, test_rows)
+    rp.plot_losses(metrics, STAGE_TITLES, os.path.join(plots, "loss.png"))
+    rp.plot_accuracy({n: evals[n]["accuracy"] for n in STAGES}, baselines, os.path.join(plots, "accuracy.png"),
+                     title="ShapesWorld held-out exact match" + (" (blank-image control)" if config.blank_images else ""))
+
+    # attention of the stage-2 abstractor on a few single-image test questions
+    from owl_jax.data.shapesworld import iter_test_questions, render_scene, describe
+
+    params, cfg = load_params(os.path.join(workdir, "stage2", "params"))
+    picked = []
+    for q in iter_test_questions(data_dir, config.eval.split, image_size=cfg.vision.image_size,
+                                 blank_images=bool(config.blank_images)):
+        if q["num_images"] == 1 and len(q["scene"][0]["shapes"]) >= 2:
+            picked.append(q)
+        if len(picked) >= config.eval.attention_images:
+            break
+    if picked:
+        import numpy as np
+
+        maps = rp.abstractor_attention(params, cfg, np.concatenate([q["pixel_values"] for q in picked]))
+        images = [np.asarray(render_scene(q["scene"][0])) for q in picked]
+        rp.plot_attention(images, maps, [describe(q["scene"][0]) for q in picked], config.eval.attention_queries,
+                          os.path.join(plots, "attention.png"))
+    timings["report_s"] = time.time() - t0
+    report = {
+        "job": "owl_jax.run (ShapesWorld, issue 6)",
+        "blank_images": bool(config.blank_images),
+        "stages": {n: {"title": STAGE_TITLES[n], "wall_s": stages[n]["wall_s"], "resumed": stages[n]["resumed"],
+                       "num_steps": stages[n]["num_steps"], "batch_size": stages[n]["batch_size"],
+                       "seq_len": stages[n]["seq_len"], "split": stages[n]["split"],
+                       "loss": rp.loss_summary(metrics[n]), "accuracy": evals[n]["accuracy"],
+                       "eval_wall_s": evals[n]["wall_s"]} for n in STAGES},
+        "blind_baselines": baselines,
+        "targets": rp.TARGETS,
+        "samples": samples,
+        "export": exported,
+        "timings_s": timings,
+        "plots": sorted(os.listdir(plots)),
+        "config": config.to_dict(),
+    }
+    _write_json(os.path.join(workdir, "report.json"), report)
+    return report
+
+
+# ------------------------------------------------------------------------------------ main job
+
+
+def run(config, workdir: str) -> dict:
+    """The whole job (resumable); returns the report."""
+    from owl_jax.data.prepare import prepare_shapesworld
+
+    t_start = time.time()
+    timings: dict = {}
+    os.makedirs(workdir, exist_ok=True)
+
+    # ------------------------------------------------------------------------------- data
+    data_dir = os.path.join(workdir, "data")
+    t0 = time.time()
+    if not os.path.exists(os.path.join(data_dir, "tokenizer", "tokenizer.model")):
+        print(f"== data: generating ShapesWorld into {data_dir}")
+        prepare_shapesworld(data_dir, seed=config.prepare.seed, sizes=config.prepare.sizes.to_dict())
+    timings["data_s"] = time.time() - t0
+
+    # ------------------------------------------------------------------------------- stages 0, 1, 2
+    stages, evals = {}, {}
+    init_dir = ""
+    for name in STAGES:
+        stages[name] = run_stage(config, name, workdir, data_dir, init_dir)
+        evals[name] = evaluate_stage(config, name, workdir, data_dir)
+        init_dir = os.path.join(workdir, name, "params")
+    timings["train_s"] = sum(s["wall_s"] for s in stages.values())
+    timings["eval_s"] = sum(e["wall_s"] for e in evals.values())
+
+    # ------------------------------------------------------------------------------- samples, export
+    samples = print_samples(evals["stage2"], config.eval.num_samples)
+    exported = export(workdir, data_dir)
+
+    # ------------------------------------------------------------------------------- report
+    report = write_report(config, workdir, data_dir, timings, stages, evals, samples, exported)
+    timings["this_invocation_s"] = time.time() - t_start
+    report["timings_s"] = timings
+    _write_json(os.path.join(workdir, "report.json"), report)
+    acc = report["stages"]["stage2"]["accuracy"]
+    print(f"== report: {os.path.join(workdir, 'report.json')}, plots in {os.path.join(workdir, 'plots')}")
+    print("   stage 2 exact match: " + ", ".join(f"{c} {100 * a['accuracy']:.0f}% ({a['correct']}/{a['total']})"
+                                              for c, a in acc.items()))
+    print(f"   wall time of this invocation: {timings['this_invocation_s']:.0f} s")
+    return report
+
+
+def main(argv):
+    del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required")
+    run(resolve_config(FLAGS.config, FLAGS.quick, FLAGS.blank_images), FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
