@@ -16,6 +16,8 @@ CORE_REQUIRES = [
     "numpy==2.4.6",
     "pillow==13.0.0",
     "tqdm==4.70.1",
+    "tensorboardX==2.6.5",
+    "matplotlib==3.11.2",  # the main job's report plots
 ]
 
 # The input pipeline (owl_jax/data): TFDS builders, ArrayRecord shards, grain loaders.
@@ -37,6 +39,8 @@ setup(
     extras_require={
         # torch only as the reference implementation in tests and for torch-side export checks.
         "test": ["pytest==9.2.0", "torch==2.13.0", "libtpu==0.0.42.1"],
-        "tpu": ["libtpu==0.0.42.1"],
+        "tpu": ["libtpu==0.0.42.1", "gcsfs==2026.9.0"],
+        # gs:// workdirs for metrics and params (orbax checkpoints reach GCS through tensorstore)
+        "gcs": ["gcsfs==2026.9.0"],
     },
 )

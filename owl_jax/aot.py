@@ -3,9 +3,10 @@ r"""Compile the training step for a TPU slice on this (CPU) machine and report w
   python -m owl_jax.aot --config=configs/mplug_owl_llama7b.py:stage1 --topology=v5e:16x16 \
       [--config.mesh.fsdp=-1 ...] [--count_flops]
 
-Prints per-chip argument / temporary / output bytes against the chip's HBM and, with --count_flops
-(a second compile with every scan unrolled, since XLA's cost analysis counts a loop body once),
-XLA's FLOPs per chip against the analytic model FLOPs. Exits 1 when the step does not fit.
+Prints per-device argument / temporary / output bytes against the device's HBM and, with
+--count_flops, XLA's FLOPs per device against the analytic model FLOPs: a second compile of one
+micro-batch with every scan unrolled (XLA's cost analysis counts a loop body once), times the
+number of micro-batches. Exits 1 when the step does not fit.
 Needs the `tpu` extra (libtpu); nothing runs on a TPU.
 """
 from __future__ import annotations
@@ -28,7 +29,9 @@ flags.DEFINE_integer("num_slices", 1, "Number of slices.")
 flags.DEFINE_bool("count_flops", False, "Also compile unrolled and compare XLA's FLOPs with the analytic count.")
 
 GiB = 2**30
-HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5litepod": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
+# HBM per JAX device of each generation's default chip config (v4 exposes each 32 GiB chip as two
+# 16 GiB TensorCore devices here: v4:2x2x1 has 8 devices).
+HBM_BYTES = {"v4": 16 * GiB, "v5e": 16 * GiB, "v5litepod": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
 
 
 @dataclasses.dataclass
@@ -56,18 +59,18 @@ class AotReport:
     def table(self) -> str:
         g = lambda b: f"{b / GiB:8.2f} GiB"
         if self.compile_error:
-            return (f"topology {self.topology}: {self.chips} chips, mesh {self.mesh}\n  DOES NOT FIT: "
-                    f"{self.compile_error}\n  analytic model FLOPs per chip per step {self.analytic_flops_per_chip:.4g}")
+            return (f"topology {self.topology}: {self.chips} devices, mesh {self.mesh}\n  DOES NOT FIT: "
+                    f"{self.compile_error}\n  analytic model FLOPs per device per step {self.analytic_flops_per_chip:.4g}")
         lines = [
-            f"topology {self.topology}: {self.chips} chips, mesh {self.mesh}",
-            f"  arguments   {g(self.argument_bytes)}   (params, optimiser state, batch; per chip)",
+            f"topology {self.topology}: {self.chips} devices, mesh {self.mesh}",
+            f"  arguments   {g(self.argument_bytes)}   (params, optimiser state, batch; per device)",
             f"  temporaries {g(self.temp_bytes)}",
             f"  outputs     {g(self.output_bytes)}   (aliased with donated arguments: {g(self.alias_bytes)})",
             f"  total       {g(self.peak_bytes)}   of {g(self.hbm_bytes)} HBM -> {'fits' if self.fits else 'DOES NOT FIT'}",
-            f"  analytic model FLOPs per chip per step {self.analytic_flops_per_chip:.4g}",
+            f"  analytic model FLOPs per device per step {self.analytic_flops_per_chip:.4g}",
         ]
         if self.xla_flops_per_chip is not None:
-            lines.append(f"  XLA FLOPs per chip per step {self.xla_flops_per_chip:.4g}  "
+            lines.append(f"  XLA FLOPs per device per step {self.xla_flops_per_chip:.4g}  "
                          f"(ratio to analytic {self.xla_flops_per_chip / self.analytic_flops_per_chip:.3f})")
         return "\n".join(lines)
 
@@ -129,9 +132,12 @@ def analyse(config, topology: str, chips_per_host=(2, 2, 1), num_slices: int = 1
     mem = compiled.memory_analysis()
     xla_flops = None
     if count_flops:
+        # One micro-batch, every scan unrolled (XLA counts a loop body once); a step is K of them.
         unrolled = config.copy_and_resolve_references()
         unrolled.model.scan_unroll = 0
-        xla_flops = float(compile_step(Trainer(unrolled, trainer.mesh)).cost_analysis()["flops"])
+        unrolled.optim.grad_accum_steps = 1
+        micro = float(compile_step(Trainer(unrolled, trainer.mesh)).cost_analysis()["flops"])
+        xla_flops = micro * config.optim.grad_accum_steps
     return AotReport(
         topology=topology, chips=len(devices), mesh=dict(trainer.mesh.shape),
         argument_bytes=mem.argument_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,

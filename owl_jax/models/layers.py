@@ -112,29 +112,34 @@ def attention(
     impl: str = "xla",
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    kv_heads_first: bool = False,
 ) -> jax.Array:
     """Multi-head attention with grouped KV heads.
 
-    q float[B, T, H, Dh], k/v float[B, S, K, Dh] with H % K == 0, mask bool[B, 1, T, S] (True = attend)
-    or None. Returns float[B, T, H, Dh]. Softmax in fp32; masked scores get the dtype's minimum, so a
-    fully masked row (a padding query) stays finite.
+    q float[B, T, H, Dh], k/v float[B, S, K, Dh] (float[B, K, S, Dh] with kv_heads_first: the KV
+    cache's layout, so decoding reads it without a transpose) with H % K == 0, mask bool[B, 1, T, S]
+    (True = attend) or None. Returns float[B, T, H, Dh]. Softmax in fp32; masked scores get the
+    dtype's minimum, so a fully masked row (a padding query) stays finite.
     """
     b, t, h, dh = q.shape
-    kv_heads = k.shape[2]
+    if kv_heads_first and impl in ("cudnn", "auto"):
+        k, v, kv_heads_first = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), False
+    kv_heads = k.shape[1] if kv_heads_first else k.shape[2]
+    kv = "bksd" if kv_heads_first else "bskd"
     if impl in ("cudnn", "auto") and dropout_rate == 0.0:
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, implementation=None if impl == "auto" else "cudnn"
         )
     groups = h // kv_heads
     qg = q.reshape(b, t, kv_heads, groups, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (dh**-0.5)
+    scores = jnp.einsum(f"btkgd,{kv}->bkgts", qg, k, preferred_element_type=jnp.float32) * (dh**-0.5)
     if mask is not None:
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout_rate > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+    out = jnp.einsum(f"bkgts,{kv}->btkgd", probs.astype(v.dtype), v)
     return out.reshape(b, t, h, dh)
 
 

@@ -46,25 +46,27 @@ class LlamaAttention(nn.Module):
         q, key = rotary(q, positions, cfg.rope_theta), rotary(key, positions, cfg.rope_theta)
 
         if self.decode:
-            key, value, query_slots = self._update_cache(key, value)
-            causal = jnp.arange(key.shape[1])[None, :] <= query_slots[:, None]  # [T, S]
+            key, value, query_slots = self._update_cache(key, value)  # [B, K, S, Dh]
+            causal = jnp.arange(key.shape[2])[None, :] <= query_slots[:, None]  # [T, S]
         else:
             causal = jnp.tril(jnp.ones((t, t), dtype=bool))
         mask = causal[None, None] & key_valid[:, None, None, :].astype(bool)
-        out = attention(q, key, value, mask, impl=self.attention_impl)
+        out = attention(q, key, value, mask, impl=self.attention_impl, kv_heads_first=self.decode)
         return self._dense(cfg.hidden_size, ("heads", "embed"), "o_proj")(out.reshape(b, t, h * dh), deterministic)
 
     def _update_cache(self, key: jax.Array, value: jax.Array):
-        """Writes this call's T keys/values at slots [index, index + T); returns the whole cache and
-        the slots of this call's queries. A cache of length S is made by a first call with T = S."""
+        """Writes this call's T keys/values (float[B, T, K, Dh]) at slots [index, index + T) of the
+        cache float[B, K, S, Dh]; returns the whole cache and the slots of this call's queries. A cache
+        of length S is made by a first call with T = S."""
+        key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # heads first: no per-step transpose
         initialised = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
         index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-        t = key.shape[1]
+        t = key.shape[2]
         query_slots = index.value + jnp.arange(t)
         if initialised:
-            start = (0, index.value, 0, 0)
+            start = (0, 0, index.value, 0)
             cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), start)
             cached_value.value = jax.lax.dynamic_update_slice(
                 cached_value.value, value.astype(cached_value.value.dtype), start
