@@ -52,37 +52,34 @@ def randomize_torch_(model, seed: int = 0, scale: float = 0.05):
     return model
 
 
+# configs/tiny.py shrunk for tests: the same code paths, seconds per compile. One table, used both
+# in-process (tiny_train_config) and on command lines (TINY_TRAIN_FLAGS).
+TINY_OVERRIDES = {
+    "model.vision.image_size": 28, "model.vision.hidden_size": 32, "model.vision.num_layers": 2,
+    "model.vision.num_heads": 2, "model.vision.mlp_size": 64,
+    "model.abstractor.hidden_size": 32, "model.abstractor.num_layers": 1, "model.abstractor.num_heads": 2,
+    "model.abstractor.ffn_size": 48, "model.abstractor.num_queries": 4, "model.abstractor.encoder_hidden_size": 32,
+    "model.llm.vocab_size": 64, "model.llm.hidden_size": 32, "model.llm.num_layers": 2, "model.llm.num_heads": 4,
+    "model.llm.num_kv_heads": 2, "model.llm.mlp_size": 64,
+    "batch_size": 8, "seq_len": 24, "max_images_per_batch": 8, "log_every_steps": 1, "optim.warmup_steps": 1,
+}
+TINY_TRAIN_FLAGS = [f"--config.{k}={v}" for k, v in TINY_OVERRIDES.items()]
+
+
 def tiny_train_config(stage: str = "stage1", **overrides):
-    """configs/tiny.py shrunk for tests: the same code paths, seconds per compile."""
+    """The tiny config with TINY_OVERRIDES, 4 steps, synchronous checkpoints every 2, then
+    `overrides` ("a.b": value)."""
     from owl_jax.configs import load_config_file
 
     config = load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", f"tiny.py:{stage}"))
-    m = config.model
-    m.vision.update(image_size=28, hidden_size=32, num_layers=2, num_heads=2, mlp_size=64)
-    m.abstractor.update(hidden_size=32, num_layers=1, num_heads=2, ffn_size=48, num_queries=4, encoder_hidden_size=32)
-    m.llm.update(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_size=64)
-    config.update(batch_size=8, seq_len=24, max_images_per_batch=8, num_steps=4, log_every_steps=1)
-    config.optim.update(warmup_steps=1)
-    config.checkpoint.update(every_steps=2, async_save=False)
-    for key, value in overrides.items():
+    defaults = {"num_steps": 4, "checkpoint.every_steps": 2, "checkpoint.async_save": False}
+    for key, value in {**TINY_OVERRIDES, **defaults, **overrides}.items():
         target = config
         *parents, leaf = key.split(".")
         for p in parents:
             target = target[p]
         target[leaf] = value
     return config
-
-
-TINY_TRAIN_FLAGS = [
-    "--config.model.vision.image_size=28", "--config.model.vision.hidden_size=32", "--config.model.vision.num_layers=2",
-    "--config.model.vision.num_heads=2", "--config.model.vision.mlp_size=64", "--config.model.abstractor.hidden_size=32",
-    "--config.model.abstractor.num_layers=1", "--config.model.abstractor.num_heads=2", "--config.model.abstractor.ffn_size=48",
-    "--config.model.abstractor.num_queries=4", "--config.model.abstractor.encoder_hidden_size=32",
-    "--config.model.llm.vocab_size=64", "--config.model.llm.hidden_size=32", "--config.model.llm.num_layers=2",
-    "--config.model.llm.num_heads=4", "--config.model.llm.num_kv_heads=2", "--config.model.llm.mlp_size=64",
-    "--config.batch_size=8", "--config.seq_len=24", "--config.max_images_per_batch=8", "--config.log_every_steps=1",
-    "--config.optim.warmup_steps=1",
-]
 
 
 @pytest.fixture
