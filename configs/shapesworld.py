@@ -83,7 +83,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "attention_queries": 4,  # queries shown per image (last abstractor layer, heads averaged)
     })
 
-    # --quick: CI-sized (seconds per stage): a small ShapesWorld, a smaller owl, a few steps.
+    # --quick: CI-sized (seconds per stage): a small ShapesWorld, a smaller owl, 60 steps a stage.
     c.quick = ml_collections.ConfigDict({
         "model": {
             "vision": {"image_size": 28, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "mlp_size": 64},
@@ -94,7 +94,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "prepare": {"sizes": {"captions_train": 64, "captions_test": 8, "instructions_train": 160,
                               "instructions_test": 32}},
         "stages": {
-            name: {"num_steps": 24, "batch_size": 8, "log_every_steps": 1, "checkpoint": {"every_steps": 12},
+            name: {"num_steps": 60, "batch_size": 8, "log_every_steps": 1, "checkpoint": {"every_steps": 30},
                    "optim": {"warmup_steps": 2, "end_lr": 1e-3}}
             for name in ("stage0", "stage1", "stage2")
         },
@@ -103,7 +103,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     })
     c.quick.stages.stage0.optim.lr = 1e-2
     c.quick.stages.stage1.optim.lr = 5e-3
-    c.quick.stages.stage2.optim.lr = 5e-3
+    c.quick.stages.stage2.optim.lr = 3e-3
+    c.quick.stages.stage2.batch_size = 16  # stage 2 has ~3 answer tokens a sample: less noisy steps
     c.quick.stages.stage1.max_images_per_batch = 8
-    c.quick.stages.stage2.max_images_per_batch = 12
+    c.quick.stages.stage2.max_images_per_batch = 24
     return c

@@ -1,0 +1,175 @@
+"""The main job (python -m owl_jax.run): a CI-sized smoke run of the same command, plus its parts.
+
+The smoke run (--quick: a small ShapesWorld, a smaller owl, 60 steps a stage) must complete, its
+losses must fall within every stage, the report and plots must be written, the export must load
+back bit-exact, and a rerun must skip what is finished.
+"""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from conftest import small_owl_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_quick(workdir):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # the job runs on one CPU device, as a user's would (conftest fakes 8 for the sharding tests)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f)
+    proc = subprocess.run([sys.executable, "-m", "owl_jax.run", f"--workdir={workdir}", "--quick"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("owl_quick"))
+    return workdir, _run_quick(workdir)
+
+
+def _losses(workdir, stage):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, stage, "metrics.jsonl"))]
+    return [r["loss"] for r in sorted(rows, key=lambda r: r["step"])]
+
+
+def test_quick_run_completes_and_losses_fall(quick_run):
+    workdir, stdout = quick_run
+    for stage in ("stage0", "stage1", "stage2"):
+        losses = _losses(workdir, stage)
+        assert len(losses) == 60 and np.all(np.isfinite(losses))
+        assert np.mean(losses[-6:]) < np.mean(losses[:6]), (stage, losses)
+    assert "sample questions" in stdout and "stage 2 exact match" in stdout
+
+
+def test_quick_run_report_and_plots(quick_run):
+    workdir, _ = quick_run
+    report = json.load(open(os.path.join(workdir, "report.json")))
+    assert set(report["stages"]) == {"stage0", "stage1", "stage2"}
+    for stage in report["stages"].values():
+        acc = stage["accuracy"]
+        assert acc["all"]["total"] == 32  # the quick instructions_test split, every question evaluated
+        assert sum(v["total"] for k, v in acc.items() if k not in ("all", "image_questions")) == 32
+        assert all(0 <= v["accuracy"] <= 1 for v in acc.values())
+        assert stage["wall_s"] > 0
+    assert "text_only" in report["blind_baselines"] and report["samples"]
+    for name in ("loss.png", "accuracy.png", "attention.png"):
+        with open(os.path.join(workdir, "plots", name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_quick_run_export_loads_back_bit_exact(quick_run):
+    from owl_jax.convert import from_torch, merged_kernels
+    from owl_jax.models.config import LoraConfig
+    from owl_jax.params_io import load_params
+
+    workdir, _ = quick_run
+    params, cfg = load_params(os.path.join(workdir, "stage2", "params"))
+    assert cfg.lora.rank > 0  # stage 2 trained LoRA; the export merges it
+    expected = merged_kernels(params, cfg)
+    back, report = from_torch(dataclasses.replace(cfg, lora=LoraConfig()), released=os.path.join(workdir, "export"))
+    assert not report.initialised
+    back = traverse_util.flatten_dict(back)
+    assert set(back) == set(expected)
+    for path, value in expected.items():
+        assert back[path].dtype == np.asarray(value).dtype, path
+        np.testing.assert_array_equal(back[path], np.asarray(value), err_msg="/".join(path))
+    assert os.path.exists(os.path.join(workdir, "export", "tokenizer.model"))
+
+
+def test_quick_run_rerun_skips_finished_work(quick_run):
+    workdir, _ = quick_run
+    before = json.load(open(os.path.join(workdir, "report.json")))
+    stdout = _run_quick(workdir)
+    assert stdout.count("finished earlier") == 3
+    after = json.load(open(os.path.join(workdir, "report.json")))
+    assert after["stages"]["stage2"]["accuracy"] == before["stages"]["stage2"]["accuracy"]
+
+
+# ------------------------------------------------------------------------------------ parts
+
+
+def test_text_only_option_drops_images_and_placeholders():
+    from owl_jax.data.conversation import build_conversation, caption_conversation, drop_images
+    from owl_jax.data.pipeline import SampleOptions, encode_sample
+    from owl_jax.data.text import encode_conversation
+
+    turns = [("What colour is the circle?", "red"), ("Where is it?", "left")]
+    assert drop_images(build_conversation(2, turns)) == build_conversation(0, turns)
+    assert "<image>" not in drop_images(caption_conversation("A red circle on the left."))
+
+    class CharTokenizer:  # enough of a tokenizer for encode_conversation
+        def __call__(self, s, add_special_tokens=False):
+            return {"input_ids": [3 + (ord(ch) % 50) for ch in s]}
+
+    text = build_conversation(1, turns)
+    image = np.zeros((4, 4, 3), np.uint8)
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    with_images = encode_sample(text, [buf.getvalue()], CharTokenizer(), SampleOptions(max_len=400, image_size=8,
+                                                                                      image_token_count=3))
+    text_only = encode_sample(text, [buf.getvalue()], CharTokenizer(), SampleOptions(max_len=400, image_size=8,
+                                                                                    image_token_count=3, text_only=True))
+    assert with_images["num_images"] == 1 and (with_images["input_ids"] == -1).sum() == 3
+    assert text_only["num_images"] == 0 and text_only["images"].shape[0] == 0
+    assert not (text_only["input_ids"] == -1).any()
+    expected = encode_conversation(build_conversation(0, turns), CharTokenizer(), 400, 3)
+    n = len(expected.ids)
+    np.testing.assert_array_equal(text_only["input_ids"][:n], expected.ids)
+    np.testing.assert_array_equal(text_only["loss_mask"][:n], expected.loss_mask)
+    assert text_only["loss_mask"].sum() == with_images["loss_mask"].sum()  # the same answers are learned
+
+
+def test_abstractor_attention_hook():
+    """The sown probabilities are a distribution over [queries; CLS + patches] and leave the output alone."""
+    import flax.linen as nn
+
+    from owl_jax.models.owl import MplugOwl, init_params
+    from owl_jax.report import abstractor_attention
+
+    cfg = small_owl_config()
+    params = nn.unbox(init_params(cfg, jax.random.PRNGKey(0)))
+    pixels = np.random.default_rng(0).normal(size=(3, 56, 56, 3)).astype(np.float32)
+    model = MplugOwl(cfg)
+    plain = model.apply({"params": params}, pixels, method=MplugOwl.encode_images)
+    hooked, inter = model.apply({"params": params}, pixels, method=MplugOwl.encode_images, mutable=["intermediates"])
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(hooked))
+    (probs,) = jax.tree_util.tree_leaves(inter)
+    q, g = cfg.abstractor.num_queries, cfg.vision.image_size // cfg.vision.patch_size
+    assert probs.shape == (cfg.abstractor.num_layers, 3, cfg.abstractor.num_heads, q, q + 1 + g * g)
+    np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, atol=1e-5)
+    maps = abstractor_attention(params, cfg, pixels)
+    assert maps.shape == (3, q, g, g)
+    np.testing.assert_allclose(maps.sum((-1, -2)), 1.0, atol=1e-5)
+
+
+def test_scoring_and_blind_baselines():
+    from owl_jax.report import blind_baselines, score
+
+    rows = [{"category": "colour", "answer": "red", "prediction": " red"},
+            {"category": "colour", "answer": "red", "prediction": "Red"},
+            {"category": "text_only", "answer": "12", "prediction": "12"}]
+    s = score(rows)
+    assert s["colour"] == {"correct": 1, "total": 2, "accuracy": 0.5}
+    assert s["image_questions"]["total"] == 2 and s["all"]["correct"] == 2
+    train = [{"category": "count", "question": "How many red shapes are there?", "answer": "0"}] * 3 + \
+            [{"category": "count", "question": "How many shapes are there?", "answer": "2"}] * 2 + \
+            [{"category": "count", "question": "How many shapes are there?", "answer": "3"}]
+    test = [{"category": "count", "question": "How many red shapes are there?", "answer": "0"},
+            {"category": "count", "question": "How many shapes are there?", "answer": "3"},
+            {"category": "count", "question": "How many blue shapes are there?", "answer": "0"}]
+    b = blind_baselines(train, test)
+    assert b["count"]["prior"] == pytest.approx(2 / 3)  # per-question prior; unseen question: category prior
+    assert b["count"]["uniform"] == pytest.approx(1 / 3)
