@@ -22,11 +22,15 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:stage]).", lock_config=True)
-flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5e:16x16, v5p:4x4x4, v4:2x2x1.")
-flags.DEFINE_string("chips_per_host", "2,2,1", "Chips per host (x,y,z).")
-flags.DEFINE_integer("num_slices", 1, "Number of slices.")
-flags.DEFINE_bool("count_flops", False, "Also compile unrolled and compare XLA's FLOPs with the analytic count.")
+
+
+def _define_flags() -> None:
+    """Only when run as a program: importing this module (tests, other tools) defines no flags."""
+    config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:stage]).", lock_config=True)
+    flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5e:16x16, v5p:4x4x4, v4:2x2x1.")
+    flags.DEFINE_string("chips_per_host", "2,2,1", "Chips per host (x,y,z).")
+    flags.DEFINE_integer("num_slices", 1, "Number of slices.")
+    flags.DEFINE_bool("count_flops", False, "Also compile unrolled and compare XLA's FLOPs with the analytic count.")
 
 GiB = 2**30
 # HBM per JAX device of each generation's default chip config (v4 exposes each 32 GiB chip as two
@@ -155,5 +159,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     flags.mark_flags_as_required(["config"])
     app.run(main)

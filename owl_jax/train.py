@@ -18,11 +18,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:stage]).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Checkpoints, logs and exported params go here (local or gs://).")
-flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0 (see owl_jax/distributed.py).")
-flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes.")
-flags.DEFINE_integer("process_id", -1, "Multi-process: this process's index.")
+
+
+def _define_flags() -> None:
+    """Only when run as a program: importing this module (tests, other tools) defines no flags."""
+    config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:stage]).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Checkpoints, logs and exported params go here (local or gs://).")
+    flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0 (see owl_jax/distributed.py).")
+    flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes.")
+    flags.DEFINE_integer("process_id", -1, "Multi-process: this process's index.")
 
 
 def train(config, workdir: str) -> dict:
@@ -194,5 +198,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     flags.mark_flags_as_required(["config"])
     app.run(main)
