@@ -80,7 +80,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "max_questions": 0,  # 0: all
         "num_samples": 8,  # sample questions answered and printed (one per category first)
         "attention_images": 3,  # test images drawn with the abstractor's attention
-        "attention_queries": 4,  # queries shown per image (last abstractor layer, heads averaged)
+        "attention_queries": 4,  # queries shown per image (heads averaged)
+        "attention_layer": 0,  # abstractor layer drawn (0: the first look at the image)
     })
 
     # --quick: CI-sized (seconds per stage): a small ShapesWorld, a smaller owl, 60 steps a stage.

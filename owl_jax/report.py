@@ -105,10 +105,10 @@ def loss_summary(rows: Sequence[dict]) -> dict:
 # ---------------------------------------------------------------------------------- attention
 
 
-def abstractor_attention(params: Any, cfg, pixel_values: np.ndarray) -> np.ndarray:
-    """The last abstractor layer's attention of every query over the image patches, heads averaged:
-    float32[N, Q, g, g] (g = image_size / patch_size; CLS and the queries' own keys left out, rows
-    renormalised over the patches)."""
+def abstractor_attention(params: Any, cfg, pixel_values: np.ndarray, layer: int = 0) -> np.ndarray:
+    """One abstractor layer's attention of every query over the image patches, heads averaged:
+    float32[N, Q, g, g] (g = image_size / patch_size). Not renormalised: a map sums to the share of
+    the query's attention that goes to the patches (the rest goes to the queries and CLS)."""
     import jax
     import jax.numpy as jnp
 
@@ -117,11 +117,10 @@ def abstractor_attention(params: Any, cfg, pixel_values: np.ndarray) -> np.ndarr
     _, inter = MplugOwl(cfg).apply({"params": params}, jnp.asarray(pixel_values, jnp.float32),
                                    method=MplugOwl.encode_images, mutable=["intermediates"])
     probs = [v for p, v in jax.tree_util.tree_leaves_with_path(inter) if "attention_probs" in jax.tree_util.keystr(p)]
-    probs = np.asarray(probs[0])[-1]  # [layers, N, H, Q, Q + 1 + P] -> last layer
+    probs = np.asarray(probs[0])[layer]  # [layers, N, H, Q, Q + 1 + P] -> [N, H, Q, Q + 1 + P]
     q = cfg.abstractor.num_queries
     g = cfg.vision.image_size // cfg.vision.patch_size
     patches = probs.mean(axis=1)[:, :, q + 1:]  # [N, Q, P]
-    patches = patches / np.maximum(patches.sum(-1, keepdims=True), 1e-12)
     return patches.reshape(patches.shape[0], patches.shape[1], g, g)
 
 
@@ -199,9 +198,10 @@ def plot_accuracy(per_stage: dict[str, dict], baselines: dict, path: str, contro
     plt.close(fig)
 
 
-def plot_attention(images: Sequence[np.ndarray], maps: np.ndarray, captions: Sequence[str], k: int, path: str) -> None:
-    """Rows: test images; columns: the image, then k queries' attention (last abstractor layer)
-    drawn over the patch grid."""
+def plot_attention(images: Sequence[np.ndarray], maps: np.ndarray, captions: Sequence[str], k: int, path: str,
+                   layer: int = 0) -> None:
+    """Rows: test images; columns: the image, then the k most focused queries' attention (abstractor
+    layer `layer`, heads averaged) drawn over the patch grid, each scaled to its own maximum."""
     from PIL import Image
 
     plt = _plt()
@@ -216,10 +216,10 @@ def plot_attention(images: Sequence[np.ndarray], maps: np.ndarray, captions: Seq
             heat = np.asarray(Image.fromarray((m[qi] / m[qi].max() * 255).astype(np.uint8)).resize((size, size), Image.NEAREST))
             ax.imshow(img)
             ax.imshow(heat, cmap="inferno", alpha=0.55)
-            ax.set_title(f"query {qi} (peak {m[qi].max():.2f})", fontsize=7)
+            ax.set_title(f"query {qi}: {100 * m[qi].sum():.0f}% on patches", fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
-    fig.suptitle("abstractor attention over the image patches (last layer, heads averaged)", fontsize=9)
+    fig.suptitle(f"abstractor attention over the image patches (layer {layer}, heads averaged)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -39,14 +39,17 @@ STAGE_TITLES = {
 }
 
 FLAGS = flags.FLAGS
-# owl_jax.train defines --config (a config file, `--config.x=y` overrides) and --workdir; the main
-# job shares them: here --config is the job's file (default configs/shapesworld.py) and --workdir
-# receives everything (data, stages, export, report).
 from owl_jax import train as _train  # noqa: E402
 
-FLAGS.set_default("config", _DEFAULT_CONFIG)
-flags.DEFINE_bool("quick", False, "CI-sized smoke run: merge the config's `quick` section.")
-flags.DEFINE_bool("blank_images", False, "The control run: every image (training and evaluation) blank.")
+
+def _define_flags() -> None:
+    """Only when run as a program. owl_jax.train's flags --config (a config file, `--config.x=y`
+    overrides) and --workdir are shared: here --config is the job's file (default
+    configs/shapesworld.py) and --workdir receives everything (data, stages, export, report)."""
+    _train._define_flags()
+    FLAGS.set_default("config", _DEFAULT_CONFIG)
+    flags.DEFINE_bool("quick", False, "CI-sized smoke run: merge the config's `quick` section.")
+    flags.DEFINE_bool("blank_images", False, "The control run: every image (training and evaluation) blank.")
 
 
 # ------------------------------------------------------------------------------------ config
@@ -251,13 +254,18 @@ def write_report(config, workdir: str, data_dir: str, timings: dict, stages: dic
             picked.append(q)
         if len(picked) >= config.eval.attention_images:
             break
+    attention_on_patches = {}
     if picked:
         import numpy as np
 
-        maps = rp.abstractor_attention(params, cfg, np.concatenate([q["pixel_values"] for q in picked]))
+        layer = config.eval.attention_layer
+        maps = rp.abstractor_attention(params, cfg, np.concatenate([q["pixel_values"] for q in picked]), layer)
         images = [np.asarray(render_scene(q["scene"][0])) for q in picked]
         rp.plot_attention(images, maps, [describe(q["scene"][0]) for q in picked], config.eval.attention_queries,
-                          os.path.join(plots, "attention.png"))
+                          os.path.join(plots, "attention.png"), layer)
+        pixels = np.concatenate([q["pixel_values"] for q in picked])
+        attention_on_patches = {f"layer {i}": float(rp.abstractor_attention(params, cfg, pixels, i).sum((-1, -2)).mean())
+                                for i in range(cfg.abstractor.num_layers)}
     timings["report_s"] = time.time() - t0
     report = {
         "job": "owl_jax.run (ShapesWorld, issue 6)",
@@ -268,6 +276,8 @@ def write_report(config, workdir: str, data_dir: str, timings: dict, stages: dic
                        "loss": rp.loss_summary(metrics[n]), "accuracy": evals[n]["accuracy"],
                        "eval_wall_s": evals[n]["wall_s"]} for n in STAGES},
         "blind_baselines": baselines,
+        # stage 2 abstractor: mean share of a query's attention on the image patches (vs queries, CLS)
+        "abstractor_attention_on_patches": attention_on_patches,
         "targets": rp.TARGETS,
         "samples": samples,
         "export": exported,
@@ -313,9 +323,13 @@ def run(config, workdir: str) -> dict:
     exported = export(workdir, data_dir)
 
     # ------------------------------------------------------------------------------- report
+    previous = os.path.join(workdir, "report.json")
+    invocations = _read_json(previous).get("invocations", []) if os.path.exists(previous) else []
     report = write_report(config, workdir, data_dir, timings, stages, evals, samples, exported)
     timings["this_invocation_s"] = time.time() - t_start
     report["timings_s"] = timings
+    # every invocation that reached the report (a rerun skips finished work: its time is small)
+    report["invocations"] = invocations + [{"wall_s": timings["this_invocation_s"], "data_s": timings["data_s"]}]
     _write_json(os.path.join(workdir, "report.json"), report)
     acc = report["stages"]["stage2"]["accuracy"]
     print(f"== report: {os.path.join(workdir, 'report.json')}, plots in {os.path.join(workdir, 'plots')}")
@@ -335,4 +349,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -150,9 +150,10 @@ def test_abstractor_attention_hook():
     q, g = cfg.abstractor.num_queries, cfg.vision.image_size // cfg.vision.patch_size
     assert probs.shape == (cfg.abstractor.num_layers, 3, cfg.abstractor.num_heads, q, q + 1 + g * g)
     np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, atol=1e-5)
-    maps = abstractor_attention(params, cfg, pixels)
-    assert maps.shape == (3, q, g, g)
-    np.testing.assert_allclose(maps.sum((-1, -2)), 1.0, atol=1e-5)
+    for layer in range(cfg.abstractor.num_layers):
+        maps = abstractor_attention(params, cfg, pixels, layer)
+        assert maps.shape == (3, q, g, g)
+        np.testing.assert_allclose(maps, np.asarray(probs)[layer].mean(1)[:, :, q + 1:].reshape(3, q, g, g), rtol=1e-6)
 
 
 def test_scoring_and_blind_baselines():
