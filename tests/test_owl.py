@@ -42,16 +42,20 @@ def owl_params():
     return cfg, params
 
 
-def test_logits_match_torch_oracle(owl_params, tmp_path, rng):
-    cfg, params = owl_params
-    to_torch(params, cfg, str(tmp_path))
-    oracle = OwlOracle.from_pretrained(str(tmp_path))
+def _max_diff_vs_oracle(cfg, params, directory, rng) -> float:
+    """Exports params with to_torch, loads them into the oracle, compares logits on a mixed batch."""
+    to_torch(params, cfg, str(directory))
+    oracle = OwlOracle.from_pretrained(str(directory))
     ids, mask, num_images, pixels = _mixed_batch(cfg, rng)
     with torch.no_grad():
         expected = oracle(torch.tensor(ids), torch.tensor(pixels[:3]), torch.tensor(num_images), torch.tensor(mask)).numpy()
     ours = MplugOwl(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(num_images), jnp.asarray(mask))
-    valid = mask.astype(bool)
-    assert np.abs(np.asarray(ours) - expected)[valid].max() <= 1e-4
+    return float(np.abs(np.asarray(ours) - expected)[mask.astype(bool)].max())
+
+
+def test_logits_match_torch_oracle(owl_params, tmp_path, rng):
+    cfg, params = owl_params
+    assert _max_diff_vs_oracle(cfg, params, tmp_path, rng) <= 1e-4
 
 
 def test_round_trip_is_bit_exact_and_shards(owl_params, tmp_path):
@@ -69,13 +73,7 @@ def test_round_trip_is_bit_exact_and_shards(owl_params, tmp_path):
 def test_lora_is_merged_on_export(tmp_path, rng):
     cfg = small_owl_config(lora=LoraConfig(rank=4, alpha=8.0))
     params = perturb(nn.unbox(init_params(cfg, jax.random.PRNGKey(1))), seed=4)  # lora_b non-zero
-    to_torch(params, cfg, str(tmp_path))
-    oracle = OwlOracle.from_pretrained(str(tmp_path))
-    ids, mask, num_images, pixels = _mixed_batch(cfg, rng)
-    with torch.no_grad():
-        expected = oracle(torch.tensor(ids), torch.tensor(pixels[:3]), torch.tensor(num_images), torch.tensor(mask)).numpy()
-    ours = MplugOwl(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(num_images), jnp.asarray(mask))
-    assert np.abs(np.asarray(ours) - expected)[mask.astype(bool)].max() <= 1e-4
+    assert _max_diff_vs_oracle(cfg, params, tmp_path, rng) <= 1e-4
 
 
 def test_released_config_json_round_trips(owl_params, tmp_path):
