@@ -51,6 +51,10 @@ class Dense(nn.Module):
         kernel = self.param(
             "kernel", partitioned(self.kernel_init, self.axes), (in_features, self.features), self.param_dtype
         )
+        # Matmuls on 2-D operands: XLA's CPU backend computes the weight gradient of a 3-D x @ W
+        # (contracting batch and length) about 3x slower than the same product flattened.
+        lead = x.shape[:-1]
+        x = x.reshape(-1, in_features)
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", partitioned(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype)
@@ -68,7 +72,7 @@ class Dense(nn.Module):
             h = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
             h = jnp.dot(jnp.dot(h.astype(self.dtype), lora_a.astype(self.dtype)), lora_b.astype(self.dtype))
             y = y + self.lora.scale * h
-        return y
+        return y.reshape(*lead, self.features)
 
 
 class LayerNorm(nn.Module):
