@@ -21,6 +21,13 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
+def projection(module: nn.Module, features: int, axes, name: str) -> Dense:
+    """A bias-free LLaMA projection of `module` (which has lora, dtype, param_dtype), with LoRA when
+    `name` is one of the LoRA target modules."""
+    lora = module.lora if name in module.lora.target_modules else None
+    return Dense(features, axes, use_bias=False, lora=lora, dtype=module.dtype, param_dtype=module.param_dtype, name=name)
+
+
 class LlamaAttention(nn.Module):
     cfg: LlamaConfig
     lora: LoraConfig
@@ -29,10 +36,6 @@ class LlamaAttention(nn.Module):
     attention_impl: str
     decode: bool
 
-    def _dense(self, features: int, axes, name: str) -> Dense:
-        lora = self.lora if name in self.lora.target_modules else None
-        return Dense(features, axes, use_bias=False, lora=lora, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, key_valid: jax.Array, deterministic: bool) -> jax.Array:
         """x float[B, T, D], positions int[B, T], key_valid bool[B, T] (bool[B, S] over the cache when
@@ -40,9 +43,9 @@ class LlamaAttention(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         h, k, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = self._dense(h * dh, ("embed", "heads"), "q_proj")(x, deterministic).reshape(b, t, h, dh)
-        key = self._dense(k * dh, ("embed", "kv_heads"), "k_proj")(x, deterministic).reshape(b, t, k, dh)
-        value = self._dense(k * dh, ("embed", "kv_heads"), "v_proj")(x, deterministic).reshape(b, t, k, dh)
+        q = projection(self, h * dh, ("embed", "heads"), "q_proj")(x, deterministic).reshape(b, t, h, dh)
+        key = projection(self, k * dh, ("embed", "kv_heads"), "k_proj")(x, deterministic).reshape(b, t, k, dh)
+        value = projection(self, k * dh, ("embed", "kv_heads"), "v_proj")(x, deterministic).reshape(b, t, k, dh)
         q, key = rotary(q, positions, cfg.rope_theta), rotary(key, positions, cfg.rope_theta)
 
         if self.decode:
@@ -52,7 +55,7 @@ class LlamaAttention(nn.Module):
             causal = jnp.tril(jnp.ones((t, t), dtype=bool))
         mask = causal[None, None] & key_valid[:, None, None, :].astype(bool)
         out = attention(q, key, value, mask, impl=self.attention_impl, kv_heads_first=self.decode)
-        return self._dense(cfg.hidden_size, ("heads", "embed"), "o_proj")(out.reshape(b, t, h * dh), deterministic)
+        return projection(self, cfg.hidden_size, ("heads", "embed"), "o_proj")(out.reshape(b, t, h * dh), deterministic)
 
     def _update_cache(self, key: jax.Array, value: jax.Array):
         """Writes this call's T keys/values (float[B, T, K, Dh]) at slots [index, index + T) of the
@@ -84,14 +87,10 @@ class LlamaMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-        def dense(features, axes, name):
-            lora = self.lora if name in self.lora.target_modules else None
-            return Dense(features, axes, use_bias=False, lora=lora, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-
-        gate = dense(self.cfg.mlp_size, ("embed", "mlp"), "gate_proj")(x, deterministic)
-        up = dense(self.cfg.mlp_size, ("embed", "mlp"), "up_proj")(x, deterministic)
+        gate = projection(self, self.cfg.mlp_size, ("embed", "mlp"), "gate_proj")(x, deterministic)
+        up = projection(self, self.cfg.mlp_size, ("embed", "mlp"), "up_proj")(x, deterministic)
         h = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return dense(self.cfg.hidden_size, ("mlp", "embed"), "down_proj")(h, deterministic)
+        return projection(self, self.cfg.hidden_size, ("mlp", "embed"), "down_proj")(h, deterministic)
 
 
 class LlamaLayer(nn.Module):
