@@ -1,6 +1,7 @@
 """LLaMA decoder vs transformers' LlamaForCausalLM, through the converter."""
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ from transformers import LlamaForCausalLM as HFLlama
 
 from conftest import randomize_torch_, small_owl_config
 from owl_jax.convert import from_torch
-from owl_jax.models.llama import LlamaForCausalLM
+from owl_jax.models.llama import LlamaForCausalLM, stack_layers, unstack_layers
 
 
 @pytest.fixture(scope="module", params=[4, 2], ids=["mha", "gqa"])
@@ -53,9 +54,38 @@ def test_logits_match_transformers(hf_llama, rng):
     assert diff <= 1e-4, diff
 
 
-def test_kv_cache_decoding_matches_full_forward_and_transformers(hf_llama, rng):
+def _unrolled(params):
+    """LlamaForCausalLM params with the layers unstacked (the layout of scan_layers=False)."""
+    return {**params, "model": unstack_layers(params["model"])}
+
+
+def test_unrolled_layers_match_scanned_and_params_round_trip(hf_llama, rng):
+    model, cfg, params = hf_llama
+    unrolled = _unrolled(params)
+    # The layout the unrolled model itself creates.
+    ids, mask = _batch(rng)
+    created = jax.eval_shape(lambda: nn.unbox(LlamaForCausalLM(cfg.llm, scan_layers=False).init(jax.random.PRNGKey(0), ids)))
+    shapes = lambda tree: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), tree)
+    assert shapes(created["params"]) == shapes(unrolled)
+    assert sorted(unrolled["model"]) == ["embed_tokens", "layers_0", "layers_1", "norm"]
+    # Round trip: same tree, bit for bit.
+    back = stack_layers(unrolled["model"])
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params["model"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, params["model"])
+    # Same logits.
+    scanned = LlamaForCausalLM(cfg.llm).apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask, bool))
+    ours = LlamaForCausalLM(cfg.llm, scan_layers=False).apply(
+        {"params": unrolled}, jnp.asarray(ids), attention_mask=jnp.asarray(mask, bool)
+    )
+    valid = mask.astype(bool)
+    assert np.abs(np.asarray(ours) - np.asarray(scanned))[valid].max() <= 1e-5
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_kv_cache_decoding_matches_full_forward_and_transformers(hf_llama, rng, scan_layers):
     """Left-padded prompts, prefill then one token a step; every step's logits equal a full forward."""
     model, cfg, params = hf_llama
+    decode_params = params if scan_layers else _unrolled(params)
     b, prompt, steps, cache = 2, 6, 5, 16
     total = prompt + steps
     ids = rng.integers(3, 128, size=(b, total))
@@ -67,14 +97,14 @@ def test_kv_cache_decoding_matches_full_forward_and_transformers(hf_llama, rng):
             input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
         ).logits.numpy()
 
-    decoder = LlamaForCausalLM(cfg.llm, decode=True)
+    decoder = LlamaForCausalLM(cfg.llm, decode=True, scan_layers=scan_layers)
     cache_vars = decoder.init(jax.random.PRNGKey(0), jnp.zeros((b, cache), jnp.int32), attention_mask=jnp.ones((b, cache), bool))["cache"]
     cache_mask = np.zeros((b, cache), bool)
     cache_mask[:, :total] = mask.astype(bool)
     got = []
     for start, stop in [(0, prompt)] + [(t, t + 1) for t in range(prompt, total)]:
         logits, mutated = decoder.apply(
-            {"params": params, "cache": cache_vars},
+            {"params": decode_params, "cache": cache_vars},
             jnp.asarray(ids[:, start:stop]),
             positions=jnp.asarray(positions[:, start:stop]),
             attention_mask=jnp.asarray(cache_mask),

@@ -155,6 +155,17 @@ _REMAT_POLICIES = {
 }
 
 
+def remat_layer(layer_cls: Any, remat_policy: str, num_args: int) -> Any:
+    """`layer_cls` under `nn.remat` with the named policy ("none": unchanged). The layer's __call__
+    is `(carry, *args, deterministic)` with `num_args` arguments after the carry, the last static."""
+    if remat_policy == "none":
+        return layer_cls
+    if remat_policy not in _REMAT_POLICIES:
+        raise ValueError(f"remat_policy {remat_policy!r}: expected 'none' or one of {sorted(_REMAT_POLICIES)}")
+    # argnum 0 is self, 1 the carry, so `deterministic` is num_args + 1.
+    return nn.remat(layer_cls, policy=_REMAT_POLICIES[remat_policy], prevent_cse=False, static_argnums=(num_args + 1,))
+
+
 def scan_layers(
     layer_cls: Any, num_layers: int, remat_policy: str, num_args: int, unroll: int = 1, **layer_kwargs
 ) -> nn.Module:
@@ -165,11 +176,7 @@ def scan_layers(
     (`deterministic`) is static. Parameters get a leading `layers` axis, so compile time does not grow
     with depth.
     """
-    if remat_policy != "none":
-        if remat_policy not in _REMAT_POLICIES:
-            raise ValueError(f"remat_policy {remat_policy!r}: expected 'none' or one of {sorted(_REMAT_POLICIES)}")
-        # argnum 0 is self, 1 the carry, so `deterministic` is num_args + 1.
-        layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[remat_policy], prevent_cse=False, static_argnums=(num_args + 1,))
+    layer_cls = remat_layer(layer_cls, remat_policy, num_args)
     return nn.scan(
         layer_cls,
         variable_axes={"params": 0, "cache": 0, "intermediates": 0},

@@ -5,9 +5,13 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from owl_jax.models.config import LlamaConfig, LoraConfig
-from owl_jax.models.layers import DEFAULT_KERNEL_INIT, Dense, Dtype, RMSNorm, attention, constrain, partitioned, scan_layers
+from owl_jax.models.layers import (
+    DEFAULT_KERNEL_INIT, Dense, Dtype, RMSNorm, attention, constrain, partitioned, remat_layer, scan_layers,
+)
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -115,7 +119,16 @@ class LlamaLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """HF `LlamaModel`: embed_tokens, layers, norm."""
+    """HF `LlamaModel`: embed_tokens, layers, norm.
+
+    scan_layers=True (training, checkpoints): the layers run under `nn.scan`, parameters and KV cache
+    stacked on a leading `layers` axis (submodule `layers`), so compile time is flat in depth.
+    scan_layers=False (decoding): one submodule per layer, `layers_0` ... `layers_{L-1}`, each with
+    its own parameters and KV cache. Inside a decoding loop the scanned stack would slice every
+    layer's weights and cache out of the stacked arrays and write the cache back on every token;
+    separate arrays are read in place and the cache is updated in place. `unstack_layers` /
+    `stack_layers` convert the parameters between the two layouts.
+    """
 
     cfg: LlamaConfig
     lora: LoraConfig = LoraConfig()
@@ -125,6 +138,7 @@ class LlamaModel(nn.Module):
     attention_impl: str = "xla"
     decode: bool = False
     scan_unroll: int = 1
+    scan_layers: bool = True
 
     def setup(self):
         self.embed_tokens = nn.Embed(
@@ -134,12 +148,7 @@ class LlamaModel(nn.Module):
             param_dtype=self.param_dtype,
             embedding_init=partitioned(DEFAULT_KERNEL_INIT, ("vocab", "embed")),
         )
-        self.layers = scan_layers(
-            LlamaLayer,
-            self.cfg.num_layers,
-            self.remat_policy,
-            num_args=3,
-            unroll=self.scan_unroll,
+        layer_kwargs = dict(
             cfg=self.cfg,
             lora=self.lora,
             dtype=self.dtype,
@@ -147,6 +156,13 @@ class LlamaModel(nn.Module):
             attention_impl=self.attention_impl,
             decode=self.decode,
         )
+        if self.scan_layers:
+            self.layers = scan_layers(
+                LlamaLayer, self.cfg.num_layers, self.remat_policy, num_args=3, unroll=self.scan_unroll, **layer_kwargs
+            )
+        else:  # a list attribute: flax names the submodules layers_0, layers_1, ...
+            layer_cls = remat_layer(LlamaLayer, self.remat_policy, num_args=3)
+            self.layers = [layer_cls(**layer_kwargs) for _ in range(self.cfg.num_layers)]
         self.norm = RMSNorm(self.cfg.rms_norm_eps, self.param_dtype)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
@@ -157,8 +173,58 @@ class LlamaModel(nn.Module):
         """inputs_embeds float[B, T, D], positions int[B, T], attention_mask bool[B, T] (bool[B, S] over
         the cache when decoding) -> final hidden states float[B, T, D]."""
         x = constrain(inputs_embeds.astype(self.dtype), ("batch", "length", "embed"))
-        x, _ = self.layers(x, positions, attention_mask, deterministic)
+        if self.scan_layers:
+            x, _ = self.layers(x, positions, attention_mask, deterministic)
+        else:
+            for layer in self.layers:
+                x, _ = layer(x, positions, attention_mask, deterministic)
         return self.norm(x)
+
+
+def unstack_layers(params: dict) -> dict:
+    """`LlamaModel` params from the scanned layout (`layers`, leaves float[L, ...]) to the unrolled one
+    of `scan_layers=False` (`layers_0` ... `layers_{L-1}`, leaves float[...]); other entries are
+    shared, not copied. Exact. Sharded leaves keep their sharding, less the (never sharded) layers
+    axis. Meant to run once, before decoding: it copies the layer weights."""
+    params = dict(params)
+    stacked = params.pop("layers")
+    num_layers = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    for i in range(num_layers):
+        params[f"layers_{i}"] = jax.tree_util.tree_map(lambda x: _layer_of(x, i), stacked)
+    return params
+
+
+def stack_layers(params: dict) -> dict:
+    """Inverse of `unstack_layers`: `layers_0` ... `layers_{L-1}` -> `layers` (leaves float[L, ...])."""
+    params = dict(params)
+    names = sorted((k for k in params if k.startswith("layers_")), key=lambda k: int(k[len("layers_"):]))
+    if not names or [int(k[len("layers_"):]) for k in names] != list(range(len(names))):
+        raise ValueError(f"expected layers_0 ... layers_N, found {names}")
+    per_layer = [params.pop(k) for k in names]
+    params["layers"] = jax.tree_util.tree_map(lambda *xs: _stacked(xs), *per_layer)
+    return params
+
+
+def _layer_of(x, i: int):
+    """Layer i of a stacked leaf [L, ...] (numpy stays numpy; a NamedSharding drops the layers axis)."""
+    if isinstance(x, np.ndarray):
+        return x[i]
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        return jax.device_put(x[i], NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:])))
+    return x[i]
+
+
+def _stacked(xs):
+    """Leaves [...] of every layer -> [L, ...] (numpy stays numpy; a NamedSharding gains the layers axis
+    unsharded)."""
+    if all(isinstance(x, np.ndarray) for x in xs):
+        return np.stack(xs)
+    sharding = getattr(xs[0], "sharding", None)
+    out = jnp.stack(xs)
+    if isinstance(sharding, NamedSharding):
+        out = jax.device_put(out, NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec)))
+    return out
 
 
 class LlamaForCausalLM(nn.Module):
@@ -170,11 +236,12 @@ class LlamaForCausalLM(nn.Module):
     attention_impl: str = "xla"
     decode: bool = False
     scan_unroll: int = 1
+    scan_layers: bool = True  # False: layers unrolled, params `model/layers_{i}` (see LlamaModel)
 
     def setup(self):
         self.model = LlamaModel(
             self.cfg, self.lora, self.dtype, self.param_dtype, self.remat_policy, self.attention_impl, self.decode,
-            self.scan_unroll,
+            self.scan_unroll, self.scan_layers,
         )
         self.lm_head = Dense(
             self.cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from owl_jax.models.abstractor import VisualAbstractor
 from owl_jax.models.config import IMAGE_PLACEHOLDER_ID, OwlConfig
 from owl_jax.models.layers import dtype_of, partitioned
-from owl_jax.models.llama import LlamaForCausalLM
+from owl_jax.models.llama import LlamaForCausalLM, stack_layers, unstack_layers
 from owl_jax.models.vision import VisionEncoder
 
 
@@ -42,10 +42,14 @@ def splice_images(
 
 class MplugOwl(nn.Module):
     """Parameters (top level, as in the released checkpoint): vision_model, query_tokens,
-    abstractor, language_model."""
+    abstractor, language_model.
+
+    scan_llm_layers=False builds the LLM with its layers unrolled (for decoding; see `LlamaModel`):
+    its params are `unstack_llm_layers` of the usual (scanned) ones."""
 
     cfg: OwlConfig
     decode: bool = False
+    scan_llm_layers: bool = True
 
     def setup(self):
         cfg = self.cfg
@@ -65,7 +69,9 @@ class MplugOwl(nn.Module):
             param_dtype,
         )
         self.abstractor = VisualAbstractor(cfg.abstractor, cfg.llm.hidden_size, **common)
-        self.language_model = LlamaForCausalLM(cfg.llm, cfg.lora, decode=self.decode, **common)
+        self.language_model = LlamaForCausalLM(
+            cfg.llm, cfg.lora, decode=self.decode, scan_layers=self.scan_llm_layers, **common
+        )
 
     def encode_images(self, pixel_values: jax.Array, deterministic: bool = True) -> jax.Array:
         """float[M, H, W, 3] CLIP-normalised -> float[M, Q + 1, D_llm] (65 tokens per image)."""
@@ -104,6 +110,29 @@ class MplugOwl(nn.Module):
             attention_mask=None if attention_mask is None else attention_mask.astype(bool),
             deterministic=deterministic,
         )
+
+
+def _with_llm_model(params: dict, fn) -> dict:
+    """params with params["language_model"]["model"] replaced by fn of it (shallow copies)."""
+    llm = dict(params["language_model"])
+    llm["model"] = fn(llm["model"])
+    return {**params, "language_model": llm}
+
+
+def unstack_llm_layers(params: dict) -> dict:
+    """MplugOwl params -> the params of `MplugOwl(scan_llm_layers=False)`: the LLM's stacked layers
+    split into `layers_0` ... (see `unstack_layers`); everything else shared."""
+    return _with_llm_model(params, unstack_layers)
+
+
+def stack_llm_layers(params: dict) -> dict:
+    """Inverse of `unstack_llm_layers`."""
+    return _with_llm_model(params, stack_layers)
+
+
+def llm_layers_scanned(params: dict) -> bool:
+    """Whether MplugOwl params hold the LLM layers stacked (the training layout) or unrolled."""
+    return "layers" in params["language_model"]["model"]
 
 
 def dummy_inputs(cfg: OwlConfig) -> dict[str, jax.Array]:
