@@ -16,6 +16,11 @@ samples however decoding is chunked. Works with params sharded on a mesh: pass `
 logical axis `rules` (the model's activation constraints then apply); nothing goes back to the host
 between tokens.
 
+Both programs take the LLM's layers in either layout (`owl_jax.models.owl.llm_layers_scanned`).
+`Generator` unstacks them once (`unstack_llm_layers`), so the loop reads every layer's weights and
+KV cache where they are and writes the cache in place; under `nn.scan` each token would slice the
+weights and cache out of the stacked `[L, ...]` arrays and write the whole cache back.
+
 Command line::
 
     python -m owl_jax.generate --checkpoint DIR --image a.jpg [--image b.jpg] --prompt "..."
@@ -36,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from owl_jax.models.config import OwlConfig
-from owl_jax.models.owl import MplugOwl
+from owl_jax.models.owl import MplugOwl, llm_layers_scanned, unstack_llm_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +113,11 @@ def _step_fn(m: MplugOwl, token, position, cache_mask):
 _STATIC = ("cfg", "max_new_tokens", "greedy", "pad_id", "vocab_limit", "return_logits")
 
 
+def _decoder(params, cfg: OwlConfig) -> MplugOwl:
+    """The decoding model for `params`, whose LLM layers are stacked or unrolled (static under jit)."""
+    return MplugOwl(cfg, decode=True, scan_llm_layers=llm_layers_scanned(params))
+
+
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def prefill(params, input_ids, prompt_mask, pixel_values, num_images, num_rows, rng, eos_id, temperature, top_k, top_p, *,
             cfg: OwlConfig, max_new_tokens: int, greedy: bool, pad_id: int,
@@ -119,7 +129,7 @@ def prefill(params, input_ids, prompt_mask, pixel_values, num_images, num_rows, 
     generated per sample, EOS included) and, with return_logits, `logits` float[B, max_new_tokens, V]:
     the distribution each token was drawn from. eos_id: int32 scalar, -1 for none. Rows from
     `num_rows` on are batch padding: done from the start, so they never hold the loop up."""
-    model = MplugOwl(cfg, decode=True)
+    model = _decoder(params, cfg)
     b, p = input_ids.shape
     s = p + max_new_tokens
     cache_shapes = jax.eval_shape(
@@ -156,7 +166,7 @@ def prefill(params, input_ids, prompt_mask, pixel_values, num_images, num_rows, 
 def decode(params, state, stop_at, eos_id, temperature, top_k, top_p, *, cfg: OwlConfig, max_new_tokens: int,
            greedy: bool, pad_id: int, vocab_limit: int | None, return_logits: bool) -> dict:
     """Single-token steps until step == min(stop_at, max_new_tokens) or every sample is done."""
-    model = MplugOwl(cfg, decode=True)
+    model = _decoder(params, cfg)
     limit = jnp.minimum(stop_at, max_new_tokens)
 
     def cond(st):
@@ -262,12 +272,11 @@ class Generator:
 
     def __init__(self, params: Any, cfg: OwlConfig, mesh: jax.sharding.Mesh | None = None,
                  rules: Sequence[tuple[str, Any]] | None = None, eos_id: int | None = None,
-                 pad_id: int | None = None, vocab_limit: int | None = None, unroll_layers: bool = False):
-        self.params = params
+                 pad_id: int | None = None, vocab_limit: int | None = None, unroll_layers: bool = True):
+        # unroll_layers: decode with one module (params, KV cache) per LLM layer instead of the scanned
+        # stack (see the module docstring). Costs a copy of the LLM layer weights, made once here.
+        self.params = unstack_llm_layers(params) if unroll_layers and llm_layers_scanned(params) else params
         self.cfg = cfg
-        # unroll_layers: run the layers unrolled (scan_unroll 0) in the prefill and decode programs.
-        # Compiles slower; on the 2-core CPU it was no faster (see BENCHMARKS.md, Decoding).
-        self.decode_cfg = dataclasses.replace(cfg, scan_unroll=0) if unroll_layers else cfg
         self.mesh = mesh
         self.rules = tuple(rules) if rules is not None else None
         self.eos_id = cfg.llm.eos_token_id if eos_id is None else eos_id
@@ -284,7 +293,7 @@ class Generator:
             yield
 
     def _statics(self, sampling: Sampling, return_logits: bool) -> dict:
-        return dict(cfg=self.decode_cfg, max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy,
+        return dict(cfg=self.cfg, max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy,
                     pad_id=self.pad_id, vocab_limit=self.vocab_limit,
                     return_logits=return_logits)
 

@@ -48,12 +48,15 @@ def _split_images(images, counts):
     return [images[starts[i]:starts[i + 1]] for i in range(len(counts))]
 
 
-def test_cached_decoding_matches_full_forward(owl, rng):
+@pytest.mark.parametrize("unroll_layers", [True, False], ids=["unrolled", "scanned"])
+def test_cached_decoding_matches_full_forward(owl, rng, unroll_layers):
     cfg, params = owl
     prompts, images, counts = _prompts(cfg, rng)
     batch = make_batch(prompts, images, counts, cfg)
     steps = 6
-    out = Generator(params, cfg).generate(batch, Sampling(max_new_tokens=steps), return_logits=True, disable_eos=True)
+    gen = Generator(params, cfg, unroll_layers=unroll_layers)
+    assert ("layers" in gen.params["language_model"]["model"]) != unroll_layers
+    out = gen.generate(batch, Sampling(max_new_tokens=steps), return_logits=True, disable_eos=True)
     assert out["length"].tolist() == [steps] * 3
     # One full forward over prompt + generated tokens gives every step's logits at once.
     b, p = batch.input_ids.shape
@@ -177,7 +180,12 @@ mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 2})
 sharded = shard_params(params, cfg, mesh, DEFAULT_RULES)
 kernel = sharded["language_model"]["model"]["layers"]["mlp"]["up_proj"]["kernel"]
 assert len({s.device for s in kernel.addressable_shards}) == 4 and kernel.addressable_shards[0].data.size * 4 == kernel.size
-got = Generator(sharded, cfg, mesh=mesh, rules=DEFAULT_RULES).generate(batch, Sampling(max_new_tokens=5))
+gen = Generator(sharded, cfg, mesh=mesh, rules=DEFAULT_RULES)
+# The unrolled per-layer weights keep their sharding (less the layers axis).
+layer_kernel = gen.params["language_model"]["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+assert tuple(layer_kernel.sharding.spec) == tuple(kernel.sharding.spec)[1:], (layer_kernel.sharding, kernel.sharding)
+assert len({s.device for s in layer_kernel.addressable_shards}) == 4 and layer_kernel.addressable_shards[0].data.size * 4 == layer_kernel.size
+got = gen.generate(batch, Sampling(max_new_tokens=5))
 assert (got["tokens"] == want["tokens"]).all(), (got["tokens"], want["tokens"])
 print("OK")
 """
