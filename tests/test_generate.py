@@ -128,6 +128,27 @@ def test_top_k_and_top_p_filters():
     assert (greedy == 0).all()  # ids >= vocab_limit are banned
 
 
+def test_filters_keep_what_a_sort_keeps():
+    """The bisection top-k / top-p cut-offs equal the sort-based definitions."""
+    from owl_jax.generate import _top_k_filter, _top_p_filter
+
+    logits = jax.random.normal(jax.random.PRNGKey(0), (4, 1000)) * 3
+    logits = logits.at[:, -10:].set(-jnp.inf)  # banned ids (vocab_limit)
+    x = np.asarray(logits, np.float64)
+    desc = -np.sort(-x, axis=-1)
+    for k in [1, 2, 37, 990, 1000]:
+        kept = np.isfinite(np.asarray(_top_k_filter(logits, jnp.int32(k))))
+        assert (kept == ((x >= desc[:, k - 1:k]) & np.isfinite(x))).all(), k
+    probs = np.exp(desc - desc[:, :1])
+    probs /= probs.sum(-1, keepdims=True)
+    mass_before = np.cumsum(probs, -1) - probs
+    for p in [1e-6, 0.3, 0.9, 0.999]:
+        last = (mass_before < p).sum(-1) - 1  # the smallest prefix of the sorted row reaching p
+        cut = np.take_along_axis(desc, last[:, None], -1)
+        kept = np.isfinite(np.asarray(_top_p_filter(logits, jnp.float32(p))))
+        assert (kept == (x >= cut)).all(), p
+
+
 def test_buckets_compile_once(owl, rng):
     cfg, params = owl
     gen = Generator(params, cfg)
