@@ -39,8 +39,9 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--torch-threads", type=int, default=None, help="default: torch's own")
-    p.add_argument("--scanned", action="store_true",
-                   help="decode with the LLM layers stacked under nn.scan (the training layout; default: unrolled)")
+    p.add_argument("--training-layout", action="store_true",
+                   help="decode with the params as trained (LLM layers under nn.scan, LM head [D, V]) instead of "
+                        "the decode layout (layers unrolled, LM head [V, D])")
     args = p.parse_args()
 
     from transformers import LlamaConfig as HFLlamaConfig
@@ -72,7 +73,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         params, _ = from_torch(cfg, llama=d)
-    gen = Generator(jax.device_put(params), cfg, unroll_layers=not args.scanned)
+    gen = Generator(jax.device_put(params), cfg, decode_layout=not args.training_layout)
     sampling = Sampling(max_new_tokens=args.new_tokens)
 
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()} cpus={os.cpu_count()} jax {jax.__version__} "

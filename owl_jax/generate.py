@@ -16,10 +16,11 @@ samples however decoding is chunked. Works with params sharded on a mesh: pass `
 logical axis `rules` (the model's activation constraints then apply); nothing goes back to the host
 between tokens.
 
-Both programs take the LLM's layers in either layout (`owl_jax.models.owl.llm_layers_scanned`).
-`Generator` unstacks them once (`unstack_llm_layers`), so the loop reads every layer's weights and
-KV cache where they are and writes the cache in place; under `nn.scan` each token would slice the
-weights and cache out of the stacked `[L, ...]` arrays and write the whole cache back.
+Both programs take params in the training layout or the decode layout (`owl_jax.models.owl`
+`to_decode_layout`: LLM layers unrolled, LM head kernel [V, D]); `Generator` converts them once. With
+the layers unrolled the loop reads every layer's weights and KV cache where they are and writes the
+cache in place; under `nn.scan` each token would slice the weights and cache out of the stacked
+`[L, ...]` arrays and write the whole cache back.
 
 Command line::
 
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from owl_jax.models.config import OwlConfig
-from owl_jax.models.owl import MplugOwl, llm_layers_scanned, unstack_llm_layers
+from owl_jax.models.owl import MplugOwl, is_decode_layout, to_decode_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +146,8 @@ _STATIC = ("cfg", "max_new_tokens", "greedy", "pad_id", "vocab_limit", "return_l
 
 
 def _decoder(params, cfg: OwlConfig) -> MplugOwl:
-    """The decoding model for `params`, whose LLM layers are stacked or unrolled (static under jit)."""
-    return MplugOwl(cfg, decode=True, scan_llm_layers=llm_layers_scanned(params))
+    """The decoding model for `params` in either layout (the tree structure is static under jit)."""
+    return MplugOwl(cfg, decode=True, decode_layout=is_decode_layout(params))
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -303,10 +304,10 @@ class Generator:
 
     def __init__(self, params: Any, cfg: OwlConfig, mesh: jax.sharding.Mesh | None = None,
                  rules: Sequence[tuple[str, Any]] | None = None, eos_id: int | None = None,
-                 pad_id: int | None = None, vocab_limit: int | None = None, unroll_layers: bool = True):
-        # unroll_layers: decode with one module (params, KV cache) per LLM layer instead of the scanned
-        # stack (see the module docstring). Costs a copy of the LLM layer weights, made once here.
-        self.params = unstack_llm_layers(params) if unroll_layers and llm_layers_scanned(params) else params
+                 pad_id: int | None = None, vocab_limit: int | None = None, decode_layout: bool = True):
+        # decode_layout: decode with the params in the decode layout (see the module docstring); costs
+        # a copy of the LLM's layer weights and LM head, made once here. False: as given.
+        self.params = to_decode_layout(params) if decode_layout and not is_decode_layout(params) else params
         self.cfg = cfg
         self.mesh = mesh
         self.rules = tuple(rules) if rules is not None else None

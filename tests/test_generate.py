@@ -11,7 +11,7 @@ import pytest
 from conftest import perturb, small_owl_config
 from owl_jax.generate import Generator, Sampling, bucket_length, decode, make_batch, prefill, sample_token
 from owl_jax.models.config import IMAGE_PLACEHOLDER_ID
-from owl_jax.models.owl import MplugOwl, init_params
+from owl_jax.models.owl import MplugOwl, init_params, is_decode_layout
 
 
 def random_params(cfg, seed: int = 0, scale: float = 0.3):
@@ -48,14 +48,14 @@ def _split_images(images, counts):
     return [images[starts[i]:starts[i + 1]] for i in range(len(counts))]
 
 
-@pytest.mark.parametrize("unroll_layers", [True, False], ids=["unrolled", "scanned"])
-def test_cached_decoding_matches_full_forward(owl, rng, unroll_layers):
+@pytest.mark.parametrize("decode_layout", [True, False], ids=["decode_layout", "training_layout"])
+def test_cached_decoding_matches_full_forward(owl, rng, decode_layout):
     cfg, params = owl
     prompts, images, counts = _prompts(cfg, rng)
     batch = make_batch(prompts, images, counts, cfg)
     steps = 6
-    gen = Generator(params, cfg, unroll_layers=unroll_layers)
-    assert ("layers" in gen.params["language_model"]["model"]) != unroll_layers
+    gen = Generator(params, cfg, decode_layout=decode_layout)
+    assert is_decode_layout(gen.params) == decode_layout
     out = gen.generate(batch, Sampling(max_new_tokens=steps), return_logits=True, disable_eos=True)
     assert out["length"].tolist() == [steps] * 3
     # One full forward over prompt + generated tokens gives every step's logits at once.
@@ -202,10 +202,12 @@ sharded = shard_params(params, cfg, mesh, DEFAULT_RULES)
 kernel = sharded["language_model"]["model"]["layers"]["mlp"]["up_proj"]["kernel"]
 assert len({s.device for s in kernel.addressable_shards}) == 4 and kernel.addressable_shards[0].data.size * 4 == kernel.size
 gen = Generator(sharded, cfg, mesh=mesh, rules=DEFAULT_RULES)
-# The unrolled per-layer weights keep their sharding (less the layers axis).
+# The decode layout keeps the sharding: per-layer weights less the layers axis, the LM head transposed.
 layer_kernel = gen.params["language_model"]["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
 assert tuple(layer_kernel.sharding.spec) == tuple(kernel.sharding.spec)[1:], (layer_kernel.sharding, kernel.sharding)
 assert len({s.device for s in layer_kernel.addressable_shards}) == 4 and layer_kernel.addressable_shards[0].data.size * 4 == layer_kernel.size
+head, head_t = sharded["language_model"]["lm_head"]["kernel"], gen.params["language_model"]["lm_head"]["kernel"]
+assert head_t.shape == head.shape[::-1] and tuple(head_t.sharding.spec) == tuple(head.sharding.spec)[::-1], head_t.sharding
 got = gen.generate(batch, Sampling(max_new_tokens=5))
 assert (got["tokens"] == want["tokens"]).all(), (got["tokens"], want["tokens"])
 print("OK")

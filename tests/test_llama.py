@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM as HFLlama
 
 from conftest import randomize_torch_, small_owl_config
 from owl_jax.convert import from_torch
-from owl_jax.models.llama import LlamaForCausalLM, stack_layers, unstack_layers
+from owl_jax.models.llama import LlamaForCausalLM, from_decode_layout, to_decode_layout
 
 
 @pytest.fixture(scope="module", params=[4, 2], ids=["mha", "gqa"])
@@ -54,38 +54,33 @@ def test_logits_match_transformers(hf_llama, rng):
     assert diff <= 1e-4, diff
 
 
-def _unrolled(params):
-    """LlamaForCausalLM params with the layers unstacked (the layout of scan_layers=False)."""
-    return {**params, "model": unstack_layers(params["model"])}
-
-
-def test_unrolled_layers_match_scanned_and_params_round_trip(hf_llama, rng):
+def test_decode_layout_matches_training_layout_and_round_trips(hf_llama, rng):
+    """Layers unrolled + LM head [V, D] (the decode layout): same logits, exact conversion both ways."""
     model, cfg, params = hf_llama
-    unrolled = _unrolled(params)
-    # The layout the unrolled model itself creates.
+    decode_params = to_decode_layout(params)
+    decoder = LlamaForCausalLM(cfg.llm, scan_layers=False, lm_head_vocab_major=True)
+    # The layout the decode-layout model itself creates.
     ids, mask = _batch(rng)
-    created = jax.eval_shape(lambda: nn.unbox(LlamaForCausalLM(cfg.llm, scan_layers=False).init(jax.random.PRNGKey(0), ids)))
+    created = jax.eval_shape(lambda: nn.unbox(decoder.init(jax.random.PRNGKey(0), ids)))
     shapes = lambda tree: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), tree)
-    assert shapes(created["params"]) == shapes(unrolled)
-    assert sorted(unrolled["model"]) == ["embed_tokens", "layers_0", "layers_1", "norm"]
+    assert shapes(created["params"]) == shapes(decode_params)
+    assert sorted(decode_params["model"]) == ["embed_tokens", "layers_0", "layers_1", "norm"]
     # Round trip: same tree, bit for bit.
-    back = stack_layers(unrolled["model"])
-    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params["model"])
-    jax.tree_util.tree_map(np.testing.assert_array_equal, back, params["model"])
+    back = from_decode_layout(decode_params)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
     # Same logits.
-    scanned = LlamaForCausalLM(cfg.llm).apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask, bool))
-    ours = LlamaForCausalLM(cfg.llm, scan_layers=False).apply(
-        {"params": unrolled}, jnp.asarray(ids), attention_mask=jnp.asarray(mask, bool)
-    )
+    trained = LlamaForCausalLM(cfg.llm).apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask, bool))
+    ours = decoder.apply({"params": decode_params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask, bool))
     valid = mask.astype(bool)
-    assert np.abs(np.asarray(ours) - np.asarray(scanned))[valid].max() <= 1e-5
+    assert np.abs(np.asarray(ours) - np.asarray(trained))[valid].max() <= 1e-5
 
 
-@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
-def test_kv_cache_decoding_matches_full_forward_and_transformers(hf_llama, rng, scan_layers):
+@pytest.mark.parametrize("decode_layout", [False, True], ids=["training_layout", "decode_layout"])
+def test_kv_cache_decoding_matches_full_forward_and_transformers(hf_llama, rng, decode_layout):
     """Left-padded prompts, prefill then one token a step; every step's logits equal a full forward."""
     model, cfg, params = hf_llama
-    decode_params = params if scan_layers else _unrolled(params)
+    decode_params = to_decode_layout(params) if decode_layout else params
     b, prompt, steps, cache = 2, 6, 5, 16
     total = prompt + steps
     ids = rng.integers(3, 128, size=(b, total))
@@ -97,7 +92,7 @@ def test_kv_cache_decoding_matches_full_forward_and_transformers(hf_llama, rng, 
             input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
         ).logits.numpy()
 
-    decoder = LlamaForCausalLM(cfg.llm, decode=True, scan_layers=scan_layers)
+    decoder = LlamaForCausalLM(cfg.llm, decode=True, scan_layers=not decode_layout, lm_head_vocab_major=decode_layout)
     cache_vars = decoder.init(jax.random.PRNGKey(0), jnp.zeros((b, cache), jnp.int32), attention_mask=jnp.ones((b, cache), bool))["cache"]
     cache_mask = np.zeros((b, cache), bool)
     cache_mask[:, :total] = mask.astype(bool)

@@ -35,6 +35,8 @@ class Dense(nn.Module):
 
     kernel float[in, out] ≙ torch Linear weight [out, in] transposed; lora_a float[in, r] ≙ PEFT lora_A.T,
     lora_b float[r, out] ≙ PEFT lora_B.T. lora_b starts at zero, so a fresh adapter is the identity.
+    kernel_out_in=True stores the kernel float[out, in] instead (torch's layout; the LLM's LM head when
+    decoding, see LlamaForCausalLM.lm_head_vocab_major).
     """
 
     features: int
@@ -44,18 +46,23 @@ class Dense(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: Callable = DEFAULT_KERNEL_INIT
+    kernel_out_in: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         in_features = x.shape[-1]
-        kernel = self.param(
-            "kernel", partitioned(self.kernel_init, self.axes), (in_features, self.features), self.param_dtype
-        )
+        shape, names = (in_features, self.features), self.axes
+        if self.kernel_out_in:
+            shape, names = shape[::-1], names[::-1]
+        kernel = self.param("kernel", partitioned(self.kernel_init, names), shape, self.param_dtype)
         # Matmuls on 2-D operands: XLA's CPU backend computes the weight gradient of a 3-D x @ W
         # (contracting batch and length) about 3x slower than the same product flattened.
         lead = x.shape[:-1]
         x = x.reshape(-1, in_features)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.kernel_out_in:  # x @ kernel.T, contracting both operands' minor dimension
+            y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (((1,), (1,)), ((), ())))
+        else:
+            y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", partitioned(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)

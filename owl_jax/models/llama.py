@@ -205,26 +205,46 @@ def stack_layers(params: dict) -> dict:
     return params
 
 
-def _layer_of(x, i: int):
-    """Layer i of a stacked leaf [L, ...] (numpy stays numpy; a NamedSharding drops the layers axis)."""
-    if isinstance(x, np.ndarray):
-        return x[i]
+def to_decode_layout(params: dict) -> dict:
+    """`LlamaForCausalLM` params (training layout) -> those of
+    `LlamaForCausalLM(scan_layers=False, lm_head_vocab_major=True)`: layers unstacked, LM head kernel
+    transposed to float[V, D]. Exact; copies the layer weights and the LM head, once, before decoding."""
+    lm_head = {**params["lm_head"], "kernel": _transposed(params["lm_head"]["kernel"])}
+    return {**params, "model": unstack_layers(params["model"]), "lm_head": lm_head}
+
+
+def from_decode_layout(params: dict) -> dict:
+    """Inverse of `to_decode_layout`."""
+    lm_head = {**params["lm_head"], "kernel": _transposed(params["lm_head"]["kernel"])}
+    return {**params, "model": stack_layers(params["model"]), "lm_head": lm_head}
+
+
+def _placed_like(y, x, spec_of):
+    """y with x's NamedSharding, its partition spec (padded to x.ndim) mapped by spec_of; y unchanged
+    for numpy or otherwise placed x."""
     sharding = getattr(x, "sharding", None)
-    if isinstance(sharding, NamedSharding):
-        return jax.device_put(x[i], NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:])))
-    return x[i]
+    if isinstance(x, np.ndarray) or not isinstance(sharding, NamedSharding):
+        return y
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    return jax.device_put(y, NamedSharding(sharding.mesh, PartitionSpec(*spec_of(spec))))
+
+
+def _layer_of(x, i: int):
+    """Layer i of a stacked leaf [L, ...] (a sharded leaf drops the unsharded layers axis)."""
+    return _placed_like(x[i], x, lambda spec: spec[1:])
 
 
 def _stacked(xs):
-    """Leaves [...] of every layer -> [L, ...] (numpy stays numpy; a NamedSharding gains the layers axis
+    """Leaves [...] of every layer -> [L, ...] (numpy stays numpy; a sharded leaf gains the layers axis,
     unsharded)."""
     if all(isinstance(x, np.ndarray) for x in xs):
         return np.stack(xs)
-    sharding = getattr(xs[0], "sharding", None)
-    out = jnp.stack(xs)
-    if isinstance(sharding, NamedSharding):
-        out = jax.device_put(out, NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec)))
-    return out
+    return _placed_like(jnp.stack(xs), xs[0], lambda spec: (None,) + spec)
+
+
+def _transposed(x):
+    """A 2-D kernel transposed, its sharding with it."""
+    return _placed_like(x.T, x, lambda spec: spec[::-1])
 
 
 class LlamaForCausalLM(nn.Module):
@@ -237,6 +257,9 @@ class LlamaForCausalLM(nn.Module):
     decode: bool = False
     scan_unroll: int = 1
     scan_layers: bool = True  # False: layers unrolled, params `model/layers_{i}` (see LlamaModel)
+    # The LM head kernel stored float[V, D] (torch's layout) instead of float[D, V]. For decoding: XLA's
+    # CPU dot of float[8, 512] hidden states with a [32000, 512] kernel is ~30% faster (7 vs 10 ms).
+    lm_head_vocab_major: bool = False
 
     def setup(self):
         self.model = LlamaModel(
@@ -244,7 +267,8 @@ class LlamaForCausalLM(nn.Module):
             self.scan_unroll, self.scan_layers,
         )
         self.lm_head = Dense(
-            self.cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
+            self.cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_out_in=self.lm_head_vocab_major,
         )
 
     def embed(self, input_ids: jax.Array) -> jax.Array:

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from owl_jax.models.abstractor import VisualAbstractor
 from owl_jax.models.config import IMAGE_PLACEHOLDER_ID, OwlConfig
 from owl_jax.models.layers import dtype_of, partitioned
-from owl_jax.models.llama import LlamaForCausalLM, stack_layers, unstack_layers
+from owl_jax.models import llama
+from owl_jax.models.llama import LlamaForCausalLM
 from owl_jax.models.vision import VisionEncoder
 
 
@@ -44,12 +45,12 @@ class MplugOwl(nn.Module):
     """Parameters (top level, as in the released checkpoint): vision_model, query_tokens,
     abstractor, language_model.
 
-    scan_llm_layers=False builds the LLM with its layers unrolled (for decoding; see `LlamaModel`):
-    its params are `unstack_llm_layers` of the usual (scanned) ones."""
+    decode_layout=True builds the LLM for decoding: layers unrolled (see `LlamaModel`) and the LM head
+    kernel float[V, D] (see `LlamaForCausalLM`). Its params are `to_decode_layout` of the usual ones."""
 
     cfg: OwlConfig
     decode: bool = False
-    scan_llm_layers: bool = True
+    decode_layout: bool = False
 
     def setup(self):
         cfg = self.cfg
@@ -70,7 +71,8 @@ class MplugOwl(nn.Module):
         )
         self.abstractor = VisualAbstractor(cfg.abstractor, cfg.llm.hidden_size, **common)
         self.language_model = LlamaForCausalLM(
-            cfg.llm, cfg.lora, decode=self.decode, scan_layers=self.scan_llm_layers, **common
+            cfg.llm, cfg.lora, decode=self.decode, scan_layers=not self.decode_layout,
+            lm_head_vocab_major=self.decode_layout, **common,
         )
 
     def encode_images(self, pixel_values: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -112,27 +114,20 @@ class MplugOwl(nn.Module):
         )
 
 
-def _with_llm_model(params: dict, fn) -> dict:
-    """params with params["language_model"]["model"] replaced by fn of it (shallow copies)."""
-    llm = dict(params["language_model"])
-    llm["model"] = fn(llm["model"])
-    return {**params, "language_model": llm}
+def to_decode_layout(params: dict) -> dict:
+    """MplugOwl params -> those of `MplugOwl(decode_layout=True)` (see `llama.to_decode_layout`);
+    everything outside the LLM is shared."""
+    return {**params, "language_model": llama.to_decode_layout(params["language_model"])}
 
 
-def unstack_llm_layers(params: dict) -> dict:
-    """MplugOwl params -> the params of `MplugOwl(scan_llm_layers=False)`: the LLM's stacked layers
-    split into `layers_0` ... (see `unstack_layers`); everything else shared."""
-    return _with_llm_model(params, unstack_layers)
+def from_decode_layout(params: dict) -> dict:
+    """Inverse of `to_decode_layout`."""
+    return {**params, "language_model": llama.from_decode_layout(params["language_model"])}
 
 
-def stack_llm_layers(params: dict) -> dict:
-    """Inverse of `unstack_llm_layers`."""
-    return _with_llm_model(params, stack_layers)
-
-
-def llm_layers_scanned(params: dict) -> bool:
-    """Whether MplugOwl params hold the LLM layers stacked (the training layout) or unrolled."""
-    return "layers" in params["language_model"]["model"]
+def is_decode_layout(params: dict) -> bool:
+    """Whether MplugOwl params are in the decode layout (LLM layers unrolled) or the training one."""
+    return "layers" not in params["language_model"]["model"]
 
 
 def dummy_inputs(cfg: OwlConfig) -> dict[str, jax.Array]:
