@@ -8,8 +8,8 @@ DESIGN 5) is built in transformers, saved, and converted into an owl_jax model (
 text-only prompts), so both sides run the same weights. Each side generates exactly --new-tokens
 tokens per sample (EOS off); tokens/s = batch x new tokens / wall time of the whole call (prefill
 included), best of --repeats interleaved calls after one warm-up call each (compilation on the JAX
-side). Also reports
-whether the greedy tokens agree.
+side). Also reports whether the greedy tokens agree. --also-training-layout adds decoding with the
+params as trained (layers under nn.scan), timed in the same interleaved loop.
 """
 from __future__ import annotations
 
@@ -42,6 +42,9 @@ def main() -> None:
     p.add_argument("--training-layout", action="store_true",
                    help="decode with the params as trained (LLM layers under nn.scan, LM head [D, V]) instead of "
                         "the decode layout (layers unrolled, LM head [V, D])")
+    p.add_argument("--also-training-layout", action="store_true",
+                   help="also time decoding with the training layout, interleaved in the same loop (the "
+                        "before/after of the decode layout under the same load)")
     args = p.parse_args()
 
     from transformers import LlamaConfig as HFLlamaConfig
@@ -73,7 +76,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         params, _ = from_torch(cfg, llama=d)
-    gen = Generator(jax.device_put(params), cfg, decode_layout=not args.training_layout)
+    params = jax.device_put(params)
+    gen = Generator(params, cfg, decode_layout=not args.training_layout)
+    old = Generator(params, cfg, decode_layout=False) if args.also_training_layout else None
     sampling = Sampling(max_new_tokens=args.new_tokens)
 
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()} cpus={os.cpu_count()} jax {jax.__version__} "
@@ -81,8 +86,9 @@ def main() -> None:
           f"loadavg={os.getloadavg()[0]:.1f}")
     print(f"# LLaMA {args.layers}x{args.hidden} heads {args.heads} mlp {args.mlp} vocab {args.vocab}, fp32, greedy, "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per sample")
-    print("| batch | owl_jax tok/s | transformers tok/s | speed-up | tokens agree | owl_jax compile s |")
-    print("|---|---|---|---|---|---|")
+    extra = " owl_jax training layout tok/s |" if old else ""
+    print(f"| batch | owl_jax tok/s | transformers tok/s | speed-up | tokens agree | owl_jax compile s |{extra}")
+    print("|---|---|---|---|---|---|" + ("---|" if old else ""))
     rng = np.random.default_rng(0)
     for b in args.batch:
         prompts = rng.integers(3, args.vocab, size=(b, args.prompt_len)).astype(np.int32)
@@ -97,11 +103,18 @@ def main() -> None:
         compile_s = time.perf_counter() - t0
         with torch.no_grad():
             hf.generate(ids, **kw)  # warm-up
-        jax_s, torch_s = [], []
-        for _ in range(args.repeats):  # interleaved, so both see the same machine load
+        if old:
+            old.generate(batch, sampling, disable_eos=True)  # compile
+        jax_s, torch_s, old_s = [], [], []
+        for _ in range(args.repeats):  # interleaved, so all see the same machine load
             t0 = time.perf_counter()
             out = gen.generate(batch, sampling, disable_eos=True)
             jax_s.append(time.perf_counter() - t0)
+            if old:
+                t0 = time.perf_counter()
+                old_out = old.generate(batch, sampling, disable_eos=True)
+                old_s.append(time.perf_counter() - t0)
+                assert (old_out["tokens"] == out["tokens"]).all()
             with torch.no_grad():
                 t0 = time.perf_counter()
                 ref = hf.generate(ids, **kw)
@@ -110,7 +123,9 @@ def main() -> None:
         ref = ref[:, args.prompt_len:].numpy()
         agree = float((ref == out["tokens"]).mean())
         ours, theirs = b * args.new_tokens / min(jax_s), b * args.new_tokens / min(torch_s)
-        print(f"| {b} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.1f}x | {agree:.0%} | {compile_s:.1f} |", flush=True)
+        extra = f" {b * args.new_tokens / min(old_s):.0f} |" if old else ""
+        print(f"| {b} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.1f}x | {agree:.0%} | {compile_s:.1f} |{extra}",
+              flush=True)
 
 
 if __name__ == "__main__":
