@@ -215,3 +215,8 @@ def test_eval_accessor(dataset_dir):
         assert q["prompt"].count("<image>") == q["num_images"]
     caps = list(iter_test_questions(dataset_dir, "captions_test", image_size=16, blank_images=True))
     assert all(c["prompt"].endswith("AI: ") and not c["pixel_values"].any() for c in caps)
+    told = list(iter_test_questions(dataset_dir, "instructions_test", image_size=16, scenes_as_text=True))
+    assert [t["answer"] for t in told] == [q["answer"] for q in qs]
+    for t, q in zip(told, qs):
+        assert t["num_images"] == 0 and "<image>" not in t["prompt"] and t["prompt"].endswith("\nAI: ")
+        assert len(t["prompt"]) >= len(q["prompt"]) and t["scene"] == q["scene"]

@@ -8,7 +8,8 @@ import pytest
 from owl_jax.data import conversation as conv
 from owl_jax.data import shapesworld as sw
 
-SIZES = {"captions_train": 60, "captions_test": 30, "instructions_train": 400, "instructions_test": 150}
+SIZES = {"captions_train": 60, "captions_test": 30, "instructions_train": 400, "instructions_test": 150,
+         "text_train": 300}
 PHRASE_TO_REGION = {v: k for k, v in sw.REGION_PHRASE.items()}
 
 
@@ -36,6 +37,25 @@ def test_test_questions_do_not_occur_in_train(data):
     tr = {r["text"] for r in data["instructions_train"] if r["category"] == "text_only"}
     te = {r["text"] for r in data["instructions_test"] if r["category"] == "text_only"}
     assert te and not tr & te
+
+
+def test_text_train_writes_each_image_as_its_caption_and_avoids_test(data):
+    test_keys = {r["_key"] for r in data["captions_test"] + data["instructions_test"]}
+    assert len(data["text_train"]) == SIZES["text_train"] and not {r["_key"] for r in data["text_train"]} & test_keys
+    cats = {r["category"] for r in data["text_train"]}
+    assert cats == set(sw.CATEGORIES) | {"caption"}
+    for r in data["text_train"]:
+        scenes = json.loads(r["scene"])
+        assert not r["images"] and conv.IMAGE_TAG not in r["text"]
+        image_lines = [f"\n{conv.HUMAN_PREFIX}{sw.describe(sc)}\n" for sc in scenes]
+        pos = 0
+        for line in image_lines:  # each scene's caption on its own Human line, in image order
+            pos = r["text"].index(line, pos) + 1
+        if r["category"] == "caption":
+            assert r["text"].endswith(f"{conv.AI_PREFIX}{sw.describe(scenes[0])}")
+        else:
+            _, turns = conv.parse_turns(r["text"])
+            assert turns[-1] == (r["question"], r["answer"]) and oracle(r["question"], scenes) == r["answer"]
 
 
 def test_categories_are_all_present(data):

@@ -1,7 +1,7 @@
 """Builds the datasets (ArrayRecord shards via TFDS) and prints a report.
 
     python -m owl_jax.data.prepare --dataset=shapesworld --out=DIR [--seed=0]
-        [--sizes=captions_train=4000,captions_test=200,instructions_train=12000,instructions_test=400]
+        [--sizes=captions_train=4000,captions_test=200,instructions_train=12000,instructions_test=400,text_train=16000]
         [--vocab_size=1024]
     python -m owl_jax.data.prepare --dataset=owl_jsonl --jsonl=FILE[,FILE] --images=DIR --out=DIR
         [--val_jsonl=FILE[,FILE]]

@@ -10,6 +10,11 @@ never occurs in train, where the scene is compared by its content: shapes, colou
 
 * ``captions_train`` / ``captions_test`` (stage 1): ``Human: <image>`` then the AI's one-sentence
   caption naming every shape, e.g. "A red circle on the left and a blue star at the top."
+* ``text_train`` (stage 0, the LLM's text pretraining): captions and instructions drawn like the two
+  train splits (and disjoint from their test splits), with no images: every ``<image>`` is written
+  out as its scene's caption. Reading a scene from the context, not guessing it, is what the
+  frozen LLM must already know for stage 1 to teach the vision side to speak to it (LLaMA learns
+  that from its own pretraining; a tiny LLM trained on image-less text does not).
 * ``instructions_train`` / ``instructions_test`` (stage 2), categories (``category`` field):
   colour, shape, count, position (single image); two_image (which has more shapes; same colour?);
   reading (the rendered word); multi_turn (2-3 questions on one image); text_only (arithmetic,
@@ -29,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from owl_jax.data import records
-from owl_jax.data.conversation import build_conversation, caption_conversation
+from owl_jax.data.conversation import IMAGE_TAG, build_conversation, caption_conversation
 
 IMAGE_SIZE = 224
 SHAPES = ("circle", "square", "triangle", "star")
@@ -52,9 +57,11 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 CATEGORIES = ("colour", "shape", "count", "position", "two_image", "reading", "multi_turn", "text_only")
 CATEGORY_WEIGHTS = (0.13, 0.13, 0.13, 0.13, 0.12, 0.12, 0.1, 0.14)
-SPLITS = ("captions_train", "captions_test", "instructions_train", "instructions_test")
+SPLITS = ("captions_train", "captions_test", "instructions_train", "instructions_test", "text_train")
 _SPLIT_CODE = {s: i + 1 for i, s in enumerate(SPLITS)}
-DEFAULT_SIZES = {"captions_train": 4000, "captions_test": 200, "instructions_train": 12000, "instructions_test": 400}
+DEFAULT_SIZES = {"captions_train": 4000, "captions_test": 200, "instructions_train": 12000, "instructions_test": 400,
+                 "text_train": 16000}
+TEXT_CAPTION_SHARE = 0.25  # text_train: share of captions (the rest: instructions)
 WORD_PROB = 0.3
 
 # ---------------------------------------------------------------- scenes
@@ -257,6 +264,18 @@ def _caption(rng: np.random.Generator) -> dict:
     return {"category": "caption", "scenes": [scene], "caption": describe(scene)}
 
 
+def _text_item(rng: np.random.Generator) -> dict | None:
+    return _caption(rng) if rng.random() < TEXT_CAPTION_SHARE else _instruction(rng)
+
+
+def write_scenes_as_text(text: str, scenes: list[dict]) -> str:
+    """`text` with its i-th ``<image>`` replaced by the caption of scenes[i] (text_train)."""
+    parts = text.split(IMAGE_TAG)
+    if len(parts) != len(scenes) + 1:
+        raise ValueError(f"{len(parts) - 1} image tags for {len(scenes)} scenes")
+    return parts[0] + "".join(describe(sc) + rest for sc, rest in zip(scenes, parts[1:]))
+
+
 def _to_record(item: dict, split: str, index: int, render: bool) -> dict:
     scenes = item["scenes"]
     if item["category"] == "caption":
@@ -265,9 +284,12 @@ def _to_record(item: dict, split: str, index: int, render: bool) -> dict:
     else:
         text = build_conversation(len(scenes), item["turns"])
         question, answer = item["turns"][-1]
+    as_text = split == "text_train"
+    if as_text:
+        text = write_scenes_as_text(text, scenes)
     return records.empty_record(
         text=text,
-        images=[encode_jpeg(render_scene(s)) for s in scenes] if render else [],
+        images=[encode_jpeg(render_scene(s)) for s in scenes] if render and not as_text else [],
         task_type=f"shapesworld_{split.split('_')[0]}",
         source=f"shapesworld/{split}/{index}",
         category=item["category"],
@@ -295,7 +317,7 @@ def generate(split: str, n: int, seed: int, exclude: set | None = None, render: 
     if split not in _SPLIT_CODE:
         raise ValueError(f"unknown ShapesWorld split {split!r}; one of {SPLITS}")
     rng = np.random.default_rng([seed, _SPLIT_CODE[split]])
-    make = _caption if split.startswith("captions") else _instruction
+    make = {"captions": _caption, "instructions": _instruction, "text": _text_item}[split.split("_")[0]]
     seen: set = set()
     exclude = exclude or set()
     produced, attempts = 0, 0
@@ -319,13 +341,14 @@ def split_keys(split: str, n: int, seed: int) -> set:
 
 
 def generate_all(sizes: dict, seed: int, render: bool = True) -> dict[str, Iterator[dict]]:
-    """Generators for every split in `sizes`; train splits exclude their test split's samples."""
+    """Generators for every split in `sizes`; train splits exclude their test split's samples
+    (text_train: both test splits', compared as if its scenes were images)."""
     gens = {}
     for split, n in sizes.items():
         exclude = None
         if split.endswith("_train"):
-            test = split.replace("_train", "_test")
-            exclude = split_keys(test, sizes.get(test, DEFAULT_SIZES[test]), seed)
+            tests = ("captions_test", "instructions_test") if split == "text_train" else (split.replace("_train", "_test"),)
+            exclude = set().union(*(split_keys(t, sizes.get(t, DEFAULT_SIZES[t]), seed) for t in tests))
         gens[split] = generate(split, n, seed, exclude=exclude, render=render)
     return gens
 
@@ -374,8 +397,11 @@ def tokenizer_texts(sizes: dict, seed: int) -> Iterator[str]:
 
 
 def iter_test_questions(dataset_dir: str, split: str = "instructions_test", image_size: int = 224,
-                        blank_images: bool = False, categories=None) -> Iterator[dict]:
+                        blank_images: bool = False, categories=None, scenes_as_text: bool = False) -> Iterator[dict]:
     """Evaluation records of a prepared ShapesWorld split, in record order.
+
+    ``scenes_as_text``: no images; each ``<image>`` of the prompt is written out as its scene's
+    caption, as in text_train (what the LLM alone answers when it is told the scene).
 
     Yields dicts: ``index``, ``source``, ``category``, ``question``, ``answer`` (exact expected
     string), ``history`` (earlier (question, answer) turns, for multi_turn), ``prompt`` (the
@@ -401,6 +427,9 @@ def iter_test_questions(dataset_dir: str, split: str = "instructions_test", imag
             history, question = turns[:-1], turns[-1][0]
             prompt = build_prompt(n_images, history, question)
         images = list(rec["images"])
+        scenes = json.loads(records.as_str(rec["scene"]) or "[]")
+        if scenes_as_text:
+            prompt, images = write_scenes_as_text(prompt, scenes), []
         if blank_images:
             pixels = np.zeros((len(images), image_size, image_size, 3), np.float32)
         else:
@@ -416,5 +445,5 @@ def iter_test_questions(dataset_dir: str, split: str = "instructions_test", imag
             "prompt": prompt,
             "num_images": len(images),
             "pixel_values": pixels,
-            "scene": json.loads(records.as_str(rec["scene"]) or "[]"),
+            "scene": scenes,
         }
