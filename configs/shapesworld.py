@@ -29,27 +29,29 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.blank_images = False  # the control: every image (train and eval) replaced by a blank one
     c.prepare = ml_collections.ConfigDict({
         "seed": 0,
-        "sizes": {"captions_train": 4000, "captions_test": 200, "instructions_train": 12000, "instructions_test": 400},
+        "sizes": {"captions_train": 4000, "captions_test": 200, "instructions_train": 12000, "instructions_test": 400,
+                  "text_train": 16000},
     })
 
     c.stages = ml_collections.ConfigDict()
     # Stage 0: text-only pretraining of the tiny LLaMA (it stands in for LLaMA's own pretraining):
-    # every ShapesWorld train conversation with its images dropped, the whole LLM trained.
+    # captions and instructions with every image written out as its caption (split text_train),
+    # so the LLM learns to answer from what the context shows; the whole LLM trained.
     c.stages.stage0 = ml_collections.ConfigDict({
         "stage": "full_ft",
-        "num_steps": 300,
+        "num_steps": 1000,
         "batch_size": 16,
-        "seq_len": 96,
+        "seq_len": 128,  # text_train conversations are at most ~124 tokens
         "max_images_per_batch": 2,  # text only: unused slots
         "optim": {"lr": 2e-3, "end_lr": 1e-4, "warmup_steps": 50, "weight_decay": 0.01},
-        "data": {"split": "captions_train+instructions_train", "text_only": True},
+        "data": {"split": "text_train", "text_only": True},
         "log_every_steps": 10,
-        "checkpoint": {"every_steps": 100},
+        "checkpoint": {"every_steps": 250},
     })
     # Stage 1: vision encoder + abstractor on captions, the LLM frozen.
     c.stages.stage1 = ml_collections.ConfigDict({
         "stage": "stage1",
-        "num_steps": 800,
+        "num_steps": 600,
         "batch_size": 16,
         "seq_len": 104,  # captions are at most 99 tokens (17 image tokens included)
         "max_images_per_batch": 16,
@@ -78,6 +80,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "batch_size": 64,
         "max_new_tokens": 12,  # answers are one word or number
         "max_questions": 0,  # 0: all
+        "stage0_scenes_as_text": True,  # stage 0 is asked with every image written out as its caption
         "num_samples": 8,  # sample questions answered and printed (one per category first)
         "attention_images": 3,  # test images drawn with the abstractor's attention
         "attention_queries": 4,  # queries shown per image (heads averaged)
@@ -93,7 +96,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             "llm": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 2, "mlp_size": 64},
         },
         "prepare": {"sizes": {"captions_train": 64, "captions_test": 8, "instructions_train": 160,
-                              "instructions_test": 32}},
+                              "instructions_test": 32, "text_train": 200}},
         "stages": {
             name: {"num_steps": 60, "batch_size": 8, "log_every_steps": 1, "checkpoint": {"every_steps": 30},
                    "optim": {"warmup_steps": 2, "end_lr": 1e-3}}

@@ -7,7 +7,9 @@ r"""The main job: a tiny owl learns ShapesWorld on CPU, end to end, in one comma
 
 Sections below, top to bottom:
   data     ShapesWorld is generated into WORKDIR/data (kept if already there)
-  stage 0  text-only pretraining of the LLM (full_ft; captions and instructions without images)
+  stage 0  text-only pretraining of the LLM (full_ft; captions and instructions with every image
+           written out as its caption: the ShapesWorld split text_train); evaluated with the
+           scenes told as text (what the LLM alone can answer once it is told what is there)
   stage 1  vision encoder + abstractor on captions, LLM frozen
   stage 2  LoRA (q, v) + abstractor on the instruction mix (text-only samples included)
            each stage trains into WORKDIR/stage{0,1,2} (owl_jax.train: checkpoints/, metrics.jsonl,
@@ -135,8 +137,11 @@ def run_stage(config, name: str, workdir: str, data_dir: str, init_dir: str) -> 
 # ------------------------------------------------------------------------------------ evaluation
 
 
-def evaluate(params_dir: str, data_dir: str, eval_cfg, blank_images: bool, desc: str) -> dict:
-    """Exact-match accuracy per ability category on the held-out split (batched greedy decoding)."""
+def evaluate(params_dir: str, data_dir: str, eval_cfg, blank_images: bool, desc: str,
+             scenes_as_text: bool = False) -> dict:
+    """Exact-match accuracy per ability category on the held-out split (batched greedy decoding).
+
+    `scenes_as_text`: every image is written out as its scene's caption instead (the LLM alone)."""
     import sys
 
     from tqdm import tqdm
@@ -148,7 +153,7 @@ def evaluate(params_dir: str, data_dir: str, eval_cfg, blank_images: bool, desc:
     t0 = time.time()
     owl = owl_jax.load(params_dir, tokenizer=os.path.join(data_dir, "tokenizer"))
     questions = list(iter_test_questions(data_dir, eval_cfg.split, image_size=owl.cfg.vision.image_size,
-                                         blank_images=blank_images))
+                                         blank_images=blank_images, scenes_as_text=scenes_as_text))
     if eval_cfg.max_questions:
         questions = questions[: eval_cfg.max_questions]
     requests = [{"prompt": q["prompt"], "images": list(q["pixel_values"])} for q in questions]
@@ -167,7 +172,12 @@ def evaluate_stage(config, name: str, workdir: str, data_dir: str) -> dict:
     path = os.path.join(workdir, name, "eval.json")
     if os.path.exists(path):
         return _read_json(path)
-    result = evaluate(os.path.join(workdir, name, "params"), data_dir, config.eval, bool(config.blank_images), name)
+    # Stage 0's owl has never seen an image: it is asked with the scenes told as text, which
+    # measures what the LLM can answer once the vision side tells it what is there.
+    told = name == "stage0" and bool(config.eval.stage0_scenes_as_text)
+    result = evaluate(os.path.join(workdir, name, "params"), data_dir, config.eval, bool(config.blank_images), name,
+                      scenes_as_text=told)
+    result["scenes_as_text"] = told
     _write_json(path, result)
     acc = result["accuracy"]
     print(f"   {name} exact match: " + ", ".join(f"{c} {100 * a['accuracy']:.0f}%" for c, a in acc.items())
@@ -240,7 +250,8 @@ def write_report(config, workdir: str, data_dir: str, timings: dict, stages: dic
     train_rows, test_rows = test_answers_for_baselines(data_dir, config.eval.split)
     baselines = rp.blind_baselines(train_rows, test_rows)
     rp.plot_losses(metrics, STAGE_TITLES, os.path.join(plots, "loss.png"))
-    rp.plot_accuracy({n: evals[n]["accuracy"] for n in STAGES}, baselines, os.path.join(plots, "accuracy.png"),
+    labels = {n: n + (" (scenes told as text)" if evals[n].get("scenes_as_text") else "") for n in STAGES}
+    rp.plot_accuracy({labels[n]: evals[n]["accuracy"] for n in STAGES}, baselines, os.path.join(plots, "accuracy.png"),
                      title="ShapesWorld held-out exact match" + (" (blank-image control)" if config.blank_images else ""))
 
     # attention of the stage-2 abstractor on a few single-image test questions
@@ -274,6 +285,7 @@ def write_report(config, workdir: str, data_dir: str, timings: dict, stages: dic
                        "num_steps": stages[n]["num_steps"], "batch_size": stages[n]["batch_size"],
                        "seq_len": stages[n]["seq_len"], "split": stages[n]["split"],
                        "loss": rp.loss_summary(metrics[n]), "accuracy": evals[n]["accuracy"],
+                       "eval_scenes_as_text": bool(evals[n].get("scenes_as_text")),
                        "eval_wall_s": evals[n]["wall_s"]} for n in STAGES},
         "blind_baselines": baselines,
         # stage 2 abstractor: mean share of a query's attention on the image patches (vs queries, CLS)

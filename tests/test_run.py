@@ -61,6 +61,8 @@ def test_quick_run_report_and_plots(quick_run):
         assert all(0 <= v["accuracy"] <= 1 for v in acc.values())
         assert stage["wall_s"] > 0
     assert "text_only" in report["blind_baselines"] and report["samples"]
+    # stage 0's owl has never seen an image: it is evaluated with the scenes told as text
+    assert [report["stages"][s]["eval_scenes_as_text"] for s in ("stage0", "stage1", "stage2")] == [True, False, False]
     for name in ("loss.png", "accuracy.png", "attention.png"):
         with open(os.path.join(workdir, "plots", name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
