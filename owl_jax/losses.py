@@ -1,9 +1,14 @@
 """Next-token loss on AI-answer tokens only (DESIGN 1.5)."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
+from jax.custom_derivatives import SymbolicZero
+
+from owl_jax.models.layers import constrain
 
 
 def answer_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -30,3 +35,107 @@ def answer_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -
         "samples_without_loss": (weights.sum(1) == 0).sum().astype(jnp.float32),
     }
     return loss, metrics
+
+
+# ------------------------------------------------------------------ the LM head fused with the loss
+# Only answer tokens carry loss, so only their rows of the LM head's [N, V] logits are needed: the
+# head is about half the LLM's FLOPs, and answers are typically under half the tokens. Under jit the
+# number of answer rows must be static, so the rows are sorted (answers first) and the head runs on
+# the smallest of a few static budgets that holds them all (a `lax.switch`, exact for any mask).
+# Gradients are computed in the forward pass (a custom VJP), so no [N, V] residual is kept and the
+# switch never zero-fills the residuals of the branches not taken.
+
+
+def row_budgets(num_rows: int, batch_size: int, buckets: int) -> tuple[int, ...]:
+    """`buckets` increasing row budgets, the last `num_rows`; each a multiple of batch_size (so a
+    batch-sharded row axis stays divisible) where it can be."""
+    sizes = [min(num_rows, -(-num_rows * (i + 1) // buckets // batch_size) * batch_size) for i in range(buckets)]
+    return tuple(sorted(set(sizes)))
+
+
+def answer_loss_from_hidden(
+    hidden: jax.Array, kernel: jax.Array, input_ids: jax.Array, loss_mask: jax.Array, *, buckets: int = 8
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`answer_loss(hidden @ kernel, input_ids, loss_mask)` without the logits of non-answer tokens.
+
+    hidden float[B, T, D]: the LLM's final (normed) hidden states; kernel float[D, V]: the LM head
+    (its training layout); input_ids, loss_mask int[B, T] as in `answer_loss`. Same loss, metrics and
+    gradients (for hidden and kernel; loss_mask is data, never differentiated). The head runs on
+    the smallest of `row_budgets(B * (T - 1), B, buckets)` rows that holds every answer token.
+    """
+    b, t, d = hidden.shape
+    targets = input_ids[:, 1:].reshape(-1)
+    weights = loss_mask[:, 1:].astype(jnp.float32).reshape(-1)
+    rows = hidden[:, :-1].reshape(-1, d)
+    # Stable: answer rows first, in order; the sort key is data, not differentiated.
+    order = jnp.argsort(weights == 0, stable=True)
+    budgets = row_budgets(b * (t - 1), b, buckets)
+    num_tokens = weights.sum()
+    branch = (jnp.asarray(budgets) < num_tokens).sum()
+    ce_sum, correct = _head_cross_entropy(rows, kernel, targets, weights, order, branch, budgets)
+    per_sample = loss_mask[:, 1:].sum(1)
+    metrics = {
+        "loss_tokens": num_tokens,
+        "correct_tokens": correct,
+        "samples_without_loss": (per_sample == 0).sum().astype(jnp.float32),
+    }
+    return ce_sum / jnp.maximum(num_tokens, 1.0), metrics
+
+
+def _head_rows(rows, kernel, targets, weights, order, budget: int, kernel_grad: bool):
+    """The head and cross entropy on the first `budget` rows of `order`.
+
+    rows float[N, D], kernel float[D, V], targets int[N], weights float[N], order int[N] ->
+    (ce_sum float[], correct float[], d_rows float[N, D], d_kernel float[D, V] or None): the weighted
+    CE sum, the weighted count of argmax hits, and the CE sum's gradients.
+    """
+    idx = order[:budget]
+    h = constrain(rows[idx], ("batch", None))  # [n, D]
+    w, tgt = weights[idx], targets[idx]
+    logits = constrain(jnp.dot(h, kernel.astype(h.dtype)).astype(jnp.float32), ("batch", "vocab"))  # [n, V]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    label = jnp.maximum(tgt, 0)  # padding targets (< 0) are never weighted; clamp like answer_loss
+    picked = jnp.take_along_axis(logits, label[:, None], axis=-1)[:, 0]
+    ce_sum = ((lse - picked) * w).sum()
+    correct = ((jnp.argmax(logits, -1) == tgt) * w).sum()
+    # d ce_sum / d logits = w * (softmax - onehot); the one-hot compare fuses into the exp pass.
+    onehot = label[:, None] == jnp.arange(logits.shape[-1])[None, :]
+    d_logits = (w[:, None] * (jnp.exp(logits - lse[:, None]) - onehot)).astype(h.dtype)
+    d_h = jax.lax.dot_general(d_logits, kernel.astype(h.dtype), (((1,), (1,)), ((), ())))  # [n, D]
+    d_rows = jnp.zeros_like(rows).at[idx].set(d_h.astype(rows.dtype), unique_indices=True)
+    d_kernel = jnp.dot(h.T, d_logits).astype(kernel.dtype) if kernel_grad else None
+    return ce_sum, correct, d_rows, d_kernel
+
+
+def _switch_head(rows, kernel, targets, weights, order, branch, budgets, kernel_grad: bool):
+    """`_head_rows` with the budget `budgets[branch]` (a traced index)."""
+    branches = [
+        (lambda r, k, tg, w, o, n=n: _head_rows(r, k, tg, w, o, n, kernel_grad)) for n in budgets
+    ]
+    return jax.lax.switch(branch, branches, rows, kernel, targets, weights, order)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _head_cross_entropy(rows, kernel, targets, weights, order, branch, budgets):
+    """(ce_sum, correct) of the head on the answer rows; see `answer_loss_from_hidden`."""
+    ce_sum, correct, _, _ = _switch_head(rows, kernel, targets, weights, order, branch, budgets, kernel_grad=False)
+    return ce_sum, correct
+
+
+def _head_cross_entropy_fwd(rows, kernel, targets, weights, order, branch, budgets):
+    # symbolic_zeros: `perturbed` says whether the kernel is differentiated (not when it is frozen).
+    kernel_grad = kernel.perturbed
+    args = [x.value for x in (rows, kernel, targets, weights, order, branch)]
+    ce_sum, correct, d_rows, d_kernel = _switch_head(*args, budgets, kernel_grad=kernel_grad)
+    return (ce_sum, correct), (d_rows, d_kernel)
+
+
+def _head_cross_entropy_bwd(budgets, residuals, cotangents):
+    d_rows, d_kernel = residuals
+    g = cotangents[0]  # the cotangent of ce_sum; `correct` is a metric, not differentiated
+    if isinstance(g, SymbolicZero):
+        return (None,) * 6
+    return g * d_rows, None if d_kernel is None else g * d_kernel, None, None, None, None
+
+
+_head_cross_entropy.defvjp(_head_cross_entropy_fwd, _head_cross_entropy_bwd, symbolic_zeros=True)

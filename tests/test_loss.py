@@ -1,8 +1,10 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
-from owl_jax.losses import answer_loss
+from owl_jax.losses import answer_loss, answer_loss_from_hidden, row_budgets
 
 
 def test_loss_counts_only_answer_tokens_and_matches_manual_ce(rng):
@@ -25,3 +27,34 @@ def test_sample_without_answer_tokens_gives_finite_loss_and_is_counted(rng):
     assert np.isfinite(loss) and m["samples_without_loss"] == 1 and m["loss_tokens"] == 1
     loss, m = answer_loss(logits, ids, jnp.zeros_like(mask))
     assert float(loss) == 0.0 and m["samples_without_loss"] == 2
+
+
+@pytest.mark.parametrize("mask_kind", ["random", "all", "none", "one_row"])
+def test_loss_from_hidden_matches_loss_on_full_logits(rng, mask_kind):
+    """The LM head on answer rows only (sorted, a static budget chosen by switch, gradients in a
+    custom VJP) gives answer_loss's loss, metrics and gradients, for any mask."""
+    b, t, d, v = 3, 9, 5, 13
+    hidden = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+    ids = jnp.asarray(rng.integers(-1, v, size=(b, t)), jnp.int32)
+    mask = {"random": rng.integers(0, 2, size=(b, t)), "all": np.ones((b, t)), "none": np.zeros((b, t)),
+            "one_row": np.eye(b, t)}[mask_kind]
+    mask = jnp.asarray(mask, jnp.int32)
+    full = jax.value_and_grad(lambda h, k: answer_loss(h @ k, ids, mask), argnums=(0, 1), has_aux=True)
+    fused = jax.jit(jax.value_and_grad(lambda h, k: answer_loss_from_hidden(h, k, ids, mask), argnums=(0, 1), has_aux=True))
+    (loss, metrics), grads = full(hidden, kernel)
+    (loss_f, metrics_f), grads_f = fused(hidden, kernel)
+    np.testing.assert_allclose(loss_f, loss, rtol=1e-6, atol=1e-7)
+    for k in metrics:
+        assert float(metrics_f[k]) == float(metrics[k]), k
+    for a, e in zip(grads_f, grads):
+        np.testing.assert_allclose(a, e, atol=1e-6)
+    # A frozen head (only the hidden states differentiated) gives the same hidden-state gradient.
+    grad_h = jax.jit(jax.grad(lambda h: answer_loss_from_hidden(h, kernel, ids, mask)[0]))(hidden)
+    np.testing.assert_allclose(grad_h, grads[0], atol=1e-6)
+
+
+def test_row_budgets_end_at_all_rows_and_are_batch_multiples():
+    assert row_budgets(2048, 4, 8) == (256, 512, 768, 1024, 1280, 1536, 1792, 2048)
+    assert row_budgets(24, 3, 8) == (3, 6, 9, 12, 15, 18, 21, 24)
+    assert row_budgets(10, 4, 8)[-1] == 10

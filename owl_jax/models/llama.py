@@ -287,6 +287,23 @@ class LlamaForCausalLM(nn.Module):
 
         attention_mask defaults to all-valid; positions default to 0..T-1 (pass explicit positions with
         left padding or when decoding with the cache)."""
+        hidden = self.hidden_states(
+            input_ids, inputs_embeds=inputs_embeds, positions=positions, attention_mask=attention_mask,
+            deterministic=deterministic,
+        )
+        return constrain(self.lm_head(hidden), ("batch", "length", "vocab"))
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """The final (normed) hidden states float[B, T, D] that `__call__` multiplies by the LM head
+        (training feeds them to `losses.answer_loss_from_hidden`); arguments as for `__call__`."""
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
         b, t = inputs_embeds.shape[:2]
@@ -294,5 +311,4 @@ class LlamaForCausalLM(nn.Module):
             attention_mask = jnp.ones((b, t), bool)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        hidden = self.model(inputs_embeds, positions, attention_mask, deterministic)
-        return constrain(self.lm_head(hidden), ("batch", "length", "vocab"))
+        return self.model(inputs_embeds, positions, attention_mask, deterministic)

@@ -105,8 +105,29 @@ class MplugOwl(nn.Module):
         (M fixed per batch; unused slots are ignored), num_images int[B] (sum <= M), attention_mask
         int/bool[B, T] (1 = real token; bool[B, S] over the cache when decoding), positions int[B, T]
         (default 0..T-1), image_start int[B] (see splice_images)."""
+        return self._llm(self.language_model, input_ids, pixel_values, num_images, attention_mask, positions,
+                         deterministic, image_start)
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None = None,
+        num_images: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        deterministic: bool = True,
+        image_start: jax.Array | None = None,
+    ) -> jax.Array:
+        """The LLM's final hidden states float[B, T, D_llm], before the LM head (for
+        `losses.answer_loss_from_hidden`, which applies the head to the answer tokens only); arguments
+        as for `__call__`."""
+        return self._llm(self.language_model.hidden_states, input_ids, pixel_values, num_images, attention_mask,
+                         positions, deterministic, image_start)
+
+    def _llm(self, llm_fn, input_ids, pixel_values, num_images, attention_mask, positions, deterministic, image_start):
+        """llm_fn (the LLM or its `hidden_states`) on the embedded text with the images spliced in."""
         embeds = self.embed(input_ids, pixel_values, num_images, deterministic, image_start)
-        return self.language_model(
+        return llm_fn(
             inputs_embeds=embeds,
             positions=positions,
             attention_mask=None if attention_mask is None else attention_mask.astype(bool),

@@ -25,7 +25,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 
 from owl_jax import sharding as shd
-from owl_jax.losses import answer_loss
+from owl_jax.losses import answer_loss_from_hidden
 from owl_jax.models.config import OwlConfig, owl_config_from_dict
 from owl_jax.models.owl import MplugOwl, init_params
 from owl_jax.training import stages
@@ -99,7 +99,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------ step
     def _micro_loss(self, trainable, frozen, batch, rng):
         params = stages.merge_params(trainable, frozen)
-        logits = self.model.apply(
+        # Hidden states, not logits: the LM head runs on the answer tokens only (the rest carry no loss).
+        hidden = self.model.apply(
             {"params": params},
             batch["input_ids"],
             batch["pixel_values"],
@@ -108,8 +109,10 @@ class Trainer:
             deterministic=False,
             image_start=batch["image_start"],
             rngs={"dropout": rng},
+            method=MplugOwl.hidden_states,
         )
-        loss, metrics = answer_loss(logits, batch["input_ids"], batch["loss_mask"])
+        kernel = params["language_model"]["lm_head"]["kernel"]  # float[D, V]
+        loss, metrics = answer_loss_from_hidden(hidden, kernel, batch["input_ids"], batch["loss_mask"])
         return loss * metrics["loss_tokens"], metrics  # a sum over answer tokens: exact across micro-batches
 
     def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
