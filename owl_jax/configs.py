@@ -41,6 +41,11 @@ def base_config(model: OwlConfig) -> ml_collections.ConfigDict:
     c.train_abstractor = True
     c.extra_trainable = ()
     c.frozen_dtype = "float32"  # frozen weights may be held in bfloat16
+    # The LM head in the loss: "answers" runs it on the answer tokens only (losses.answer_loss_from_hidden:
+    # exact, about half the head's FLOPs on CPU, measured on bench_small); "all" on every token
+    # (losses.answer_loss), the path whose 7B memory was AOT-measured on TPU slices (the answer rows
+    # are gathered across the batch-sharded devices: re-measure before switching the 7B recipes).
+    c.lm_head_rows = "answers"
     c.seed = 0
     c.num_steps = 100
     # One micro-batch, global: samples, tokens per sample, image slots. A step is

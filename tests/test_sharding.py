@@ -4,6 +4,7 @@ import re
 
 import jax
 import numpy as np
+import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
@@ -118,3 +119,22 @@ def test_gradient_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(results[0][0]), jax.tree_util.tree_leaves(results[1][0])):
         np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_lm_head_on_answer_rows_equals_head_on_every_token_sharded():
+    """config.lm_head_rows: the answer-rows head (gathered across a 4 x 2 mesh) gives the same step."""
+    config = tiny_train_config("all")
+    config.model.abstractor.attention_dropout = 0.0
+    mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    results = {}
+    for rows in ("answers", "all"):
+        config.lm_head_rows = rows
+        results[rows] = _one_step(mesh, config)
+    np.testing.assert_allclose(results["answers"][1]["loss"], results["all"][1]["loss"], rtol=1e-6)
+    assert results["answers"][1]["accuracy"] == results["all"][1]["accuracy"]
+    for (path, a), b in zip(traverse_util.flatten_dict(results["all"][0], sep="/").items(),
+                            traverse_util.flatten_dict(results["answers"][0], sep="/").values()):
+        np.testing.assert_allclose(b, a, atol=1e-6, err_msg=path)
+    config.lm_head_rows = "logits"
+    with pytest.raises(ValueError, match="lm_head_rows"):
+        Trainer(config, mesh)

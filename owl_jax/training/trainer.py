@@ -25,7 +25,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 
 from owl_jax import sharding as shd
-from owl_jax.losses import answer_loss_from_hidden
+from owl_jax.losses import answer_loss, answer_loss_from_hidden
 from owl_jax.models.config import OwlConfig, owl_config_from_dict
 from owl_jax.models.owl import MplugOwl, init_params
 from owl_jax.training import stages
@@ -48,6 +48,9 @@ class Trainer:
         self.tx = make_optimizer(c.optim, c.num_steps)
         self.schedule = make_schedule(c.optim, c.num_steps)
         self.frozen_dtype = jnp.dtype(c.get("frozen_dtype", "float32"))
+        self.lm_head_rows = c.get("lm_head_rows", "answers")
+        if self.lm_head_rows not in ("answers", "all"):
+            raise ValueError(f"config.lm_head_rows={self.lm_head_rows!r}: expected 'answers' or 'all'")
         boxed = jax.eval_shape(lambda: init_params(self.model_cfg, jax.random.PRNGKey(0)))
         self.param_shardings = shd.logical_shardings(boxed, self.mesh, self.rules)
         self.abstract_state = jax.eval_shape(self._state_from_params, nn.unbox(boxed), jax.random.PRNGKey(0))
@@ -99,8 +102,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------ step
     def _micro_loss(self, trainable, frozen, batch, rng):
         params = stages.merge_params(trainable, frozen)
+        head_on_answers = self.lm_head_rows == "answers"
         # Hidden states, not logits: the LM head runs on the answer tokens only (the rest carry no loss).
-        hidden = self.model.apply(
+        out = self.model.apply(
             {"params": params},
             batch["input_ids"],
             batch["pixel_values"],
@@ -109,10 +113,13 @@ class Trainer:
             deterministic=False,
             image_start=batch["image_start"],
             rngs={"dropout": rng},
-            method=MplugOwl.hidden_states,
+            method=MplugOwl.hidden_states if head_on_answers else MplugOwl.__call__,
         )
-        kernel = params["language_model"]["lm_head"]["kernel"]  # float[D, V]
-        loss, metrics = answer_loss_from_hidden(hidden, kernel, batch["input_ids"], batch["loss_mask"])
+        if head_on_answers:
+            kernel = params["language_model"]["lm_head"]["kernel"]  # float[D, V]
+            loss, metrics = answer_loss_from_hidden(out, kernel, batch["input_ids"], batch["loss_mask"])
+        else:
+            loss, metrics = answer_loss(out, batch["input_ids"], batch["loss_mask"])
         return loss * metrics["loss_tokens"], metrics  # a sum over answer tokens: exact across micro-batches
 
     def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
