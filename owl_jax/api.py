@@ -34,7 +34,7 @@ from owl_jax.data.image import preprocess, to_rgb
 from owl_jax.data.text import encode_conversation, encode_prompt
 from owl_jax.generate import Generator, Sampling, bucket_count, bucket_length, make_batch, trim
 from owl_jax.models.config import OwlConfig
-from owl_jax.models.owl import MplugOwl, init_params
+from owl_jax.models.owl import MplugOwl, init_params, is_decode_layout
 from owl_jax import params_io
 
 ImageLike = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray
@@ -108,11 +108,12 @@ class Owl:
 
     def __init__(self, params: Any, cfg: OwlConfig, tokenizer, mesh=None, rules=None):
         self.cfg = cfg
-        self.params = params
         self.tokenizer = tokenizer
         self.mesh, self.rules = mesh, rules
         vocab_limit = len(tokenizer) if tokenizer is not None else None
         self.generator = Generator(params, cfg, mesh=mesh, rules=rules, vocab_limit=vocab_limit)
+        # One copy of the weights: logits/score run on the generator's (decode-layout) params too.
+        self.params = self.generator.params
         self.eos_id = self.generator.eos_id
 
     # -- prompts -----------------------------------------------------------------------------
@@ -269,8 +270,9 @@ class Owl:
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _forward(params, input_ids, pixel_values, num_images, mask, *, cfg: OwlConfig):
+    """Logits float32[B, T, V]; params in the training or the decode layout."""
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-    return MplugOwl(cfg).apply({"params": params}, input_ids, pixel_values, num_images, mask, positions).astype(jnp.float32)
+    return MplugOwl(cfg, decode_layout=is_decode_layout(params)).apply({"params": params}, input_ids, pixel_values, num_images, mask, positions).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

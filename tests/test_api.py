@@ -110,3 +110,21 @@ def test_cli_streams_one_turn_and_chats_interactively(owl_dir, owl, image_files)
     assert generate_cli.main(base + ["--interactive"], stdin=io.StringIO(f"{QUESTIONS[0]}\n{QUESTIONS[1]}\n"), stdout=out) == 0
     second = owl.chat(images=[jpg, png], messages=[QUESTIONS[0], first, QUESTIONS[1]], max_new_tokens=6)
     assert out.getvalue() == f"Human: AI: {first}\nHuman: AI: {second}\nHuman: "
+
+
+def test_logits_run_on_the_generators_weights_and_match_the_training_layout(owl_dir, owl):
+    """One copy of the weights (the decode layout the generator uses), same logits as the
+    checkpoint's training layout through a plain MplugOwl."""
+    from owl_jax.api import _forward
+    from owl_jax.models.owl import is_decode_layout
+    from owl_jax.params_io import load_params
+
+    assert owl.params is owl.generator.params and is_decode_layout(owl.params)
+    params, cfg = load_params(owl_dir)
+    assert not is_decode_layout(params)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 300, (2, 20)).astype(np.int32)
+    mask = np.ones((2, 20), bool)
+    mask[1, :5] = False  # left padding
+    expected = np.asarray(_forward(params, ids, None, np.zeros((2,), np.int32), mask, cfg=cfg))
+    np.testing.assert_allclose(owl.logits(ids, None, None, mask), expected, atol=1e-5)
