@@ -96,6 +96,19 @@ def test_sharded_step_equals_single_device_step():
     for (path, a), b in zip(traverse_util.flatten_dict(single_params, sep="/").items(),
                             traverse_util.flatten_dict(sharded_params, sep="/").values()):
         np.testing.assert_allclose(b, a, atol=1e-5, err_msg=path)
+    # config.lm_head_rows: the head on every token gives the step of the answer-rows head (the
+    # default, its rows gathered across the sharded batch above).
+    assert config.lm_head_rows == "answers"
+    config.lm_head_rows = "all"
+    all_rows_params, all_rows_metrics = _one_step(make_mesh({"data": 1, "fsdp": 4, "tensor": 2}), config)
+    np.testing.assert_allclose(all_rows_metrics["loss"], sharded_metrics["loss"], rtol=1e-6)
+    assert all_rows_metrics["accuracy"] == sharded_metrics["accuracy"]
+    for (path, a), b in zip(traverse_util.flatten_dict(all_rows_params, sep="/").items(),
+                            traverse_util.flatten_dict(sharded_params, sep="/").values()):
+        np.testing.assert_allclose(b, a, atol=1e-6, err_msg=path)
+    config.lm_head_rows = "logits"
+    with pytest.raises(ValueError, match="lm_head_rows"):
+        Trainer(config, make_mesh({"fsdp": 1}, jax.devices()[:1]))
 
 
 def test_gradient_accumulation_equals_one_big_batch():
@@ -120,21 +133,3 @@ def test_gradient_accumulation_equals_one_big_batch():
     for a, b in zip(jax.tree_util.tree_leaves(results[0][0]), jax.tree_util.tree_leaves(results[1][0])):
         np.testing.assert_allclose(b, a, atol=1e-5)
 
-
-def test_lm_head_on_answer_rows_equals_head_on_every_token_sharded():
-    """config.lm_head_rows: the answer-rows head (gathered across a 4 x 2 mesh) gives the same step."""
-    config = tiny_train_config("all")
-    config.model.abstractor.attention_dropout = 0.0
-    mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
-    results = {}
-    for rows in ("answers", "all"):
-        config.lm_head_rows = rows
-        results[rows] = _one_step(mesh, config)
-    np.testing.assert_allclose(results["answers"][1]["loss"], results["all"][1]["loss"], rtol=1e-6)
-    assert results["answers"][1]["accuracy"] == results["all"][1]["accuracy"]
-    for (path, a), b in zip(traverse_util.flatten_dict(results["all"][0], sep="/").items(),
-                            traverse_util.flatten_dict(results["answers"][0], sep="/").values()):
-        np.testing.assert_allclose(b, a, atol=1e-6, err_msg=path)
-    config.lm_head_rows = "logits"
-    with pytest.raises(ValueError, match="lm_head_rows"):
-        Trainer(config, mesh)
