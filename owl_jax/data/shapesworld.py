@@ -343,12 +343,15 @@ def split_keys(split: str, n: int, seed: int) -> set:
 def generate_all(sizes: dict, seed: int, render: bool = True) -> dict[str, Iterator[dict]]:
     """Generators for every split in `sizes`; train splits exclude their test split's samples
     (text_train: both test splits', compared as if its scenes were images)."""
-    gens = {}
+    gens, test_keys = {}, {}
     for split, n in sizes.items():
         exclude = None
         if split.endswith("_train"):
             tests = ("captions_test", "instructions_test") if split == "text_train" else (split.replace("_train", "_test"),)
-            exclude = set().union(*(split_keys(t, sizes.get(t, DEFAULT_SIZES[t]), seed) for t in tests))
+            for t in tests:  # each test split's keys drawn once, shared by the train splits that avoid it
+                if t not in test_keys:
+                    test_keys[t] = split_keys(t, sizes.get(t, DEFAULT_SIZES[t]), seed)
+            exclude = set().union(*(test_keys[t] for t in tests))
         gens[split] = generate(split, n, seed, exclude=exclude, render=render)
     return gens
 

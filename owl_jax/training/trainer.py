@@ -103,7 +103,8 @@ class Trainer:
     def _micro_loss(self, trainable, frozen, batch, rng):
         params = stages.merge_params(trainable, frozen)
         head_on_answers = self.lm_head_rows == "answers"
-        # Hidden states, not logits: the LM head runs on the answer tokens only (the rest carry no loss).
+        # "answers": hidden states, not logits; the LM head then runs on the answer tokens only (the
+        # rest carry no loss). "all": logits of every token, as the released code computes them.
         out = self.model.apply(
             {"params": params},
             batch["input_ids"],
