@@ -1,14 +1,24 @@
 r"""How fast does the tiny LLaMA (configs/tiny.py) learn to read its context? (issue 6 diagnosis)
 
     JAX_PLATFORMS=cpu python bench/tiny_llm_retrieval.py --task copy  [--steps 300]
+    JAX_PLATFORMS=cpu python bench/tiny_llm_retrieval.py --task repeat [--steps 500] [--torch]
     JAX_PLATFORMS=cpu python bench/tiny_llm_retrieval.py --task scene --tokenizer DIR/tokenizer [--steps 600]
 
-copy:  BOS x1..x12 SEP x1..x12 with random token ids, loss on the second half: pure in-context
-       copying (an induction head). Prints the loss/accuracy every 50 steps.
-scene: ShapesWorld questions with the scene told as text ("<caption> Q: <question> A: <answer>",
-       no system prompt, loss on every token), trained from scratch; every 100 steps prints the
-       exact-match rate per ability on 256 held-out questions (teacher-forced: every answer token
-       must be the argmax). The main job's frozen LLM needs exactly this skill.
+copy:      BOS x1..x12 SEP x1..x12 with random token ids, loss on the second half. The offset
+           between the copies is always 13, so a positional head alone solves it.
+repeat:    BOS s SEP s with s random tokens of random length 6-22, loss on the second copy after its
+           first token: the offset varies, so it takes an induction head (find the previous
+           occurrence of the current token, copy its successor).
+induction: BOS x1..x24 SEP x_j..x_j+7 (random j), loss on the chunk after its first token: an
+           induction head with only 7 targets a sample.
+scene:     ShapesWorld questions with the scene told as text ("<caption> Q: <question> A: <answer>",
+           no system prompt, loss on every token), trained from scratch; every 100 steps prints the
+           exact-match rate per ability on 256 held-out questions (teacher-forced: every answer token
+           must be the argmax). The main job's frozen LLM needs exactly this skill.
+
+Every 50 steps (100 for scene) it prints the loss and token accuracy. --torch trains transformers'
+PyTorch `LlamaForCausalLM` of the same shape on the same batches with the same recipe (AdamW,
+warmup + cosine, global-norm clipping) instead: the reference that tells a slow plateau from a bug.
 
 The tokenizer is the one `python -m owl_jax.data.prepare --dataset=shapesworld` trains (or the
 main job's WORKDIR/data/tokenizer).
@@ -33,6 +43,49 @@ def copy_batches(rng, batch: int, length: int = 12):
         ids = np.concatenate([np.ones((batch, 1), int), x, np.full((batch, 1), 5), x], 1).astype(np.int32)
         loss = np.zeros_like(ids)
         loss[:, length + 2:] = 1
+        yield ids, loss
+
+
+def induction_batches(rng, batch: int, length: int = 24, chunk: int = 8):
+    """BOS x1..x24 SEP x_j..x_{j+7} with j random: continuing the chunk needs an induction head
+    (find where the current token occurred, copy its successor); loss on the chunk after its first token."""
+    while True:
+        x = rng.integers(10, 1000, (batch, length))
+        j = rng.integers(0, length - chunk + 1, (batch,))
+        c = np.stack([x[b, j[b]:j[b] + chunk] for b in range(batch)])
+        ids = np.concatenate([np.ones((batch, 1), int), x, np.full((batch, 1), 5), c], 1).astype(np.int32)
+        loss = np.zeros_like(ids)
+        loss[:, length + 3:] = 1
+        yield ids, loss
+
+
+def repeat_batches(rng, batch: int, seq_len: int = 48):
+    """BOS s SEP s with s a random-token segment of random length (6-22): the offset between the
+    copies varies, so only an induction head predicts the second copy; loss on its tokens after the first."""
+    while True:
+        ids, loss = np.zeros((batch, seq_len), np.int32), np.zeros((batch, seq_len), np.int32)
+        for b in range(batch):
+            n = int(rng.integers(6, (seq_len - 2) // 2 + 1))
+            s = rng.integers(10, 1000, n)
+            row = np.concatenate([[1], s, [5], s])
+            ids[b, :len(row)] = row
+            loss[b, n + 3:len(row)] = 1
+        yield ids, loss
+
+
+def recall_batches(rng, batch: int, seq_len: int = 34):
+    """BOS f.. c f.. SEP c: one 'key' token c (ids 10-17, like the 8 colours) among random filler (ids
+    100-999) of random length; after SEP the model must say c. One head that attends to the key-type
+    token and copies it (no composition): what "What colour is the shape?" needs with one shape."""
+    while True:
+        ids, loss = np.zeros((batch, seq_len), np.int32), np.zeros((batch, seq_len), np.int32)
+        for b in range(batch):
+            n = int(rng.integers(8, seq_len - 3))
+            row = rng.integers(100, 1000, n)
+            row[int(rng.integers(n))] = c = int(rng.integers(10, 18))
+            row = np.concatenate([[1], row, [5, c]])
+            ids[b, :len(row)] = row
+            loss[b, len(row) - 1] = 1
         yield ids, loss
 
 
@@ -81,31 +134,90 @@ def heldout_questions(encode, seq_len: int, n: int = 256):
     return ids, answer, cats
 
 
+def train_torch(c, batches) -> None:
+    """The same recipe on transformers' LlamaForCausalLM (configs/tiny.py's LLM shape)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    m, o = c.model.llm, c.optim
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.mlp_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+        rms_norm_eps=m.rms_norm_eps, rope_theta=m.rope_theta, max_position_embeddings=m.max_position_embeddings,
+        tie_word_embeddings=False))
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
+    floor = o.end_lr / o.lr
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / o.warmup_steps if s < o.warmup_steps else
+                                              floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * (s - o.warmup_steps) /
+                                                                                       max(c.num_steps - o.warmup_steps, 1))))
+    t0 = time.time()
+    for i in range(1, c.num_steps + 1):
+        ids, loss_mask = (torch.as_tensor(x, dtype=torch.long) for x in next(batches))
+        logits = model(input_ids=ids, attention_mask=(ids != 0).long()).logits[:, :-1]
+        weight = loss_mask[:, 1:].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        loss = (nll * weight).sum() / weight.sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
+        opt.step()
+        sched.step()
+        if i % 50 == 0:
+            acc = ((logits.argmax(-1) == ids[:, 1:]).float() * weight).sum() / weight.sum()
+            print(f"step {i}: loss {loss.item():.3f} token accuracy {acc.item():.3f} ({time.time() - t0:.0f} s) [torch]",
+                  flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=["copy", "scene"], required=True)
+    p.add_argument("--task", choices=["copy", "recall", "induction", "repeat", "scene"], required=True)
     p.add_argument("--tokenizer", default="", help="scene: the ShapesWorld tokenizer directory")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq_len", type=int, default=64, help="scene only (copy: 26)")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--single_shape_share", type=float, default=0.0,
+                   help="scene: share of training scenes drawn with one shape (the held-out ones keep 1-4)")
+    p.add_argument("--torch", action="store_true", help="copy/repeat/induction: train the PyTorch reference instead")
     args = p.parse_args()
 
     rng = np.random.default_rng(0)
-    seq_len = 26 if args.task == "copy" else args.seq_len
+    seq_len = {"copy": 26, "recall": 34, "induction": 34, "repeat": 48}.get(args.task, args.seq_len)
     if args.task == "copy":
         batches = copy_batches(rng, args.batch)
+    elif args.task == "recall":
+        batches = recall_batches(rng, args.batch)
+    elif args.task == "repeat":
+        batches = repeat_batches(rng, args.batch)
+    elif args.task == "induction":
+        batches = induction_batches(rng, args.batch)
     else:
         from owl_jax.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(args.tokenizer)
         encode = lambda s: list(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-        batches = scene_batches(rng, args.batch, seq_len, encode)
         q_ids, q_answer, q_cats = heldout_questions(encode, seq_len)
+        if args.single_shape_share > 0:
+            from owl_jax.data import shapesworld as sw
+
+            draw = sw.sample_scene
+
+            def sample_scene(r, n_shapes=None, word=None):
+                if n_shapes is None and r.random() < args.single_shape_share:
+                    n_shapes = 1
+                return draw(r, n_shapes, word)
+
+            sw.sample_scene = sample_scene
+        batches = scene_batches(rng, args.batch, seq_len, encode)
 
     c = load_config_file("configs/tiny.py:full_ft")
     c.batch_size, c.seq_len, c.max_images_per_batch, c.num_steps = args.batch, seq_len, 1, args.steps
     c.optim.lr, c.optim.warmup_steps, c.optim.end_lr = args.lr, 30, args.lr / 20
+    if args.torch:
+        if args.task == "scene":
+            raise SystemExit("--torch: copy, repeat or induction only")
+        return train_torch(c, batches)
     trainer = Trainer(c, make_mesh({"fsdp": 1}, jax.devices()[:1]))
     size = c.model.vision.image_size
 
@@ -130,7 +242,7 @@ def main():
     for i in range(1, args.steps + 1):
         state, m = step(state, global_batch(as_batch(*next(batches)), step.batch_shardings))
         line = f"step {i}: loss {float(m['loss']):.3f} token accuracy {float(m['accuracy']):.3f} ({time.time() - t0:.0f} s)"
-        if args.task == "copy" and i % 50 == 0:
+        if args.task != "scene" and i % 50 == 0:
             print(line, flush=True)
         elif args.task == "scene" and i % 100 == 0:
             ok = np.asarray(exact(merge_params(state["trainable"], state["frozen"])))
