@@ -49,6 +49,22 @@ def test_remat_gives_same_loss_and_gradients(setup, policy):
     assert float(jnp.abs(grads["vision_model"]["embeddings"]["cls_token"]).sum()) > 0  # images get gradients
 
 
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_layers_unrolled_over_stacked_params_match_the_scan(setup, policy):
+    """scan_unroll=0 runs the layers as a Python loop over the same stacked params: same loss and
+    gradients, and no loop left in the compiled program."""
+    cfg, params, batch, loss_mask = setup
+    loss, grads = _loss_and_grad(cfg, params, batch, loss_mask)
+    unrolled = dataclasses.replace(cfg, scan_unroll=0, remat_policy=policy)
+    loss_u, grads_u = _loss_and_grad(unrolled, params, batch, loss_mask)
+    np.testing.assert_allclose(loss_u, loss, rtol=1e-6)
+    assert jax.tree_util.tree_structure(grads_u) == jax.tree_util.tree_structure(grads)
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_u)):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+    hlo = jax.jit(lambda p: MplugOwl(unrolled).apply({"params": p}, **batch)).lower(params).as_text()
+    assert "while" not in hlo and "while" in jax.jit(lambda p: MplugOwl(cfg).apply({"params": p}, **batch)).lower(params).as_text()
+
+
 def test_unknown_remat_policy_is_a_clear_error(setup):
     cfg, params, batch, _ = setup
     with pytest.raises(ValueError, match="remat_policy 'sometimes'"):

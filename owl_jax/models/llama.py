@@ -10,7 +10,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from owl_jax.models.config import LlamaConfig, LoraConfig
 from owl_jax.models.layers import (
-    DEFAULT_KERNEL_INIT, Dense, Dtype, RMSNorm, attention, constrain, partitioned, remat_layer, scan_layers,
+    DEFAULT_KERNEL_INIT, Dense, Dtype, RMSNorm, attention, constrain, partitioned, remat_layer, run_stacked_layers,
+    runs_stacked_unrolled, scan_layers,
 )
 
 
@@ -148,14 +149,7 @@ class LlamaModel(nn.Module):
             param_dtype=self.param_dtype,
             embedding_init=partitioned(DEFAULT_KERNEL_INIT, ("vocab", "embed")),
         )
-        layer_kwargs = dict(
-            cfg=self.cfg,
-            lora=self.lora,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            attention_impl=self.attention_impl,
-            decode=self.decode,
-        )
+        layer_kwargs = self._layer_kwargs()
         if self.scan_layers:
             self.layers = scan_layers(
                 LlamaLayer, self.cfg.num_layers, self.remat_policy, num_args=3, unroll=self.scan_unroll, **layer_kwargs
@@ -165,6 +159,10 @@ class LlamaModel(nn.Module):
             self.layers = [layer_cls(**layer_kwargs) for _ in range(self.cfg.num_layers)]
         self.norm = RMSNorm(self.cfg.rms_norm_eps, self.param_dtype)
 
+    def _layer_kwargs(self) -> dict:
+        return dict(cfg=self.cfg, lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype,
+                    attention_impl=self.attention_impl, decode=self.decode)
+
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """int[B, T] -> float[B, T, D]."""
         return self.embed_tokens(input_ids)
@@ -173,7 +171,10 @@ class LlamaModel(nn.Module):
         """inputs_embeds float[B, T, D], positions int[B, T], attention_mask bool[B, T] (bool[B, S] over
         the cache when decoding) -> final hidden states float[B, T, D]."""
         x = constrain(inputs_embeds.astype(self.dtype), ("batch", "length", "embed"))
-        if self.scan_layers:
+        if self.scan_layers and runs_stacked_unrolled(self, self.scan_unroll):
+            x = run_stacked_layers(self, "layers", LlamaLayer, self.cfg.num_layers, self.remat_policy, self._layer_kwargs(),
+                                   x, positions, attention_mask, deterministic)
+        elif self.scan_layers:
             x, _ = self.layers(x, positions, attention_mask, deterministic)
         else:
             for layer in self.layers:
