@@ -22,6 +22,8 @@ def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
         # 2-4 layers a tower, run on CPU: the layers unrolled over their stacked params are faster
         # than the scan, and compile time hardly grows at this depth (the 7B recipes keep the scan).
         scan_unroll=0,
+        # The LLM's causal attention in query blocks of <= 128 rows (no work on the masked triangle).
+        causal_query_block=128,
     )
     config = base_config(model)
     config.stage = stage

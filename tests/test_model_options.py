@@ -65,6 +65,39 @@ def test_layers_unrolled_over_stacked_params_match_the_scan(setup, policy):
     assert "while" not in hlo and "while" in jax.jit(lambda p: MplugOwl(cfg).apply({"params": p}, **batch)).lower(params).as_text()
 
 
+@pytest.mark.parametrize("block", [5, 7])
+def test_causal_query_blocks_match_one_block(setup, block):
+    """The LLM's attention in query blocks (each against the keys up to its last row): same loss and
+    gradients, with a padded sample, and fewer FLOPs (the masked triangle is skipped)."""
+    cfg, params, batch, loss_mask = setup
+    padded = {**batch, "attention_mask": batch["attention_mask"].at[1, 19:].set(0)}
+    loss, grads = _loss_and_grad(cfg, params, padded, loss_mask)
+    blocked = dataclasses.replace(cfg, causal_query_block=block)
+    loss_b, grads_b = _loss_and_grad(blocked, params, padded, loss_mask)
+    np.testing.assert_allclose(loss_b, loss, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_b)):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+
+    def flops(c):
+        f = jax.jit(lambda p: MplugOwl(c).apply({"params": p}, **padded))
+        return f.lower(params).compile().cost_analysis()["flops"]
+
+    assert flops(blocked) < flops(cfg)
+
+
+def test_causal_query_blocks_with_grouped_kv_heads():
+    from owl_jax.models.layers import attention
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 11, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 11, 2, 8)), jnp.float32) for _ in range(2))
+    valid = jnp.asarray(np.arange(11)[None, :] < np.array([[11], [8]]))
+    mask = jnp.tril(jnp.ones((11, 11), bool))[None, None] & valid[:, None, None, :]
+    whole = attention(q, k, v, mask)
+    np.testing.assert_allclose(attention(q, k, v, mask, causal_query_block=3), whole, atol=1e-6)
+    np.testing.assert_allclose(attention(q, k, v, mask, causal_query_block=11), whole, atol=0)
+
+
 def test_unknown_remat_policy_is_a_clear_error(setup):
     cfg, params, batch, _ = setup
     with pytest.raises(ValueError, match="remat_policy 'sometimes'"):

@@ -104,6 +104,10 @@ class OwlConfig:
     # compile time grows with depth.
     scan_unroll: int = 1
     attention_impl: str = "xla"  # "xla" (einsum, fp32 softmax) | "cudnn" | "auto" (jax.nn.dot_product_attention)
+    # "xla" path only: the LLM's causal attention over a whole sequence (training, scoring; not the
+    # cached decode) runs in query blocks of this many rows, each against the keys up to its last
+    # row (`layers.attention`); 0: one block. Skips the masked upper triangle.
+    causal_query_block: int = 0
 
     def __post_init__(self):
         if self.vision.hidden_size != self.abstractor.encoder_hidden_size:

@@ -124,6 +124,7 @@ def attention(
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     kv_heads_first: bool = False,
+    causal_query_block: int = 0,
 ) -> jax.Array:
     """Multi-head attention with grouped KV heads.
 
@@ -131,8 +132,24 @@ def attention(
     cache's layout, so decoding reads it without a transpose) with H % K == 0, mask bool[B, 1, T, S]
     (True = attend) or None. Returns float[B, T, H, Dh]. Softmax in fp32; masked scores get the
     dtype's minimum, so a fully masked row (a padding query) stays finite.
+
+    causal_query_block > 0 (the "xla" path, T == S, a mask that is causal): the queries run in even
+    blocks of at most that many rows, each against the keys up to its own last row. That skips the
+    masked upper triangle (about half the score work) and keeps each block's scores small: a
+    bench_small LLaMA layer's attention, fwd+bwd on 2 CPU cores, 92 -> 67 ms at 128.
     """
     b, t, h, dh = q.shape
+    if 0 < causal_query_block < t and impl == "xla" and not kv_heads_first and k.shape[1] == t:
+        outs = []
+        rows = -(-t // -(-t // causal_query_block))  # even blocks of at most causal_query_block rows
+        for i, start in enumerate(range(0, t, rows)):
+            end = min(start + rows, t)
+            outs.append(attention(
+                q[:, start:end], k[:, :end], v[:, :end], None if mask is None else mask[:, :, start:end, :end],
+                impl=impl, dropout_rate=dropout_rate,
+                dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, i),
+            ))
+        return jnp.concatenate(outs, axis=1)
     if kv_heads_first and impl in ("cudnn", "auto"):
         k, v, kv_heads_first = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), False
     kv_heads = k.shape[1] if kv_heads_first else k.shape[2]

@@ -40,6 +40,7 @@ class LlamaAttention(nn.Module):
     param_dtype: Dtype
     attention_impl: str
     decode: bool
+    causal_query_block: int = 0  # see OwlConfig.causal_query_block
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, key_valid: jax.Array, deterministic: bool) -> jax.Array:
@@ -59,7 +60,8 @@ class LlamaAttention(nn.Module):
         else:
             causal = jnp.tril(jnp.ones((t, t), dtype=bool))
         mask = causal[None, None] & key_valid[:, None, None, :].astype(bool)
-        out = attention(q, key, value, mask, impl=self.attention_impl, kv_heads_first=self.decode)
+        out = attention(q, key, value, mask, impl=self.attention_impl, kv_heads_first=self.decode,
+                        causal_query_block=0 if self.decode else self.causal_query_block)
         return projection(self, cfg.hidden_size, ("heads", "embed"), "o_proj")(out.reshape(b, t, h * dh), deterministic)
 
     def _update_cache(self, key: jax.Array, value: jax.Array):
@@ -105,12 +107,14 @@ class LlamaLayer(nn.Module):
     param_dtype: Dtype
     attention_impl: str
     decode: bool
+    causal_query_block: int = 0
 
     @nn.compact
     def __call__(self, x, positions, key_valid, deterministic: bool):
         norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.param_dtype, name=name)
         attn = LlamaAttention(
-            self.cfg, self.lora, self.dtype, self.param_dtype, self.attention_impl, self.decode, name="self_attn"
+            self.cfg, self.lora, self.dtype, self.param_dtype, self.attention_impl, self.decode,
+            self.causal_query_block, name="self_attn"
         )
         x = x + attn(norm("input_layernorm")(x), positions, key_valid, deterministic)
         x = x + LlamaMLP(self.cfg, self.lora, self.dtype, self.param_dtype, name="mlp")(
@@ -140,6 +144,7 @@ class LlamaModel(nn.Module):
     decode: bool = False
     scan_unroll: int = 1
     scan_layers: bool = True
+    causal_query_block: int = 0
 
     def setup(self):
         self.embed_tokens = nn.Embed(
@@ -161,7 +166,7 @@ class LlamaModel(nn.Module):
 
     def _layer_kwargs(self) -> dict:
         return dict(cfg=self.cfg, lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype,
-                    attention_impl=self.attention_impl, decode=self.decode)
+                    attention_impl=self.attention_impl, decode=self.decode, causal_query_block=self.causal_query_block)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """int[B, T] -> float[B, T, D]."""
@@ -261,11 +266,12 @@ class LlamaForCausalLM(nn.Module):
     # The LM head kernel stored float[V, D] (torch's layout) instead of float[D, V]. For decoding: XLA's
     # CPU dot of float[8, 512] hidden states with a [32000, 512] kernel is ~30% faster (7 vs 10 ms).
     lm_head_vocab_major: bool = False
+    causal_query_block: int = 0  # see OwlConfig.causal_query_block
 
     def setup(self):
         self.model = LlamaModel(
             self.cfg, self.lora, self.dtype, self.param_dtype, self.remat_policy, self.attention_impl, self.decode,
-            self.scan_unroll, self.scan_layers,
+            self.scan_unroll, self.scan_layers, self.causal_query_block,
         )
         self.lm_head = Dense(
             self.cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -72,7 +72,7 @@ class MplugOwl(nn.Module):
         self.abstractor = VisualAbstractor(cfg.abstractor, cfg.llm.hidden_size, **common)
         self.language_model = LlamaForCausalLM(
             cfg.llm, cfg.lora, decode=self.decode, scan_layers=not self.decode_layout,
-            lm_head_vocab_major=self.decode_layout, **common,
+            lm_head_vocab_major=self.decode_layout, causal_query_block=cfg.causal_query_block, **common,
         )
 
     def encode_images(self, pixel_values: jax.Array, deterministic: bool = True) -> jax.Array:

@@ -2,7 +2,8 @@
 
 Per tower, weight matmuls cost 2 FLOPs per multiply-add forward, the same again for the input
 gradient when anything upstream trains, and again for the weight gradient when the tower's weights
-train. So a frozen LLM in stage 1 costs forward + input gradient only (4N per token), not 6N.
+train. The patch embedding counts as its own tower upstream of the ViT's layers: when the vision
+weights train, every ViT layer needs its input gradient, the patch embedding (fed by pixels) does not. So a frozen LLM in stage 1 costs forward + input gradient only (4N per token), not 6N.
 Attention score/value matmuls: forward, plus 2x backward when a gradient flows through them.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ def forward_flops(cfg: OwlConfig, shape: StepShape) -> dict[str, tuple[float, fl
     s = v.num_positions
     n_img = shape.images
     patch = 2 * n_img * (s - 1) * 3 * v.patch_size**2 * v.hidden_size
-    vis_w = patch + 2 * n_img * s * v.num_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.mlp_size)
+    vis_w = 2 * n_img * s * v.num_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.mlp_size)
     vis_a = 4 * n_img * v.num_layers * s * s * v.hidden_size
     q, kv = a.num_queries, a.num_queries + s
     abs_w = 2 * n_img * a.num_layers * (2 * q * a.hidden_size**2 + 2 * kv * a.hidden_size**2 + 3 * q * a.hidden_size * a.ffn_size)
@@ -48,7 +49,7 @@ def forward_flops(cfg: OwlConfig, shape: StepShape) -> dict[str, tuple[float, fl
                   "o_proj": (l.num_heads * hd, d), "gate_proj": (d, l.mlp_size), "up_proj": (d, l.mlp_size),
                   "down_proj": (l.mlp_size, d)}
         lora = 2 * tokens * l.num_layers * sum(cfg.lora.rank * sum(widths[m]) for m in cfg.lora.target_modules)
-    return {"vision": (vis_w, vis_a), "abstractor": (abs_w, abs_a), "llm": (llm_w, llm_a), "lora": (lora, 0.0)}
+    return {"patch_embed": (patch, 0.0), "vision": (vis_w, vis_a), "abstractor": (abs_w, abs_a), "llm": (llm_w, llm_a), "lora": (lora, 0.0)}
 
 
 def train_step_flops(cfg: OwlConfig, shape: StepShape, trainable_towers: set[str]) -> float:
@@ -56,8 +57,8 @@ def train_step_flops(cfg: OwlConfig, shape: StepShape, trainable_towers: set[str
     fwd = forward_flops(cfg, shape)
     total = 0.0
     upstream = False
-    for tower in ("vision", "abstractor", "llm"):
-        trains = tower in trainable_towers
+    for tower in ("patch_embed", "vision", "abstractor", "llm"):
+        trains = ("vision" if tower == "patch_embed" else tower) in trainable_towers
         # LoRA adapters sit inside every LLM layer: input gradients flow through the whole LLM.
         upstream_for_tower = upstream or (tower == "llm" and "lora" in trainable_towers)
         wm, am = _tower_multipliers(trains, upstream_for_tower)
