@@ -3,6 +3,7 @@ r"""How fast does the tiny LLaMA (configs/tiny.py) learn to read its context? (i
     JAX_PLATFORMS=cpu python bench/tiny_llm_retrieval.py --task copy  [--steps 300]
     JAX_PLATFORMS=cpu python bench/tiny_llm_retrieval.py --task repeat [--steps 500] [--torch]
     JAX_PLATFORMS=cpu python bench/tiny_llm_retrieval.py --task scene --tokenizer DIR/tokenizer [--steps 600]
+        [--qa_per_scene 8 --answers_only --seq_len 144 --batch 16] [--heads 8] [--single_shape_share 1.0]
 
 copy:      BOS x1..x12 SEP x1..x12 with random token ids, loss on the second half. The offset
            between the copies is always 13, so a positional head alone solves it.
@@ -15,6 +16,9 @@ scene:     ShapesWorld questions with the scene told as text ("<caption> Q: <que
            no system prompt, loss on every token), trained from scratch; every 100 steps prints the
            exact-match rate per ability on 256 held-out questions (teacher-forced: every answer token
            must be the argmax). The main job's frozen LLM needs exactly this skill.
+           --qa_per_scene K trains on one scene followed by up to K distinct questions about it (8x
+           the binding examples per token), --answers_only puts the loss on the answers alone,
+           --heads N changes the LLM's head count (head size hidden/N).
 
 Every 50 steps (100 for scene) it prints the loss and token accuracy. --torch trains transformers'
 PyTorch `LlamaForCausalLM` of the same shape on the same batches with the same recipe (AdamW,
@@ -102,9 +106,33 @@ def scene_sample(item, encode) -> tuple[list[int], list[int]]:
     return ids, answer
 
 
-def scene_batches(rng, batch: int, seq_len: int, encode):
+def dense_scene_item(rng, k: int) -> dict:
+    """One scene told once, then up to k questions about it (colour, shape, count, position, reading)."""
     from owl_jax.data import shapesworld as sw
 
+    scene = sw.sample_scene(rng)
+    kinds = ["colour", "shape", "count", "position"] + (["reading"] if scene["word"] else [])
+    turns = {}
+    for _ in range(3 * k):  # distinct questions only: a repeated one could be copied from its first answer
+        t = sw.ask(str(rng.choice(kinds)), scene, rng)
+        if t is not None and len(turns) < k:
+            turns.setdefault(t[0], t)
+    turns = list(turns.values())
+    return {"category": "dense", "scenes": [scene], "turns": turns}
+
+
+def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, answers_only: bool = False):
+    from owl_jax.data import shapesworld as sw
+
+    if qa_per_scene:
+        while True:
+            ids, loss = np.zeros((batch, seq_len), np.int32), np.zeros((batch, seq_len), np.int32)
+            for i in range(batch):
+                x, a = scene_sample(dense_scene_item(rng, qa_per_scene), encode)
+                x, a = x[:seq_len], a[:seq_len]
+                ids[i, :len(x)] = x
+                loss[i, :len(x)] = a if answers_only else np.r_[0, np.ones(len(x) - 1, int)]
+            yield ids, loss
     while True:
         ids, loss = np.zeros((batch, seq_len), np.int32), np.zeros((batch, seq_len), np.int32)
         i = 0
@@ -179,6 +207,10 @@ def main():
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--single_shape_share", type=float, default=0.0,
                    help="scene: share of training scenes drawn with one shape (the held-out ones keep 1-4)")
+    p.add_argument("--qa_per_scene", type=int, default=0,
+                   help="scene: train on one scene followed by this many questions about it (0: the text_train mix)")
+    p.add_argument("--answers_only", action="store_true", help="scene with --qa_per_scene: loss on the answers only")
+    p.add_argument("--heads", type=int, default=0, help="LLM attention heads (0: configs/tiny.py's)")
     p.add_argument("--torch", action="store_true", help="copy/repeat/induction: train the PyTorch reference instead")
     args = p.parse_args()
 
@@ -209,10 +241,12 @@ def main():
                 return draw(r, n_shapes, word)
 
             sw.sample_scene = sample_scene
-        batches = scene_batches(rng, args.batch, seq_len, encode)
+        batches = scene_batches(rng, args.batch, seq_len, encode, args.qa_per_scene, args.answers_only)
 
     c = load_config_file("configs/tiny.py:full_ft")
     c.batch_size, c.seq_len, c.max_images_per_batch, c.num_steps = args.batch, seq_len, 1, args.steps
+    if args.heads:
+        c.model.llm.update(num_heads=args.heads, num_kv_heads=args.heads)
     c.optim.lr, c.optim.warmup_steps, c.optim.end_lr = args.lr, 30, args.lr / 20
     if args.torch:
         if args.task == "scene":
