@@ -36,12 +36,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.stages = ml_collections.ConfigDict()
     # Stage 0: text-only pretraining of the tiny LLaMA (it stands in for LLaMA's own pretraining):
     # captions and instructions with every image written out as its caption (split text_train),
-    # so the LLM learns to answer from what the context shows; the whole LLM trained.
+    # so the LLM learns to answer from what the context shows, plus quizzes (a told scene, then up to
+    # 5 questions about it: many binding examples per scene); the whole LLM trained.
     c.stages.stage0 = ml_collections.ConfigDict({
         "stage": "full_ft",
         "num_steps": 1000,
         "batch_size": 16,
-        "seq_len": 128,  # text_train conversations are at most ~124 tokens
+        "seq_len": 144,  # text_train conversations are at most ~145 tokens (the quizzes)
         "max_images_per_batch": 2,  # text only: unused slots
         "optim": {"lr": 2e-3, "end_lr": 1e-4, "warmup_steps": 50, "weight_decay": 0.01},
         "data": {"split": "text_train", "text_only": True},

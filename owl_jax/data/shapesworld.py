@@ -11,8 +11,8 @@ never occurs in train, where the scene is compared by its content: shapes, colou
 * ``captions_train`` / ``captions_test`` (stage 1): ``Human: <image>`` then the AI's one-sentence
   caption naming every shape, e.g. "A red circle on the left and a blue star at the top."
 * ``text_train`` (stage 0, the LLM's text pretraining): captions and instructions drawn like the two
-  train splits (and disjoint from their test splits), with no images: every ``<image>`` is written
-  out as its scene's caption. Reading a scene from the context, not guessing it, is what the
+  train splits (and disjoint from their test splits), plus quizzes (a scene, then up to 5 distinct
+  questions about it), with no images: every ``<image>`` is written out as its scene's caption. Reading a scene from the context, not guessing it, is what the
   frozen LLM must already know for stage 1 to teach the vision side to speak to it (LLaMA learns
   that from its own pretraining; a tiny LLM trained on image-less text does not).
 * ``instructions_train`` / ``instructions_test`` (stage 2), categories (``category`` field):
@@ -61,7 +61,9 @@ SPLITS = ("captions_train", "captions_test", "instructions_train", "instructions
 _SPLIT_CODE = {s: i + 1 for i, s in enumerate(SPLITS)}
 DEFAULT_SIZES = {"captions_train": 4000, "captions_test": 200, "instructions_train": 12000, "instructions_test": 400,
                  "text_train": 16000}
-TEXT_CAPTION_SHARE = 0.25  # text_train: share of captions (the rest: instructions)
+TEXT_CAPTION_SHARE = 0.25  # text_train: share of captions
+TEXT_QUIZ_SHARE = 0.4  # text_train: share of told scenes quizzed with up to QUIZ_TURNS questions (the rest: instructions)
+QUIZ_TURNS = 5
 WORD_PROB = 0.3
 
 # ---------------------------------------------------------------- scenes
@@ -264,8 +266,24 @@ def _caption(rng: np.random.Generator) -> dict:
     return {"category": "caption", "scenes": [scene], "caption": describe(scene)}
 
 
+def _quiz(rng: np.random.Generator) -> dict | None:
+    """One scene, then up to QUIZ_TURNS distinct questions about it (a multi-turn conversation): many
+    binding examples (the colour *of the star*) per told scene, for stage 0."""
+    scene = sample_scene(rng)
+    kinds = ["colour", "shape", "count", "position"] + (["reading"] if scene["word"] else [])
+    turns: dict[str, tuple[str, str]] = {}
+    for _ in range(3 * QUIZ_TURNS):
+        qa = ask(str(rng.choice(kinds)), scene, rng)
+        if qa is not None and len(turns) < QUIZ_TURNS:
+            turns.setdefault(qa[0], qa)  # a repeated question could be answered by copying the first answer
+    return {"category": "multi_turn", "scenes": [scene], "turns": list(turns.values())} if len(turns) >= 2 else None
+
+
 def _text_item(rng: np.random.Generator) -> dict | None:
-    return _caption(rng) if rng.random() < TEXT_CAPTION_SHARE else _instruction(rng)
+    u = rng.random()
+    if u < TEXT_CAPTION_SHARE:
+        return _caption(rng)
+    return _quiz(rng) if u < TEXT_CAPTION_SHARE + TEXT_QUIZ_SHARE else _instruction(rng)
 
 
 def write_scenes_as_text(text: str, scenes: list[dict]) -> str:
