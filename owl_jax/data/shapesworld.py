@@ -12,9 +12,10 @@ never occurs in train, where the scene is compared by its content: shapes, colou
   caption naming every shape, e.g. "A red circle on the left and a blue star at the top."
 * ``text_train`` (stage 0, the LLM's text pretraining): captions and instructions drawn like the two
   train splits (and disjoint from their test splits), plus quizzes (a scene, then up to 5 distinct
-  questions about it), with no images: every ``<image>`` is written out as its scene's caption. Reading a scene from the context, not guessing it, is what the
-  frozen LLM must already know for stage 1 to teach the vision side to speak to it (LLaMA learns
-  that from its own pretraining; a tiny LLM trained on image-less text does not).
+  questions about it), with no images: every ``<image>`` is written out as its scene's caption.
+  Reading a scene from the context, not guessing it, is what the frozen LLM must already know for
+  stage 1 to teach the vision side to speak to it (LLaMA learns that from its own pretraining; a
+  tiny LLM trained on image-less text does not).
 * ``instructions_train`` / ``instructions_test`` (stage 2), categories (``category`` field):
   colour, shape, count, position (single image); two_image (which has more shapes; same colour?);
   reading (the rendered word); multi_turn (2-3 questions on one image); text_only (arithmetic,
@@ -62,7 +63,7 @@ _SPLIT_CODE = {s: i + 1 for i, s in enumerate(SPLITS)}
 DEFAULT_SIZES = {"captions_train": 4000, "captions_test": 200, "instructions_train": 12000, "instructions_test": 400,
                  "text_train": 16000}
 TEXT_CAPTION_SHARE = 0.25  # text_train: share of captions
-TEXT_QUIZ_SHARE = 0.4  # text_train: share of told scenes quizzed with up to QUIZ_TURNS questions (the rest: instructions)
+TEXT_QUIZ_SHARE = 0.4  # text_train: share of quizzes, a told scene and up to QUIZ_TURNS questions (rest: instructions)
 QUIZ_TURNS = 5
 WORD_PROB = 0.3
 

@@ -2,8 +2,9 @@
 
 Per tower, weight matmuls cost 2 FLOPs per multiply-add forward, the same again for the input
 gradient when anything upstream trains, and again for the weight gradient when the tower's weights
-train. The patch embedding counts as its own tower upstream of the ViT's layers: when the vision
-weights train, every ViT layer needs its input gradient, the patch embedding (fed by pixels) does not. So a frozen LLM in stage 1 costs forward + input gradient only (4N per token), not 6N.
+train. So a frozen LLM in stage 1 costs forward + input gradient only (4N per token), not 6N. The
+patch embedding counts as its own tower upstream of the ViT's layers: when the vision weights
+train, every ViT layer needs its input gradient; the patch embedding (fed by pixels) does not.
 Attention score/value matmuls: forward, plus 2x backward when a gradient flows through them.
 """
 from __future__ import annotations
@@ -49,7 +50,8 @@ def forward_flops(cfg: OwlConfig, shape: StepShape) -> dict[str, tuple[float, fl
                   "o_proj": (l.num_heads * hd, d), "gate_proj": (d, l.mlp_size), "up_proj": (d, l.mlp_size),
                   "down_proj": (l.mlp_size, d)}
         lora = 2 * tokens * l.num_layers * sum(cfg.lora.rank * sum(widths[m]) for m in cfg.lora.target_modules)
-    return {"patch_embed": (patch, 0.0), "vision": (vis_w, vis_a), "abstractor": (abs_w, abs_a), "llm": (llm_w, llm_a), "lora": (lora, 0.0)}
+    return {"patch_embed": (patch, 0.0), "vision": (vis_w, vis_a), "abstractor": (abs_w, abs_a), "llm": (llm_w, llm_a),
+            "lora": (lora, 0.0)}
 
 
 def train_step_flops(cfg: OwlConfig, shape: StepShape, trainable_towers: set[str]) -> float:
