@@ -106,21 +106,6 @@ def scene_sample(item, encode) -> tuple[list[int], list[int]]:
     return ids, answer
 
 
-def dense_scene_item(rng, k: int) -> dict:
-    """One scene told once, then up to k questions about it (colour, shape, count, position, reading)."""
-    from owl_jax.data import shapesworld as sw
-
-    scene = sw.sample_scene(rng)
-    kinds = ["colour", "shape", "count", "position"] + (["reading"] if scene["word"] else [])
-    turns = {}
-    for _ in range(3 * k):  # distinct questions only: a repeated one could be copied from its first answer
-        t = sw.ask(str(rng.choice(kinds)), scene, rng)
-        if t is not None and len(turns) < k:
-            turns.setdefault(t[0], t)
-    turns = list(turns.values())
-    return {"category": "dense", "scenes": [scene], "turns": turns}
-
-
 def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, answers_only: bool = False):
     from owl_jax.data import shapesworld as sw
 
@@ -128,7 +113,9 @@ def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, 
         while True:
             ids, loss = np.zeros((batch, seq_len), np.int32), np.zeros((batch, seq_len), np.int32)
             for i in range(batch):
-                x, a = scene_sample(dense_scene_item(rng, qa_per_scene), encode)
+                while (item := sw._quiz(rng, qa_per_scene)) is None:  # the main job's stage-0 quizzes
+                    pass
+                x, a = scene_sample(item, encode)
                 x, a = x[:seq_len], a[:seq_len]
                 ids[i, :len(x)] = x
                 loss[i, :len(x)] = a if answers_only else np.r_[0, np.ones(len(x) - 1, int)]

@@ -25,11 +25,12 @@ def answer_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -
     targets = input_ids[:, 1:]
     weights = loss_mask[:, 1:].astype(jnp.float32)
     logits = logits[:, :-1].astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(targets, 0))
+    label = jnp.maximum(targets, 0)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, label)
     num_tokens = weights.sum()
     loss = (ce * weights).sum() / jnp.maximum(num_tokens, 1.0)
-    correct = (_is_top(logits, jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], -1)[..., 0], targets)
-               * weights).sum()
+    picked = jnp.take_along_axis(logits, label[..., None], axis=-1)[..., 0]
+    correct = (_is_top(logits, picked, targets) * weights).sum()
     metrics = {
         "loss_tokens": num_tokens,
         "correct_tokens": correct,

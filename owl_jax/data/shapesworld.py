@@ -267,15 +267,15 @@ def _caption(rng: np.random.Generator) -> dict:
     return {"category": "caption", "scenes": [scene], "caption": describe(scene)}
 
 
-def _quiz(rng: np.random.Generator) -> dict | None:
-    """One scene, then up to QUIZ_TURNS distinct questions about it (a multi-turn conversation): many
-    binding examples (the colour *of the star*) per told scene, for stage 0."""
+def _quiz(rng: np.random.Generator, max_turns: int = QUIZ_TURNS) -> dict | None:
+    """One scene, then up to `max_turns` distinct questions about it (a multi-turn conversation):
+    many binding examples (the colour *of the star*) per told scene, for stage 0."""
     scene = sample_scene(rng)
     kinds = ["colour", "shape", "count", "position"] + (["reading"] if scene["word"] else [])
     turns: dict[str, tuple[str, str]] = {}
-    for _ in range(3 * QUIZ_TURNS):
+    for _ in range(3 * max_turns):
         qa = ask(str(rng.choice(kinds)), scene, rng)
-        if qa is not None and len(turns) < QUIZ_TURNS:
+        if qa is not None and len(turns) < max_turns:
             turns.setdefault(qa[0], qa)  # a repeated question could be answered by copying the first answer
     return {"category": "multi_turn", "scenes": [scene], "turns": list(turns.values())} if len(turns) >= 2 else None
 
