@@ -98,6 +98,22 @@ def test_causal_query_blocks_with_grouped_kv_heads():
     np.testing.assert_allclose(attention(q, k, v, mask, causal_query_block=11), whole, atol=0)
 
 
+def test_causal_hint_keeps_the_padding_mask():
+    """causal=True lets jax.nn.dot_product_attention skip the upper triangle ("auto" here; "cudnn" on
+    GPU takes the same arguments); the padding mask still applies, left padding included."""
+    from owl_jax.models.layers import attention
+
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(3, 9, 4, 8)), jnp.float32) for _ in range(3))
+    valid = jnp.asarray([[True] * 9, [True] * 6 + [False] * 3, [False] * 4 + [True] * 5])  # full, right-, left-padded
+    mask = jnp.tril(jnp.ones((9, 9), bool))[None, None] & valid[:, None, None, :]
+    want = attention(q, k, v, mask)
+    got = attention(q, k, v, mask, impl="auto", causal=True)
+    rows = np.asarray(valid)  # padded query rows carry no meaning
+    np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=1e-5)
+    assert not np.allclose(np.asarray(attention(q, k, v, None, impl="auto", causal=True))[2, 4:], np.asarray(want)[2, 4:], atol=1e-3)
+
+
 def test_unknown_remat_policy_is_a_clear_error(setup):
     cfg, params, batch, _ = setup
     with pytest.raises(ValueError, match="remat_policy 'sometimes'"):

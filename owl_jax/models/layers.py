@@ -137,12 +137,17 @@ def attention(
     dropout_rng: jax.Array | None = None,
     kv_heads_first: bool = False,
     causal_query_block: int = 0,
+    causal: bool = False,
 ) -> jax.Array:
     """Multi-head attention with grouped KV heads.
 
     q float[B, T, H, Dh], k/v float[B, S, K, Dh] (float[B, K, S, Dh] with kv_heads_first: the KV
     cache's layout, so decoding reads it without a transpose) with H % K == 0, mask bool[B, 1, T, S]
     (True = attend) or None. Returns float[B, T, H, Dh]. Softmax in fp32.
+
+    causal: `mask` already holds the causal triangle (T == S). The "cudnn" path then also tells
+    cuDNN (`is_causal`), which skips the masked upper triangle; the mask still applies, so results do
+    not depend on where the padding is.
 
     causal_query_block > 0 (the "xla" path, T == S, a mask that is causal): the queries run in even
     blocks of at most that many rows, each against the keys up to its own last row. That skips the
@@ -158,7 +163,7 @@ def attention(
     kv = "bksd" if kv_heads_first else "bskd"
     if impl in ("cudnn", "auto") and dropout_rate == 0.0:
         return jax.nn.dot_product_attention(
-            q, k, v, mask=mask, implementation=None if impl == "auto" else "cudnn"
+            q, k, v, mask=mask, is_causal=causal and k.shape[1] == t, implementation=None if impl == "auto" else "cudnn"
         )
     groups = h // kv_heads
     if groups == 1 and not kv_heads_first:

@@ -61,7 +61,7 @@ class LlamaAttention(nn.Module):
             causal = jnp.tril(jnp.ones((t, t), dtype=bool))
         mask = causal[None, None] & key_valid[:, None, None, :].astype(bool)
         out = attention(q, key, value, mask, impl=self.attention_impl, kv_heads_first=self.decode,
-                        causal_query_block=0 if self.decode else self.causal_query_block)
+                        causal_query_block=0 if self.decode else self.causal_query_block, causal=not self.decode)
         return projection(self, cfg.hidden_size, ("heads", "embed"), "o_proj")(out.reshape(b, t, h * dh), deterministic)
 
     def _update_cache(self, key: jax.Array, value: jax.Array):

@@ -1,0 +1,217 @@
+"""7B training steps on one GPU in bf16 (issue 8, item 4): ms/step, tokens/s, MFU, peak memory.
+
+    python bench/gpu_train_step.py [--out DIR] [--budget_s 500]   # every variant, each in its own process;
+                                                                  # DIR/results.jsonl, DIR/variants.log
+    python bench/gpu_train_step.py --variant stage2_lora_cudnn     # one
+
+The recipes of configs/mplug_owl_llama7b.py (bf16 compute, frozen weights in bf16, trainable ones
+in fp32 with AdamW), one micro-batch per step, synthetic tokens with one 224 x 224 image per sample:
+
+  stage2_lora_{cudnn,xla}  LoRA (rank 8 on q/v) + abstractor, full remat, 8 x 2048 tokens
+  stage1_{cudnn,xla}       vision + abstractor, frozen LLM, remat dots_no_batch, 32 x 512 tokens
+  stage2_lora_cudnn_dots   the stage-2 step saving the weight matmuls' outputs instead of full remat
+  full_ft8_cudnn           every LLM weight trains (fp32 master weights + AdamW moments: 16 bytes a
+                           parameter), so the LLM is cut to 8 of its 32 layers to fit one 80 GB GPU
+
+`cudnn`: attention through jax.nn.dot_product_attention(implementation="cudnn") with the causal hint;
+`xla`: our einsum attention with an fp32 softmax. MFU = analytic model FLOPs (training/flops.py: the
+matmuls the stage needs, no weight gradients for frozen weights, no remat recomputation) / step time
+/ the chip's dense bf16 peak (989 TFLOP/s for H100 and H200); also given against a measured 8192^3
+bf16 matmul. Peak memory: the allocator's peak (init included: the state is built in one program)
+and XLA's memory analysis of the compiled step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+VARIANTS = {
+    # name: (stage, attention, batch, seq_len, llm_layers (None: all 32), remat (None: the recipe's))
+    "stage2_lora_cudnn": ("stage2_lora", "cudnn", 8, 2048, None, None),
+    "stage2_lora_xla": ("stage2_lora", "xla", 8, 2048, None, None),
+    "stage1_cudnn": ("stage1", "cudnn", 32, 512, None, None),
+    "full_ft8_cudnn": ("full_ft", "cudnn", 8, 2048, 8, None),
+    "stage2_lora_cudnn_dots": ("stage2_lora", "cudnn", 8, 2048, None, "dots_no_batch"),
+    "stage1_xla": ("stage1", "xla", 32, 512, None, None),
+}
+GiB = 2**30
+
+
+def matmul_tflops() -> float:
+    import jax
+    import jax.numpy as jnp
+
+    n = 8192
+    a, b = (jax.random.normal(jax.random.PRNGKey(i), (n, n), jnp.bfloat16) for i in range(2))
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def run_variant(name: str, steps: int, config_path: str, overrides: dict) -> dict:
+    import jax
+
+    from owl_jax.configs import load_config_file
+    from owl_jax.sharding import make_mesh
+    from owl_jax.training.flops import StepShape, peak_flops, towers_of, train_step_flops
+    from owl_jax.training.synthetic import RandomBatches
+    from owl_jax.training.trainer import Trainer, global_batch, stack_micro_batches
+
+    stage, attention, batch, seq_len, layers, remat = VARIANTS[name]
+    # CPU smoke runs of this script shrink the variants (--attention/--batch/--seq_len/--llm_layers).
+    attention = overrides.get("attention") or attention
+    batch, seq_len = overrides.get("batch") or batch, overrides.get("seq_len") or seq_len
+    layers = overrides.get("llm_layers") or layers
+    config = load_config_file(f"{config_path}:{stage}")
+    config.model.attention_impl = attention
+    config.optim.grad_accum_steps = 1
+    config.update(batch_size=batch, seq_len=seq_len, max_images_per_batch=batch)
+    if layers:
+        config.model.llm.num_layers = layers
+    if remat:
+        config.model.remat_policy = remat
+    device = jax.devices()[0]
+    trainer = Trainer(config, make_mesh({"fsdp": 1}, [device]))
+    cfg = trainer.model_cfg
+    data = RandomBatches(batch_size=batch, seq_len=seq_len, max_images=batch, images_per_sample=1,
+                         vocab_size=cfg.llm.vocab_size, tokens_per_image=cfg.tokens_per_image,
+                         image_size=cfg.vision.image_size)
+    host = stack_micro_batches([next(data)])
+    step = trainer.jit_train_step({k: v.shape for k, v in host.items()})
+    batch_arrays = global_batch(host, step.batch_shardings)
+
+    t = time.perf_counter()
+    state = trainer.init_state(jax.random.PRNGKey(0))
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - t
+
+    import flax.linen as nn
+
+    t = time.perf_counter()
+    with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+        compiled = step.jitted.lower(state, batch_arrays).compile()
+    compile_s = time.perf_counter() - t
+    mem = compiled.memory_analysis()
+
+    losses, times = [], []
+    for i in range(steps + 1):  # the first step warms up (allocator, autotuned kernels)
+        t = time.perf_counter()
+        state, metrics = compiled(state, batch_arrays)
+        loss = float(metrics["loss"])
+        if i:
+            times.append(time.perf_counter() - t)
+        losses.append(loss)
+    ms = statistics.median(times) * 1e3
+    flops = train_step_flops(cfg, StepShape(batch, seq_len, batch), towers_of(trainer.trainable_paths))
+    peak = peak_flops(device.device_kind) or float("nan")
+    stats = device.memory_stats() or {}
+    n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(state["trainable"]))
+    return {
+        "variant": name, "stage": stage, "attention": attention, "batch": batch, "seq_len": seq_len,
+        "llm_layers": cfg.llm.num_layers, "remat": cfg.remat_policy, "trainable_params": int(n_trainable),
+        "device": device.device_kind, "jax": jax.__version__,
+        "init_s": round(init_s, 1), "compile_s": round(compile_s, 1),
+        "ms_per_step": round(ms, 1), "step_ms_all": [round(x * 1e3, 1) for x in times],
+        "tokens_per_s": round(batch * seq_len / ms * 1e3), "model_tflop_per_step": round(flops / 1e12, 2),
+        "model_tflops_per_s": round(flops / ms / 1e9, 1), "mfu": round(flops / ms * 1e3 / peak, 4),
+        "peak_bytes_in_use_gib": round(stats.get("peak_bytes_in_use", 0) / GiB, 2),
+        "xla_argument_gib": round(mem.argument_size_in_bytes / GiB, 2), "xla_temp_gib": round(mem.temp_size_in_bytes / GiB, 2),
+        "losses": [round(x, 4) for x in losses],
+    }
+
+
+def drive(args) -> None:
+    """Each measurement in its own process: the allocator's peak is then the variant's own, and the
+    driver holds no device memory."""
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp()
+    env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")}
+    probe = subprocess.run([sys.executable, __file__, "--matmul"], capture_output=True, text=True, env=env)
+    if probe.returncode:
+        sys.exit(f"matmul probe failed:\n{probe.stdout}{probe.stderr}")
+    machine = json.loads(probe.stdout.strip().splitlines()[-1])
+    rate = machine["bf16_matmul_tflops"]
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {machine['device']} jax {machine['jax']}; "
+          f"bf16 8192^3 matmul {rate:.0f} TFLOP/s", flush=True)
+    start, rows = time.time(), []
+    for name in args.variants:
+        left = args.budget_s - (time.time() - start)
+        if left < 60:
+            print(f"{name}: skipped, {left:.0f} s of the budget left", flush=True)
+            continue
+        path = os.path.join(work, f"{name}.json")
+        cmd = [sys.executable, __file__, "--variant", name, "--steps", str(args.steps), "--json", path, "--config", args.config]
+        cmd += [f"--{k}={v}" for k, v in overrides(args).items() if v]
+        t = time.time()
+        try:
+            proc = subprocess.run(cmd, timeout=min(left, args.variant_timeout_s), capture_output=True, text=True, env=env)
+            log = proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as e:
+            log = f"TIMEOUT after {time.time() - t:.0f} s\n" + (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        with open(os.path.join(args.out, "variants.log"), "a") as f:
+            f.write(f"===== {name}\n{log}\n")
+        if os.path.exists(path):
+            r = json.load(open(path))
+            r["mfu_of_matmul"] = round(r["model_tflops_per_s"] / rate, 4)
+            rows.append(r)
+            with open(os.path.join(args.out, "results.jsonl"), "a") as f:
+                f.write(json.dumps(r) + "\n")
+            print(json.dumps(r), flush=True)
+        else:
+            print(f"{name}: FAILED after {time.time() - t:.0f} s:\n{log[-2500:]}", flush=True)
+    print(f"\n| variant | layers | batch x seq | ms/step | tokens/s | model TFLOP/s | MFU (989) | of matmul ({rate:.0f}) "
+          f"| peak GiB (allocator / XLA args+temp) | compile s |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['llm_layers']} | {r['batch']} x {r['seq_len']} | {r['ms_per_step']:.0f} | {r['tokens_per_s']} "
+              f"| {r['model_tflops_per_s']:.0f} | {r['mfu']:.1%} | {r['mfu_of_matmul']:.1%} | {r['peak_bytes_in_use_gib']:.1f} / "
+              f"{r['xla_argument_gib'] + r['xla_temp_gib']:.1f} | {r['compile_s']:.0f} |")
+
+
+def overrides(args) -> dict:
+    return {k: getattr(args, k) for k in ("attention", "batch", "seq_len", "llm_layers")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", choices=sorted(VARIANTS))
+    p.add_argument("--matmul", action="store_true", help="only print the device and its bf16 matmul rate")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "mplug_owl_llama7b.py"))
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--json")
+    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_bench"))
+    p.add_argument("--budget_s", type=float, default=500)
+    p.add_argument("--variant_timeout_s", type=float, default=170)
+    p.add_argument("--attention", choices=["xla", "cudnn", "auto"])
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seq_len", type=int)
+    p.add_argument("--llm_layers", type=int)
+    args = p.parse_args()
+    if args.matmul:
+        import jax
+
+        print(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "bf16_matmul_tflops": matmul_tflops()}))
+    elif args.variant:
+        result = run_variant(args.variant, args.steps, args.config, overrides(args))
+        with open(args.json or os.devnull, "w") as f:
+            json.dump(result, f)
+        print(json.dumps(result))
+    else:
+        drive(args)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    main()
