@@ -9,7 +9,7 @@ in fp32 with AdamW), one micro-batch per step, synthetic tokens with one 224 x 2
 
   stage2_lora_{cudnn,xla}  LoRA (rank 8 on q/v) + abstractor, full remat, 8 x 2048 tokens
   stage1_{cudnn,xla}       vision + abstractor, frozen LLM, remat dots_no_batch, 32 x 512 tokens
-  stage2_lora_cudnn_dots   the stage-2 step saving the weight matmuls' outputs instead of full remat
+  *_dots                   saving the weight matmuls' outputs (remat dots_no_batch) instead of full remat
   full_ft8_cudnn           every LLM weight trains (fp32 master weights + AdamW moments: 16 bytes a
                            parameter), so the LLM is cut to 8 of its 32 layers to fit one 80 GB GPU
 
@@ -40,6 +40,7 @@ VARIANTS = {
     "full_ft8_cudnn": ("full_ft", "cudnn", 8, 2048, 8, None),
     "stage2_lora_cudnn_dots": ("stage2_lora", "cudnn", 8, 2048, None, "dots_no_batch"),
     "stage1_xla": ("stage1", "xla", 32, 512, None, None),
+    "full_ft8_cudnn_dots": ("full_ft", "cudnn", 8, 2048, 8, "dots_no_batch"),
 }
 GiB = 2**30
 

@@ -114,6 +114,18 @@ def test_causal_hint_keeps_the_padding_mask():
     assert not np.allclose(np.asarray(attention(q, k, v, None, impl="auto", causal=True))[2, 4:], np.asarray(want)[2, 4:], atol=1e-3)
 
 
+def test_cudnn_leaves_odd_lengths_to_xla():
+    """cuDNN cannot train on odd lengths (the ViT's 257 tokens): those run the XLA path, so on this CPU
+    (no cuDNN) they still compute; even lengths do ask for cuDNN."""
+    from owl_jax.models.layers import attention
+
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 9, 4, 8)), jnp.float32) for _ in range(3))
+    np.testing.assert_allclose(attention(q, k, v, None, impl="cudnn"), attention(q, k, v, None), atol=0)
+    with pytest.raises(Exception):
+        attention(q[:, :8], k[:, :8], v[:, :8], None, impl="cudnn")
+
+
 def test_unknown_remat_policy_is_a_clear_error(setup):
     cfg, params, batch, _ = setup
     with pytest.raises(ValueError, match="remat_policy 'sometimes'"):

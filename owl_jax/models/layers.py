@@ -161,7 +161,10 @@ def attention(
         k, v, kv_heads_first = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), False
     kv_heads = k.shape[1] if kv_heads_first else k.shape[2]
     kv = "bksd" if kv_heads_first else "bskd"
-    if impl in ("cudnn", "auto") and dropout_rate == 0.0:
+    # cuDNN's flash attention trains on even lengths only (jax 0.11: "Unsupported sequence length Q
+    # 257, KV 257", raised when the gradient is built): the ViT's 257 tokens take the XLA path.
+    cudnn_shape = t % 2 == 0 and k.shape[2 if kv_heads_first else 1] % 2 == 0
+    if impl in ("cudnn", "auto") and dropout_rate == 0.0 and (impl == "auto" or cudnn_shape):
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=causal and k.shape[1] == t, implementation=None if impl == "auto" else "cudnn"
         )
