@@ -9,6 +9,7 @@ in fp32 with AdamW), one micro-batch per step, synthetic tokens with one 224 x 2
 
   stage2_lora_{cudnn,xla}  LoRA (rank 8 on q/v) + abstractor, full remat, 8 x 2048 tokens
   stage1_{cudnn,xla}       vision + abstractor, frozen LLM, remat dots_no_batch, 32 x 512 tokens
+  *_cublas                 with XLA's Triton GEMM fusions off (every matmul through cuBLAS)
   *_dots                   saving the weight matmuls' outputs (remat dots_no_batch) instead of full remat
   full_ft8_cudnn           every LLM weight trains (fp32 master weights + AdamW moments: 16 bytes a
                            parameter), so the LLM is cut to 8 of its 32 layers to fit one 80 GB GPU
@@ -41,7 +42,10 @@ VARIANTS = {
     "stage2_lora_cudnn_dots": ("stage2_lora", "cudnn", 8, 2048, None, "dots_no_batch"),
     "stage1_xla": ("stage1", "xla", 32, 512, None, None),
     "full_ft8_cudnn_dots": ("full_ft", "cudnn", 8, 2048, 8, "dots_no_batch"),
+    "stage2_lora_cudnn_dots_cublas": ("stage2_lora", "cudnn", 8, 2048, None, "dots_no_batch"),
 }
+# Extra XLA flags per variant (the rest run with XLA's defaults).
+XLA_FLAGS = {"stage2_lora_cudnn_dots_cublas": "--xla_gpu_enable_triton_gemm=false"}
 GiB = 2**30
 
 
@@ -157,7 +161,9 @@ def drive(args) -> None:
         cmd += [f"--{k}={v}" for k, v in overrides(args).items() if v]
         t = time.time()
         try:
-            proc = subprocess.run(cmd, timeout=min(left, args.variant_timeout_s), capture_output=True, text=True, env=env)
+            flags = " ".join(x for x in (env.get("XLA_FLAGS", ""), XLA_FLAGS.get(name, "")) if x)
+            proc = subprocess.run(cmd, timeout=min(left, args.variant_timeout_s), capture_output=True, text=True,
+                                  env={**env, "XLA_FLAGS": flags})
             log = proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
             log = f"TIMEOUT after {time.time() - t:.0f} s\n" + (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
