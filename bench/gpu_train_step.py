@@ -18,8 +18,9 @@ in fp32 with AdamW), one micro-batch per step, synthetic tokens with one 224 x 2
 `xla`: our einsum attention with an fp32 softmax. MFU = analytic model FLOPs (training/flops.py: the
 matmuls the stage needs, no weight gradients for frozen weights, no remat recomputation) / step time
 / the chip's dense bf16 peak (989 TFLOP/s for H100 and H200); also given against a measured 8192^3
-bf16 matmul. Peak memory: the allocator's peak (init included: the state is built in one program)
-and XLA's memory analysis of the compiled step.
+bf16 matmul. Peak memory: XLA's memory analysis of the compiled step (arguments + temporaries), and
+the allocator's peak over the whole process (random init included: the layer scans make every
+weight in fp32 before the frozen ones are cast, ~38 GiB at 7B).
 """
 from __future__ import annotations
 
@@ -201,7 +202,7 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_bench"))
     p.add_argument("--budget_s", type=float, default=500)
     p.add_argument("--variant_timeout_s", type=float, default=170)
-    p.add_argument("--attention", choices=["xla", "cudnn", "auto"])
+    p.add_argument("--attention", choices=["xla", "cudnn", "jax", "auto"])
     p.add_argument("--batch", type=int)
     p.add_argument("--seq_len", type=int)
     p.add_argument("--llm_layers", type=int)

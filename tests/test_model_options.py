@@ -99,8 +99,8 @@ def test_causal_query_blocks_with_grouped_kv_heads():
 
 
 def test_causal_hint_keeps_the_padding_mask():
-    """causal=True lets jax.nn.dot_product_attention skip the upper triangle ("auto" here; "cudnn" on
-    GPU takes the same arguments); the padding mask still applies, left padding included."""
+    """causal=True lets jax.nn.dot_product_attention skip the upper triangle ("jax" here; "cudnn" on
+    GPU makes the same call); the padding mask still applies, left padding included."""
     from owl_jax.models.layers import attention
 
     rng = np.random.default_rng(1)
@@ -108,10 +108,10 @@ def test_causal_hint_keeps_the_padding_mask():
     valid = jnp.asarray([[True] * 9, [True] * 6 + [False] * 3, [False] * 4 + [True] * 5])  # full, right-, left-padded
     mask = jnp.tril(jnp.ones((9, 9), bool))[None, None] & valid[:, None, None, :]
     want = attention(q, k, v, mask)
-    got = attention(q, k, v, mask, impl="auto", causal=True)
+    got = attention(q, k, v, mask, impl="jax", causal=True)
     rows = np.asarray(valid)  # padded query rows carry no meaning
     np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=1e-5)
-    assert not np.allclose(np.asarray(attention(q, k, v, None, impl="auto", causal=True))[2, 4:], np.asarray(want)[2, 4:], atol=1e-3)
+    assert not np.allclose(np.asarray(attention(q, k, v, None, impl="jax", causal=True))[2, 4:], np.asarray(want)[2, 4:], atol=1e-3)
 
 
 def test_cudnn_leaves_odd_lengths_to_xla():
@@ -135,8 +135,12 @@ def test_unknown_remat_policy_is_a_clear_error(setup):
 def test_dot_product_attention_impl_matches_xla(setup):
     cfg, params, batch, _ = setup
     xla = MplugOwl(cfg).apply({"params": params}, **batch)
+    jax_impl = MplugOwl(dataclasses.replace(cfg, attention_impl="jax")).apply({"params": params}, **batch)
+    np.testing.assert_allclose(jax_impl, xla, atol=1e-4)
     auto = MplugOwl(dataclasses.replace(cfg, attention_impl="auto")).apply({"params": params}, **batch)
-    np.testing.assert_allclose(auto, xla, atol=1e-4)
+    np.testing.assert_array_equal(auto, xla)  # "auto" is the XLA path off GPU
+    with pytest.raises(ValueError, match="attention_impl='flash'"):
+        MplugOwl(dataclasses.replace(cfg, attention_impl="flash")).apply({"params": params}, **batch)
 
 
 def test_bf16_compute_stays_close_to_fp32(setup):

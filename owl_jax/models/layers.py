@@ -126,6 +126,12 @@ def _attention_probs(scores: jax.Array, mask: jax.Array | None, dropout_rate: fl
     return probs
 
 
+# "xla": our einsums with an fp32 softmax (every platform; dropout). "cudnn": cuDNN's fused attention
+# where it applies, else "xla". "jax": jax.nn.dot_product_attention's own default (the call cuDNN gets,
+# runnable anywhere: tests). "auto": "cudnn" on GPU, "xla" elsewhere.
+ATTENTION_IMPLS = ("xla", "cudnn", "jax", "auto")
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -155,19 +161,26 @@ def attention(
     bench_small LLaMA layer's attention, fwd+bwd on 2 CPU cores, 92 -> 62 ms at 128.
     """
     b, t, h, dh = q.shape
-    if 0 < causal_query_block < t and impl == "xla" and not kv_heads_first and k.shape[1] == t:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={impl!r}: expected one of {ATTENTION_IMPLS}")
+    if impl == "auto":  # per platform: cuDNN's fused kernel on GPU, the XLA path on CPU and TPU
+        impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    s = k.shape[2 if kv_heads_first else 1]
+    # cuDNN's flash attention trains on even lengths only (jax 0.11: "Unsupported sequence length Q
+    # 257, KV 257", raised when the gradient is built) and has no dropout here: the ViT's 257 tokens,
+    # the abstractor while it trains and one-token decode steps take the XLA path.
+    if impl == "cudnn" and (t % 2 or s % 2 or dropout_rate > 0.0):
+        impl = "xla"
+    if 0 < causal_query_block < t and impl == "xla" and not kv_heads_first and s == t:
         return _causal_blocks(q, k, v, mask, causal_query_block, dropout_rate, dropout_rng)
-    if kv_heads_first and impl in ("cudnn", "auto"):
-        k, v, kv_heads_first = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), False
+    if impl == "cudnn" or (impl == "jax" and dropout_rate == 0.0):
+        if kv_heads_first:
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=causal and s == t, implementation="cudnn" if impl == "cudnn" else None
+        )
     kv_heads = k.shape[1] if kv_heads_first else k.shape[2]
     kv = "bksd" if kv_heads_first else "bskd"
-    # cuDNN's flash attention trains on even lengths only (jax 0.11: "Unsupported sequence length Q
-    # 257, KV 257", raised when the gradient is built): the ViT's 257 tokens take the XLA path.
-    cudnn_shape = t % 2 == 0 and k.shape[2 if kv_heads_first else 1] % 2 == 0
-    if impl in ("cudnn", "auto") and dropout_rate == 0.0 and (impl == "auto" or cudnn_shape):
-        return jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=causal and k.shape[1] == t, implementation=None if impl == "auto" else "cudnn"
-        )
     groups = h // kv_heads
     if groups == 1 and not kv_heads_first:
         # Ungrouped heads: plain 4-D einsums. XLA CPU runs the grouped 5-D form with its size-1 group

@@ -89,13 +89,11 @@ class Trainer:
         or freshly initialised under jit straight into their shardings."""
         init_rng, state_rng = jax.random.split(rng)
         if params is None:
-            # One program from random init to state: each frozen weight is cast as it is made, so the
-            # whole model never sits on the devices in the param dtype (7B: 27 GB fp32 + 13 GB bf16).
-            return jax.jit(
-                lambda r, s: self._state_from_params(nn.unbox(init_params(self.model_cfg, r)), s),
-                out_shardings=self.state_shardings,
-            )(init_rng, state_rng)
-        params = jax.tree_util.tree_map(put_global, params, nn.unbox(self.param_shardings))
+            params = jax.jit(
+                lambda r: nn.unbox(init_params(self.model_cfg, r)), out_shardings=nn.unbox(self.param_shardings)
+            )(init_rng)
+        else:
+            params = jax.tree_util.tree_map(put_global, params, nn.unbox(self.param_shardings))
         return jax.jit(self._state_from_params, out_shardings=self.state_shardings, donate_argnums=0)(params, state_rng)
 
     def params(self, state: dict) -> dict:
