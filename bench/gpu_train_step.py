@@ -202,7 +202,7 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_bench"))
     p.add_argument("--budget_s", type=float, default=500)
     p.add_argument("--variant_timeout_s", type=float, default=170)
-    p.add_argument("--attention", choices=["xla", "cudnn", "jax", "auto"])
+    p.add_argument("--attention", choices=["xla", "cudnn", "splash", "jax", "auto"])
     p.add_argument("--batch", type=int)
     p.add_argument("--seq_len", type=int)
     p.add_argument("--llm_layers", type=int)

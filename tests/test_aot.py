@@ -24,3 +24,18 @@ def test_command_line_exits_nonzero_when_the_step_does_not_fit():
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "DOES NOT FIT" in proc.stdout
+
+
+def test_auto_attention_puts_the_splash_kernels_in_the_tpu_step():
+    """attention "auto" on a TPU mesh (compiled here ahead of time) runs the LLM's attention through
+    Pallas' splash kernels, heads sharded over `tensor` (GQA: 4 query heads of 128 on 2 KV heads)."""
+    from owl_jax.aot import compile_step, tpu_devices
+    from owl_jax.sharding import make_mesh
+    from owl_jax.training.trainer import Trainer
+
+    config = tiny_train_config("stage2_lora", **{"model.attention_impl": "auto", "model.llm.hidden_size": 512,
+                                                 "seq_len": 256, "mesh.fsdp": 2, "mesh.tensor": 2})
+    trainer = Trainer(config, make_mesh(config.mesh.to_dict(), tpu_devices("v5e:2x2")))
+    text = compile_step(trainer).as_text()
+    for kernel in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):
+        assert kernel in text, kernel

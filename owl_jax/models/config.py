@@ -103,8 +103,9 @@ class OwlConfig:
     # faster steps on CPU) and exact FLOP audits (XLA's cost analysis counts a loop body once), but
     # compile time grows with depth.
     scan_unroll: int = 1
-    # "xla" (einsums, fp32 softmax) | "cudnn" (cuDNN's fused kernel where it applies) | "auto" (cudnn
-    # on GPU, xla elsewhere) | "jax" (jax.nn.dot_product_attention's default); models.layers.attention
+    # "xla" (einsums, fp32 softmax) | "cudnn" (cuDNN's fused kernel where it applies) | "splash" (the
+    # Pallas TPU kernel for the LLM) | "auto" (cudnn on GPU, splash on TPU, xla on CPU) | "jax"
+    # (jax.nn.dot_product_attention's default); see models.layers.attention
     attention_impl: str = "xla"
     # "xla" path only: the LLM's causal attention over a whole sequence (training, scoring; not the
     # cached decode) runs in query blocks of this many rows, each against the keys up to its last

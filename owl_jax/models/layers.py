@@ -127,9 +127,15 @@ def _attention_probs(scores: jax.Array, mask: jax.Array | None, dropout_rate: fl
 
 
 # "xla": our einsums with an fp32 softmax (every platform; dropout). "cudnn": cuDNN's fused attention
-# where it applies, else "xla". "jax": jax.nn.dot_product_attention's own default (the call cuDNN gets,
-# runnable anywhere: tests). "auto": "cudnn" on GPU, "xla" elsewhere.
-ATTENTION_IMPLS = ("xla", "cudnn", "jax", "auto")
+# where it applies, else "xla". "splash": Pallas' splash kernel (models/splash.py) for the LLM's causal
+# attention where it applies, else "xla". "jax": jax.nn.dot_product_attention's own default (the call
+# cuDNN gets, runnable anywhere: tests). "auto": "cudnn" on GPU, "splash" on TPU, "xla" on CPU.
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "jax", "auto")
+
+
+def platform_attention(platform: str) -> str:
+    """What "auto" means on a platform ("cpu", "gpu", "tpu")."""
+    return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
 
 
 def attention(
@@ -163,9 +169,16 @@ def attention(
     b, t, h, dh = q.shape
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl={impl!r}: expected one of {ATTENTION_IMPLS}")
-    if impl == "auto":  # per platform: cuDNN's fused kernel on GPU, the XLA path on CPU and TPU
-        impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    if impl == "auto":
+        impl = platform_attention(jax.default_backend())
     s = k.shape[2 if kv_heads_first else 1]
+    if impl == "splash":  # the LLM's causal self-attention only (not the ViT, abstractor or decode steps)
+        from owl_jax.models import splash  # Pallas' TPU kernels: imported only when asked for
+
+        if causal and s == t and not kv_heads_first and dropout_rate == 0.0 and splash.supports(t, dh):
+            key_valid = jnp.ones((b, t), bool) if mask is None else mask[:, 0, -1, :]  # the last row: every key
+            return splash.causal_attention(q, k, v, key_valid)
+        impl = "xla"
     # cuDNN's flash attention trains on even lengths only (jax 0.11: "Unsupported sequence length Q
     # 257, KV 257", raised when the gradient is built) and has no dropout here: the ViT's 257 tokens,
     # the abstractor while it trains and one-token decode steps take the XLA path.
