@@ -157,9 +157,10 @@ def attention(
     cache's layout, so decoding reads it without a transpose) with H % K == 0, mask bool[B, 1, T, S]
     (True = attend) or None. Returns float[B, T, H, Dh]. Softmax in fp32.
 
-    causal: `mask` already holds the causal triangle (T == S). The "cudnn" path then also tells
-    cuDNN (`is_causal`), which skips the masked upper triangle; the mask still applies, so results do
-    not depend on where the padding is.
+    causal: the attention is causal (T == S); a given `mask` must already hold the triangle (the
+    LLM's does), a missing one stands for the triangle alone. The kernels are told (cuDNN's
+    `is_causal`, splash's causal block mask) and skip the upper triangle; the mask still applies, so
+    results do not depend on where the padding is.
 
     causal_query_block > 0 (the "xla" path, T == S, a mask that is causal): the queries run in even
     blocks of at most that many rows, each against the keys up to its own last row. That skips the
@@ -175,18 +176,20 @@ def attention(
     if impl == "splash":  # the LLM's causal self-attention only (not the ViT, abstractor or decode steps)
         from owl_jax.models import splash  # Pallas' TPU kernels: imported only when asked for
 
-        if causal and s == t and not kv_heads_first and dropout_rate == 0.0 and splash.supports(t, dh):
-            key_valid = jnp.ones((b, t), bool) if mask is None else mask[:, 0, -1, :]  # the last row: every key
+        if causal and s == t and not kv_heads_first and dropout_rate == 0.0 and splash.supports(b, t, h, dh):
+            key_valid = jnp.ones((b, t), bool) if mask is None else mask[:, 0, -1, :]  # the last query sees every key
             return splash.causal_attention(q, k, v, key_valid)
         impl = "xla"
     # cuDNN's flash attention trains on even lengths only (jax 0.11: "Unsupported sequence length Q
     # 257, KV 257", raised when the gradient is built) and has no dropout here: the ViT's 257 tokens,
-    # the abstractor while it trains and one-token decode steps take the XLA path.
-    if impl == "cudnn" and (t % 2 or s % 2 or dropout_rate > 0.0):
+    # the abstractor while it trains and one-token decode steps take the einsum path.
+    if (impl == "cudnn" and (t % 2 or s % 2)) or (impl in ("cudnn", "jax") and dropout_rate > 0.0):
         impl = "xla"
+    if impl == "xla" and causal and s == t and mask is None:  # the einsums see causality only through the mask
+        mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
     if 0 < causal_query_block < t and impl == "xla" and not kv_heads_first and s == t:
         return _causal_blocks(q, k, v, mask, causal_query_block, dropout_rate, dropout_rng)
-    if impl == "cudnn" or (impl == "jax" and dropout_rate == 0.0):
+    if impl in ("cudnn", "jax"):
         if kv_heads_first:
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         return jax.nn.dot_product_attention(

@@ -1,7 +1,7 @@
 """The LLM's causal attention through Pallas' splash-attention kernel: TPU's fused attention.
 
 On TPU the kernel keeps scores in VMEM block by block and skips the blocks above the diagonal, so
-no [B, H, T, T] scores reach HBM. Elsewhere it runs in Pallas' interpreter (tests only: slow).
+no [B, H, T, T] scores reach HBM. On CPU it runs in Pallas' interpreter (tests only: slow).
 Under a mesh, it runs per shard (`jax.shard_map`): batch over the rules' `batch` axes, heads over
 their `heads` axes, as the surrounding activations are sharded.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 from jax.sharding import PartitionSpec as P
@@ -17,9 +18,30 @@ from jax.sharding import PartitionSpec as P
 BLOCKS = (512, 256, 128)  # the largest that divides the sequence is used for every tile
 
 
-def supports(t: int, head_dim: int) -> bool:
-    """Whether a causal self-attention over t tokens with this head size can run here."""
-    return t % BLOCKS[-1] == 0 and head_dim % 128 == 0
+def _spec() -> P:
+    """[B, H, T, Dh] as the surrounding activations are sharded (the rules in context)."""
+    return P(*nn.logical_to_mesh_axes(("batch", "heads", None, None)))
+
+
+def supports(b: int, t: int, h: int, head_dim: int) -> bool:
+    """Whether causal self-attention of this shape can run through the kernel here: whole blocks,
+    128-wide heads, not on GPU (only Pallas' slow interpreter would run there), and under a mesh,
+    logical rules in context that split batch and heads evenly (shard_map needs even shards; without
+    rules, XLA's own partitioning of the einsum path does better than a replicated kernel)."""
+    if t % BLOCKS[-1] or head_dim % 128 or jax.default_backend() == "gpu":
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return True
+    spec = _spec()
+    if all(axes is None for axes in spec):
+        return False
+
+    def size(axes) -> int:
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        return int(np.prod([mesh.shape[a] for a in axes]))
+
+    return b % size(spec[0]) == 0 and h % size(spec[1]) == 0
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array) -> jax.Array:
@@ -55,7 +77,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
     if mesh.empty:
         out = per_shard(q, k, v, segments)
     else:
-        spec = P(*nn.logical_to_mesh_axes(("batch", "heads", None, None)))
+        spec = _spec()
         out = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec, spec, spec, P(spec[0], None)), out_specs=spec,
                             check_vma=False)(q, k, v, segments)
     return out.transpose(0, 2, 1, 3)
