@@ -16,9 +16,9 @@ in fp32 with AdamW), one micro-batch per step, synthetic tokens with one 224 x 2
 
 `cudnn`: attention through jax.nn.dot_product_attention(implementation="cudnn") with the causal hint;
 `xla`: our einsum attention with an fp32 softmax. MFU = analytic model FLOPs (training/flops.py: the
-matmuls the stage needs, no weight gradients for frozen weights, no remat recomputation) / step time
-/ the chip's dense bf16 peak (989 TFLOP/s for H100 and H200); also given against a measured 8192^3
-bf16 matmul. Peak memory: XLA's memory analysis of the compiled step (arguments + temporaries), and
+matmuls the stage needs, no weight gradients for frozen weights, no remat recomputation; attention
+over the whole T x T square, though the kernels skip its masked half) / step time / the chip's dense
+bf16 peak (989 TFLOP/s for H100 and H200); also given against a measured 8192^3 bf16 matmul. Peak memory: XLA's memory analysis of the compiled step (arguments + temporaries), and
 the allocator's peak over the whole process (random init included: the layer scans make every
 weight in fp32 before the frozen ones are cast, ~38 GiB at 7B).
 """
