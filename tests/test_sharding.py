@@ -84,7 +84,12 @@ def _one_step(mesh, config):
     local = stack_micro_batches([next(data) for _ in range(config.optim.grad_accum_steps)])
     step = trainer.jit_train_step({k: v.shape for k, v in local.items()})
     state, metrics = step(state, global_batch(local, step.batch_shardings))
-    return jax.device_get(trainer.params(state)), jax.device_get(metrics)
+    params, metrics = jax.device_get(trainer.params(state)), jax.device_get(metrics)
+    # The state comes back as it went in (shardings, dtypes): the next step reuses the compiled program.
+    local = stack_micro_batches([next(data) for _ in range(config.optim.grad_accum_steps)])
+    step(state, global_batch(local, step.batch_shardings))
+    assert step.jitted._cache_size() == 1
+    return params, metrics
 
 
 def test_sharded_step_equals_single_device_step():
