@@ -177,7 +177,8 @@ def attention(
         from owl_jax.models import splash  # Pallas' TPU kernels: imported only when asked for
 
         if causal and s == t and not kv_heads_first and dropout_rate == 0.0 and splash.supports(b, t, h, dh):
-            key_valid = jnp.ones((b, t), bool) if mask is None else mask[:, 0, -1, :]  # the last query sees every key
+            # The last query's row of a causal mask is every key's validity.
+            key_valid = jnp.ones((b, t), bool) if mask is None else jnp.broadcast_to(mask[:, 0, -1, :], (b, t))
             return splash.causal_attention(q, k, v, key_valid)
         impl = "xla"
     # cuDNN's flash attention trains on even lengths only (jax 0.11: "Unsupported sequence length Q
