@@ -198,6 +198,8 @@ def main():
                    help="scene: train on one scene followed by this many questions about it (0: the text_train mix)")
     p.add_argument("--answers_only", action="store_true", help="scene with --qa_per_scene: loss on the answers only")
     p.add_argument("--heads", type=int, default=0, help="LLM attention heads (0: configs/tiny.py's)")
+    p.add_argument("--init_range", type=float, default=0.0,
+                   help="the LLM's initializer_range (0: configs/tiny.py's)")
     p.add_argument("--torch", action="store_true", help="copy/repeat/induction: train the PyTorch reference instead")
     args = p.parse_args()
 
@@ -234,6 +236,8 @@ def main():
     c.batch_size, c.seq_len, c.max_images_per_batch, c.num_steps = args.batch, seq_len, 1, args.steps
     if args.heads:
         c.model.llm.update(num_heads=args.heads, num_kv_heads=args.heads)
+    if args.init_range:
+        c.model.llm.initializer_range = args.init_range
     c.optim.lr, c.optim.warmup_steps, c.optim.end_lr = args.lr, 30, args.lr / 20
     if args.torch:
         if args.task == "scene":

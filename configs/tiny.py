@@ -13,9 +13,15 @@ from owl_jax.models.config import AbstractorConfig, LlamaConfig, LoraConfig, Owl
 
 def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
     model = OwlConfig(
-        vision=VisionConfig(image_size=112, patch_size=14, hidden_size=128, num_layers=4, num_heads=4, mlp_size=512),
+        # Trained from scratch, the narrow towers need two init changes for the image to reach the
+        # abstractor's output (bench/vision_probe.py, BENCHMARKS.md "Initialisation"): the patches'
+        # positions as a 2-D sine-cosine code, and abstractor weights of std 1/sqrt(128) instead of
+        # 0.02 (with 0.02 its image branch is ~5% of the residual of normalised queries it adds to).
+        vision=VisionConfig(image_size=112, patch_size=14, hidden_size=128, num_layers=4, num_heads=4, mlp_size=512,
+                            position_embedding_init="sincos2d"),
         abstractor=AbstractorConfig(
-            hidden_size=128, num_layers=2, num_heads=4, ffn_size=352, num_queries=16, encoder_hidden_size=128
+            hidden_size=128, num_layers=2, num_heads=4, ffn_size=352, num_queries=16, encoder_hidden_size=128,
+            initializer_range=0.088,
         ),
         # 8 heads of 32 rather than 4 of 64: same FLOPs, and the tiny LLM learns to read its context
         # sooner (BENCHMARKS.md, "Heads": shape from a told scene 17-34% -> 51-69% in 1000 steps).

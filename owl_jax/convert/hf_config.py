@@ -31,7 +31,7 @@ def vision_from_hf(d: dict[str, Any], default_eps: float) -> VisionConfig:
     return VisionConfig(
         image_size=d["image_size"], patch_size=d["patch_size"], hidden_size=d["hidden_size"],
         num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"], mlp_size=d["intermediate_size"],
-        layer_norm_eps=d["layer_norm_eps"],
+        layer_norm_eps=d["layer_norm_eps"], initializer_range=d.get("initializer_range", 0.02),
     )
 
 
@@ -41,6 +41,7 @@ def abstractor_from_hf(d: dict[str, Any], num_queries: int) -> AbstractorConfig:
         hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
         ffn_size=d["intermediate_size"], num_queries=num_queries, encoder_hidden_size=d["encoder_hidden_size"],
         attention_dropout=d["attention_probs_dropout_prob"], ffn_layer_norm_eps=d["layer_norm_eps"],
+        initializer_range=d.get("initializer_range", 0.02),
     )
 
 
@@ -57,7 +58,7 @@ def llama_from_hf(d: dict[str, Any]) -> LlamaConfig:
         mlp_size=d.get("intermediate_size", 11008), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta), max_position_embeddings=d.get("max_position_embeddings", 2048),
         bos_token_id=d.get("bos_token_id", 1) or 1, eos_token_id=d.get("eos_token_id", 2) or 2,
-        pad_token_id=d.get("pad_token_id") or 0,
+        pad_token_id=d.get("pad_token_id") or 0, initializer_range=d.get("initializer_range", 0.02),
     )
 
 
@@ -78,6 +79,7 @@ def llama_to_hf(c: LlamaConfig, dtype: str) -> dict[str, Any]:
         "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "max_position_embeddings": c.max_position_embeddings,
         "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
         "tie_word_embeddings": False, "attention_bias": False, "torch_dtype": dtype,
+        "initializer_range": c.initializer_range,
     }
 
 
@@ -92,13 +94,13 @@ def owl_to_released(cfg: OwlConfig, dtype: str) -> dict[str, Any]:
             "model_type": "mplug_owl_vision_model", "hidden_size": v.hidden_size, "intermediate_size": v.mlp_size,
             "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "image_size": v.image_size,
             "patch_size": v.patch_size, "layer_norm_eps": v.layer_norm_eps, "hidden_act": "quick_gelu",
-            "num_channels": 3,
+            "num_channels": 3, "initializer_range": v.initializer_range,
         },
         "visual_abstractor_config": {
             "model_type": "mplug_owl_visual_abstract", "hidden_size": a.hidden_size, "num_hidden_layers": a.num_layers,
             "num_attention_heads": a.num_heads, "intermediate_size": a.ffn_size,
             "attention_probs_dropout_prob": a.attention_dropout, "layer_norm_eps": a.ffn_layer_norm_eps,
-            "encoder_hidden_size": a.encoder_hidden_size,
+            "encoder_hidden_size": a.encoder_hidden_size, "initializer_range": a.initializer_range,
         },
         "text_config": llama_to_hf(cfg.llm, dtype),
     }

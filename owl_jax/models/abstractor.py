@@ -18,7 +18,8 @@ class AbstractorMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+                  kernel_init=nn.initializers.normal(self.cfg.initializer_range))
         f = self.cfg.ffn_size
         h = nn.silu(Dense(f, ("embed", "mlp"), name="w1", **kw)(x)) * Dense(f, ("embed", "mlp"), name="w3", **kw)(x)
         h = LayerNorm(self.cfg.ffn_layer_norm_eps, self.param_dtype, name="ffn_ln")(h)
@@ -33,7 +34,8 @@ class CrossAttentionOutput(nn.Module):
     @nn.compact
     def __call__(self, attn: jax.Array, q: jax.Array) -> jax.Array:
         d = self.cfg.hidden_size
-        h = q + Dense(d, ("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj")(attn)
+        h = q + Dense(d, ("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=nn.initializers.normal(self.cfg.initializer_range), name="out_proj")(attn)
         norm2 = LayerNorm(self.cfg.layer_norm_eps, self.param_dtype, name="norm2")
         return h + AbstractorMLP(self.cfg, self.dtype, self.param_dtype, name="mlp")(norm2(h))
 
@@ -51,7 +53,8 @@ class AbstractorAttention(nn.Module):
         """q float[N, Q, D], kv float[N, Q + S, D] -> float[N, Q, D]. With `intermediates` mutable, sows
         the attention probabilities (keys: the Q queries, then the S image tokens) as `attention_probs`."""
         d, heads = self.cfg.hidden_size, self.cfg.num_heads
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+                  kernel_init=nn.initializers.normal(self.cfg.initializer_range))
         split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, d // heads)
         dropout = 0.0 if deterministic else self.cfg.attention_dropout
         qh = split(Dense(d, ("embed", "heads"), name="query", **kw)(q))
@@ -126,10 +129,11 @@ class VisualAbstractor(nn.Module):
             unroll=self.scan_unroll,
             name="encoder",
         )(queries.astype(self.dtype), img.astype(self.dtype), deterministic)
-        h = Dense(self.llm_hidden_size, (None, "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name="visual_fc")(h)
+        h = Dense(self.llm_hidden_size, (None, "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
+                  kernel_init=nn.initializers.normal(self.cfg.initializer_range), name="visual_fc")(h)
         vit_eos = self.param(
             "vit_eos",
-            partitioned(nn.initializers.truncated_normal(0.02), (None, None, "embed")),
+            partitioned(nn.initializers.truncated_normal(self.cfg.initializer_range), (None, None, "embed")),
             (1, 1, self.llm_hidden_size),
             self.param_dtype,
         )

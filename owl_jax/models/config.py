@@ -22,6 +22,19 @@ class VisionConfig:
     num_heads: int = 16
     mlp_size: int = 4096
     layer_norm_eps: float = 1e-6  # released weights; OpenAI CLIP uses 1e-5
+    # Fresh weights: normal(initializer_range) kernels (HF's `initializer_range`). 0.02 suits widths of
+    # ~1000 and more; a narrow tower trained from scratch wants about 1/sqrt(width) (see configs/tiny.py).
+    initializer_range: float = 0.02
+    # Fresh position embedding: "normal" (truncated normal(initializer_range), as CLIP) or "sincos2d"
+    # (the patch grid's 2-D sine-cosine code, big_vision's from-scratch default; the class token's row
+    # zero); either way a learned parameter in the released layout.
+    position_embedding_init: str = "normal"
+
+    def __post_init__(self):
+        if self.position_embedding_init not in ("normal", "sincos2d"):
+            raise ValueError(f"vision.position_embedding_init={self.position_embedding_init!r}: expected 'normal' or 'sincos2d'")
+        if self.position_embedding_init == "sincos2d" and self.hidden_size % 4:
+            raise ValueError(f"vision.position_embedding_init='sincos2d' needs hidden_size % 4 == 0, got {self.hidden_size}")
 
     @property
     def num_positions(self) -> int:
@@ -41,6 +54,7 @@ class AbstractorConfig:
     attention_dropout: float = 0.1
     layer_norm_eps: float = 1e-5  # norm1, normk, norm2
     ffn_layer_norm_eps: float = 1e-6  # ffn_ln
+    initializer_range: float = 0.02  # fresh kernels, query tokens and vit_eos: normal(initializer_range)
 
     def __post_init__(self):
         if self.encoder_hidden_size != self.hidden_size:
@@ -66,6 +80,7 @@ class LlamaConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
+    initializer_range: float = 0.02  # fresh kernels and token embeddings: normal(initializer_range)
 
     @property
     def head_dim(self) -> int:

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from owl_jax.models.config import LlamaConfig, LoraConfig
 from owl_jax.models.layers import (
-    DEFAULT_KERNEL_INIT, Dense, Dtype, RMSNorm, attention, constrain, partitioned, remat_layer, run_stacked_layers,
+    Dense, Dtype, RMSNorm, attention, constrain, partitioned, remat_layer, run_stacked_layers,
     runs_stacked_unrolled, scan_layers,
 )
 
@@ -30,7 +30,8 @@ def projection(module: nn.Module, features: int, axes, name: str) -> Dense:
     """A bias-free LLaMA projection of `module` (which has lora, dtype, param_dtype), with LoRA when
     `name` is one of the LoRA target modules."""
     lora = module.lora if name in module.lora.target_modules else None
-    return Dense(features, axes, use_bias=False, lora=lora, dtype=module.dtype, param_dtype=module.param_dtype, name=name)
+    return Dense(features, axes, use_bias=False, lora=lora, dtype=module.dtype, param_dtype=module.param_dtype,
+                 kernel_init=nn.initializers.normal(module.cfg.initializer_range), name=name)
 
 
 class LlamaAttention(nn.Module):
@@ -152,7 +153,7 @@ class LlamaModel(nn.Module):
             self.cfg.hidden_size,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            embedding_init=partitioned(DEFAULT_KERNEL_INIT, ("vocab", "embed")),
+            embedding_init=partitioned(nn.initializers.normal(self.cfg.initializer_range), ("vocab", "embed")),
         )
         layer_kwargs = self._layer_kwargs()
         if self.scan_layers:
@@ -275,7 +276,7 @@ class LlamaForCausalLM(nn.Module):
         )
         self.lm_head = Dense(
             self.cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_out_in=self.lm_head_vocab_major,
+            kernel_init=nn.initializers.normal(self.cfg.initializer_range), kernel_out_in=self.lm_head_vocab_major,
         )
 
     def embed(self, input_ids: jax.Array) -> jax.Array:

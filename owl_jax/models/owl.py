@@ -65,7 +65,7 @@ class MplugOwl(nn.Module):
         self.vision_model = VisionEncoder(cfg.vision, **common)
         self.query_tokens = self.param(
             "query_tokens",
-            partitioned(nn.initializers.truncated_normal(0.02), (None, None, "embed")),
+            partitioned(nn.initializers.truncated_normal(cfg.abstractor.initializer_range), (None, None, "embed")),
             (1, cfg.abstractor.num_queries, cfg.abstractor.hidden_size),
             param_dtype,
         )

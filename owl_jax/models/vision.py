@@ -4,9 +4,20 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from owl_jax.models.config import VisionConfig
 from owl_jax.models.layers import Dense, Dtype, LayerNorm, attention, Stack, constrain, partitioned
+
+
+def sincos2d_position_code(grid: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+    """float32[grid * grid, width]: each patch's (x, y) in sines and cosines of geometric frequencies,
+    rows in the patches' row-major order (big_vision's `posemb_sincos_2d`)."""
+    y, x = np.mgrid[:grid, :grid]
+    omega = 1.0 / temperature ** (np.arange(width // 4) / max(width // 4 - 1, 1))
+    x = x.reshape(-1, 1) * omega
+    y = y.reshape(-1, 1) * omega
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -24,7 +35,9 @@ class VisionAttention(nn.Module):
         """float[N, S, D] -> float[N, S, D]; no mask (every image has all S tokens)."""
         n, s, d = x.shape
         h = self.cfg.num_heads
-        dense = lambda f, axes, name: Dense(f, axes, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        init = nn.initializers.normal(self.cfg.initializer_range)
+        dense = lambda f, axes, name: Dense(f, axes, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init,
+                                            name=name)
         # Fused projection; output axis ordered (head, {q,k,v}, head_dim) as in the released weights.
         qkv = dense(3 * d, ("embed", "heads"), "query_key_value")(x).reshape(n, s, h, 3, d // h)
         out = attention(qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2], None, impl=self.attention_impl)
@@ -38,7 +51,8 @@ class VisionMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+                  kernel_init=nn.initializers.normal(self.cfg.initializer_range))
         x = quick_gelu(Dense(self.cfg.mlp_size, ("embed", "mlp"), name="fc1", **kw)(x))
         return Dense(self.cfg.hidden_size, ("mlp", "embed"), name="fc2", **kw)(x)
 
@@ -70,13 +84,14 @@ class PatchEmbed(nn.Module):
     patch_size: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    initializer_range: float = 0.02
 
     @nn.compact
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """float[N, H, W, C] -> float[N, (H/p) * (W/p), D], patches in row-major order."""
         p = self.patch_size
         n, h, w, c = pixels.shape
-        kernel = self.param("kernel", partitioned(nn.initializers.normal(0.02), (None, None, None, "embed")),
+        kernel = self.param("kernel", partitioned(nn.initializers.normal(self.initializer_range), (None, None, None, "embed")),
                             (p, p, c, self.features), self.param_dtype)
         x = pixels.astype(self.dtype).reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(n, (h // p) * (w // p), p * p * c)
@@ -92,12 +107,16 @@ class VisionEmbeddings(nn.Module):
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """float[N, H, W, 3] (CLIP-normalised) -> float[N, 1 + (H/p)*(W/p), D]."""
         d, p = self.cfg.hidden_size, self.cfg.patch_size
-        init = nn.initializers.truncated_normal(0.02)
+        init = nn.initializers.truncated_normal(self.cfg.initializer_range)
         cls_token = self.param("cls_token", partitioned(init, (None, None, "embed")), (1, 1, d), self.param_dtype)
+        if self.cfg.position_embedding_init == "sincos2d":
+            grid = self.cfg.image_size // p
+            init = lambda key, shape, dtype: jnp.asarray(
+                np.concatenate([np.zeros((1, d)), sincos2d_position_code(grid, d)])[None], dtype)
         pos = self.param(
             "position_embedding", partitioned(init, (None, None, "embed")), (1, self.cfg.num_positions, d), self.param_dtype
         )
-        patches = PatchEmbed(d, p, self.dtype, self.param_dtype, name="patch_embed")(pixels)
+        patches = PatchEmbed(d, p, self.dtype, self.param_dtype, self.cfg.initializer_range, name="patch_embed")(pixels)
         n = patches.shape[0]
         x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(self.dtype), (n, 1, d)), patches], axis=1)
         x = x + pos[:, : x.shape[1]].astype(self.dtype)
