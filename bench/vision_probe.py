@@ -8,6 +8,9 @@ feed a linear read-out that names, for each of the 5 regions, the colour (8 or n
 (4 or none) there: cross-entropy, AdamW, warmup + cosine, batch 32 of freshly drawn scenes. Every 50
 steps it prints the colour and shape accuracy over the occupied regions of 256 held-out scenes.
 
+--params DIR starts the towers from a trained owl (e.g. the main job's WORKDIR/stage1/params) and
+keeps them frozen: only the read-out trains, so it measures what the towers' output already tells.
+
 --readout vit reads the ViT's 65 tokens directly (each patch's own weights: position comes free);
 --readout abstractor reads the abstractor's 17 output tokens, each RMS-normalised first as the LLM's
 pre-norm layers see them. The gap between the two is what the abstractor loses at initialisation.
@@ -78,9 +81,16 @@ def main():
     p.add_argument("--abstractor_init", type=float, default=0.0, help="abstractor initializer_range (0: the config's)")
     p.add_argument("--vision_init", type=float, default=0.0, help="vision initializer_range (0: the config's)")
     p.add_argument("--position_init", default="", help="normal | sincos2d (empty: the config's)")
+    p.add_argument("--params", default="", help="a trained owl's params dir: its towers, frozen")
     args = p.parse_args()
 
-    cfg = owl_config_from_dict(load_config_file("configs/tiny.py:stage1").model.to_dict())
+    trained = None
+    if args.params:
+        from owl_jax.params_io import load_params
+
+        trained, cfg = load_params(args.params)
+    else:
+        cfg = owl_config_from_dict(load_config_file("configs/tiny.py:stage1").model.to_dict())
     vision, abstractor = cfg.vision, cfg.abstractor
     if args.vision_init:
         vision = dataclasses.replace(vision, initializer_range=args.vision_init)
@@ -96,10 +106,16 @@ def main():
     model = Probe(cfg, args.readout)
     rng = np.random.default_rng(0)
     params = model.init(jax.random.PRNGKey(0), scene_batch(rng, 2, size)[0])["params"]
+    if trained is not None:
+        owl = dict(params["MplugOwl_0"])
+        owl.update({k: trained[k] for k in ("vision_model", "query_tokens", "abstractor")})
+        params = {**params, "MplugOwl_0": owl}
     opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, args.lr, 30, args.steps, args.lr / 20), weight_decay=0.01)
     opt_state = opt.init(params)
 
     def loss_fn(params, pixels, colour, shape):
+        if trained is not None:  # no gradient work through the frozen towers
+            params = {**params, "MplugOwl_0": jax.lax.stop_gradient(params["MplugOwl_0"])}
         colour_logits, shape_logits = model.apply({"params": params}, pixels)
         return (optax.softmax_cross_entropy_with_integer_labels(colour_logits, colour).mean()
                 + optax.softmax_cross_entropy_with_integer_labels(shape_logits, shape).mean())
@@ -108,6 +124,8 @@ def main():
     def train_step(params, opt_state, pixels, colour, shape):
         loss, grads = jax.value_and_grad(loss_fn)(params, pixels, colour, shape)
         updates, opt_state = opt.update(grads, opt_state, params)
+        if trained is not None:  # the towers stay as trained (no weight decay either)
+            updates = {**updates, "MplugOwl_0": jax.tree_util.tree_map(jnp.zeros_like, updates["MplugOwl_0"])}
         return optax.apply_updates(params, updates), opt_state, loss
 
     test = scene_batch(np.random.default_rng(123), 256, size)
