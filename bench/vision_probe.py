@@ -111,6 +111,9 @@ def main():
         owl.update({k: trained[k] for k in ("vision_model", "query_tokens", "abstractor")})
         params = {**params, "MplugOwl_0": owl}
     opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, args.lr, 30, args.steps, args.lr / 20), weight_decay=0.01)
+    if trained is not None:  # the towers stay as trained: no updates, no weight decay, no optimiser state
+        labels = {name: "frozen" if name == "MplugOwl_0" else "read-out" for name in params}
+        opt = optax.multi_transform({"read-out": opt, "frozen": optax.set_to_zero()}, labels)
     opt_state = opt.init(params)
 
     def loss_fn(params, pixels, colour, shape):
@@ -124,8 +127,6 @@ def main():
     def train_step(params, opt_state, pixels, colour, shape):
         loss, grads = jax.value_and_grad(loss_fn)(params, pixels, colour, shape)
         updates, opt_state = opt.update(grads, opt_state, params)
-        if trained is not None:  # the towers stay as trained (no weight decay either)
-            updates = {**updates, "MplugOwl_0": jax.tree_util.tree_map(jnp.zeros_like, updates["MplugOwl_0"])}
         return optax.apply_updates(params, updates), opt_state, loss
 
     test = scene_batch(np.random.default_rng(123), 256, size)
