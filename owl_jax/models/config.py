@@ -81,6 +81,18 @@ class LlamaConfig:
     eos_token_id: int = 2
     pad_token_id: int = 0
     initializer_range: float = 0.02  # fresh kernels and token embeddings: normal(initializer_range)
+    # Fresh q/k kernels: "normal" (as the rest) or "mimetic" (Trockman & Kolter 2023): each head's
+    # W_q W_k^T ~ mimetic_noise * Z + mimetic_identity * I, Z ~ normal(0, 1/D), a small pull towards
+    # matching equal tokens. A tiny LLaMA trained from scratch then forms induction heads (copying
+    # from its context) in a few hundred steps (bench/tiny_llm_retrieval.py --task repeat). One SVD of
+    # a [D, D] matrix per head at init: meant for small models.
+    attention_init: str = "normal"
+    mimetic_noise: float = 0.4
+    mimetic_identity: float = 0.3
+
+    def __post_init__(self):
+        if self.attention_init not in ("normal", "mimetic"):
+            raise ValueError(f"llm.attention_init={self.attention_init!r}: expected 'normal' or 'mimetic'")
 
     @property
     def head_dim(self) -> int:

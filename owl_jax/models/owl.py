@@ -164,7 +164,13 @@ def dummy_inputs(cfg: OwlConfig) -> dict[str, jax.Array]:
 
 def init_params(cfg: OwlConfig, rng: jax.Array) -> dict:
     """Boxed params (nn.LogicallyPartitioned leaves). Wrap in jax.eval_shape for shapes only."""
-    return MplugOwl(cfg).init(rng, **dummy_inputs(cfg))["params"]
+    params = MplugOwl(cfg).init(rng, **dummy_inputs(cfg))["params"]
+    if cfg.llm.attention_init == "mimetic":
+        attn = params["language_model"]["model"]["layers"]["self_attn"]
+        q, k = attn["q_proj"]["kernel"], attn["k_proj"]["kernel"]
+        wq, wk = llama.mimetic_qk(nn.unbox(q), nn.unbox(k), cfg.llm, jax.random.fold_in(rng, 1))
+        attn["q_proj"]["kernel"], attn["k_proj"]["kernel"] = q.replace_boxed(wq), k.replace_boxed(wk)
+    return params
 
 
 def param_shapes(cfg: OwlConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
