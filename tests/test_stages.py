@@ -70,11 +70,12 @@ def test_lora_at_step_zero_reproduces_the_base_model_exactly():
     assert np.abs(traverse_util.flatten_dict(params)[("language_model", "model", "layers", "self_attn", "q_proj", "lora_a")]).sum() > 0
 
 
-def test_frozen_llm_costs_no_weight_gradient_flops():
-    """XLA's count of a stage-1 step vs a train-everything step follows the analytic model, in which
-    the frozen LLM costs forward + input gradient (4N per token) instead of 6N."""
+def test_analytic_flops_follow_xla_count_in_every_stage():
+    """XLA's count of each stage's step follows the analytic model: a frozen LLM costs forward +
+    input gradient (4N per token) in stage 1 and 2, a fully fine-tuned one 6N (its embedding table
+    trains, so every layer needs its input gradient even with nothing upstream training)."""
     xla, analytic = {}, {}
-    for stage in ("stage1", "all"):
+    for stage in ("stage1", "stage2_lora", "full_ft", "all"):
         config = tiny_train_config(stage)
         config.model.llm.update(hidden_size=128, mlp_size=256, num_layers=2)  # matmuls dominate
         config.model.scan_unroll = 0  # XLA's cost analysis counts a loop body once
@@ -84,5 +85,6 @@ def test_frozen_llm_costs_no_weight_gradient_flops():
         compiled = step.jitted.lower(state_shapes, shapes).compile()
         xla[stage] = compiled.cost_analysis()["flops"]
         analytic[stage] = train_step_flops(trainer.model_cfg, StepShape(8, 24, 8), towers_of(trainer.trainable_paths))
-    assert 0.85 < xla["stage1"] / analytic["stage1"] < 1.25, (xla, analytic)
-    assert abs(xla["stage1"] / xla["all"] - analytic["stage1"] / analytic["all"]) < 0.05, (xla, analytic)
+    for stage in xla:  # XLA also counts the norms, softmaxes and optimiser: a few % above the matmuls
+        assert 0.95 < xla[stage] / analytic[stage] < 1.15, (stage, xla, analytic)
+        assert abs(xla[stage] / xla["all"] - analytic[stage] / analytic["all"]) < 0.05, (stage, xla, analytic)

@@ -1,10 +1,12 @@
 """Analytic model FLOPs of a training step (matmuls only; remat recomputation not counted).
 
 Per tower, weight matmuls cost 2 FLOPs per multiply-add forward, the same again for the input
-gradient when anything upstream trains, and again for the weight gradient when the tower's weights
-train. So a frozen LLM in stage 1 costs forward + input gradient only (4N per token), not 6N. The
-patch embedding counts as its own tower upstream of the ViT's layers: when the vision weights
-train, every ViT layer needs its input gradient; the patch embedding (fed by pixels) does not.
+gradient when anything upstream trains or the tower's own weights train, and again for the weight
+gradient when the tower's weights train. A tower's own weights need its input gradients because
+every tower has trained weights at its bottom (the LLM's embedding table, the ViT's position
+embedding, the abstractor's query tokens) and layers above layers. So a frozen LLM in stage 1
+costs forward + input gradient (4N per token), a fully fine-tuned one 6N with nothing upstream
+training. The patch embedding counts as its own tower, fed by pixels: never an input gradient.
 Attention score/value matmuls: forward, plus 2x backward when a gradient flows through them.
 """
 from __future__ import annotations
@@ -21,8 +23,9 @@ class StepShape:
     images: int  # images per step
 
 
-def _tower_multipliers(weights_train: bool, upstream_trains: bool) -> tuple[int, int]:
-    weight = 1 + int(upstream_trains) + int(weights_train)
+def _tower_multipliers(weights_train: bool, upstream_trains: bool, fed_by_pixels: bool = False) -> tuple[int, int]:
+    needs_input_grad = upstream_trains or (weights_train and not fed_by_pixels)
+    weight = 1 + int(needs_input_grad) + int(weights_train)
     attn = 3 if (weights_train or upstream_trains) else 1
     return weight, attn
 
@@ -63,7 +66,7 @@ def train_step_flops(cfg: OwlConfig, shape: StepShape, trainable_towers: set[str
         trains = ("vision" if tower == "patch_embed" else tower) in trainable_towers
         # LoRA adapters sit inside every LLM layer: input gradients flow through the whole LLM.
         upstream_for_tower = upstream or (tower == "llm" and "lora" in trainable_towers)
-        wm, am = _tower_multipliers(trains, upstream_for_tower)
+        wm, am = _tower_multipliers(trains, upstream_for_tower, fed_by_pixels=tower == "patch_embed")
         total += wm * fwd[tower][0] + am * fwd[tower][1]
         upstream = upstream or trains
     if "lora" in trainable_towers:
