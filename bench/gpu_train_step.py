@@ -3,9 +3,13 @@
     python bench/gpu_train_step.py [--out DIR] [--budget_s 500]   # every variant, each in its own process;
                                                                   # DIR/results.jsonl, DIR/variants.log
     python bench/gpu_train_step.py --variant stage2_lora_cudnn     # one
+    python bench/gpu_train_step.py --variants full_ft8_cudnn_dots --profile full_ft8_cudnn_dots
+        # also one step under jax.profiler: DIR/NAME.xplane.pb.gz and the compiled HLO DIR/NAME.hlo.txt.gz,
+        # summarised by bench/profile_summary.py
 
 The recipes of configs/mplug_owl_llama7b.py (bf16 compute, frozen weights in bf16, trainable ones
-in fp32 with AdamW), one micro-batch per step, synthetic tokens with one 224 x 224 image per sample:
+in fp32 with AdamW), one micro-batch per step (but *_accum4), synthetic tokens with one 224 x 224
+image per sample:
 
   stage2_lora_{cudnn,xla}  LoRA (rank 8 on q/v) + abstractor, full remat, 8 x 2048 tokens
   stage1_{cudnn,xla}       vision + abstractor, frozen LLM, remat dots_no_batch, 32 x 512 tokens
@@ -13,12 +17,17 @@ in fp32 with AdamW), one micro-batch per step, synthetic tokens with one 224 x 2
   *_dots                   saving the weight matmuls' outputs (remat dots_no_batch) instead of full remat
   full_ft8_cudnn           every LLM weight trains (fp32 master weights + AdamW moments: 16 bytes a
                            parameter), so the LLM is cut to 8 of its 32 layers to fit one 80 GB GPU
+  full_ft{4,12}_*, *_b16   the same with 4 or 12 layers, or 16 x 2048 tokens
+  *_accum4                 4 micro-batches a step (the recipes' gradient accumulation)
+  *_dsfusion               XLA's dynamic-slice fusion on (GEMMs read a layer's weights in place)
 
 `cudnn`: attention through jax.nn.dot_product_attention(implementation="cudnn") with the causal hint;
 `xla`: our einsum attention with an fp32 softmax. MFU = analytic model FLOPs (training/flops.py: the
 matmuls the stage needs, no weight gradients for frozen weights, no remat recomputation; attention
-over the whole T x T square, though the kernels skip its masked half) / step time / the chip's dense
-bf16 peak (989 TFLOP/s for H100 and H200); also given against a measured 8192^3 bf16 matmul. Peak memory: XLA's memory analysis of the compiled step (arguments + temporaries), and
+over the whole T x T square; `mfu_causal_half` counts only the unmasked half the kernels compute) /
+step time / the chip's dense bf16 peak (989 TFLOP/s for H100 and H200); also given against a
+measured 8192^3 bf16 matmul. Peak memory: XLA's memory analysis of the compiled step (arguments +
+temporaries), and
 the allocator's peak over the whole process (random init included: the layer scans make every
 weight in fp32 before the frozen ones are cast, ~38 GiB at 7B).
 """
@@ -35,7 +44,8 @@ import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 VARIANTS = {
-    # name: (stage, attention, batch, seq_len, llm_layers (None: all 32), remat (None: the recipe's))
+    # name: (stage, attention, batch, seq_len, llm_layers (None: all 32), remat (None: the recipe's)
+    #        [, micro-batches per step (default 1)])
     "stage2_lora_cudnn": ("stage2_lora", "cudnn", 8, 2048, None, None),
     "stage2_lora_xla": ("stage2_lora", "xla", 8, 2048, None, None),
     "stage1_cudnn": ("stage1", "cudnn", 32, 512, None, None),
@@ -44,9 +54,25 @@ VARIANTS = {
     "stage1_xla": ("stage1", "xla", 32, 512, None, None),
     "full_ft8_cudnn_dots": ("full_ft", "cudnn", 8, 2048, 8, "dots_no_batch"),
     "stage2_lora_cudnn_dots_cublas": ("stage2_lora", "cudnn", 8, 2048, None, "dots_no_batch"),
+    # The full fine-tune's depth and batch sweep: step time = fixed + per layer + per token + per
+    # layer-token, to split the optimiser's per-parameter cost from the per-token matmuls and to
+    # extrapolate the 32-layer step that one GPU cannot hold.
+    "full_ft4_cudnn_dots": ("full_ft", "cudnn", 8, 2048, 4, "dots_no_batch"),
+    "full_ft12_cudnn_dots": ("full_ft", "cudnn", 8, 2048, 12, "dots_no_batch"),
+    "full_ft4_cudnn_dots_b16": ("full_ft", "cudnn", 16, 2048, 4, "dots_no_batch"),
+    "full_ft8_cudnn_dots_b16": ("full_ft", "cudnn", 16, 2048, 8, "dots_no_batch"),
+    # The recipes accumulate gradients over micro-batches: the optimiser's cost is spread over them.
+    "full_ft8_cudnn_dots_accum4": ("full_ft", "cudnn", 8, 2048, 8, "dots_no_batch", 4),
+    # Each layer's weights are sliced out of the scan's stacked [L, ...] arrays by a device copy
+    # (27 a layer, 5% of the stage-2 step in the 2026-11-27 profile); with dynamic-slice fusion
+    # the GEMMs read the slice in place. Not yet measured.
+    "stage2_lora_cudnn_dots_dsfusion": ("stage2_lora", "cudnn", 8, 2048, None, "dots_no_batch"),
+    "full_ft8_cudnn_dots_dsfusion": ("full_ft", "cudnn", 8, 2048, 8, "dots_no_batch"),
 }
 # Extra XLA flags per variant (the rest run with XLA's defaults).
-XLA_FLAGS = {"stage2_lora_cudnn_dots_cublas": "--xla_gpu_enable_triton_gemm=false"}
+XLA_FLAGS = {"stage2_lora_cudnn_dots_cublas": "--xla_gpu_enable_triton_gemm=false",
+             "stage2_lora_cudnn_dots_dsfusion": "--xla_gpu_enable_dynamic_slice_fusion=true",
+             "full_ft8_cudnn_dots_dsfusion": "--xla_gpu_enable_dynamic_slice_fusion=true"}
 GiB = 2**30
 
 
@@ -66,24 +92,46 @@ def matmul_tflops() -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def run_variant(name: str, steps: int, config_path: str, overrides: dict) -> dict:
+def profile_one_step(name: str, compiled, state, batch_arrays, out_dir: str):
+    """One more step under the profiler (after the timed ones, so they are not slowed): the device
+    trace as DIR/NAME.xplane.pb.gz, and the compiled HLO that names its ops as DIR/NAME.hlo.txt.gz."""
+    import glob
+    import gzip
+    import shutil
+
+    import jax
+
+    with gzip.open(os.path.join(out_dir, f"{name}.hlo.txt.gz"), "wt") as f:
+        f.write(compiled.as_text())
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            state, metrics = compiled(state, batch_arrays)
+            float(metrics["loss"])
+        (pb,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+        with open(pb, "rb") as src, gzip.open(os.path.join(out_dir, f"{name}.xplane.pb.gz"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return state
+
+
+def run_variant(name: str, steps: int, config_path: str, overrides: dict, profile_dir: str | None = None) -> dict:
     import jax
 
     from owl_jax.aot import compile_step
     from owl_jax.configs import load_config_file
     from owl_jax.sharding import make_mesh
-    from owl_jax.training.flops import StepShape, peak_flops, towers_of, train_step_flops
+    from owl_jax.training.flops import StepShape, forward_flops, peak_flops, towers_of, train_step_flops
     from owl_jax.training.synthetic import RandomBatches
     from owl_jax.training.trainer import Trainer, global_batch, stack_micro_batches
 
-    stage, attention, batch, seq_len, layers, remat = VARIANTS[name]
+    stage, attention, batch, seq_len, layers, remat, *rest = VARIANTS[name]
+    accum = rest[0] if rest else 1
     # CPU smoke runs of this script shrink the variants (--attention/--batch/--seq_len/--llm_layers).
     attention = overrides.get("attention") or attention
     batch, seq_len = overrides.get("batch") or batch, overrides.get("seq_len") or seq_len
     layers = overrides.get("llm_layers") or layers
     config = load_config_file(f"{config_path}:{stage}")
     config.model.attention_impl = attention
-    config.optim.grad_accum_steps = 1
+    config.optim.grad_accum_steps = accum
     config.update(batch_size=batch, seq_len=seq_len, max_images_per_batch=batch)
     if layers:
         config.model.llm.num_layers = layers
@@ -95,7 +143,7 @@ def run_variant(name: str, steps: int, config_path: str, overrides: dict) -> dic
     data = RandomBatches(batch_size=batch, seq_len=seq_len, max_images=batch, images_per_sample=1,
                          vocab_size=cfg.llm.vocab_size, tokens_per_image=cfg.tokens_per_image,
                          image_size=cfg.vision.image_size)
-    host = stack_micro_batches([next(data)])
+    host = stack_micro_batches([next(data) for _ in range(accum)])
     step = trainer.jit_train_step({k: v.shape for k, v in host.items()})
     batch_arrays = global_batch(host, step.batch_shardings)
 
@@ -118,22 +166,46 @@ def run_variant(name: str, steps: int, config_path: str, overrides: dict) -> dic
             times.append(time.perf_counter() - t)
         losses.append(loss)
     ms = statistics.median(times) * 1e3
-    flops = train_step_flops(cfg, StepShape(batch, seq_len, batch), towers_of(trainer.trainable_paths))
+    if profile_dir:
+        try:
+            state = profile_one_step(name, compiled, state, batch_arrays, profile_dir)
+        except Exception as e:  # the timings above still count
+            print(f"{name}: profiling failed: {e!r}", file=sys.stderr)
+    shape = StepShape(batch * accum, seq_len, batch * accum)
+    flops = train_step_flops(cfg, shape, towers_of(trainer.trainable_paths))
+    # The kernels skip the causal mask's upper half: the LLM's attention matmuls (forward + 2x
+    # backward, every variant here trains something at or below the LLM) counted half.
+    causal_flops = flops - 1.5 * forward_flops(cfg, shape)["llm"][1]
     peak = peak_flops(device.device_kind) or float("nan")
     stats = device.memory_stats() or {}
     n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(state["trainable"]))
     return {
-        "variant": name, "stage": stage, "attention": attention, "batch": batch, "seq_len": seq_len,
+        "variant": name, "stage": stage, "attention": attention, "batch": batch, "seq_len": seq_len, "micro_batches": accum,
         "llm_layers": cfg.llm.num_layers, "remat": cfg.remat_policy, "trainable_params": int(n_trainable),
         "device": device.device_kind, "jax": jax.__version__,
         "init_s": round(init_s, 1), "compile_s": round(compile_s, 1),
         "ms_per_step": round(ms, 1), "step_ms_all": [round(x * 1e3, 1) for x in times],
-        "tokens_per_s": round(batch * seq_len / ms * 1e3), "model_tflop_per_step": round(flops / 1e12, 2),
+        "tokens_per_s": round(accum * batch * seq_len / ms * 1e3), "model_tflop_per_step": round(flops / 1e12, 2),
         "model_tflops_per_s": round(flops / ms / 1e9, 1), "mfu": round(flops / ms * 1e3 / peak, 4),
+        "mfu_causal_half": round(causal_flops / ms * 1e3 / peak, 4),
+        "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default"),
         "peak_bytes_in_use_gib": round(stats.get("peak_bytes_in_use", 0) / GiB, 2),
         "xla_argument_gib": round(mem.argument_size_in_bytes / GiB, 2), "xla_temp_gib": round(mem.temp_size_in_bytes / GiB, 2),
         "losses": [round(x, 4) for x in losses],
     }
+
+
+def run_child(cmd: list[str], timeout: float, env: dict, out: str, name: str) -> str:
+    """Runs one variant's process; its output goes to OUT/variants.log and is returned."""
+    t = time.time()
+    try:
+        proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True, env=env)
+        log = proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        log = f"TIMEOUT after {time.time() - t:.0f} s\n" + (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+    with open(os.path.join(out, "variants.log"), "a") as f:
+        f.write(f"===== {name} (allocator {env.get('XLA_PYTHON_CLIENT_ALLOCATOR', 'default')})\n{log}\n")
+    return log
 
 
 def drive(args) -> None:
@@ -158,16 +230,19 @@ def drive(args) -> None:
         path = os.path.join(work, f"{name}.json")
         cmd = [sys.executable, __file__, "--variant", name, "--steps", str(args.steps), "--json", path, "--config", args.config]
         cmd += [f"--{k}={v}" for k, v in overrides(args).items() if v]
+        if name in args.profile:
+            cmd += ["--profile_dir", args.out]
         t = time.time()
-        try:
-            flags = " ".join(x for x in (env.get("XLA_FLAGS", ""), XLA_FLAGS.get(name, "")) if x)
-            proc = subprocess.run(cmd, timeout=min(left, args.variant_timeout_s), capture_output=True, text=True,
-                                  env={**env, "XLA_FLAGS": flags})
-            log = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as e:
-            log = f"TIMEOUT after {time.time() - t:.0f} s\n" + (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
-        with open(os.path.join(args.out, "variants.log"), "a") as f:
-            f.write(f"===== {name}\n{log}\n")
+        flags = " ".join(x for x in (env.get("XLA_FLAGS", ""), XLA_FLAGS.get(name, "")) if x)
+        log = run_child(cmd, min(left, args.variant_timeout_s), {**env, "XLA_FLAGS": flags}, args.out, name)
+        left = args.budget_s - (time.time() - start)
+        if not os.path.exists(path) and "RESOURCE_EXHAUSTED" in log and "XLA_PYTHON_CLIENT_ALLOCATOR" not in env and left >= 60:
+            # The BFC allocator can fail to place a step's one big temporary block after init has
+            # fragmented it (the 52.7 GiB of stage2_lora_cudnn_dots, 2026-11-27); CUDA's
+            # stream-ordered allocator places it. The row records which allocator ran.
+            print(f"{name}: out of memory with the BFC allocator; again with cuda_async", flush=True)
+            log = run_child(cmd, min(left, args.variant_timeout_s),
+                            {**env, "XLA_FLAGS": flags, "XLA_PYTHON_CLIENT_ALLOCATOR": "cuda_async"}, args.out, name)
         if os.path.exists(path):
             r = json.load(open(path))
             r["mfu_of_matmul"] = round(r["model_tflops_per_s"] / rate, 4)
@@ -177,12 +252,14 @@ def drive(args) -> None:
             print(json.dumps(r), flush=True)
         else:
             print(f"{name}: FAILED after {time.time() - t:.0f} s:\n{log[-2500:]}", flush=True)
-    print(f"\n| variant | layers | batch x seq | ms/step | tokens/s | model TFLOP/s | MFU (989) | of matmul ({rate:.0f}) "
-          f"| peak GiB (allocator / XLA args+temp) | compile s |\n|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| variant | layers | micro-batches x batch x seq | ms/step | tokens/s | model TFLOP/s | MFU (989) | MFU, causal half "
+          f"| of matmul ({rate:.0f}) | peak GiB (allocator / XLA args+temp) | allocator | compile s |\n"
+          f"|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['llm_layers']} | {r['batch']} x {r['seq_len']} | {r['ms_per_step']:.0f} | {r['tokens_per_s']} "
-              f"| {r['model_tflops_per_s']:.0f} | {r['mfu']:.1%} | {r['mfu_of_matmul']:.1%} | {r['peak_bytes_in_use_gib']:.1f} / "
-              f"{r['xla_argument_gib'] + r['xla_temp_gib']:.1f} | {r['compile_s']:.0f} |")
+        print(f"| {r['variant']} | {r['llm_layers']} | {r['micro_batches']} x {r['batch']} x {r['seq_len']} | {r['ms_per_step']:.0f} "
+              f"| {r['tokens_per_s']} | {r['model_tflops_per_s']:.0f} | {r['mfu']:.1%} | {r['mfu_causal_half']:.1%} "
+              f"| {r['mfu_of_matmul']:.1%} | {r['peak_bytes_in_use_gib']:.1f} / {r['xla_argument_gib'] + r['xla_temp_gib']:.1f} "
+              f"| {r['allocator']} | {r['compile_s']:.0f} |")
 
 
 def overrides(args) -> dict:
@@ -197,6 +274,8 @@ def main() -> None:
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "mplug_owl_llama7b.py"))
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--json")
+    p.add_argument("--profile", nargs="*", default=[], help="variants to profile one extra step of")
+    p.add_argument("--profile_dir", help="(per variant) where the profile of one step goes")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_bench"))
     p.add_argument("--budget_s", type=float, default=500)
     p.add_argument("--variant_timeout_s", type=float, default=170)
@@ -210,7 +289,7 @@ def main() -> None:
 
         print(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "bf16_matmul_tflops": matmul_tflops()}))
     elif args.variant:
-        result = run_variant(args.variant, args.steps, args.config, overrides(args))
+        result = run_variant(args.variant, args.steps, args.config, overrides(args), args.profile_dir)
         with open(args.json or os.devnull, "w") as f:
             json.dump(result, f)
         print(json.dumps(result))
