@@ -93,11 +93,16 @@ class Trainer:
         or freshly initialised under jit straight into their shardings."""
         init_rng, state_rng = jax.random.split(rng)
         if params is None:
-            params = jax.jit(
-                lambda r: nn.unbox(init_params(self.model_cfg, r)), out_shardings=nn.unbox(self.param_shardings)
-            )(init_rng)
-        else:
-            params = jax.tree_util.tree_map(put_global, params, nn.unbox(self.param_shardings))
+            # One program from random init to state. As two, the fp32 params (7B: ~27 GB) sit on the
+            # device while the state is allocated beside them, and once they are freed the state
+            # splits the free memory in two: on one H100, the stage-1 and stage-2 steps' 48-53 GiB
+            # temporary block then found no room (BENCHMARKS.md, 2026-11-27), where it had with
+            # this one program (2026-11-26).
+            return jax.jit(
+                lambda r, s: self._state_from_params(nn.unbox(init_params(self.model_cfg, r)), s),
+                out_shardings=self.state_shardings,
+            )(init_rng, state_rng)
+        params = jax.tree_util.tree_map(put_global, params, nn.unbox(self.param_shardings))
         return jax.jit(self._state_from_params, out_shardings=self.state_shardings, donate_argnums=0)(params, state_rng)
 
     def params(self, state: dict) -> dict:
