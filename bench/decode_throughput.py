@@ -1,7 +1,9 @@
 """Decode throughput: owl_jax's jitted KV-cache decoding vs transformers' PyTorch
-`LlamaForCausalLM.generate`, same LLaMA shape and weights, same prompts, greedy, fp32.
+`LlamaForCausalLM.generate`, same LLaMA shape and weights, same prompts, greedy, fp32 (or both
+sides in bf16: --dtype bfloat16, weights and compute, as `owl_jax.load(path, dtype=...)` and
+`model.to(torch.bfloat16)` give them).
 
-    python bench/decode_throughput.py [--batch 1 8] [--prompt-len 64] [--new-tokens 128]
+    python bench/decode_throughput.py [--batch 1 8] [--prompt-len 64] [--new-tokens 128] [--dtype bfloat16]
 
 One random LLaMA (default: 4 layers x 512, 8 heads, MLP 1376, vocab 32000 — the small config of
 DESIGN 5) is built in transformers, saved, and converted into an owl_jax model (tiny vision side,
@@ -39,6 +41,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--torch-threads", type=int, default=None, help="default: torch's own")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights and compute on both sides (bf16 reads half the bytes a decode step)")
     p.add_argument("--training-layout", action="store_true",
                    help="decode with the params as trained (LLM layers under nn.scan, LM head [D, V]) instead of "
                         "the decode layout (layers unrolled, LM head [V, D])")
@@ -76,6 +80,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         params, _ = from_torch(cfg, llama=d)
+    if args.dtype != "float32":  # as owl_jax.api.from_params(..., dtype=) and torch's .to(dtype)
+        cfg = dataclasses.replace(cfg, dtype=args.dtype, param_dtype=args.dtype)
+        params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(jax.numpy.dtype(args.dtype)), params)
+        hf = hf.to(getattr(torch, args.dtype))
     params = jax.device_put(params)
     gen = Generator(params, cfg, decode_layout=not args.training_layout)
     old = Generator(params, cfg, decode_layout=False) if args.also_training_layout else None
@@ -84,7 +92,7 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()} cpus={os.cpu_count()} jax {jax.__version__} "
           f"({jax.devices()[0].platform}) torch {torch.__version__} threads={torch.get_num_threads()} "
           f"loadavg={os.getloadavg()[0]:.1f}")
-    print(f"# LLaMA {args.layers}x{args.hidden} heads {args.heads} mlp {args.mlp} vocab {args.vocab}, fp32, greedy, "
+    print(f"# LLaMA {args.layers}x{args.hidden} heads {args.heads} mlp {args.mlp} vocab {args.vocab}, {args.dtype}, greedy, "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per sample")
     extra = " owl_jax training layout tok/s |" if old else ""
     print(f"| batch | owl_jax tok/s | transformers tok/s | speed-up | tokens agree | owl_jax compile s |{extra}")

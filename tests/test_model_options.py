@@ -193,3 +193,24 @@ def test_bf16_compute_stays_close_to_fp32(setup):
     bf16 = MplugOwl(dataclasses.replace(cfg, dtype="bfloat16")).apply({"params": params}, **batch)
     assert bf16.dtype == jnp.bfloat16
     assert np.abs(np.asarray(bf16, np.float32) - np.asarray(fp32)).max() < 0.1
+
+
+def test_bf16_matmuls_on_cpu_read_bf16_weights():
+    """A bf16 x bf16 -> bf16 dot makes XLA's CPU backend convert the whole weight to fp32 on every
+    call; Dense asks for fp32 accumulation instead (layers.dot_accumulator), which runs natively.
+    The compiled program converts the [in, out] kernel nowhere, in either kernel layout."""
+    from owl_jax.models.layers import Dense
+
+    x = jnp.ones((8, 64), jnp.bfloat16)
+    for out_in in (False, True):
+        dense = Dense(96, ("embed", "mlp"), use_bias=False, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                      kernel_out_in=out_in)
+        variables = dense.init(jax.random.PRNGKey(0), x)
+        hlo = jax.jit(dense.apply).lower(variables, x).compile().as_text()
+        kernel_f32 = "f32[96,64]" if out_in else "f32[64,96]"
+        assert kernel_f32 not in hlo, hlo
+        y = dense.apply(variables, x)
+        assert y.dtype == jnp.bfloat16
+        kernel = nn.unbox(variables["params"]["kernel"]).astype(jnp.float32)
+        want = np.asarray(x, np.float32) @ np.asarray(kernel.T if out_in else kernel)
+        np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=1e-2)

@@ -30,6 +30,20 @@ def partitioned(init: Callable, names: Sequence[str | None]) -> Callable:
     return nn.with_logical_partitioning(init, tuple(names))
 
 
+def dot_accumulator(dtype: Dtype) -> Dtype | None:
+    """`preferred_element_type` for a weight matmul computed in `dtype`.
+
+    On CPU, fp32 for 16-bit inputs: given bf16 x bf16 -> bf16, XLA's CPU backend converts both
+    operands to fp32 first, the whole weight matrix on every call (a [8, 512] x [512, 32000] decode
+    step's LM head: 22.5 ms, against 1.7 ms for bf16 x bf16 -> fp32, which runs natively). Elsewhere
+    None (the input dtype): GPUs and TPUs accumulate in fp32 anyway, and a wider output would double
+    the activations that remat saves.
+    """
+    if jnp.dtype(dtype).itemsize < 4 and jax.default_backend() == "cpu":
+        return jnp.float32
+    return None
+
+
 class Dense(nn.Module):
     """y = x @ kernel (+ bias) (+ LoRA: scale * dropout(x) @ lora_a @ lora_b).
 
@@ -59,10 +73,11 @@ class Dense(nn.Module):
         # (contracting batch and length) about 3x slower than the same product flattened.
         lead = x.shape[:-1]
         x = x.reshape(-1, in_features)
-        if self.kernel_out_in:  # x @ kernel.T, contracting both operands' minor dimension
-            y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (((1,), (1,)), ((), ())))
-        else:
-            y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        acc = dot_accumulator(self.dtype)
+        # x @ kernel, or x @ kernel.T (kernel_out_in), contracting both operands' minor dimension
+        dims = (((1,), (1 if self.kernel_out_in else 0,)), ((), ()))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dims, preferred_element_type=acc)
+        y = y.astype(self.dtype)
         if self.use_bias:
             bias = self.param("bias", partitioned(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
@@ -77,7 +92,8 @@ class Dense(nn.Module):
                 "lora_b", partitioned(nn.initializers.zeros, ("lora", self.axes[1])), (self.lora.rank, self.features), self.param_dtype
             )
             h = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
-            h = jnp.dot(jnp.dot(h.astype(self.dtype), lora_a.astype(self.dtype)), lora_b.astype(self.dtype))
+            h = jnp.dot(h.astype(self.dtype), lora_a.astype(self.dtype), preferred_element_type=acc).astype(self.dtype)
+            h = jnp.dot(h, lora_b.astype(self.dtype), preferred_element_type=acc).astype(self.dtype)
             y = y + self.lora.scale * h
         return y.reshape(*lead, self.features)
 

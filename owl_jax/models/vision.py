@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from owl_jax.models.config import VisionConfig
-from owl_jax.models.layers import Dense, Dtype, LayerNorm, attention, Stack, constrain, partitioned
+from owl_jax.models.layers import Dense, Dtype, LayerNorm, Stack, attention, constrain, dot_accumulator, partitioned
 
 
 def sincos2d_position_code(grid: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
@@ -95,7 +95,8 @@ class PatchEmbed(nn.Module):
                             (p, p, c, self.features), self.param_dtype)
         x = pixels.astype(self.dtype).reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(n, (h // p) * (w // p), p * p * c)
-        return jnp.dot(x, kernel.astype(self.dtype).reshape(p * p * c, self.features))
+        kernel = kernel.astype(self.dtype).reshape(p * p * c, self.features)
+        return jnp.dot(x, kernel, preferred_element_type=dot_accumulator(self.dtype)).astype(self.dtype)
 
 
 class VisionEmbeddings(nn.Module):
