@@ -39,3 +39,19 @@ def test_auto_attention_puts_the_splash_kernels_in_the_tpu_step():
     text = compile_step(trainer).as_text()
     for kernel in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):
         assert kernel in text, kernel
+
+
+def test_bf16_matmuls_keep_their_dtype_when_traced_for_tpu():
+    """layers.dot_accumulator's fp32 accumulation is a CPU remedy: traced for a TPU mesh (as the
+    AOT tool does, on this CPU host) a bf16 matmul keeps its bf16 output, so remat saves bf16."""
+    import jax
+    import jax.numpy as jnp
+
+    from owl_jax.aot import tpu_devices
+    from owl_jax.models.layers import dot_accumulator, trace_platform
+    from owl_jax.sharding import make_mesh
+
+    assert trace_platform() == "cpu" and dot_accumulator(jnp.bfloat16) == jnp.float32
+    assert dot_accumulator(jnp.float32) is None
+    with jax.set_mesh(make_mesh({"fsdp": 4}, tpu_devices("v5e:2x2"))):
+        assert trace_platform() == "tpu" and dot_accumulator(jnp.bfloat16) is None

@@ -30,6 +30,14 @@ def partitioned(init: Callable, names: Sequence[str | None]) -> Callable:
     return nn.with_logical_partitioning(init, tuple(names))
 
 
+def trace_platform() -> str:
+    """The platform being traced for: the mesh's when one is set (an AOT compile for a TPU slice
+    traces on a CPU host), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 def dot_accumulator(dtype: Dtype) -> Dtype | None:
     """`preferred_element_type` for a weight matmul computed in `dtype`.
 
@@ -39,7 +47,7 @@ def dot_accumulator(dtype: Dtype) -> Dtype | None:
     None (the input dtype): GPUs and TPUs accumulate in fp32 anyway, and a wider output would double
     the activations that remat saves.
     """
-    if jnp.dtype(dtype).itemsize < 4 and jax.default_backend() == "cpu":
+    if jnp.dtype(dtype).itemsize < 4 and trace_platform() == "cpu":
         return jnp.float32
     return None
 
@@ -187,7 +195,7 @@ def attention(
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl={impl!r}: expected one of {ATTENTION_IMPLS}")
     if impl == "auto":
-        impl = platform_attention(jax.default_backend())
+        impl = platform_attention(trace_platform())
     s = k.shape[2 if kv_heads_first else 1]
     if impl == "splash":  # the LLM's causal self-attention only (not the ViT, abstractor or decode steps)
         from owl_jax.models import splash  # Pallas' TPU kernels: imported only when asked for
