@@ -24,7 +24,8 @@ image per sample:
 `cudnn`: attention through jax.nn.dot_product_attention(implementation="cudnn") with the causal hint;
 `xla`: our einsum attention with an fp32 softmax. MFU = analytic model FLOPs (training/flops.py: the
 matmuls the stage needs, no weight gradients for frozen weights, no remat recomputation; attention
-over the whole T x T square; `mfu_causal_half` counts only the unmasked half the kernels compute) /
+over the whole T x T square; `mfu_causal_half` counts only the unmasked half that cuDNN's kernels
+compute, and equals `mfu` for the einsum path, which computes it all) /
 step time / the chip's dense bf16 peak (989 TFLOP/s for H100 and H200); also given against a
 measured 8192^3 bf16 matmul. Peak memory: XLA's memory analysis of the compiled step (arguments +
 temporaries), and
@@ -173,9 +174,11 @@ def run_variant(name: str, steps: int, config_path: str, overrides: dict, profil
             print(f"{name}: profiling failed: {e!r}", file=sys.stderr)
     shape = StepShape(batch * accum, seq_len, batch * accum)
     flops = train_step_flops(cfg, shape, towers_of(trainer.trainable_paths))
-    # The kernels skip the causal mask's upper half: the LLM's attention matmuls (forward + 2x
-    # backward, every variant here trains something at or below the LLM) counted half.
-    causal_flops = flops - 1.5 * forward_flops(cfg, shape)["llm"][1]
+    # cuDNN's and splash's kernels skip the causal mask's upper half: the LLM's attention matmuls
+    # counted half (x3: forward + 2x backward, since a gradient flows through the LLM whenever
+    # anything trains). The einsum path ("xla", no query blocks at 7B) computes the whole square.
+    skips_half = attention in ("cudnn", "splash")
+    causal_flops = flops - (1.5 * forward_flops(cfg, shape)["llm"][1] if skips_half else 0.0)
     peak = peak_flops(device.device_kind) or float("nan")
     stats = device.memory_stats() or {}
     n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(state["trainable"]))

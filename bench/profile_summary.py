@@ -5,7 +5,8 @@ prints the device time by kind of op, by the Python source that emitted it, and 
     python bench/profile_summary.py DIR/full_ft8_cudnn_dots.xplane.pb.gz [--top 30]
 
 Kernels are matched to HLO instructions by the `hlo_op` stat XLA attaches to each of them (or, in
-a CUDA graph, by the kernel's name, which for XLA's own fusions is the fusion's); the
+a CUDA graph, by the kernel's name, which for XLA's own fusions is the fusion's with "." made "_");
+the
 instruction's text says what it is (a cuBLAS or Triton GEMM, cuDNN attention, a scatter, an
 elementwise or reduction fusion) and its metadata which source line emitted it (optax's files for
 the optimiser, the model's for the layers). Reading the xplane needs only jax (ProfileData), so
@@ -40,6 +41,9 @@ def read_hlo(path: str) -> tuple[dict[str, str], dict[int, str]]:
             m = INSTRUCTION.match(line)
             if m:
                 lines.setdefault(m.group(1), line)
+                # Kernel names are the fusion's with "." and "-" made "_" (loop_add_fusion.9 ->
+                # loop_add_fusion_9): inside a CUDA graph that name is the only key there is.
+                lines.setdefault(re.sub(r"[.\-]", "_", m.group(1)), line)
     frames = {}
     for frame_id, frame in tables["StackFrames"].items():
         location = tables["FileLocations"].get(int(re.search(r"file_location_id=(\d+)", frame).group(1)), "")

@@ -82,7 +82,8 @@ class Dense(nn.Module):
         lead = x.shape[:-1]
         x = x.reshape(-1, in_features)
         acc = dot_accumulator(self.dtype)
-        # x @ kernel, or x @ kernel.T (kernel_out_in), contracting both operands' minor dimension
+        # x @ kernel (kernel [in, out]), or x @ kernel.T (kernel_out_in: [out, in], contracting both
+        # operands' minor dimension)
         dims = (((1,), (1 if self.kernel_out_in else 0,)), ((), ()))
         y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dims, preferred_element_type=acc)
         y = y.astype(self.dtype)

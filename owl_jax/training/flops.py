@@ -2,9 +2,10 @@
 
 Per tower, weight matmuls cost 2 FLOPs per multiply-add forward, the same again for the input
 gradient when anything upstream trains or the tower's own weights train, and again for the weight
-gradient when the tower's weights train. A tower's own weights need its input gradients because
-every tower has trained weights at its bottom (the LLM's embedding table, the ViT's position
-embedding, the abstractor's query tokens) and layers above layers. So a frozen LLM in stage 1
+gradient when the tower's weights train. A tower's own weights need its input gradients: each
+layer's weights need the gradient of its output, which comes through the layers above it, and
+every tower has trained weights below its first layer too (the LLM's embedding table, the ViT's
+position embedding, the abstractor's query tokens). So a frozen LLM in stage 1
 costs forward + input gradient (4N per token), a fully fine-tuned one 6N with nothing upstream
 training. The patch embedding counts as its own tower, fed by pixels: never an input gradient.
 Attention score/value matmuls: forward, plus 2x backward when a gradient flows through them.
