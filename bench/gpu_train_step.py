@@ -242,7 +242,8 @@ def drive(args) -> None:
         if not os.path.exists(path) and "RESOURCE_EXHAUSTED" in log and "XLA_PYTHON_CLIENT_ALLOCATOR" not in env and left >= 60:
             # The BFC allocator can fail to place a step's one big temporary block after init has
             # fragmented it (the 52.7 GiB of stage2_lora_cudnn_dots, 2026-11-27); CUDA's
-            # stream-ordered allocator places it. The row records which allocator ran.
+            # stream-ordered allocator places it. The row records which allocator ran. (A step that
+            # does not fit at all fails twice, at the cost of a second start.)
             print(f"{name}: out of memory with the BFC allocator; again with cuda_async", flush=True)
             log = run_child(cmd, min(left, args.variant_timeout_s),
                             {**env, "XLA_FLAGS": flags, "XLA_PYTHON_CLIENT_ALLOCATOR": "cuda_async"}, args.out, name)
