@@ -20,6 +20,7 @@ image per sample:
   full_ft{4,12}_*, *_b16   the same with 4 or 12 layers, or 16 x 2048 tokens
   *_accum4                 4 micro-batches a step (the recipes' gradient accumulation)
   *_dsfusion               XLA's dynamic-slice fusion on (GEMMs read a layer's weights in place)
+  *_dotsattn               remat dots_no_batch_attention: dots_no_batch + cuDNN attention's residuals
 
 `cudnn`: attention through jax.nn.dot_product_attention(implementation="cudnn") with the causal hint;
 `xla`: our einsum attention with an fp32 softmax. MFU = analytic model FLOPs (training/flops.py: the
@@ -69,6 +70,10 @@ VARIANTS = {
     # the GEMMs read the slice in place. Not yet measured.
     "stage2_lora_cudnn_dots_dsfusion": ("stage2_lora", "cudnn", 8, 2048, None, "dots_no_batch"),
     "full_ft8_cudnn_dots_dsfusion": ("full_ft", "cudnn", 8, 2048, 8, "dots_no_batch"),
+    # Also saving cuDNN attention's output and softmax statistics: its forward kernel ran twice a
+    # layer under dots_no_batch (3.3% of the stage-2 step). ~4 GiB more at 32 layers. Not yet measured.
+    "stage2_lora_cudnn_dotsattn": ("stage2_lora", "cudnn", 8, 2048, None, "dots_no_batch_attention"),
+    "full_ft8_cudnn_dotsattn": ("full_ft", "cudnn", 8, 2048, 8, "dots_no_batch_attention"),
 }
 # Extra XLA flags per variant (the rest run with XLA's defaults).
 XLA_FLAGS = {"stage2_lora_cudnn_dots_cublas": "--xla_gpu_enable_triton_gemm=false",

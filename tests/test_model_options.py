@@ -1,5 +1,6 @@
 """Remat policies, attention implementations and bf16 compute change speed/memory, not results."""
 import contextlib
+import functools
 import dataclasses
 
 import flax.linen as nn
@@ -39,7 +40,7 @@ def _loss_and_grad(cfg, params, batch, loss_mask):
     return jax.jit(jax.value_and_grad(loss_fn))(params)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_no_batch"])
+@pytest.mark.parametrize("policy", ["full", "dots_no_batch", "dots_no_batch_attention"])
 def test_remat_gives_same_loss_and_gradients(setup, policy):
     cfg, params, batch, loss_mask = setup
     loss, grads = _loss_and_grad(cfg, params, batch, loss_mask)
@@ -214,3 +215,71 @@ def test_bf16_matmuls_on_cpu_read_bf16_weights():
         kernel = nn.unbox(variables["params"]["kernel"]).astype(jnp.float32)
         want = np.asarray(x, np.float32) @ np.asarray(kernel.T if out_in else kernel)
         np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=1e-2)
+
+
+def _masked_scores(q, k, mask):
+    s = jnp.einsum("bthd,bshd->bhts", q, k) * q.shape[-1] ** -0.5
+    return jnp.where(mask, s, -1e30)
+
+
+@jax.custom_vjp
+def _flash_like(q, k, v, mask):
+    return _flash_like_fwd(q, k, v, mask)[0]
+
+
+def _flash_like_fwd(q, k, v, mask):
+    """Keeps for the backward pass what cuDNN's kernel keeps: q, k, v, the output and each row's
+    log-sum-exp (the probabilities are rebuilt from those)."""
+    s = _masked_scores(q, k, mask)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    out = jnp.einsum("bhts,bshd->bthd", jnp.exp(s - lse[..., None]), v)
+    return out, (q, k, v, mask, out, lse)
+
+
+def _flash_like_bwd(res, g):
+    q, k, v, mask, out, lse = res
+    p = jnp.exp(_masked_scores(q, k, mask) - lse[..., None])
+    dp = jnp.einsum("bthd,bshd->bhts", g, v)
+    ds = p * (dp - jnp.einsum("bthd,bthd->bht", g, out)[..., None]) * q.shape[-1] ** -0.5
+    dq, dk = jnp.einsum("bhts,bshd->bthd", ds, k), jnp.einsum("bhts,bthd->bshd", ds, q)
+    return dq, dk, jnp.einsum("bhts,bthd->bshd", p, g), np.zeros(mask.shape, jax.dtypes.float0)
+
+
+_flash_like.defvjp(_flash_like_fwd, _flash_like_bwd)
+
+
+def test_dots_no_batch_attention_does_not_rerun_the_attention_forward():
+    """Remat "dots_no_batch_attention" saves the output and row statistics of an attention wrapped
+    by layers.with_named_residuals (as the LLM's cuDNN call is under that policy), so the backward
+    pass only rebuilds the probabilities (one `exp`) instead of rerunning the forward (three);
+    the gradients stay those of the unwrapped attention. Here a stand-in with cuDNN's residuals,
+    and an o_proj whose weight gradient reads the attention output."""
+    from owl_jax.models.layers import ATTENTION_RESIDUALS, _REMAT_POLICIES, with_named_residuals
+
+    b, t, h, dh = 2, 8, 2, 4
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(4, h * dh, h * dh)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(b, t, h * dh)), jnp.float32)
+
+    def loss(w, x, attend):
+        mask = jnp.tril(jnp.ones((t, t), bool))[None, None] & (x[:, None, None, :, 0] > -5)  # traced
+        q, k, v = (jnp.dot(x, w[i]).reshape(b, t, h, dh) for i in range(3))
+        out = attend(jnp.sin(q), k, v, mask=mask)  # sin: rotary's stand-in, not a saved matmul
+        return jnp.square(jnp.dot(out.reshape(b, t, h * dh), w[3])).sum()
+
+    plain = lambda q, k, v, mask: _flash_like(q, k, v, mask)
+    want = jax.grad(loss)(w, x, plain)
+    wrapped = functools.partial(loss, attend=with_named_residuals(plain, ATTENTION_RESIDUALS))
+    exps = {}
+    for policy in ("dots_no_batch", "dots_no_batch_attention"):
+        step = jax.grad(jax.checkpoint(wrapped, policy=_REMAT_POLICIES[policy]))
+        np.testing.assert_allclose(jax.jit(step)(w, x), want, rtol=1e-4, atol=1e-4)
+        (remat,) = [e for e in jax.make_jaxpr(step)(w, x).jaxpr.eqns if e.primitive.name == "remat2"]
+        exps[policy] = str(remat.params["jaxpr"]).count(" exp ")
+    assert exps == {"dots_no_batch": 3, "dots_no_batch_attention": 1}, exps
+
+    # The same wrapper around jax.nn.dot_product_attention, called as the cuDNN path calls it.
+    fused = functools.partial(jax.nn.dot_product_attention, is_causal=True)
+    want = jax.grad(loss)(w, x, fused)
+    got = jax.grad(functools.partial(loss, attend=with_named_residuals(fused, ATTENTION_RESIDUALS)))(w, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -122,7 +122,8 @@ class OwlConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     # Layers run under nn.scan (compile time flat in depth); remat policy per layer:
-    # "none" | "full" (save nothing) | "dots" (save matmul outputs) | "dots_no_batch".
+    # "none" | "full" (save nothing) | "dots" (save matmul outputs) | "dots_no_batch" |
+    # "dots_no_batch_attention" (and the LLM's cuDNN attention output and softmax statistics)
     remat_policy: str = "none"
     # Layer loop: 1 keeps one scanned loop body (compile time flat in depth: the 7B recipes); n > 1
     # unrolls n layers per iteration; 0 runs the layers as a Python loop over the same stacked params

@@ -42,6 +42,7 @@ class LlamaAttention(nn.Module):
     attention_impl: str
     decode: bool
     causal_query_block: int = 0  # see OwlConfig.causal_query_block
+    name_attention_residuals: bool = False  # see layers.attention(name_residuals=...)
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, key_valid: jax.Array, deterministic: bool) -> jax.Array:
@@ -62,7 +63,8 @@ class LlamaAttention(nn.Module):
             causal = jnp.tril(jnp.ones((t, t), dtype=bool))
         mask = causal[None, None] & key_valid[:, None, None, :].astype(bool)
         out = attention(q, key, value, mask, impl=self.attention_impl, kv_heads_first=self.decode,
-                        causal_query_block=0 if self.decode else self.causal_query_block, causal=not self.decode)
+                        causal_query_block=0 if self.decode else self.causal_query_block, causal=not self.decode,
+                        name_residuals=self.name_attention_residuals)
         return projection(self, cfg.hidden_size, ("heads", "embed"), "o_proj")(out.reshape(b, t, h * dh), deterministic)
 
     def _update_cache(self, key: jax.Array, value: jax.Array):
@@ -109,13 +111,14 @@ class LlamaLayer(nn.Module):
     attention_impl: str
     decode: bool
     causal_query_block: int = 0
+    name_attention_residuals: bool = False
 
     @nn.compact
     def __call__(self, x, positions, key_valid, deterministic: bool):
         norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.param_dtype, name=name)
         attn = LlamaAttention(
             self.cfg, self.lora, self.dtype, self.param_dtype, self.attention_impl, self.decode,
-            self.causal_query_block, name="self_attn"
+            self.causal_query_block, self.name_attention_residuals, name="self_attn"
         )
         x = x + attn(norm("input_layernorm")(x), positions, key_valid, deterministic)
         x = x + LlamaMLP(self.cfg, self.lora, self.dtype, self.param_dtype, name="mlp")(
@@ -167,7 +170,8 @@ class LlamaModel(nn.Module):
 
     def _layer_kwargs(self) -> dict:
         return dict(cfg=self.cfg, lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype,
-                    attention_impl=self.attention_impl, decode=self.decode, causal_query_block=self.causal_query_block)
+                    attention_impl=self.attention_impl, decode=self.decode, causal_query_block=self.causal_query_block,
+                    name_attention_residuals=self.remat_policy == "dots_no_batch_attention")
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """int[B, T] -> float[B, T, D]."""
