@@ -71,7 +71,8 @@ VARIANTS = {
     "stage2_lora_cudnn_dots_dsfusion": ("stage2_lora", "cudnn", 8, 2048, None, "dots_no_batch"),
     "full_ft8_cudnn_dots_dsfusion": ("full_ft", "cudnn", 8, 2048, 8, "dots_no_batch"),
     # Also saving cuDNN attention's output and softmax statistics: its forward kernel ran twice a
-    # layer under dots_no_batch (3.3% of the stage-2 step). ~4 GiB more at 32 layers. Not yet measured.
+    # layer under dots_no_batch (3.3% of the stage-2 step). ~130 MiB more a layer at 8 x 2048 (~4 GiB
+    # at 32 layers, ~1 GiB at 8). Not yet measured.
     "stage2_lora_cudnn_dotsattn": ("stage2_lora", "cudnn", 8, 2048, None, "dots_no_batch_attention"),
     "full_ft8_cudnn_dotsattn": ("full_ft", "cudnn", 8, 2048, 8, "dots_no_batch_attention"),
 }

@@ -251,10 +251,13 @@ _flash_like.defvjp(_flash_like_fwd, _flash_like_bwd)
 def test_dots_no_batch_attention_does_not_rerun_the_attention_forward():
     """Remat "dots_no_batch_attention" saves the output and row statistics of an attention wrapped
     by layers.with_named_residuals (as the LLM's cuDNN call is under that policy), so the backward
-    pass only rebuilds the probabilities (one `exp`) instead of rerunning the forward (three);
-    the gradients stay those of the unwrapped attention. Here a stand-in with cuDNN's residuals,
-    and an o_proj whose weight gradient reads the attention output."""
+    pass only rebuilds the probabilities (one `exp`) instead of rerunning the forward too (its two
+    and the backward's one); nothing else output-shaped is saved (not q, k, v); the gradients stay
+    those of the unwrapped attention. Here a stand-in that keeps what cuDNN keeps (q, k, v, output,
+    log-sum-exp; a bool mask where cuDNN keeps a bias made from it), and an o_proj whose weight
+    gradient reads the attention output."""
     from owl_jax.models.layers import ATTENTION_RESIDUALS, _REMAT_POLICIES, with_named_residuals
+    from owl_jax.models.llama import LlamaModel
 
     b, t, h, dh = 2, 8, 2, 4
     rng = np.random.default_rng(0)
@@ -270,15 +273,24 @@ def test_dots_no_batch_attention_does_not_rerun_the_attention_forward():
     plain = lambda q, k, v, mask: _flash_like(q, k, v, mask)
     want = jax.grad(loss)(w, x, plain)
     wrapped = functools.partial(loss, attend=with_named_residuals(plain, ATTENTION_RESIDUALS))
-    exps = {}
+    exps, saved_outputs = {}, {}
     for policy in ("dots_no_batch", "dots_no_batch_attention"):
         step = jax.grad(jax.checkpoint(wrapped, policy=_REMAT_POLICIES[policy]))
         np.testing.assert_allclose(jax.jit(step)(w, x), want, rtol=1e-4, atol=1e-4)
         (remat,) = [e for e in jax.make_jaxpr(step)(w, x).jaxpr.eqns if e.primitive.name == "remat2"]
         exps[policy] = str(remat.params["jaxpr"]).count(" exp ")
+        # What the backward pass receives, output-shaped: the attention output alone (the saved
+        # q/k/v projections are [B, T, H * Dh] matmul outputs).
+        saved_outputs[policy] = sum(getattr(v.aval, "shape", None) == (b, t, h, dh) for v in remat.invars)
     assert exps == {"dots_no_batch": 3, "dots_no_batch_attention": 1}, exps
+    assert saved_outputs == {"dots_no_batch": 0, "dots_no_batch_attention": 1}, saved_outputs
 
-    # The same wrapper around jax.nn.dot_product_attention, called as the cuDNN path calls it.
+    # The LLM asks for the tags under this policy only.
+    cfg = small_owl_config().llm
+    assert LlamaModel(cfg, remat_policy="dots_no_batch_attention")._layer_kwargs()["name_attention_residuals"]
+    assert not LlamaModel(cfg, remat_policy="dots_no_batch")._layer_kwargs()["name_attention_residuals"]
+
+    # Gradients pass through the wrapper with another residual layout too (jax's XLA attention).
     fused = functools.partial(jax.nn.dot_product_attention, is_causal=True)
     want = jax.grad(loss)(w, x, fused)
     got = jax.grad(functools.partial(loss, attend=with_named_residuals(fused, ATTENTION_RESIDUALS)))(w, x)

@@ -15,7 +15,6 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from owl_jax.models.config import LoraConfig
@@ -277,12 +276,14 @@ ATTENTION_RESIDUALS = "attention_residuals"
 
 def with_named_residuals(fn: Callable, name: str) -> Callable:
     """fn(q, k, v, mask=mask) -> out float[B, T, H, Dh] (mask bool or None, not differentiated),
-    differentiated as before, with its output and the residuals its backward pass keeps that are
-    output-shaped or per-row statistics (at most B * T * H elements) tagged `checkpoint_name(.,
-    name)`, the output once for both uses. A remat policy can then save them
-    (`save_only_these_names`) instead of rerunning fn in the backward pass; what else fn keeps
-    (q, k, v, a bias made from the mask) is recomputed from its inputs. The mask is an argument,
-    not a closure: a custom_vjp must not close over traced values."""
+    differentiated as before, with its output and the per-row statistics its backward pass keeps
+    (residuals of at most B * T * H elements, e.g. cuDNN's log-sum-exp) tagged
+    `checkpoint_name(., name)`. A remat policy can then save them (`save_only_these_names`)
+    instead of rerunning fn in the backward pass. Anything else fn keeps is left to the enclosing
+    policy: q, k, v are fn's inputs, a bias that fn builds from the mask is rebuilt from it. The
+    output is matched by identity, not shape, so that copies of q, k or v (the same shape) are
+    never saved by mistake. The mask is an argument, not a closure: a custom_vjp must not close
+    over traced values."""
 
     @jax.custom_vjp
     def wrapped(q, k, v, mask):
@@ -291,23 +292,21 @@ def with_named_residuals(fn: Callable, name: str) -> Callable:
     def forward(q, k, v, mask):
         out, backward = jax.vjp(lambda q, k, v: fn(q, k, v, mask=mask), q, k, v)
         # The output is named as it leaves, too: whatever reads it in the backward pass (the
-        # o_proj's weight gradient) then finds it saved rather than recomputing fn.
+        # o_proj's weight gradient) then finds it saved rather than rerunning fn.
         named_out = checkpoint_name(out, name)
-        inputs, row_stats = {id(q), id(k), id(v)}, out.size // out.shape[-1]
+        row_stats = out.size // out.shape[-1]
 
         def tag(x):
             if x is out:
                 return named_out
-            if id(x) in inputs or not jnp.issubdtype(x.dtype, jnp.floating):
-                return x
-            return checkpoint_name(x, name) if x.shape == out.shape or x.size <= row_stats else x
+            small_stats = jnp.issubdtype(x.dtype, jnp.floating) and 0 < x.size <= row_stats
+            return checkpoint_name(x, name) if small_stats and x.shape != out.shape else x
 
         leaves, tree = jax.tree_util.tree_flatten(backward)
-        return named_out, (jax.tree_util.tree_unflatten(tree, [tag(x) for x in leaves]), mask)
+        return named_out, jax.tree_util.tree_unflatten(tree, [tag(x) for x in leaves])
 
-    def backward_rule(residuals, g):
-        backward, mask = residuals
-        return (*backward(g), None if mask is None else np.zeros(mask.shape, jax.dtypes.float0))
+    def backward_rule(backward, g):
+        return (*backward(g), None)  # no cotangent for the mask
 
     wrapped.defvjp(forward, backward_rule)
     return lambda q, k, v, mask=None: wrapped(q, k, v, mask)
