@@ -15,12 +15,16 @@ from owl_jax.training.synthetic import RandomBatches
 from owl_jax.training.trainer import Trainer, global_batch, stack_micro_batches
 
 
+def _batches(trainer):
+    return RandomBatches(batch_size=8, seq_len=24, max_images=8, images_per_sample=1, vocab_size=64,
+                         tokens_per_image=trainer.model_cfg.tokens_per_image, image_size=28)
+
+
 def _run(config, steps=3):
     trainer = Trainer(config, make_mesh({"fsdp": 1}, jax.devices()[:1]))
     state = trainer.init_state(jax.random.PRNGKey(0))
     before = traverse_util.flatten_dict(jax.device_get(trainer.params(state)), sep="/")
-    data = RandomBatches(batch_size=8, seq_len=24, max_images=8, images_per_sample=1, vocab_size=64,
-                         tokens_per_image=trainer.model_cfg.tokens_per_image, image_size=28)
+    data = _batches(trainer)
     local = stack_micro_batches([next(data)])
     step = trainer.jit_train_step({k: v.shape for k, v in local.items()})
     for _ in range(steps):
@@ -79,10 +83,10 @@ def test_analytic_flops_follow_xla_count_in_every_stage():
         config = tiny_train_config(stage)
         config.model.llm.update(hidden_size=128, mlp_size=256, num_layers=2)  # matmuls dominate
         config.model.scan_unroll = 0  # XLA's cost analysis counts a loop body once
-        trainer, _, _, _, step, local = _run(config, steps=0)
-        shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in local.items()}
+        trainer = Trainer(config, make_mesh({"fsdp": 1}, jax.devices()[:1]))  # abstract state: nothing allocated
+        shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in stack_micro_batches([next(_batches(trainer))]).items()}
         state_shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), trainer.abstract_state)
-        compiled = step.jitted.lower(state_shapes, shapes).compile()
+        compiled = trainer.jit_train_step({k: v.shape for k, v in shapes.items()}).jitted.lower(state_shapes, shapes).compile()
         xla[stage] = compiled.cost_analysis()["flops"]
         analytic[stage] = train_step_flops(trainer.model_cfg, StepShape(8, 24, 8), towers_of(trainer.trainable_paths))
     for stage in xla:  # XLA also counts the norms, softmaxes and optimiser: a few % above the matmuls
