@@ -21,6 +21,8 @@ image per sample:
   *_accum4                 4 micro-batches a step (the recipes' gradient accumulation)
   *_dsfusion               XLA's dynamic-slice fusion on (GEMMs read a layer's weights in place)
   *_dotsattn               remat dots_no_batch_attention: dots_no_batch + cuDNN attention's residuals
+  *_rbg                    JAX_DEFAULT_PRNG_IMPL=unsafe_rbg: dropout masks from XLA's RngBitGenerator
+  stage2_lora_cudnn_combined  dotsattn + dsfusion + rbg
 
 `cudnn`: attention through jax.nn.dot_product_attention(implementation="cudnn") with the causal hint;
 `xla`: our einsum attention with an fp32 softmax. MFU = analytic model FLOPs (training/flops.py: the
@@ -75,11 +77,21 @@ VARIANTS = {
     # at 32 layers, ~1 GiB at 8). Not yet measured.
     "stage2_lora_cudnn_dotsattn": ("stage2_lora", "cudnn", 8, 2048, None, "dots_no_batch_attention"),
     "full_ft8_cudnn_dotsattn": ("full_ft", "cudnn", 8, 2048, 8, "dots_no_batch_attention"),
+    # LoRA dropout (p 0.05 on q/v's input) draws two [8 x 2048, 4096] masks a layer, again under
+    # remat: 2.6% of the stage-2 step with threefry bits (2026-11-27 profile). XLA's own
+    # RngBitGenerator (JAX's "unsafe_rbg" keys) makes them cheaper. Not yet measured.
+    "stage2_lora_cudnn_dots_rbg": ("stage2_lora", "cudnn", 8, 2048, None, "dots_no_batch"),
+    # The three above together (dotsattn remat, dynamic-slice fusion, unsafe_rbg).
+    "stage2_lora_cudnn_combined": ("stage2_lora", "cudnn", 8, 2048, None, "dots_no_batch_attention"),
 }
-# Extra XLA flags per variant (the rest run with XLA's defaults).
-XLA_FLAGS = {"stage2_lora_cudnn_dots_cublas": "--xla_gpu_enable_triton_gemm=false",
-             "stage2_lora_cudnn_dots_dsfusion": "--xla_gpu_enable_dynamic_slice_fusion=true",
-             "full_ft8_cudnn_dots_dsfusion": "--xla_gpu_enable_dynamic_slice_fusion=true"}
+# Extra environment per variant (the rest run with XLA's and JAX's defaults); XLA_FLAGS are added
+# to the caller's.
+VARIANT_ENV = {"stage2_lora_cudnn_dots_cublas": {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"},
+               "stage2_lora_cudnn_dots_dsfusion": {"XLA_FLAGS": "--xla_gpu_enable_dynamic_slice_fusion=true"},
+               "full_ft8_cudnn_dots_dsfusion": {"XLA_FLAGS": "--xla_gpu_enable_dynamic_slice_fusion=true"},
+               "stage2_lora_cudnn_dots_rbg": {"JAX_DEFAULT_PRNG_IMPL": "unsafe_rbg"},
+               "stage2_lora_cudnn_combined": {"XLA_FLAGS": "--xla_gpu_enable_dynamic_slice_fusion=true",
+                                              "JAX_DEFAULT_PRNG_IMPL": "unsafe_rbg"}}
 GiB = 2**30
 
 
@@ -197,7 +209,7 @@ def run_variant(name: str, steps: int, config_path: str, overrides: dict, profil
         "tokens_per_s": round(accum * batch * seq_len / ms * 1e3), "model_tflop_per_step": round(flops / 1e12, 2),
         "model_tflops_per_s": round(flops / ms / 1e9, 1), "mfu": round(flops / ms * 1e3 / peak, 4),
         "mfu_causal_half": round(causal_flops / ms * 1e3 / peak, 4),
-        "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default"),
+        "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default"), "prng_impl": jax.config.jax_default_prng_impl,
         "peak_bytes_in_use_gib": round(stats.get("peak_bytes_in_use", 0) / GiB, 2),
         "xla_argument_gib": round(mem.argument_size_in_bytes / GiB, 2), "xla_temp_gib": round(mem.temp_size_in_bytes / GiB, 2),
         "losses": [round(x, 4) for x in losses],
@@ -242,8 +254,10 @@ def drive(args) -> None:
         if name in args.profile:
             cmd += ["--profile_dir", args.out]
         t = time.time()
-        flags = " ".join(x for x in (env.get("XLA_FLAGS", ""), XLA_FLAGS.get(name, "")) if x)
-        log = run_child(cmd, min(left, args.variant_timeout_s), {**env, "XLA_FLAGS": flags}, args.out, name)
+        extra = VARIANT_ENV.get(name, {})
+        flags = " ".join(x for x in (env.get("XLA_FLAGS", ""), extra.get("XLA_FLAGS", "")) if x)
+        variant_env = {**env, **extra, "XLA_FLAGS": flags}
+        log = run_child(cmd, min(left, args.variant_timeout_s), variant_env, args.out, name)
         left = args.budget_s - (time.time() - start)
         if not os.path.exists(path) and "RESOURCE_EXHAUSTED" in log and "XLA_PYTHON_CLIENT_ALLOCATOR" not in env and left >= 60:
             # The BFC allocator can fail to place a step's one big temporary block after init has
@@ -252,7 +266,7 @@ def drive(args) -> None:
             # does not fit at all fails twice, at the cost of a second start.)
             print(f"{name}: out of memory with the BFC allocator; again with cuda_async", flush=True)
             log = run_child(cmd, min(left, args.variant_timeout_s),
-                            {**env, "XLA_FLAGS": flags, "XLA_PYTHON_CLIENT_ALLOCATOR": "cuda_async"}, args.out, name)
+                            {**variant_env, "XLA_PYTHON_CLIENT_ALLOCATOR": "cuda_async"}, args.out, name)
         if os.path.exists(path):
             r = json.load(open(path))
             r["mfu_of_matmul"] = round(r["model_tflops_per_s"] / rate, 4)
