@@ -18,7 +18,7 @@ scene:     ShapesWorld questions with the scene told as text ("<caption> Q: <que
            must be the argmax). The main job's frozen LLM needs exactly this skill.
            --qa_per_scene K trains on one scene followed by up to K distinct questions about it (8x
            the binding examples per token), --answers_only puts the loss on the answers alone,
-           --heads N changes the LLM's head count (head size hidden/N).
+           --heads N changes the LLM's head count (head size hidden/N), --layers N its depth.
 
 --mimetic NOISE,IDENTITY starts the LLM's q/k kernels mimetic (llm.attention_init="mimetic"; the
 tiny config's own is "normal", as released).
@@ -201,6 +201,7 @@ def main():
                    help="scene: train on one scene followed by this many questions about it (0: the text_train mix)")
     p.add_argument("--answers_only", action="store_true", help="scene with --qa_per_scene: loss on the answers only")
     p.add_argument("--heads", type=int, default=0, help="LLM attention heads (0: configs/tiny.py's)")
+    p.add_argument("--layers", type=int, default=0, help="LLM layers (0: configs/tiny.py's)")
     p.add_argument("--init_range", type=float, default=0.0,
                    help="the LLM's initializer_range (0: configs/tiny.py's)")
     p.add_argument("--mimetic", default="",
@@ -242,6 +243,8 @@ def main():
     c.batch_size, c.seq_len, c.max_images_per_batch, c.num_steps = args.batch, seq_len, 1, args.steps
     if args.heads:
         c.model.llm.update(num_heads=args.heads, num_kv_heads=args.heads)
+    if args.layers:
+        c.model.llm.num_layers = args.layers
     if args.init_range:
         c.model.llm.initializer_range = args.init_range
     if args.mimetic:
