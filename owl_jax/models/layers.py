@@ -96,7 +96,9 @@ class Dense(nn.Module):
         if self.lora is not None and self.lora.rank > 0:
             lora_a = self.param(
                 "lora_a",
-                partitioned(nn.initializers.kaiming_uniform(), (self.axes[0], "lora")),
+                # PEFT's kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)). Flax's kaiming_uniform
+                # draws sqrt(6) times wider, which scales every early LoRA update by as much.
+                partitioned(nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"), (self.axes[0], "lora")),
                 (in_features, self.lora.rank),
                 self.param_dtype,
             )
