@@ -79,6 +79,9 @@ def train(config, workdir: str) -> dict:
         item_names=("state", "data"),
         options=ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            # best_fn makes orbax write each step's metrics to disk: without them a restarted run sees
+            # metric-less checkpoints, which BestN keeps forever.
+            best_fn=lambda m: m["loss"], best_mode="min",
             enable_async_checkpointing=config.checkpoint.async_save,
         ),
     )
@@ -91,7 +94,7 @@ def train(config, workdir: str) -> dict:
             step0, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
         )
         state = restored["state"]
-        data.set_state(restored["data"])
+        _restore_data_position(data, restored["data"])
         logging.warning("resumed from %s step %d", ckpt_dir, step0)
     else:
         rng = jax.random.PRNGKey(config.seed)
@@ -105,11 +108,13 @@ def train(config, workdir: str) -> dict:
     preempted = {"flag": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True))
 
-    def save(step: int, metrics: dict | None, force: bool = False):
+    def save(step: int, loss: float, data_position: dict, force: bool = False):
+        # Every process's data position: orbax's JSON item is written by process 0 alone.
+        positions = {"process_count": jax.process_count(), "processes": _all_processes(data_position)}
         manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data.get_state())),
-            metrics=metrics,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(positions)),
+            metrics={"loss": loss},  # a checkpoint without metrics would outlive every preservation policy
             force=force,
         )
 
@@ -119,9 +124,25 @@ def train(config, workdir: str) -> dict:
     writer = MetricsWriter(workdir, config.stage)
     step = int(jax.device_get(state["step"]))
     bar = tqdm(total=config.num_steps, initial=step, desc=config.stage, disable=jax.process_index() != 0)
-    last, window_start, window_steps = {}, time.time(), 0
+    last, window_start, window_steps, metrics = {}, time.time(), 0, None
+    out_of_data = False
     while step < config.num_steps:
-        local = stack_micro_batches([next(data) for _ in range(accum)])
+        data_position = data.get_state()  # before this step's batches: what a stop here saves
+        try:
+            local = stack_micro_batches([next(data) for _ in range(accum)])
+        except StopIteration:
+            local = None
+        # One exchange a step: every process stops together, at the same step.
+        stop_preempted, out_of_data = _any_process(preempted["flag"], local is None)
+        if stop_preempted or out_of_data:
+            if out_of_data:
+                logging.warning("data exhausted (config.data.num_epochs=%s) at step %d of config.num_steps=%d: "
+                                "training ends here", config.data.get("num_epochs"), step, config.num_steps)
+            else:
+                logging.warning("SIGTERM: saving step %d and exiting", step)
+            if manager.latest_step() != step:
+                save(step, _finite_loss(metrics, step, manager), data_position, force=True)
+            break
         state, metrics = train_step(state, global_batch(local, train_step.batch_shardings))
         step += 1
         window_steps += 1
@@ -140,38 +161,80 @@ def train(config, workdir: str) -> dict:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
             last, window_start, window_steps = metrics, time.time(), 0
         if step % config.checkpoint.every_steps == 0 or step == config.num_steps:
-            save(step, {"loss": last.get("loss", float("inf"))})
+            save(step, _finite_loss(metrics, step, manager), data.get_state())
         if step == config.debug.hang_after_step:
             manager.wait_until_finished()
             logging.warning("debug.hang_after_step=%d: hanging until killed or SIGTERM (fault injection)", step)
             while not preempted["flag"]:
                 time.sleep(0.05)
-        if _any_process(preempted["flag"]):
-            logging.warning("SIGTERM: saving step %d and exiting", step)
-            if manager.latest_step() != step:
-                save(step, None, force=True)
-            break
     manager.wait_until_finished()
     signal.signal(signal.SIGTERM, previous_handler)
     bar.close()
     writer.close()
 
     # ------------------------------------------------------------------------ export
-    if config.export_params and step >= config.num_steps:
+    if config.export_params and (step >= config.num_steps or out_of_data):
         params = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), _fully_replicated(trainer.params(state)))
         params_io.save_params(os.path.join(workdir, "params"), params, trainer.model_cfg)  # collective in orbax
     manager.close()
     return last
 
 
-def _any_process(flag: bool) -> bool:
+def _any_process(*flags: bool) -> tuple[bool, ...]:
+    """Each flag, or-ed over the processes (one exchange for all of them)."""
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
 
     if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+        return tuple(flags)
+    gathered = multihost_utils.process_allgather(np.array(flags, bool))  # bool[P, len(flags)]
+    return tuple(bool(x) for x in np.any(gathered, axis=0))
+
+
+def _all_processes(obj) -> list:
+    """[process 0's obj, process 1's, ...] on every process (obj: JSON-able)."""
+    import json
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return [obj]
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    size = int(np.max(multihost_utils.process_allgather(np.array([data.size]))))
+    padded = np.zeros(size, np.uint8)
+    padded[: data.size] = data
+    rows = multihost_utils.process_allgather(padded)  # uint8[P, size]
+    return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in rows]
+
+
+def _restore_data_position(data, saved: dict) -> None:
+    """Puts this process's data iterator where the checkpoint left it. A checkpoint written by another
+    number of processes read the records in other shards: no position maps, so the data starts over."""
+    import jax
+
+    if "processes" not in saved:  # written before positions were saved per process: one process's
+        saved = {"process_count": 1, "processes": [saved]}
+    if saved["process_count"] != jax.process_count():
+        logging.warning("the checkpoint's data positions are from %d processes, this run has %d: the data "
+                        "stream starts from its beginning", saved["process_count"], jax.process_count())
+        return
+    data.set_state(saved["processes"][jax.process_index()])
+
+
+def _finite_loss(metrics, step: int, manager) -> float:
+    """The loss of the step just taken, to rank its checkpoint by (inf before any step ran). A non-finite
+    loss stops the run before its state can overwrite a good checkpoint."""
+    import math
+
+    import jax
+
+    loss = float("inf") if metrics is None else float(jax.device_get(metrics["loss"]))
+    if metrics is not None and not math.isfinite(loss):
+        raise FloatingPointError(f"step {step}: loss is {loss}; not saved; last checkpoint: {manager.latest_step()}")
+    return loss
 
 
 def _fully_replicated(tree):

@@ -28,9 +28,17 @@ def make_data_iterator(config: ml_collections.ConfigDict, model_cfg: OwlConfig, 
             process_index=jax.process_index(),
         )
     if d.source == "tfds":
-        from owl_jax.data.pipeline import make_iterator
+        from owl_jax.data.pipeline import make_iterator, resolve_tokenizer_path
+        from owl_jax.data.tokenizer import load_tokenizer
 
         if not d.dataset_dir:
             raise ValueError("config.data.dataset_dir is empty: build a dataset with `python -m owl_jax.data.prepare` first")
+        # An id past the embedding table reads a row of NaN (jnp.take's out-of-range fill), and a rerun
+        # replays the same batches: refuse the pair before the first step.
+        tokenizer_path = resolve_tokenizer_path(d)
+        vocab = len(load_tokenizer(tokenizer_path))
+        if vocab > model_cfg.llm.vocab_size:
+            raise ValueError(f"the tokenizer at {tokenizer_path} has {vocab} tokens, more than "
+                             f"config.model.llm.vocab_size={model_cfg.llm.vocab_size}")
         return make_iterator(d)
     raise ValueError(f"config.data.source={d.source!r}: expected 'tfds' or 'synthetic'")

@@ -180,6 +180,11 @@ class Trainer:
         for k, shape in batch_shapes.items():
             if shape[1] % n == 0:
                 out[k] = shd.batch_sharding(self.mesh, self.rules, len(shape), leading_unsharded=1)
+            elif jax.process_count() > 1:
+                # Replicated, each process would have to hold the whole array; it holds its own part.
+                field = "max_images_per_batch" if k == "pixel_values" else "batch_size"
+                raise ValueError(f"config.{field}={shape[1]} must be a multiple of the {n} devices along the "
+                                 f"batch mesh axes when training on {jax.process_count()} processes")
             else:
                 out[k] = shd.replicated(self.mesh)
         return out
@@ -210,20 +215,39 @@ def put_global(host_array, sharding: NamedSharding) -> jax.Array:
 
 def stack_micro_batches(batches: list[dict]) -> dict[str, np.ndarray]:
     """Pipeline batches -> one step's [K, ...] arrays, with `image_start` (each sample's first image
-    slot in the global flat image array: this process's images start at its own block)."""
+    slot among this process's; `global_batch` moves it to the global flat image array)."""
     out = {k: np.stack([b[k] for b in batches]) for k in BATCH_KEYS if k != "image_start"}
-    local_slots = out["pixel_values"].shape[1]
     counts = out["num_images"]
-    out["image_start"] = (np.cumsum(counts, axis=1) - counts + jax.process_index() * local_slots).astype(np.int32)
+    out["image_start"] = (np.cumsum(counts, axis=1) - counts).astype(np.int32)
     return out
 
 
 def global_batch(local: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
     """Each process's part of the batch -> global arrays (batch axis split across processes)."""
-    out = {}
-    for k, v in local.items():
-        if jax.process_count() == 1:
-            out[k] = jax.device_put(v, shardings[k])
-        else:
-            out[k] = jax.make_array_from_process_local_data(shardings[k], v)
-    return out
+    if jax.process_count() == 1:
+        return {k: jax.device_put(v, shardings[k]) for k, v in local.items()}
+    local = dict(local, image_start=local["image_start"] + process_image_offset(shardings["pixel_values"],
+                                                                                 local["pixel_values"].shape))
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
+
+
+def process_image_offset(sharding: NamedSharding, local_shape: tuple[int, ...]) -> int:
+    """The global index of this process's first image slot. A process's images land on its devices'
+    shards of the slot axis (axis 1), in global order: where the mesh puts those devices, not
+    necessarily at process_index * local slots. They must form one run for a sample's images to stay
+    adjacent."""
+    local_slots = local_shape[1]
+    global_slots = local_slots * jax.process_count()
+    global_shape = (local_shape[0], global_slots, *local_shape[2:])
+    spans = sorted({(index[1].start or 0, global_slots if index[1].stop is None else index[1].stop)
+                    for index in sharding.addressable_devices_indices_map(global_shape).values()})
+    run_end = spans[0][0]
+    for start, stop in spans:
+        if start != run_end:
+            raise ValueError(f"process {jax.process_index()}'s image slots {spans} are not one run along the "
+                             f"batch mesh axes {sharding.spec}: order the mesh's devices by process")
+        run_end = stop
+    if run_end - spans[0][0] != local_slots:
+        raise ValueError(f"process {jax.process_index()} holds image slots {spans} of {global_slots}, "
+                         f"expected {local_slots} of its own")
+    return spans[0][0]
