@@ -31,7 +31,7 @@ from PIL import Image
 
 from owl_jax.data import conversation
 from owl_jax.data.image import preprocess, to_rgb
-from owl_jax.data.text import encode_conversation, encode_prompt
+from owl_jax.data.text import PROMPT_TOKENIZATIONS, encode_prompt
 from owl_jax.generate import Generator, Sampling, bucket_count, bucket_length, make_batch, trim
 from owl_jax.models.config import OwlConfig
 from owl_jax.models.owl import MplugOwl, init_params, is_decode_layout
@@ -106,9 +106,12 @@ def normalize_messages(messages: Messages) -> tuple[list[tuple[str, str | None]]
 class Owl:
     """A loaded model: params, config, tokenizer and a `Generator` (see `load`)."""
 
-    def __init__(self, params: Any, cfg: OwlConfig, tokenizer, mesh=None, rules=None):
+    def __init__(self, params: Any, cfg: OwlConfig, tokenizer, mesh=None, rules=None, prompt_tokenization: str = "release"):
+        if prompt_tokenization not in PROMPT_TOKENIZATIONS:
+            raise ValueError(f"prompt_tokenization={prompt_tokenization!r}: expected one of {PROMPT_TOKENIZATIONS}")
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.prompt_tokenization = prompt_tokenization  # see owl_jax.data.text.encode_prompt
         self.mesh, self.rules = mesh, rules
         vocab_limit = len(tokenizer) if tokenizer is not None else None
         self.generator = Generator(params, cfg, mesh=mesh, rules=rules, vocab_limit=vocab_limit)
@@ -123,7 +126,8 @@ class Owl:
 
     def encode(self, text: str) -> np.ndarray:
         """Template text (with ``<image>`` tags) -> ids with BOS and -1 placeholders."""
-        return encode_prompt(text, self.tokenizer, image_token_count=self.cfg.tokens_per_image)
+        return encode_prompt(text, self.tokenizer, image_token_count=self.cfg.tokens_per_image,
+                             tokenization=self.prompt_tokenization)
 
     def images(self, images: Sequence[ImageLike] | ImageLike | None) -> list[np.ndarray]:
         """Images (one or a list) -> CLIP-normalised float32 [S, S, 3] arrays."""
@@ -235,12 +239,9 @@ class Owl:
         prompt_ids = self.encode(conversation.build_prompt(len(pixels), turns, system_prompt=system))
         rows, starts = [], []
         for cand in candidates:
-            text = conversation.build_conversation(len(pixels), turns[:-1] + [(turns[-1][0], cand)], system)
-            enc = encode_conversation(text, self.tokenizer, max_len=1 << 30, image_token_count=self.cfg.tokens_per_image,
-                                      answer_eos=include_eos)
-            if not np.array_equal(enc.ids[:len(prompt_ids)], prompt_ids):
-                raise AssertionError("candidate tokenisation changed the prompt's tokens")
-            rows.append(enc.ids)
+            # The answer is a chunk of its own, as in training (where it follows the "AI: " chunk).
+            answer = list(self.tokenizer(cand, add_special_tokens=False)["input_ids"]) + ([self.eos_id] if include_eos else [])
+            rows.append(np.concatenate([prompt_ids, np.asarray(answer, np.int32)]))
             starts.append(len(prompt_ids))
         scores = np.zeros((len(candidates),), np.float64)
         for lo in range(0, len(rows), batch_size):
@@ -300,20 +301,22 @@ def shard_params(params: Any, cfg: OwlConfig, mesh, rules) -> Any:
     return jax.device_put(params, shardings)
 
 
-def load(path: str, tokenizer: Any = None, mesh=None, rules=None, dtype: str | None = None) -> Owl:
+def load(path: str, tokenizer: Any = None, mesh=None, rules=None, dtype: str | None = None,
+         prompt_tokenization: str = "release") -> Owl:
     """Loads an owl_jax params dir (`python -m owl_jax.convert from-torch` / `save_params` output).
 
     `tokenizer`: a tokenizer object, or a path (dir or .model); default: the checkpoint dir or its
     `tokenizer/` subdir. `mesh` + `rules` (logical axis rules; default `owl_jax.sharding.DEFAULT_RULES`,
     the training layout) shard the params; `dtype` (e.g.
-    "bfloat16") casts the parameters and the compute."""
+    "bfloat16") casts the parameters and the compute. `prompt_tokenization`: "release" (the released
+    processor's) or "training" (see `owl_jax.data.text.encode_prompt`)."""
     params, cfg = params_io.load_params(path)
     return from_params(params, cfg, tokenizer if tokenizer is not None else find_tokenizer(path), mesh, rules, dtype,
-                       where=path)
+                       where=path, prompt_tokenization=prompt_tokenization)
 
 
 def from_params(params: Any, cfg: OwlConfig, tokenizer: Any, mesh=None, rules=None, dtype: str | None = None,
-                where: str = "the params") -> Owl:
+                where: str = "the params", prompt_tokenization: str = "release") -> Owl:
     """An `Owl` from params in memory (numpy or jax arrays, unboxed) and a tokenizer (object or path)."""
     import dataclasses
 
@@ -335,4 +338,4 @@ def from_params(params: Any, cfg: OwlConfig, tokenizer: Any, mesh=None, rules=No
         params = shard_params(params, cfg, mesh, rules)
     else:
         params = jax.device_put(params)
-    return Owl(params, cfg, tokenizer, mesh=mesh, rules=rules)
+    return Owl(params, cfg, tokenizer, mesh=mesh, rules=rules, prompt_tokenization=prompt_tokenization)

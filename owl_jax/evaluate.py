@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Sequence
 
+from owl_jax.data.text import PROMPT_TOKENIZATIONS
 from owl_jax.generate import Sampling
 
 
@@ -88,11 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--model-id", default=None, help="model_id field (default: owl_jax:<checkpoint dir name>)")
     o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--prompt-tokenization", choices=PROMPT_TOKENIZATIONS, default="release",
+                   help="release: as the released processor (text split on <image> only); training: as in training")
     args = parser.parse_args(argv)
 
     from owl_jax.api import load
 
-    owl = load(args.checkpoint, tokenizer=args.tokenizer)
+    owl = load(args.checkpoint, tokenizer=args.tokenizer, prompt_tokenization=args.prompt_tokenization)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model_id = args.model_id or "owl_jax:" + os.path.basename(os.path.normpath(args.checkpoint))

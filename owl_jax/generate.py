@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from owl_jax.data.text import PROMPT_TOKENIZATIONS
 from owl_jax.models.config import OwlConfig
 from owl_jax.models.owl import MplugOwl, is_decode_layout, to_decode_layout
 
@@ -402,6 +403,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk", type=int, default=8, help="tokens decoded between prints (streaming)")
+    p.add_argument("--prompt-tokenization", choices=PROMPT_TOKENIZATIONS, default="release",
+                   help="release: as the released processor (text split on <image> only); training: as in training")
     return p
 
 
@@ -413,7 +416,7 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
     stdout = stdout or sys.stdout
     if not args.interactive and args.prompt is None:
         _parser().error("give --prompt or --interactive")
-    owl = load(args.checkpoint, tokenizer=args.tokenizer)
+    owl = load(args.checkpoint, tokenizer=args.tokenizer, prompt_tokenization=args.prompt_tokenization)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 

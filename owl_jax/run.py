@@ -151,7 +151,8 @@ def evaluate(params_dir: str, data_dir: str, eval_cfg, blank_images: bool, desc:
     from owl_jax.report import score
 
     t0 = time.time()
-    owl = owl_jax.load(params_dir, tokenizer=os.path.join(data_dir, "tokenizer"))
+    # The job's own model answers in its training format (the release tokenises prompts otherwise).
+    owl = owl_jax.load(params_dir, tokenizer=os.path.join(data_dir, "tokenizer"), prompt_tokenization="training")
     questions = list(iter_test_questions(data_dir, eval_cfg.split, image_size=owl.cfg.vision.image_size,
                                          blank_images=blank_images, scenes_as_text=scenes_as_text))
     if eval_cfg.max_questions:

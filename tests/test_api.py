@@ -11,7 +11,7 @@ import owl_jax
 from conftest import small_owl_config
 from owl_jax import generate as generate_cli
 from owl_jax.data.conversation import SYSTEM_PROMPT
-from owl_jax.data.text import encode_conversation
+from owl_jax.data.text import encode_conversation, encode_prompt
 from owl_jax.data.tokenizer import train_tokenizer
 from owl_jax.params_io import save_params
 from test_generate import random_params
@@ -53,7 +53,12 @@ def test_prompt_follows_the_released_template(owl):
     assert owl.prompt_text(0, ["Q1", "A1", "Q2"]) == SYSTEM_PROMPT + "\nHuman: Q1\nAI: A1\nHuman: Q2\nAI: "
     ids = owl.encode(text)
     assert ids[0] == 1 and (ids == -1).sum() == 2 * owl.cfg.tokens_per_image
-    assert ids.tolist().count(2) == 1  # the earlier answer ends with EOS, as in training; the prompt does not
+    assert 2 not in ids.tolist()  # the released processor tokenises the text as it is: no EOS after A1
+    owl.prompt_tokenization = "training"
+    try:
+        assert owl.encode(text).tolist().count(2) == 1  # in training chunks the earlier answer ends with EOS
+    finally:
+        owl.prompt_tokenization = "release"
     with pytest.raises(ValueError):
         owl.prompt_text(0, ["Q1", "A1"])  # must end with a question
 
@@ -82,11 +87,14 @@ def test_score_ranks_like_summed_log_probs_of_a_full_forward(owl, image_files):
     scores = owl.score([jpg], QUESTIONS[0], candidates)
     # The same numbers from raw logits, one candidate at a time.
     pixels = np.stack(owl.images([jpg]))
-    prompt_len = len(owl.encode(owl.prompt_text(1, QUESTIONS[0])))
+    prompt_ids = owl.encode(owl.prompt_text(1, QUESTIONS[0]))
+    prompt_len = len(prompt_ids)
     expected = []
     for cand in candidates:
         text = owl.prompt_text(1, QUESTIONS[0]) + cand  # the candidate is the answer chunk, as in training
-        ids = encode_conversation(text, owl.tokenizer, 1 << 20, owl.cfg.tokens_per_image, answer_eos=False).ids
+        answer = encode_conversation(text, owl.tokenizer, 1 << 20, owl.cfg.tokens_per_image, answer_eos=False).ids[
+            len(encode_prompt(text[:-len(cand)], owl.tokenizer, owl.cfg.tokens_per_image, "training")):]
+        ids = np.concatenate([prompt_ids, answer])
         padded, mask = np.zeros((1, 128), np.int32), np.zeros((1, 128), bool)  # one shape: one compilation
         padded[0, :len(ids)], mask[0, :len(ids)] = ids, True
         logits = owl.logits(padded, pixels, np.array([1]), mask)[0]

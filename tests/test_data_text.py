@@ -118,7 +118,7 @@ def test_conversation_template_round_trip():
     assert prompt.endswith("\nHuman: Q2\nAI: ") and prompt.count("<image>") == 1
     assert conv.caption_conversation("A cat.") == SYS + "\nHuman: <image>\nAI: A cat."
     # A generation prompt tokenises like the training text up to the answer.
-    ids = encode_prompt(prompt, CharTokenizer(), image_token_count=3)
+    ids = encode_prompt(prompt, CharTokenizer(), image_token_count=3, tokenization="training")
     train = encode_conversation(conv.build_conversation(1, [("Q1", "A1"), ("Q2", "A2")]), CharTokenizer(), 10_000, 3)
     assert ids.tolist() == train.ids.tolist()[: len(ids)] and 2 not in ids.tolist()[-3:]
 
@@ -192,3 +192,33 @@ def test_matches_released_tokenisation(sp_tokenizer):
         ours = encode_conversation(text, sp_tokenizer, max_len=max_length)
         assert ours.ids.tolist() == ref["input_ids"][:n].tolist(), text
         assert ours.loss_mask.tolist() == [0] + ref["prompt_mask"][: n - 1].tolist(), text
+
+
+def test_prompt_tokenised_as_the_release_processor(sp_tokenizer):
+    """Generation prompts: split on <image> only, each piece tokenised whole (the release's
+    `_tokenize_prompt`); training chunks also split at "\nHuman: " and "AI: ", which gives other ids."""
+    prompt = conv.build_prompt(1, [], "What colour is the circle?")
+    head, tail = prompt.split("<image>")
+    tok = lambda s: sp_tokenizer(s, add_special_tokens=False)["input_ids"]
+    ids = encode_prompt(prompt, sp_tokenizer, image_token_count=5)
+    assert ids.tolist() == [1] + tok(head) + [-1] * 5 + tok(tail)
+    assert ids.tolist() != encode_prompt(prompt, sp_tokenizer, image_token_count=5, tokenization="training").tolist()
+    text_only = conv.build_prompt(0, [], "Hi")
+    assert encode_prompt(text_only, sp_tokenizer).tolist() == [1] + tok(text_only)
+    with pytest.raises(ValueError, match="expected one of"):
+        encode_prompt(prompt, sp_tokenizer, tokenization="chunks")
+
+
+def test_prompt_matches_released_processor(sp_tokenizer):
+    """Where the released source is at hand (not in CI): ids equal its `_tokenize_prompt` with BOS."""
+    path = os.path.join(RELEASE, "mplug_owl/processing_mplug_owl.py")
+    if not os.path.exists(path):
+        pytest.skip("released mPLUG-Owl source not available")
+    tree = ast.parse(open(path).read())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_tokenize_prompt")
+    ns = {"re": re}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), path, "exec"), ns)
+    for n_images, question in ((1, "What colour is the circle?"), (2, "Are they the same?"), (0, "Spell KEPLO.")):
+        prompt = conv.build_prompt(n_images, [("Hi", "Hello.")], question)
+        ref = ns["_tokenize_prompt"](prompt, sp_tokenizer, add_BOS=True, media_info={"<image>": 65})
+        assert encode_prompt(prompt, sp_tokenizer).tolist() == ref, prompt

@@ -94,13 +94,32 @@ def encode_conversation(text: str, tokenizer, max_len: int, image_token_count: i
     return Encoded(np.asarray(ids, np.int32), np.asarray(loss, np.int32), num_images, num_tags, truncated)
 
 
-def encode_prompt(text: str, tokenizer, image_token_count: int = DEFAULT_IMAGE_TOKEN_COUNT) -> np.ndarray:
-    """Token ids of a generation prompt (ending in ``"AI: "``), chunked exactly as in training.
+PROMPT_TOKENIZATIONS = ("release", "training")
+
+
+def encode_prompt(text: str, tokenizer, image_token_count: int = DEFAULT_IMAGE_TOKEN_COUNT,
+                  tokenization: str = "release") -> np.ndarray:
+    """Token ids of a generation prompt (ending in ``"AI: "``).
+
+    "release": as the released processor tokenises prompts (``processing_mplug_owl._tokenize_prompt``):
+    the text is split on ``<image>`` only and each piece tokenised whole, so ``"\nAI: "`` gets no
+    dummy-prefix space of its own. The release trained on "training" chunks and generates from these;
+    its weights answer as in the release only from these ids. "training": chunked exactly as in
+    training (`encode_conversation`), for a model evaluated in its own training format.
 
     Returns int32[n] starting with BOS, with -1 placeholders per image and no EOS.
     """
-    enc = encode_conversation(text, tokenizer, max_len=1 << 30, image_token_count=image_token_count)
-    return enc.ids
+    if tokenization == "training":
+        return encode_conversation(text, tokenizer, max_len=1 << 30, image_token_count=image_token_count).ids
+    if tokenization != "release":
+        raise ValueError(f"prompt tokenization {tokenization!r}: expected one of {PROMPT_TOKENIZATIONS}")
+    ids = [BOS_ID]
+    for piece in re.split(f"({re.escape(IMAGE_TAG)})", text):
+        if piece == IMAGE_TAG:
+            ids += [IMAGE_PLACEHOLDER_ID] * image_token_count
+        elif piece:
+            ids += _tok(tokenizer, piece)
+    return np.asarray(ids, np.int32)
 
 
 def pad_to(enc: Encoded, max_len: int) -> dict[str, np.ndarray]:
