@@ -4,8 +4,12 @@
       the released mPLUG-Owl HF checkpoint -> an owl_jax params dir (config from its config.json)
   from-torch --clip DIR --llama DIR --config configs/X.py --out OUT
       stage-1 start: CLIP vision tower + LLaMA; abstractor and query tokens initialised fresh
+  from-torch --released DIR --adapter PEFT_DIR --out OUT
+      the released checkpoint with a stage-2 PEFT LoRA adapter on it (kept as LoRA, not merged)
   to-torch --src OWL_DIR --out OUT [--dtype bfloat16] [--max-shard-gb 5]
       an owl_jax params dir -> the released HF layout (LoRA merged)
+  to-torch --src OWL_DIR --out OUT --adapter
+      only its LoRA, as a PEFT adapter dir (adapter_model.safetensors + adapter_config.json)
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import os
 import sys
 
 from owl_jax import convert, params_io
-from owl_jax.convert import hf_config
+from owl_jax.convert import hf_config, peft
 from owl_jax.models.config import owl_config_from_dict
 
 
@@ -35,6 +39,7 @@ def main(argv=None) -> int:
     f.add_argument("--config", help="owl_jax config file (configs/*.py) giving the model shape; "
                    "default: from the released config.json, or CLIP + LLaMA config.json files")
     f.add_argument("--dtype", default=None, help="cast parameters (float32, bfloat16); default keeps the checkpoint dtype")
+    f.add_argument("--adapter", help="PEFT LoRA adapter dir (the release's stage-2 output) to put on the weights")
     f.add_argument("--seed", type=int, default=0, help="seed for freshly initialised parameters")
     f.add_argument("--out", required=True)
     t = sub.add_parser("to-torch", help="owl_jax params dir -> released HF layout")
@@ -42,10 +47,15 @@ def main(argv=None) -> int:
     t.add_argument("--out", required=True)
     t.add_argument("--dtype", default=None, help="cast tensors (float32, bfloat16, float16); default keeps their dtype")
     t.add_argument("--max-shard-gb", type=float, default=5.0)
+    t.add_argument("--adapter", action="store_true", help="write only the LoRA adapter, in PEFT's layout")
     args = parser.parse_args(argv)
 
     if args.command == "to-torch":
         params, cfg = params_io.load_params(args.src)
+        if args.adapter:
+            path = peft.save_adapter(params, cfg, args.out, dtype=args.dtype)
+            print(f"wrote the LoRA adapter (r={cfg.lora.rank}, {', '.join(cfg.lora.target_modules)}) to {path}")
+            return 0
         files = convert.to_torch(params, cfg, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
         print(f"wrote {len(files)} safetensors file(s) and config.json to {args.out}")
         return 0
@@ -57,6 +67,9 @@ def main(argv=None) -> int:
     else:
         cfg = _config_from_parts(args)
     params, report = convert.from_torch(cfg, released=args.released, clip=args.clip, llama=args.llama, dtype=args.dtype, seed=args.seed)
+    if args.adapter:
+        params, cfg = peft.load_adapter(params, cfg, args.adapter, dtype=args.dtype)
+        print(f"put the LoRA adapter of {args.adapter} (r={cfg.lora.rank}, {', '.join(cfg.lora.target_modules)}) on the weights")
     params_io.save_params(args.out, params, cfg)
     copied = _copy_tokenizer(args.released or args.llama, args.out)
     print(report)

@@ -21,11 +21,11 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 class TorchCheckpointReader:
     """Random access to the tensors of a transformers-style checkpoint directory, as numpy arrays."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, weight_files: tuple[str, ...] = WEIGHT_FILES):
         self.directory = directory
         self._file_of: dict[str, str] = {}
         self._open: dict[str, object] = {}
-        for name in WEIGHT_FILES:
+        for name in weight_files:
             index = os.path.join(directory, name + ".index.json")
             single = os.path.join(directory, name)
             if os.path.exists(index):
@@ -39,7 +39,7 @@ class TorchCheckpointReader:
         else:
             raise FileNotFoundError(
                 f"{directory}: no weights found; expected one of "
-                + ", ".join(WEIGHT_FILES + tuple(n + ".index.json" for n in WEIGHT_FILES))
+                + ", ".join(weight_files + tuple(n + ".index.json" for n in weight_files))
             )
 
     def _handle(self, path: str):
