@@ -121,8 +121,8 @@ def train(config, workdir: str) -> dict:
     shape = StepShape(config.batch_size * accum, config.seq_len, config.max_images_per_batch * accum)
     step_flops = train_step_flops(trainer.model_cfg, shape, towers_of(trainer.trainable_paths))
     peak = config.peak_flops_per_device or peak_flops(jax.devices()[0].device_kind)
-    writer = MetricsWriter(workdir, config.stage)
     step = int(jax.device_get(state["step"]))
+    writer = MetricsWriter(workdir, config.stage, resume_step=step)
     bar = tqdm(total=config.num_steps, initial=step, desc=config.stage, disable=jax.process_index() != 0)
     last, window_start, window_steps, metrics = {}, time.time(), 0, None
     out_of_data = False

@@ -60,3 +60,15 @@ def test_retention_holds_across_restarts(tmp_path):
     kept = sorted(int(x) for x in os.listdir(os.path.join(workdir, "checkpoints")))
     losses = {json.loads(line)["step"]: json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl"))}
     assert kept == sorted({6, min(losses, key=losses.get)}), (kept, losses)
+
+
+def test_resumed_run_drops_the_metrics_of_steps_it_takes_again(tmp_path):
+    from owl_jax.training.metrics import MetricsWriter
+
+    rows = [{"stage": "stage0", "step": 9}] + [{"stage": "stage1", "step": s, "loss": 1.0} for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"stage": "stage1", "st')
+    writer = MetricsWriter(str(tmp_path), "stage1", resume_step=3)  # killed at 5 (and mid-line), saved at 3
+    writer.write(4, {"loss": 0.5})
+    writer.close()
+    got = [(r["stage"], r["step"]) for r in map(json.loads, open(tmp_path / "metrics.jsonl"))]
+    assert got == [("stage0", 9), ("stage1", 1), ("stage1", 2), ("stage1", 3), ("stage1", 4)]

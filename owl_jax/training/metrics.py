@@ -29,7 +29,11 @@ def is_remote(path: str) -> bool:
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str, stage: str, sync_every_s: float = 60.0, enabled: bool | None = None):
+    """`resume_step`: the step a resumed run restarts from. The rows its stage logged after that step
+    (steps taken before a kill, after the last checkpoint) are dropped: the run takes them again."""
+
+    def __init__(self, workdir: str, stage: str, sync_every_s: float = 60.0, enabled: bool | None = None,
+                 resume_step: int = 0):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.stage = stage
         self.workdir = str(workdir)
@@ -54,7 +58,15 @@ class MetricsWriter:
         self._last_sync = time.monotonic()
         # A unique suffix keeps two runs that start within the same second (a quick resume) apart.
         self._tb = SummaryWriter(os.path.join(self._local, TENSORBOARD), filename_suffix=f".{uuid.uuid4().hex[:8]}")
-        self._jsonl = open(os.path.join(self._local, JSONL), "a")
+        jsonl = os.path.join(self._local, JSONL)
+        if resume_step and os.path.exists(jsonl):
+            with open(jsonl) as f:
+                rows = f.readlines()
+            kept = [r for r in rows if not _after(r, stage, resume_step)]
+            if len(kept) < len(rows):
+                with open(jsonl, "w") as f:
+                    f.writelines(kept)
+        self._jsonl = open(jsonl, "a")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -100,3 +112,11 @@ class MetricsWriter:
         if self.remote:
             self._upload()
             shutil.rmtree(self._local, ignore_errors=True)
+
+
+def _after(row: str, stage: str, step: int) -> bool:
+    try:
+        r = json.loads(row)
+    except json.JSONDecodeError:  # a line cut by a kill mid-write
+        return True
+    return r.get("stage") == stage and r.get("step", 0) > step
