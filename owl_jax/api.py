@@ -32,6 +32,7 @@ from PIL import Image
 from owl_jax.data import conversation
 from owl_jax.data.image import preprocess, to_rgb
 from owl_jax.data.text import PROMPT_TOKENIZATIONS, encode_prompt
+from owl_jax.data.tokenizer import encode_text
 from owl_jax.generate import Generator, Sampling, bucket_count, bucket_length, make_batch, trim
 from owl_jax.models.config import OwlConfig
 from owl_jax.models.owl import MplugOwl, init_params, is_decode_layout
@@ -240,7 +241,7 @@ class Owl:
         rows, starts = [], []
         for cand in candidates:
             # The answer is a chunk of its own, as in training (where it follows the "AI: " chunk).
-            answer = list(self.tokenizer(cand, add_special_tokens=False)["input_ids"]) + ([self.eos_id] if include_eos else [])
+            answer = encode_text(self.tokenizer, cand) + ([self.eos_id] if include_eos else [])
             rows.append(np.concatenate([prompt_ids, np.asarray(answer, np.int32)]))
             starts.append(len(prompt_ids))
         scores = np.zeros((len(candidates),), np.float64)

@@ -222,3 +222,23 @@ def test_prompt_matches_released_processor(sp_tokenizer):
         prompt = conv.build_prompt(n_images, [("Hi", "Hello.")], question)
         ref = ns["_tokenize_prompt"](prompt, sp_tokenizer, add_BOS=True, media_info={"<image>": 65})
         assert encode_prompt(prompt, sp_tokenizer).tolist() == ref, prompt
+
+
+def test_text_encodes_as_the_release_tokenizer(sp_tokenizer):
+    """transformers 4.28's slow LlamaTokenizer (the release's) ran SentencePiece on each piece as it
+    is; transformers 5's drops a "▁" from a piece that starts with a space."""
+    import pickle
+
+    import sentencepiece as spm
+
+    from owl_jax.data.tokenizer import encode_text
+
+    sp = spm.SentencePieceProcessor(model_file=sp_tokenizer.release_encode.model_file)
+    for text in (" leading", "  two", " ", "red circle", "AI: ", "end. ", "What? é"):
+        assert encode_text(sp_tokenizer, text) == sp.encode(text), text
+    assert sp.encode(" leading") != sp_tokenizer(" leading", add_special_tokens=False)["input_ids"]
+    assert encode_text(sp_tokenizer, "x </s> y") == sp.encode("x ") + [2] + sp.encode(" y")
+    answer = encode_conversation(conv.build_conversation(0, [("Q?", " red")]), sp_tokenizer, 512)  # "AI:  red"
+    assert answer.ids[answer.loss_mask == 1].tolist() == sp.encode(" red") + [2]
+    again = pickle.loads(pickle.dumps(sp_tokenizer.release_encode))  # grain workers get a copy
+    assert again(" leading") == sp.encode(" leading")

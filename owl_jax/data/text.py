@@ -3,8 +3,8 @@
 Matches the released `MultiModalDataset._extract_text_token_from_conversation`:
 
 * The text is split on ``<image>``, ``"AI: "`` and ``"\\nHuman: "`` (the delimiters are kept as
-  chunks) and every non-empty chunk is tokenised on its own (``add_special_tokens=False``), so
-  each chunk gets SentencePiece's dummy-prefix space exactly as in the release.
+  chunks) and every non-empty chunk is tokenised on its own (`encode_text`: SentencePiece as the
+  release's tokenizer ran it), so each chunk gets the dummy-prefix space exactly as in the release.
 * BOS (1) starts the sample; each ``<image>`` becomes `image_token_count` placeholders of id -1.
 * A chunk that directly follows an ``"AI: "`` chunk is an answer: its tokens plus EOS (2) have
   loss_mask 1. Everything else (system prompt, human turns, the ``"AI: "`` prefix, placeholders)
@@ -28,6 +28,7 @@ import re
 import numpy as np
 
 from owl_jax.data.conversation import AI_DELIM, HUMAN_DELIM, IMAGE_TAG
+from owl_jax.data.tokenizer import encode_text
 from owl_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 IMAGE_PLACEHOLDER_ID = -1
@@ -54,10 +55,6 @@ def split_chunks(text: str) -> list[str]:
     return [c for c in _SPLIT_RE.split(text) if c]
 
 
-def _tok(tokenizer, s: str) -> list[int]:
-    return list(tokenizer(s, add_special_tokens=False)["input_ids"])
-
-
 def encode_conversation(text: str, tokenizer, max_len: int, image_token_count: int = DEFAULT_IMAGE_TOKEN_COUNT,
                         add_bos: bool = True, answer_eos: bool = True) -> Encoded:
     """Token ids and loss mask of one conversation (see module docstring)."""
@@ -82,7 +79,7 @@ def encode_conversation(text: str, tokenizer, max_len: int, image_token_count: i
             num_images += 1
         else:
             is_answer = prev == AI_DELIM
-            toks = _tok(tokenizer, chunk)
+            toks = encode_text(tokenizer, chunk)
             if is_answer and answer_eos:
                 toks.append(EOS_ID)
             if len(toks) > room:
@@ -118,7 +115,7 @@ def encode_prompt(text: str, tokenizer, image_token_count: int = DEFAULT_IMAGE_T
         if piece == IMAGE_TAG:
             ids += [IMAGE_PLACEHOLDER_ID] * image_token_count
         elif piece:
-            ids += _tok(tokenizer, piece)
+            ids += encode_text(tokenizer, piece)
     return np.asarray(ids, np.int32)
 
 

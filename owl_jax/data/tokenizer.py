@@ -25,6 +25,7 @@ def load_tokenizer(path: str):
 
     path = os.fspath(path)
     if os.path.isfile(path):
+        model_file = path
         if os.path.basename(path) == "tokenizer.model":
             tok = LlamaTokenizer.from_pretrained(os.path.dirname(path) or ".", local_files_only=True)
         else:  # any other file name: copy it under the name transformers looks for
@@ -32,6 +33,7 @@ def load_tokenizer(path: str):
                 shutil.copy(path, os.path.join(tmp, "tokenizer.model"))
                 tok = LlamaTokenizer.from_pretrained(tmp, local_files_only=True)
     elif os.path.isdir(path):
+        model_file = os.path.join(path, "tokenizer.model")
         tok = LlamaTokenizer.from_pretrained(path, local_files_only=True)
     else:
         raise FileNotFoundError(f"no tokenizer at {path!r}")
@@ -42,7 +44,47 @@ def load_tokenizer(path: str):
             f"tokenizer at {path!r} has unk/bos/eos/pad ids "
             f"{(tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)}, expected (0, 1, 2, 0)"
         )
+    if os.path.isfile(model_file):
+        tok.release_encode = ReleaseTextEncoder(model_file, {tok.unk_token: UNK_ID, tok.bos_token: BOS_ID, tok.eos_token: EOS_ID})
     return tok
+
+
+class ReleaseTextEncoder:
+    """Text -> ids as the release's tokenizer made them (transformers 4.28's slow `LlamaTokenizer`):
+    special-token strings split out whole, every other piece through SentencePiece as it is.
+    transformers 5's LlamaTokenizer takes a leading space for SentencePiece's dummy prefix, so a
+    chunk " leading" (a double space after "AI:" in the data) loses a "▁" token there."""
+
+    def __init__(self, model_file: str, specials: dict[str, int]):
+        import re
+
+        import sentencepiece as spm
+
+        self.model_file = model_file
+        self._sp = spm.SentencePieceProcessor(model_file=model_file)
+        self._specials = specials
+        self._split = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
+
+    def __call__(self, text: str) -> list[int]:
+        ids = []
+        for piece in self._split.split(text):
+            if piece in self._specials:
+                ids.append(self._specials[piece])
+            elif piece:
+                ids += self._sp.encode(piece)
+        return ids
+
+    def __reduce__(self):  # pickled into grain workers: the model file, not the C++ object
+        return ReleaseTextEncoder, (self.model_file, self._specials)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Ids of `text` with no BOS/EOS added: as the release's tokenizer where `load_tokenizer` found
+    the SentencePiece model, else the tokenizer's own (e.g. a tokenizer.json alone)."""
+    release = getattr(tokenizer, "release_encode", None)
+    if release is not None:
+        return release(text)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 1024) -> str:
