@@ -11,6 +11,13 @@ from jax.custom_derivatives import SymbolicZero
 from owl_jax.models.layers import constrain
 
 
+def samples_without_loss(input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """How many samples of int[B, T] carry no loss token (e.g. an answer truncated away); the batch's
+    filler rows (all padding, id 0) are not samples."""
+    is_sample = (input_ids != 0).any(axis=1)
+    return ((loss_mask[:, 1:].sum(axis=1) == 0) & is_sample).sum().astype(jnp.float32)
+
+
 def answer_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean cross entropy over the batch's answer tokens.
 
@@ -34,7 +41,7 @@ def answer_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -
     metrics = {
         "loss_tokens": num_tokens,
         "correct_tokens": correct,
-        "samples_without_loss": (weights.sum(1) == 0).sum().astype(jnp.float32),
+        "samples_without_loss": samples_without_loss(input_ids, loss_mask),
     }
     return loss, metrics
 
@@ -82,11 +89,10 @@ def answer_loss_from_hidden(
     num_tokens = weights.sum()
     branch = (jnp.asarray(budgets) < num_tokens).sum()
     ce_sum, correct = _head_cross_entropy(rows, kernel, targets, weights, order, branch, budgets)
-    per_sample = loss_mask[:, 1:].sum(1)
     metrics = {
         "loss_tokens": num_tokens,
         "correct_tokens": correct,
-        "samples_without_loss": (per_sample == 0).sum().astype(jnp.float32),
+        "samples_without_loss": samples_without_loss(input_ids, loss_mask),
     }
     return ce_sum / jnp.maximum(num_tokens, 1.0), metrics
 

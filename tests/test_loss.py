@@ -20,13 +20,14 @@ def test_loss_counts_only_answer_tokens_and_matches_manual_ce(rng):
 
 
 def test_sample_without_answer_tokens_gives_finite_loss_and_is_counted(rng):
-    logits = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)
-    ids = jnp.zeros((2, 5), jnp.int32)
-    mask = jnp.asarray([[0, 0, 0, 0, 0], [0, 0, 1, 0, 0]], jnp.int32)
-    loss, m = answer_loss(logits, ids, mask)
-    assert np.isfinite(loss) and m["samples_without_loss"] == 1 and m["loss_tokens"] == 1
-    loss, m = answer_loss(logits, ids, jnp.zeros_like(mask))
-    assert float(loss) == 0.0 and m["samples_without_loss"] == 2
+    logits = jnp.asarray(rng.normal(size=(3, 5, 7)), jnp.float32)
+    ids = jnp.asarray([[1, 4, 5, 0, 0], [1, 3, 2, 0, 0], [0, 0, 0, 0, 0]], jnp.int32)  # the last: a filler row
+    mask = jnp.asarray([[0, 0, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 0, 0]], jnp.int32)
+    for loss_fn in (answer_loss, lambda h, i, m: answer_loss_from_hidden(h, jnp.eye(7), i, m)):
+        loss, m = loss_fn(logits, ids, mask)
+        assert np.isfinite(loss) and m["samples_without_loss"] == 1 and m["loss_tokens"] == 1
+        loss, m = loss_fn(logits, ids, jnp.zeros_like(mask))
+        assert float(loss) == 0.0 and m["samples_without_loss"] == 2  # filler rows are not samples
 
 
 @pytest.mark.parametrize("mask_kind", ["random", "all", "none", "one_row"])
