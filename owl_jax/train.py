@@ -128,12 +128,14 @@ def train(config, workdir: str) -> dict:
     out_of_data = False
     while step < config.num_steps:
         data_position = data.get_state()  # before this step's batches: what a stop here saves
-        try:
-            local = stack_micro_batches([next(data) for _ in range(accum)])
-        except StopIteration:
-            local = None
+        local = None
+        if not preempted["flag"]:  # a SIGTERM may have reached the input workers too: read no more
+            try:
+                local = stack_micro_batches([next(data) for _ in range(accum)])
+            except StopIteration:
+                pass
         # One exchange a step: every process stops together, at the same step.
-        stop_preempted, out_of_data = _any_process(preempted["flag"], local is None)
+        stop_preempted, out_of_data = _any_process(preempted["flag"], local is None and not preempted["flag"])
         if stop_preempted or out_of_data:
             if out_of_data:
                 logging.warning("data exhausted (config.data.num_epochs=%s) at step %d of config.num_steps=%d: "
@@ -141,7 +143,7 @@ def train(config, workdir: str) -> dict:
             else:
                 logging.warning("SIGTERM: saving step %d and exiting", step)
             if manager.latest_step() != step:
-                save(step, _finite_loss(metrics, step, manager), data_position, force=True)
+                save(step, _checkpoint_loss(metrics, step, manager), data_position, force=True)
             break
         state, metrics = train_step(state, global_batch(local, train_step.batch_shardings))
         step += 1
@@ -155,13 +157,14 @@ def train(config, workdir: str) -> dict:
             metrics["model_tflops_per_s"] = window_steps * step_flops / elapsed / 1e12
             if peak:
                 metrics["mfu"] = metrics["model_tflops_per_s"] * 1e12 / (peak * jax.device_count())
-            if not np.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"step {step}: loss is {metrics['loss']}; last checkpoint: {manager.latest_step()}")
+            if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+                raise FloatingPointError(f"step {step}: loss {metrics['loss']}, grad norm {metrics['grad_norm']}; "
+                                         f"last checkpoint: {manager.latest_step()}")
             writer.write(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
             last, window_start, window_steps = metrics, time.time(), 0
         if step % config.checkpoint.every_steps == 0 or step == config.num_steps:
-            save(step, _finite_loss(metrics, step, manager), data.get_state())
+            save(step, _checkpoint_loss(metrics, step, manager), data.get_state())
         if step == config.debug.hang_after_step:
             manager.wait_until_finished()
             logging.warning("debug.hang_after_step=%d: hanging until killed or SIGTERM (fault injection)", step)
@@ -224,16 +227,20 @@ def _restore_data_position(data, saved: dict) -> None:
     data.set_state(saved["processes"][jax.process_index()])
 
 
-def _finite_loss(metrics, step: int, manager) -> float:
-    """The loss of the step just taken, to rank its checkpoint by (inf before any step ran). A non-finite
-    loss stops the run before its state can overwrite a good checkpoint."""
+def _checkpoint_loss(metrics, step: int, manager) -> float:
+    """The loss of the step just taken, to rank its checkpoint by (inf before any step ran). A
+    non-finite loss or gradient (the update it made is then broken too) stops the run before that
+    state can be saved over a good checkpoint."""
     import math
 
     import jax
 
-    loss = float("inf") if metrics is None else float(jax.device_get(metrics["loss"]))
-    if metrics is not None and not math.isfinite(loss):
-        raise FloatingPointError(f"step {step}: loss is {loss}; not saved; last checkpoint: {manager.latest_step()}")
+    if metrics is None:
+        return float("inf")
+    loss, grad_norm = (float(x) for x in jax.device_get((metrics["loss"], metrics["grad_norm"])))
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise FloatingPointError(f"step {step}: loss {loss}, grad norm {grad_norm}; not saved; "
+                                 f"last checkpoint: {manager.latest_step()}")
     return loss
 
 

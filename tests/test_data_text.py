@@ -199,7 +199,7 @@ def test_prompt_tokenised_as_the_release_processor(sp_tokenizer):
     `_tokenize_prompt`); training chunks also split at "\nHuman: " and "AI: ", which gives other ids."""
     prompt = conv.build_prompt(1, [], "What colour is the circle?")
     head, tail = prompt.split("<image>")
-    tok = lambda s: sp_tokenizer(s, add_special_tokens=False)["input_ids"]
+    tok = sp_tokenizer.release_encode  # SentencePiece on each piece as it is
     ids = encode_prompt(prompt, sp_tokenizer, image_token_count=5)
     assert ids.tolist() == [1] + tok(head) + [-1] * 5 + tok(tail)
     assert ids.tolist() != encode_prompt(prompt, sp_tokenizer, image_token_count=5, tokenization="training").tolist()
@@ -218,9 +218,18 @@ def test_prompt_matches_released_processor(sp_tokenizer):
     fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_tokenize_prompt")
     ns = {"re": re}
     exec(compile(ast.Module(body=[fn], type_ignores=[]), path, "exec"), ns)
-    for n_images, question in ((1, "What colour is the circle?"), (2, "Are they the same?"), (0, "Spell KEPLO.")):
-        prompt = conv.build_prompt(n_images, [("Hi", "Hello.")], question)
-        ref = ns["_tokenize_prompt"](prompt, sp_tokenizer, add_BOS=True, media_info={"<image>": 65})
+
+    class SlowTokenizer:  # transformers 4.28's LlamaTokenizer, the release's: SentencePiece on the text as is
+        bos_token_id = 1
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": sp_tokenizer.release_encode.__call__(text)}
+
+    prompts = [conv.build_prompt(n, [("Hi", "Hello.")], q)
+               for n, q in ((1, "What colour is the circle?"), (2, "Are they the same?"), (0, "Spell KEPLO."))]
+    prompts.append("Human: <image> What is it?\nAI: ")  # a piece that starts with a space
+    for prompt in prompts:
+        ref = ns["_tokenize_prompt"](prompt, SlowTokenizer(), add_BOS=True, media_info={"<image>": 65})
         assert encode_prompt(prompt, sp_tokenizer).tolist() == ref, prompt
 
 

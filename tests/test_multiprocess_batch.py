@@ -28,7 +28,8 @@ from owl_jax.training.trainer import global_batch
 
 by_process = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))  # p0 p0 p1 p1
 orders = {"process_major": by_process, "reversed": by_process[2:] + by_process[:2],
-          "interleaved": [by_process[i] for i in (0, 2, 1, 3)]}
+          "interleaved": [by_process[i] for i in (0, 2, 1, 3)],
+          "one_split": [by_process[i] for i in (0, 2, 3, 1)]}  # process 1 is one run, process 0 is not
 # Two samples a process, two images each; a sample's id is the value its first image holds.
 local = {"pixel_values": (100 * pid + np.arange(4, dtype=np.float32)).reshape(1, 4, 1, 1, 1),
          "image_start": np.array([[0, 2]], np.int32),
@@ -78,9 +79,10 @@ def test_every_sample_reads_its_own_images(reports, order):
         assert r["first_images"] == r["sample_ids"]  # each row's image_start finds the row's own first image
 
 
-def test_a_process_whose_images_are_not_one_run_is_refused(reports):
-    for report in reports:
-        assert "not one run" in report["interleaved"]["error"]
+@pytest.mark.parametrize("order", ["interleaved", "one_split"])
+def test_a_process_whose_images_are_not_one_run_is_refused_by_all(reports, order):
+    for report in reports:  # every process refuses: none goes on to wait in a collective alone
+        assert "process 0's image slots" in report[order]["error"] and "not one run" in report[order]["error"]
 
 
 def test_per_process_values_are_gathered_whole(reports):

@@ -30,22 +30,30 @@ def base():
     return cfg, perturb(nn.unbox(init_params(cfg, jax.random.PRNGKey(0))), seed=3)
 
 
+def _shapes(cfg, module):
+    """(block, in, out) of a LLaMA projection, as the release's torch model names and sizes it."""
+    d, f = cfg.llm.hidden_size, cfg.llm.mlp_size
+    return {"q_proj": ("self_attn", d, d), "v_proj": ("self_attn", d, d), "up_proj": ("mlp", d, f),
+            "down_proj": ("mlp", f, d)}[module]
+
+
 def _write_adapter(path, cfg, targets=r".*language_model.*\.(q_proj|v_proj)", modules=("q_proj", "v_proj"),
-                   key_suffix="weight", edit=None, seed=0):
+                   key_suffix="weight", edit=None, seed=0, extra_config=None):
     """An adapter dir as PEFT writes one, built from DESIGN 3 alone; returns {torch key: array}."""
     rng = np.random.default_rng(seed)
-    d, tensors = cfg.llm.hidden_size, {}
+    tensors = {}
     for i in range(cfg.llm.num_layers):
         for m in modules:
-            tensors[f"{PREFIX}.{i}.self_attn.{m}.lora_A.{key_suffix}"] = rng.normal(size=(RANK, d)).astype(np.float32)
-            tensors[f"{PREFIX}.{i}.self_attn.{m}.lora_B.{key_suffix}"] = rng.normal(size=(d, RANK)).astype(np.float32)
+            block, d_in, d_out = _shapes(cfg, m)
+            tensors[f"{PREFIX}.{i}.{block}.{m}.lora_A.{key_suffix}"] = rng.normal(size=(RANK, d_in)).astype(np.float32)
+            tensors[f"{PREFIX}.{i}.{block}.{m}.lora_B.{key_suffix}"] = rng.normal(size=(d_out, RANK)).astype(np.float32)
     if edit:
         edit(tensors)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump({"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.05, "bias": "none",
-                   "fan_in_fan_out": False, "target_modules": targets}, f)
+                   "fan_in_fan_out": False, "target_modules": targets, **(extra_config or {})}, f)
     return tensors
 
 
@@ -56,19 +64,22 @@ def _logits(cfg, params):
                                           b["attention_mask"]))
 
 
-def test_adapter_acts_as_peft_merges_it(base, tmp_path):
+@pytest.mark.parametrize("modules, targets", [(("q_proj", "v_proj"), r".*language_model.*\.(q_proj|v_proj)"),
+                                              (("up_proj", "down_proj"), ["up_proj", "down_proj"])])  # in != out
+def test_adapter_acts_as_peft_merges_it(base, tmp_path, modules, targets):
     """Our LoRA forward from the adapter == the base model with W + (alpha / r) B @ A merged by hand in
     the torch layout ([out, in])."""
     cfg, params = base
-    tensors = _write_adapter(tmp_path, cfg)
+    tensors = _write_adapter(tmp_path, cfg, targets=targets, modules=modules)
     with_lora, lora_cfg = load_adapter(params, cfg, str(tmp_path))
-    assert lora_cfg.lora == LoraConfig(rank=RANK, alpha=ALPHA, dropout=0.05, target_modules=("q_proj", "v_proj"))
+    assert lora_cfg.lora == LoraConfig(rank=RANK, alpha=ALPHA, dropout=0.05, target_modules=modules)
     merged = traverse_util.flatten_dict(params)
-    for m in ("q_proj", "v_proj"):
-        path = ("language_model", "model", "layers", "self_attn", m, "kernel")
+    for m in modules:
+        block = _shapes(cfg, m)[0]
+        path = ("language_model", "model", "layers", block, m, "kernel")
         kernel = merged[path].copy()
         for i in range(cfg.llm.num_layers):
-            a, b = tensors[f"{PREFIX}.{i}.self_attn.{m}.lora_A.weight"], tensors[f"{PREFIX}.{i}.self_attn.{m}.lora_B.weight"]
+            a, b = tensors[f"{PREFIX}.{i}.{block}.{m}.lora_A.weight"], tensors[f"{PREFIX}.{i}.{block}.{m}.lora_B.weight"]
             kernel[i] = (kernel[i].T + ALPHA / RANK * b @ a).T
         merged[path] = kernel
     expected = _logits(cfg, traverse_util.unflatten_dict(merged))
@@ -109,6 +120,7 @@ def test_save_then_load_is_bit_exact_and_in_peft_layout(base, tmp_path):
     ("missing", r"missing tensor '.*layers.1.self_attn.v_proj.lora_B.weight'"),
     ("some_layers", r"selects \['q_proj'\] in some layers only"),
     ("no_target", r"selects none of the LLM's projections"),
+    ("rslora", r"use_rslora=True; owl_jax's LoRA is PEFT's plain one"),
 ])
 def test_bad_adapters_are_named(base, tmp_path, kind, match):
     cfg, params = base
@@ -117,7 +129,8 @@ def test_bad_adapters_are_named(base, tmp_path, kind, match):
           "extra": {"edit": lambda t: t.__setitem__("base_model.model.lm_head.lora_A.weight", np.zeros((4, 64), np.float32))},
           "missing": {"edit": lambda t: t.pop(f"{PREFIX}.1.self_attn.v_proj.lora_B.weight")},
           "some_layers": {"targets": r".*layers\.0\.self_attn\.q_proj"},
-          "no_target": {"targets": ["query_key_value"]}}[kind]
+          "no_target": {"targets": ["query_key_value"]},
+          "rslora": {"extra_config": {"use_rslora": True}}}[kind]
     _write_adapter(tmp_path, cfg, **kw)
     with pytest.raises((ValueError, KeyError), match=match):
         load_adapter(params, cfg, str(tmp_path))

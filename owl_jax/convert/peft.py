@@ -64,6 +64,9 @@ def read_lora_config(directory: str, num_layers: int) -> LoraConfig:
     for field, expected in (("peft_type", "LORA"), ("bias", "none"), ("fan_in_fan_out", False)):
         if c.get(field, expected) != expected:
             raise ValueError(f"{path}: {field}={c[field]!r}; owl_jax reads adapters with {field}={expected!r}")
+    for field in ("use_rslora", "use_dora", "alpha_pattern", "rank_pattern"):  # other maths than W + alpha/r B A
+        if c.get(field):
+            raise ValueError(f"{path}: {field}={c[field]!r}; owl_jax's LoRA is PEFT's plain one")
     for field in ("r", "lora_alpha", "target_modules"):
         if field not in c:
             raise ValueError(f"{path}: no {field!r}")

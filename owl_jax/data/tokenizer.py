@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from typing import Iterable
 
+from absl import logging
+
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 0
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork grain workers
@@ -84,7 +86,22 @@ def encode_text(tokenizer, text: str) -> list[int]:
     release = getattr(tokenizer, "release_encode", None)
     if release is not None:
         return release(text)
+    global _warned_no_sentencepiece
+    if not _warned_no_sentencepiece and _is_transformers_tokenizer(tokenizer):
+        _warned_no_sentencepiece = True
+        logging.warning("tokenizer %s has no SentencePiece model at hand (load it with load_tokenizer from a dir "
+                        "with tokenizer.model): text pieces that start with a space tokenise unlike the release",
+                        getattr(tokenizer, "name_or_path", type(tokenizer).__name__))
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+_warned_no_sentencepiece = False
+
+
+def _is_transformers_tokenizer(tokenizer) -> bool:
+    from transformers import PreTrainedTokenizerBase  # already imported by whoever built one
+
+    return isinstance(tokenizer, PreTrainedTokenizerBase)
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 1024) -> str:

@@ -29,8 +29,9 @@ def is_remote(path: str) -> bool:
 
 
 class MetricsWriter:
-    """`resume_step`: the step a resumed run restarts from. The rows its stage logged after that step
-    (steps taken before a kill, after the last checkpoint) are dropped: the run takes them again."""
+    """`resume_step`: the step this run starts from (0: from scratch). The rows its stage logged after
+    that step (taken before a kill, after the last checkpoint) are dropped, and so is a line a kill
+    cut short: the run takes those steps again."""
 
     def __init__(self, workdir: str, stage: str, sync_every_s: float = 60.0, enabled: bool | None = None,
                  resume_step: int = 0):
@@ -59,10 +60,10 @@ class MetricsWriter:
         # A unique suffix keeps two runs that start within the same second (a quick resume) apart.
         self._tb = SummaryWriter(os.path.join(self._local, TENSORBOARD), filename_suffix=f".{uuid.uuid4().hex[:8]}")
         jsonl = os.path.join(self._local, JSONL)
-        if resume_step and os.path.exists(jsonl):
+        if os.path.exists(jsonl):
             with open(jsonl) as f:
                 rows = f.readlines()
-            kept = [r for r in rows if not _after(r, stage, resume_step)]
+            kept = [r for r in rows if r.endswith("\n") and not _after(r, stage, resume_step)]
             if len(kept) < len(rows):
                 with open(jsonl, "w") as f:
                     f.writelines(kept)

@@ -234,20 +234,26 @@ def global_batch(local: dict[str, np.ndarray], shardings: dict[str, NamedShardin
 def process_image_offset(sharding: NamedSharding, local_shape: tuple[int, ...]) -> int:
     """The global index of this process's first image slot. A process's images land on its devices'
     shards of the slot axis (axis 1), in global order: where the mesh puts those devices, not
-    necessarily at process_index * local slots. They must form one run for a sample's images to stay
-    adjacent."""
+    necessarily at process_index * local slots. Every process's shards must form one run, for a
+    sample's images to stay adjacent; every process checks all of them, so all refuse together."""
     local_slots = local_shape[1]
     global_slots = local_slots * jax.process_count()
     global_shape = (local_shape[0], global_slots, *local_shape[2:])
-    spans = sorted({(index[1].start or 0, global_slots if index[1].stop is None else index[1].stop)
-                    for index in sharding.addressable_devices_indices_map(global_shape).values()})
-    run_end = spans[0][0]
-    for start, stop in spans:
-        if start != run_end:
-            raise ValueError(f"process {jax.process_index()}'s image slots {spans} are not one run along the "
-                             f"batch mesh axes {sharding.spec}: order the mesh's devices by process")
-        run_end = stop
-    if run_end - spans[0][0] != local_slots:
-        raise ValueError(f"process {jax.process_index()} holds image slots {spans} of {global_slots}, "
-                         f"expected {local_slots} of its own")
-    return spans[0][0]
+    spans_of = {}
+    for device, index in sharding.devices_indices_map(global_shape).items():
+        spans_of.setdefault(device.process_index, set()).add(
+            (index[1].start or 0, global_slots if index[1].stop is None else index[1].stop))
+    offsets = {}
+    for process, spans in sorted(spans_of.items()):
+        spans = sorted(spans)
+        run_end = spans[0][0]
+        for start, stop in spans:
+            if start != run_end:
+                raise ValueError(f"process {process}'s image slots {spans} are not one run along the batch mesh "
+                                 f"axes {sharding.spec}: order the mesh's devices by process")
+            run_end = stop
+        if run_end - spans[0][0] != local_slots:
+            raise ValueError(f"process {process} holds image slots {spans} of {global_slots}, expected "
+                             f"{local_slots} of its own")
+        offsets[process] = spans[0][0]
+    return offsets[jax.process_index()]
