@@ -72,3 +72,7 @@ def test_resumed_run_drops_the_metrics_of_steps_it_takes_again(tmp_path):
     writer.close()
     got = [(r["stage"], r["step"]) for r in map(json.loads, open(tmp_path / "metrics.jsonl"))]
     assert got == [("stage0", 9), ("stage1", 1), ("stage1", 2), ("stage1", 3), ("stage1", 4)]
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "stage1", "st')  # cut again
+    MetricsWriter(str(tmp_path), "stage1").close()  # no resume step: every whole row stays
+    assert [(r["stage"], r["step"]) for r in map(json.loads, open(tmp_path / "metrics.jsonl"))] == got

@@ -29,12 +29,12 @@ def is_remote(path: str) -> bool:
 
 
 class MetricsWriter:
-    """`resume_step`: the step this run starts from (0: from scratch). The rows its stage logged after
-    that step (taken before a kill, after the last checkpoint) are dropped, and so is a line a kill
-    cut short: the run takes those steps again."""
+    """`resume_step`: the step a training run starts from (0: from scratch). The rows its stage logged
+    after that step (taken before a kill, after the last checkpoint) are dropped: the run takes those
+    steps again. None keeps every row. A line a kill cut short is always dropped."""
 
     def __init__(self, workdir: str, stage: str, sync_every_s: float = 60.0, enabled: bool | None = None,
-                 resume_step: int = 0):
+                 resume_step: int | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.stage = stage
         self.workdir = str(workdir)
@@ -115,9 +115,9 @@ class MetricsWriter:
             shutil.rmtree(self._local, ignore_errors=True)
 
 
-def _after(row: str, stage: str, step: int) -> bool:
+def _after(row: str, stage: str, step: int | None) -> bool:
     try:
         r = json.loads(row)
     except json.JSONDecodeError:  # a line cut by a kill mid-write
         return True
-    return r.get("stage") == stage and r.get("step", 0) > step
+    return step is not None and r.get("stage") == stage and r.get("step", 0) > step
