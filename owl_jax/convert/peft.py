@@ -88,7 +88,7 @@ def load_adapter(params: Mapping, cfg: OwlConfig, directory: str, dtype: str | N
         layers, d_in, d_out = np.shape(flat[block + ("kernel",)])
         factors = {}
         for factor, torch_shape in (("A", (lora.rank, d_in)), ("B", (d_out, lora.rank))):
-            stacked = None
+            per_layer = []
             for i in range(layers):
                 key = _torch_key(i, module, factor)
                 if key not in reader:  # PEFT < 0.4 names the adapter in the key
@@ -99,11 +99,10 @@ def load_adapter(params: Mapping, cfg: OwlConfig, directory: str, dtype: str | N
                 if tuple(value.shape) != torch_shape:
                     raise ValueError(f"{reader.directory}: tensor {key!r} has shape {tuple(value.shape)}, expected "
                                      f"{torch_shape} (r={lora.rank} from {CONFIG_FILE})")
-                if stacked is None:
-                    stacked = np.empty((layers,) + torch_shape[::-1], np.dtype(dtype) if dtype else value.dtype)
-                stacked[i] = value.T
+                per_layer.append(value.T)
                 used.add(key)
-            factors[factor] = stacked
+            stacked = np.stack(per_layer)  # adapters are small: no streaming needed
+            factors[factor] = stacked.astype(np.dtype(dtype)) if dtype else stacked
         flat[block + ("lora_a",)], flat[block + ("lora_b",)] = factors["A"], factors["B"]
     unused = sorted(set(reader.keys()) - used)
     if unused:

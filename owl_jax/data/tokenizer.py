@@ -6,6 +6,7 @@ Nothing here downloads: `path` is a local directory or ``.model`` file.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from typing import Iterable
@@ -58,8 +59,6 @@ class ReleaseTextEncoder:
     chunk " leading" (a double space after "AI:" in the data) loses a "▁" token there."""
 
     def __init__(self, model_file: str, specials: dict[str, int]):
-        import re
-
         import sentencepiece as spm
 
         self.model_file = model_file
@@ -86,22 +85,10 @@ def encode_text(tokenizer, text: str) -> list[int]:
     release = getattr(tokenizer, "release_encode", None)
     if release is not None:
         return release(text)
-    global _warned_no_sentencepiece
-    if not _warned_no_sentencepiece and _is_transformers_tokenizer(tokenizer):
-        _warned_no_sentencepiece = True
-        logging.warning("tokenizer %s has no SentencePiece model at hand (load it with load_tokenizer from a dir "
-                        "with tokenizer.model): text pieces that start with a space tokenise unlike the release",
-                        getattr(tokenizer, "name_or_path", type(tokenizer).__name__))
+    logging.log_first_n(logging.WARNING, "tokenizer %s has no SentencePiece model at hand (load it with "
+                        "load_tokenizer from a dir with tokenizer.model): text pieces that start with a space "
+                        "tokenise unlike the release", 1, getattr(tokenizer, "name_or_path", type(tokenizer).__name__))
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-_warned_no_sentencepiece = False
-
-
-def _is_transformers_tokenizer(tokenizer) -> bool:
-    from transformers import PreTrainedTokenizerBase  # already imported by whoever built one
-
-    return isinstance(tokenizer, PreTrainedTokenizerBase)
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 1024) -> str:

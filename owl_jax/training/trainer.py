@@ -13,6 +13,7 @@ one update. The loss is normalised by the global count of answer tokens over all
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -231,6 +232,7 @@ def global_batch(local: dict[str, np.ndarray], shardings: dict[str, NamedShardin
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
 
 
+@functools.lru_cache(maxsize=8)  # the same sharding and shapes every step: map the devices once
 def process_image_offset(sharding: NamedSharding, local_shape: tuple[int, ...]) -> int:
     """The global index of this process's first image slot. A process's images land on its devices'
     shards of the slot axis (axis 1), in global order: where the mesh puts those devices, not
