@@ -39,8 +39,8 @@ setup(
     extras_require={
         # torch only as the reference implementation in tests and for torch-side export checks.
         "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "libtpu==0.0.42.1"],
-        "tpu": ["libtpu==0.0.42.1", "gcsfs==2026.9.0"],
+        "tpu": ["libtpu==0.0.42.1", "gcsfs==2026.10.0"],
         # gs:// workdirs for metrics and params (orbax checkpoints reach GCS through tensorstore)
-        "gcs": ["gcsfs==2026.9.0"],
+        "gcs": ["gcsfs==2026.10.0"],
     },
 )
