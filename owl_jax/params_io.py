@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from owl_jax.cli import UserError
 from owl_jax.models.config import OwlConfig, owl_config_from_dict, owl_config_to_dict
 
 CONFIG_FILE = "owl_config.json"
@@ -66,10 +67,10 @@ def load_params_for(directory: str, cfg: OwlConfig, seed: int = 0) -> tuple[Any,
     shapes = param_shapes(cfg)
     extra = sorted("/".join(p) for p in flat if p not in shapes)
     if extra:
-        raise ValueError(f"{directory}: parameters {extra[:5]}{'...' if len(extra) > 5 else ''} do not exist in the configured model")
+        raise UserError(f"{directory}: parameters {extra[:5]}{'...' if len(extra) > 5 else ''} do not exist in the configured model")
     for path, shape in shapes.items():
         if path in flat and tuple(flat[path].shape) != shape:
-            raise ValueError(f"{directory}: parameter {'/'.join(path)} has shape {tuple(flat[path].shape)}, the config expects {shape}")
+            raise UserError(f"{directory}: parameter {'/'.join(path)} has shape {tuple(flat[path].shape)}, the config expects {shape}")
     missing = [p for p in shapes if p not in flat]
     if missing:
         flat.update(init_missing(cfg, missing, jax.random.PRNGKey(seed)))

@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from owl_jax.cli import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 DEFAULT_RULES = (
@@ -41,16 +43,16 @@ def mesh_shape(axes: dict[str, int], num_devices: int) -> tuple[int, ...]:
     sizes = [int(axes.get(a, 1)) for a in MESH_AXES]
     unknown = [a for a in axes if a not in MESH_AXES]
     if unknown:
-        raise ValueError(f"config.mesh: unknown axes {unknown}; expected {MESH_AXES}")
+        raise UserError(f"config.mesh: unknown axes {unknown}; expected {MESH_AXES}")
     if sizes.count(-1) > 1:
-        raise ValueError(f"config.mesh {dict(axes)}: at most one axis may be -1")
+        raise UserError(f"config.mesh {dict(axes)}: at most one axis may be -1")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(f"config.mesh {dict(axes)}: {num_devices} devices are not divisible by {known}")
+            raise UserError(f"config.mesh {dict(axes)}: {num_devices} devices are not divisible by {known}")
         sizes[sizes.index(-1)] = num_devices // known
     if int(np.prod(sizes)) != num_devices:
-        raise ValueError(f"config.mesh {dict(axes)} needs {int(np.prod(sizes))} devices, found {num_devices}")
+        raise UserError(f"config.mesh {dict(axes)} needs {int(np.prod(sizes))} devices, found {num_devices}")
     return tuple(sizes)
 
 

@@ -53,6 +53,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from owl_jax.cli import UserError
 from owl_jax.data import records
 from owl_jax.data.conversation import drop_images
 from owl_jax.data.image import load_and_preprocess
@@ -106,7 +107,7 @@ def resolve_tokenizer_path(cfg) -> str:
         return path
     if _get(cfg, "dataset") == "shapesworld":
         return os.path.join(_get(cfg, "dataset_dir"), "tokenizer")
-    raise ValueError("config.data.tokenizer_path is required for datasets other than shapesworld")
+    raise UserError("config.data.tokenizer_path is required for datasets other than shapesworld")
 
 
 # ---------------------------------------------------------------- per sample
@@ -374,7 +375,7 @@ def make_iterator(config, process_index: int | None = None, process_count: int |
     pi, pc = _process_index_and_count(process_index, process_count)
     batch_size, max_images = _get(config, "batch_size"), _get(config, "max_images_per_batch")
     if batch_size % pc or max_images % pc:
-        raise ValueError(f"batch_size {batch_size} and max_images_per_batch {max_images} must divide by "
+        raise UserError(f"batch_size {batch_size} and max_images_per_batch {max_images} must divide by "
                          f"process_count {pc}")
     b_local, m_local = batch_size // pc, max_images // pc
     name, ddir, split = _get(config, "dataset"), _get(config, "dataset_dir"), _get(config, "split")
@@ -386,10 +387,10 @@ def make_iterator(config, process_index: int | None = None, process_count: int |
     if ratio < 0:
         ds = _index_dataset(np.arange(len(source)), shard, shuffle, seed, epochs)
         if ds is None:
-            raise ValueError(f"process {pi} of {pc} has no records in {name}/{split}")
+            raise UserError(f"process {pi} of {pc} has no records in {name}/{split}")
     else:
         if ratio > 1:
-            raise ValueError("text_only_ratio must be < 0 (off) or in [0, 1]")
+            raise UserError("text_only_ratio must be < 0 (off) or in [0, 1]")
         n_img = records.num_images_index(ddir, name, split, source)
         groups = [(ratio, np.flatnonzero(n_img == 0)), (1.0 - ratio, np.flatnonzero(n_img > 0))]
         parts, weights = [], []
@@ -398,7 +399,7 @@ def make_iterator(config, process_index: int | None = None, process_count: int |
                 continue
             d = _index_dataset(idx, shard, shuffle, seed + 7919 * (g + 1), epochs)
             if d is None:
-                raise ValueError(f"text_only_ratio={ratio} needs {'text-only' if g == 0 else 'image'} records "
+                raise UserError(f"text_only_ratio={ratio} needs {'text-only' if g == 0 else 'image'} records "
                                  f"in {name}/{split} for process {pi}")
             parts.append(d)
             weights.append(w)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from owl_jax.cli import UserError
+
 IMAGE_PLACEHOLDER_ID = -1  # the release marks every image-token slot in input_ids with -1
 
 
@@ -32,9 +34,9 @@ class VisionConfig:
 
     def __post_init__(self):
         if self.position_embedding_init not in ("normal", "sincos2d"):
-            raise ValueError(f"vision.position_embedding_init={self.position_embedding_init!r}: expected 'normal' or 'sincos2d'")
+            raise UserError(f"vision.position_embedding_init={self.position_embedding_init!r}: expected 'normal' or 'sincos2d'")
         if self.position_embedding_init == "sincos2d" and self.hidden_size % 4:
-            raise ValueError(f"vision.position_embedding_init='sincos2d' needs hidden_size % 4 == 0, got {self.hidden_size}")
+            raise UserError(f"vision.position_embedding_init='sincos2d' needs hidden_size % 4 == 0, got {self.hidden_size}")
 
     @property
     def num_positions(self) -> int:
@@ -58,7 +60,7 @@ class AbstractorConfig:
 
     def __post_init__(self):
         if self.encoder_hidden_size != self.hidden_size:
-            raise ValueError(
+            raise UserError(
                 f"abstractor.encoder_hidden_size={self.encoder_hidden_size} must equal abstractor.hidden_size="
                 f"{self.hidden_size}: the queries attend to [queries; image features] concatenated"
             )
@@ -92,7 +94,7 @@ class LlamaConfig:
 
     def __post_init__(self):
         if self.attention_init not in ("normal", "mimetic"):
-            raise ValueError(f"llm.attention_init={self.attention_init!r}: expected 'normal' or 'mimetic'")
+            raise UserError(f"llm.attention_init={self.attention_init!r}: expected 'normal' or 'mimetic'")
 
     @property
     def head_dim(self) -> int:
@@ -142,7 +144,7 @@ class OwlConfig:
 
     def __post_init__(self):
         if self.vision.hidden_size != self.abstractor.encoder_hidden_size:
-            raise ValueError(
+            raise UserError(
                 f"vision.hidden_size={self.vision.hidden_size} != abstractor.encoder_hidden_size="
                 f"{self.abstractor.encoder_hidden_size}: the abstractor reads the vision features as they are"
             )
@@ -159,7 +161,7 @@ def _build(cls, section: Mapping[str, Any] | None):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(section) - names
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown config fields {sorted(unknown)}; expected a subset of {sorted(names)}")
+        raise UserError(f"{cls.__name__}: unknown config fields {sorted(unknown)}; expected a subset of {sorted(names)}")
     if "target_modules" in section:
         section["target_modules"] = tuple(section["target_modules"])
     return cls(**section)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
+from owl_jax.cli import UserError
 from owl_jax.models.config import OwlConfig
 from owl_jax.training.synthetic import RandomBatches
 
@@ -32,13 +33,13 @@ def make_data_iterator(config: ml_collections.ConfigDict, model_cfg: OwlConfig, 
         from owl_jax.data.tokenizer import load_tokenizer
 
         if not d.dataset_dir:
-            raise ValueError("config.data.dataset_dir is empty: build a dataset with `python -m owl_jax.data.prepare` first")
+            raise UserError("config.data.dataset_dir is empty: build a dataset with `python -m owl_jax.data.prepare` first")
         # An id past the embedding table reads a row of NaN (jnp.take's out-of-range fill), and a rerun
         # replays the same batches: refuse the pair before the first step.
         tokenizer_path = resolve_tokenizer_path(d)
         vocab = len(load_tokenizer(tokenizer_path))
         if vocab > model_cfg.llm.vocab_size:
-            raise ValueError(f"the tokenizer at {tokenizer_path} has {vocab} tokens, more than "
+            raise UserError(f"the tokenizer at {tokenizer_path} has {vocab} tokens, more than "
                              f"config.model.llm.vocab_size={model_cfg.llm.vocab_size}")
         return make_iterator(d)
-    raise ValueError(f"config.data.source={d.source!r}: expected 'tfds' or 'synthetic'")
+    raise UserError(f"config.data.source={d.source!r}: expected 'tfds' or 'synthetic'")

@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 from flax import traverse_util
 
+from owl_jax.cli import UserError
+
 ABSTRACTOR = (r"^query_tokens$", r"^abstractor/")
 
 STAGE_PATTERNS: dict[str, tuple[str, ...]] = {
@@ -26,7 +28,7 @@ STAGE_PATTERNS: dict[str, tuple[str, ...]] = {
 
 def trainable_patterns(stage: str, train_abstractor: bool = False, extra: Sequence[str] = ()) -> tuple[str, ...]:
     if stage not in STAGE_PATTERNS:
-        raise ValueError(f"config.stage={stage!r}: expected one of {sorted(STAGE_PATTERNS)}")
+        raise UserError(f"config.stage={stage!r}: expected one of {sorted(STAGE_PATTERNS)}")
     patterns = STAGE_PATTERNS[stage]
     if stage == "stage2_lora" and train_abstractor:
         patterns += ABSTRACTOR
@@ -43,7 +45,7 @@ def split_params(params: dict, patterns: Sequence[str]) -> tuple[dict, dict]:
     trainable = {k: v for k, v in flat.items() if _is_trainable(k, patterns)}
     frozen = {k: v for k, v in flat.items() if k not in trainable}
     if not trainable:
-        raise ValueError(f"no parameter matches the trainable patterns {list(patterns)}")
+        raise UserError(f"no parameter matches the trainable patterns {list(patterns)}")
     return traverse_util.unflatten_dict(trainable, sep="/"), traverse_util.unflatten_dict(frozen, sep="/")
 
 
