@@ -17,7 +17,8 @@
 # Every process gets --coordinator_address=127.0.0.1:P --num_processes=N --process_id=i. The script
 # waits for all of them; when one fails it stops the others (they would wait in a collective for
 # ever) and exits with that process's status. Ctrl-C / SIGTERM is passed on to every process, which
-# saves a checkpoint and exits (train.py's preemption path); rerunning the command resumes.
+# saves a checkpoint and exits with status 75 (train.py's preemption path); rerunning the command
+# resumes. Exit status: 0 done, 75 stopped and saved, anything else the first failure's.
 set -euo pipefail
 
 devices=1
@@ -109,7 +110,9 @@ while [[ ${#live[@]} -gt 0 ]]; do
     [[ "$pid" != "$finished" ]] && still+=("$pid")
   done
   live=("${still[@]}")
-  if [[ $rc -ne 0 && $status -eq 0 ]]; then
+  if [[ $rc -eq 75 ]]; then  # stopped by SIGTERM after its checkpoint (owl_jax/cli.py): not a failure
+    [[ $status -eq 0 ]] && status=75
+  elif [[ $rc -ne 0 && ( $status -eq 0 || $status -eq 75 ) ]]; then
     status=$rc
     failed=""
     for ((i = 0; i < n; i++)); do

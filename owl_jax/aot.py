@@ -161,4 +161,6 @@ def main(argv):
 if __name__ == "__main__":
     _define_flags()
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    from owl_jax.cli import parse_absl_flags
+
+    app.run(main, flags_parser=parse_absl_flags)

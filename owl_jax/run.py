@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 
 from absl import app, flags, logging
@@ -49,6 +50,7 @@ def _define_flags() -> None:
     overrides) and --workdir are shared: here --config is the job's file (default
     configs/shapesworld.py) and --workdir receives everything (data, stages, export, report)."""
     _train._define_flags()
+    flags.adopt_module_key_flags(_train)  # --help lists --workdir and --config with this program's flags
     FLAGS.set_default("config", _DEFAULT_CONFIG)
     flags.DEFINE_bool("quick", False, "CI-sized smoke run: merge the config's `quick` section.")
     flags.DEFINE_bool("blank_images", False, "The control run: every image (training and evaluation) blank.")
@@ -60,9 +62,11 @@ def _define_flags() -> None:
 def merge(dst, src, where: str = "config") -> None:
     """Recursively sets `src`'s leaves (dicts or ConfigDicts) into the ConfigDict `dst`; unknown keys
     are an error (a typo in a stage section must not pass silently)."""
+    from owl_jax.cli import UserError
+
     for key, value in (src.items() if hasattr(src, "items") else []):
         if key not in dst:
-            raise KeyError(f"{where}.{key}: no such field")
+            raise UserError(f"{where}.{key}: no such field")
         if hasattr(value, "items") and hasattr(dst[key], "items"):
             merge(dst[key], value, f"{where}.{key}")
         else:
@@ -306,12 +310,23 @@ def write_report(config, workdir: str, data_dir: str, timings: dict, stages: dic
 
 
 def run(config, workdir: str) -> dict:
-    """The whole job (resumable); returns the report."""
+    """The whole job (resumable; `workdir` may be relative to the current directory); returns the
+    report. One job at a time per workdir (a lock)."""
+
+    from owl_jax.cli import absolute
+    from owl_jax.training.checkpoints import WorkdirLock
+
+    workdir = absolute(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with WorkdirLock(workdir):
+        return _run(config, workdir)
+
+
+def _run(config, workdir: str) -> dict:
     from owl_jax.data.prepare import prepare_shapesworld
 
     t_start = time.time()
     timings: dict = {}
-    os.makedirs(workdir, exist_ok=True)
 
     # ------------------------------------------------------------------------------- data
     data_dir = os.path.join(workdir, "data")
@@ -354,13 +369,16 @@ def run(config, workdir: str) -> dict:
 
 def main(argv):
     del argv
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    from owl_jax import cli
+
+    cli.setup_logging(FLAGS["verbosity"].present)
     if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required")
-    run(resolve_config(FLAGS.config, FLAGS.quick, FLAGS.blank_images), FLAGS.workdir)
+        cli.fail("--workdir is required")
+    sys.exit(_train.run_cli(lambda: run(resolve_config(FLAGS.config, FLAGS.quick, FLAGS.blank_images), FLAGS.workdir)))
 
 
 if __name__ == "__main__":
+    from owl_jax.cli import parse_absl_flags
+
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_absl_flags)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 from absl import app, flags, logging
@@ -29,15 +30,57 @@ def _define_flags() -> None:
     flags.DEFINE_integer("process_id", -1, "Multi-process: this process's index.")
 
 
+class Preempted(Exception):
+    """SIGTERM stopped the run after its checkpoint was saved: rerunning the same command resumes."""
+
+    def __init__(self, step: int, checkpoint_dir: str):
+        super().__init__(f"stopped by SIGTERM at step {step}, saved in {checkpoint_dir}: rerun the same command "
+                         f"to resume")
+        self.step = step
+
+
 def train(config, workdir: str) -> dict:
-    """Runs (or resumes) the configured stage; returns the last logged metrics."""
+    """Runs (or resumes) the configured stage; returns the last logged metrics.
+
+    `workdir` and the config's paths may be relative to the current directory. One run at a time
+    per workdir (a lock). Raises Preempted when SIGTERM stopped it (saved), CheckpointSaveError
+    when a checkpoint could not be written, UserError for a config or checkpoint it cannot use."""
+    from owl_jax.cli import absolute
+    from owl_jax.training.checkpoints import WorkdirLock
+
+    workdir = absolute(workdir)
+    config = config.copy_and_resolve_references()
+    config.init.params_dir = absolute(config.init.params_dir)
+    if config.data.get("dataset_dir"):
+        config.data.dataset_dir = absolute(config.data.dataset_dir)
+    validate_config(config)
+    with WorkdirLock(workdir):
+        return _train(config, workdir)
+
+
+def validate_config(config) -> None:
+    """Settings that would otherwise fail after the compile, or train on nothing; UserError names them."""
+    from owl_jax.cli import UserError
+
+    positive = {"num_steps": config.num_steps + 1, "batch_size": config.batch_size, "seq_len": config.seq_len,
+                "log_every_steps": config.log_every_steps, "checkpoint.every_steps": config.checkpoint.every_steps,
+                "checkpoint.keep": config.checkpoint.keep, "optim.grad_accum_steps": config.optim.grad_accum_steps,
+                "max_images_per_batch": config.max_images_per_batch + 1}
+    for name, value in positive.items():
+        if value < 1:
+            minimum = 0 if name in ("num_steps", "max_images_per_batch") else 1
+            raise UserError(f"config.{name} must be >= {minimum}")
+
+
+def _train(config, workdir: str) -> dict:
     import flax.linen as nn
     import jax
     import numpy as np
-    import orbax.checkpoint as ocp
     from tqdm import tqdm
 
     from owl_jax import params_io
+    from owl_jax.cli import UserError
+    from owl_jax.training import checkpoints
     from owl_jax.sharding import make_mesh
     from owl_jax.training.data_source import make_data_iterator
     from owl_jax.training.flops import StepShape, peak_flops, towers_of, train_step_flops
@@ -51,9 +94,9 @@ def train(config, workdir: str) -> dict:
     process_batch = config.batch_size // jax.process_count()
     process_images = config.max_images_per_batch // jax.process_count()
     if config.batch_size % jax.process_count() or config.max_images_per_batch % jax.process_count():
-        raise ValueError(f"batch_size={config.batch_size} and max_images_per_batch={config.max_images_per_batch} "
+        raise UserError(f"batch_size={config.batch_size} and max_images_per_batch={config.max_images_per_batch} "
                          f"must divide by the {jax.process_count()} processes")
-    logging.warning("mesh %s on %d devices, %d processes; stage %s trains %d tensors", dict(mesh.shape), jax.device_count(),
+    logging.info("mesh %s on %d devices, %d processes; stage %s trains %d tensors", dict(mesh.shape), jax.device_count(),
                  jax.process_count(), config.stage, len(trainer.trainable_paths))
 
     # --------------------------------------------------------------------------- data
@@ -70,38 +113,24 @@ def train(config, workdir: str) -> dict:
     train_step = trainer.jit_train_step(batch_shapes)
 
     # -------------------------------------------------------------------------- state
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    policies = [ocp.checkpoint_managers.LatestN(n=config.checkpoint.keep)]
-    if config.checkpoint.keep_best:
-        policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["loss"], reverse=True, n=1))
-    manager = ocp.CheckpointManager(
-        ckpt_dir,
-        item_names=("state", "data"),
-        options=ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-            # best_fn makes orbax write each step's metrics to disk: without them a restarted run sees
-            # metric-less checkpoints, which BestN keeps forever.
-            best_fn=lambda m: m["loss"], best_mode="min",
-            enable_async_checkpointing=config.checkpoint.async_save,
-        ),
-    )
+    ckpt_dir, skipped_dir = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "checkpoints_skipped")
+    checkpoints.set_aside_unreadable_steps(ckpt_dir, skipped_dir)
+    manager = checkpoints.make_manager(ckpt_dir, config.checkpoint)
     abstract_state = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), trainer.abstract_state, trainer.state_shardings
     )
-    if manager.latest_step() is not None:
-        step0 = manager.latest_step()
-        restored = manager.restore(
-            step0, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
-        )
+    resumed = checkpoints.restore_newest_good(manager, abstract_state, skipped_dir)
+    if resumed is not None:
+        step0, restored = resumed
         state = restored["state"]
         _restore_data_position(data, restored["data"])
-        logging.warning("resumed from %s step %d", ckpt_dir, step0)
+        logging.info("resumed from %s step %d", ckpt_dir, step0)
     else:
         rng = jax.random.PRNGKey(config.seed)
         params = None
         if config.init.params_dir:
             params, report = params_io.load_params_for(config.init.params_dir, trainer.model_cfg, seed=config.seed)
-            logging.warning("initial params from %s; fresh: %s", config.init.params_dir, report or "none")
+            logging.info("initial params from %s; fresh: %s", config.init.params_dir, report or "none")
         state = trainer.init_state(rng, params)
 
     # -------------------------------------------------------------------------- loop
@@ -111,12 +140,7 @@ def train(config, workdir: str) -> dict:
     def save(step: int, loss: float, data_position: dict, force: bool = False):
         # Every process's data position: orbax's JSON item is written by process 0 alone.
         positions = {"process_count": jax.process_count(), "processes": _all_processes(data_position)}
-        manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(positions)),
-            metrics={"loss": loss},  # a checkpoint without metrics would outlive every preservation policy
-            force=force,
-        )
+        checkpoints.save(manager, step, state, positions, loss, force=force)
 
     shape = StepShape(config.batch_size * accum, config.seq_len, config.max_images_per_batch * accum)
     step_flops = train_step_flops(trainer.model_cfg, shape, towers_of(trainer.trainable_paths))
@@ -125,61 +149,79 @@ def train(config, workdir: str) -> dict:
     writer = MetricsWriter(workdir, config.stage, resume_step=step)
     bar = tqdm(total=config.num_steps, initial=step, desc=config.stage, disable=jax.process_index() != 0)
     last, window_start, window_steps, metrics = {}, time.time(), 0, None
-    out_of_data = False
-    while step < config.num_steps:
-        data_position = data.get_state()  # before this step's batches: what a stop here saves
-        local = None
-        if not preempted["flag"]:  # a SIGTERM may have reached the input workers too: read no more
-            try:
-                local = stack_micro_batches([next(data) for _ in range(accum)])
-            except StopIteration:
-                pass
-        # One exchange a step: every process stops together, at the same step.
-        stop_preempted, out_of_data = _any_process(preempted["flag"], local is None and not preempted["flag"])
-        if stop_preempted or out_of_data:
-            if out_of_data:
-                logging.warning("data exhausted (config.data.num_epochs=%s) at step %d of config.num_steps=%d: "
-                                "training ends here", config.data.get("num_epochs"), step, config.num_steps)
-            else:
-                logging.warning("SIGTERM: saving step %d and exiting", step)
-            if manager.latest_step() != step:
-                save(step, _checkpoint_loss(metrics, step, manager), data_position, force=True)
-            break
-        state, metrics = train_step(state, global_batch(local, train_step.batch_shardings))
-        step += 1
-        window_steps += 1
-        bar.update(1)
-        if step % config.log_every_steps == 0 or step == config.num_steps:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            elapsed = time.time() - window_start
-            metrics["steps_per_s"] = window_steps / elapsed
-            metrics["tokens_per_s"] = window_steps * config.batch_size * accum * config.seq_len / elapsed
-            metrics["model_tflops_per_s"] = window_steps * step_flops / elapsed / 1e12
-            if peak:
-                metrics["mfu"] = metrics["model_tflops_per_s"] * 1e12 / (peak * jax.device_count())
-            if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-                raise FloatingPointError(f"step {step}: loss {metrics['loss']}, grad norm {metrics['grad_norm']}; "
-                                         f"last checkpoint: {manager.latest_step()}")
-            writer.write(step, metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
-            last, window_start, window_steps = metrics, time.time(), 0
-        if step % config.checkpoint.every_steps == 0 or step == config.num_steps:
-            save(step, _checkpoint_loss(metrics, step, manager), data.get_state())
-        if step == config.debug.hang_after_step:
-            manager.wait_until_finished()
-            logging.warning("debug.hang_after_step=%d: hanging until killed or SIGTERM (fault injection)", step)
-            while not preempted["flag"]:
-                time.sleep(0.05)
-    manager.wait_until_finished()
-    signal.signal(signal.SIGTERM, previous_handler)
-    bar.close()
-    writer.close()
+    out_of_data = stop_preempted = False
+    compiled = None  # None: not yet; then the compile's start time; 0.0: reported
+    try:
+        while step < config.num_steps:
+            data_position = data.get_state()  # before this step's batches: what a stop here saves
+            local = None
+            if not preempted["flag"]:  # a SIGTERM may have reached the input workers too: read no more
+                try:
+                    local = stack_micro_batches([next(data) for _ in range(accum)])
+                except StopIteration:
+                    pass
+            save_error = checkpoints.previous_save_error(manager)
+            # One exchange a step: every process stops together, at the same step.
+            stop_preempted, out_of_data, save_failed = _any_process(
+                preempted["flag"], local is None and not preempted["flag"], save_error is not None)
+            if save_failed:
+                raise checkpoints.CheckpointSaveError(save_error or "another process could not save its checkpoint")
+            if stop_preempted or out_of_data:
+                if out_of_data:
+                    logging.warning("data exhausted (config.data.num_epochs=%s) at step %d of config.num_steps=%d: "
+                                    "training ends here", config.data.get("num_epochs"), step, config.num_steps)
+                else:
+                    logging.warning("SIGTERM: saving step %d and exiting", step)
+                if manager.latest_step() != step:
+                    save(step, _checkpoint_loss(metrics, step, manager), data_position, force=True)
+                break
+            if compiled is None:
+                logging.info("compiling the training step (the first step waits for it)")
+                compiled = time.time()
+            state, metrics = train_step(state, global_batch(local, train_step.batch_shardings))
+            if compiled and not window_steps:
+                logging.info("compiled and dispatched the first step in %.1f s", time.time() - compiled)
+                compiled = 0.0
+            step += 1
+            window_steps += 1
+            bar.update(1)
+            if step % config.log_every_steps == 0 or step == config.num_steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.time() - window_start
+                metrics["steps_per_s"] = window_steps / elapsed
+                metrics["tokens_per_s"] = window_steps * config.batch_size * accum * config.seq_len / elapsed
+                metrics["model_tflops_per_s"] = window_steps * step_flops / elapsed / 1e12
+                if peak:
+                    metrics["mfu"] = metrics["model_tflops_per_s"] * 1e12 / (peak * jax.device_count())
+                if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+                    raise FloatingPointError(f"step {step}: loss {metrics['loss']}, grad norm {metrics['grad_norm']}; "
+                                             f"last checkpoint: {manager.latest_step()}")
+                if metrics["loss_tokens"] == 0:
+                    logging.log_first_n(logging.WARNING, "step %d: no answer token in the batch, so loss 0 and nothing "
+                                        "learns: does config.seq_len=%d cut every answer?", 5, step, config.seq_len)
+                writer.write(step, metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
+                last, window_start, window_steps = metrics, time.time(), 0
+            if step % config.checkpoint.every_steps == 0 or step == config.num_steps:
+                save(step, _checkpoint_loss(metrics, step, manager), data.get_state())
+            if step == config.debug.hang_after_step:
+                checkpoints.wait_for_saves(manager)
+                logging.warning("debug.hang_after_step=%d: hanging until killed or SIGTERM (fault injection)", step)
+                while not preempted["flag"]:
+                    time.sleep(0.05)
+        checkpoints.wait_for_saves(manager)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        bar.close()
+        writer.close()
 
     # ------------------------------------------------------------------------ export
     if config.export_params and (step >= config.num_steps or out_of_data):
         params = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), _fully_replicated(trainer.params(state)))
         params_io.save_params(os.path.join(workdir, "params"), params, trainer.model_cfg)  # collective in orbax
     manager.close()
+    if stop_preempted:
+        raise Preempted(step, ckpt_dir)
     return last
 
 
@@ -256,18 +298,37 @@ def _fully_replicated(tree):
 
 def main(argv):
     del argv
-    from owl_jax import distributed
+    from owl_jax import cli, distributed
 
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
-
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    cli.setup_logging(FLAGS["verbosity"].present)
     if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required")
-    train(FLAGS.config, FLAGS.workdir)
+        cli.fail("--workdir is required")
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    sys.exit(run_cli(lambda: train(FLAGS.config, FLAGS.workdir)))
+
+
+def run_cli(job) -> int:
+    """Runs `job()` as a program: the exit code a launcher reads (owl_jax/cli.py), one line on stderr
+    for what stopped it."""
+    from owl_jax import cli
+    from owl_jax.training.checkpoints import CheckpointSaveError
+
+    try:
+        job()
+    except (cli.UserError, FileNotFoundError) as e:
+        cli.fail(str(e))
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        return cli.EXIT_PREEMPTED
+    except CheckpointSaveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
+    from owl_jax.cli import parse_absl_flags
+
     _define_flags()
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=parse_absl_flags)

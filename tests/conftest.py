@@ -1,8 +1,14 @@
 """Shared test helpers. Every checkpoint a test needs is made here with random weights."""
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # AOT tests compile for TPU in several processes
+# A compile cache shared by the test processes (xdist workers, subprocess tests): many tests compile
+# the same tiny programs, and a hit takes ~1 s where a compile takes ~15.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "owl_jax_test_compile_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Eight fake CPU devices for the sharding tests; everything else runs on device 0 as usual.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()

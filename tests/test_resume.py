@@ -57,7 +57,9 @@ def test_interrupted_run_resumes_to_identical_parameters(straight, tmp_path, sig
     proc.send_signal(sig)
     code = proc.wait(timeout=120)
     if sig == signal.SIGTERM:
-        assert code == 0, proc.stderr.read().decode()[-3000:]  # a clean, saved exit
+        stderr = proc.stderr.read().decode()
+        assert code == 75, stderr[-3000:]  # saved and stopped: not 0 (done), so a scheduler can tell
+        assert "stopped by SIGTERM at step 3" in stderr and "Traceback" not in stderr, stderr[-3000:]
     else:
         assert code == -signal.SIGKILL
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]

@@ -21,18 +21,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_quick(workdir):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    """The README's command as a user types it: from the workdir's parent, the workdir relative."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     # the job runs on one CPU device, as a user's would (conftest fakes 8 for the sharding tests)
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f)
-    proc = subprocess.run([sys.executable, "-m", "owl_jax.run", f"--workdir={workdir}", "--quick"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    cwd = os.path.dirname(os.path.dirname(workdir))
+    proc = subprocess.run([sys.executable, "-m", "owl_jax.run", f"--workdir={os.path.relpath(workdir, cwd)}", "--quick"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("owl_quick"))
+    """(absolute workdir, stdout) of the quick main job run as `--workdir=runs/NAME` from a temporary
+    current directory."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    os.makedirs(cwd / "runs")
+    workdir = str(cwd / "runs" / "owl_quick")
     return workdir, _run_quick(workdir)
 
 
@@ -47,6 +53,8 @@ def test_quick_run_completes_and_losses_fall(quick_run):
         losses = _losses(workdir, stage)
         assert len(losses) == 60 and np.all(np.isfinite(losses))
         assert np.mean(losses[-6:]) < np.mean(losses[:6]), (stage, losses)
+        committed = os.listdir(os.path.join(workdir, stage, "checkpoints"))
+        assert "60" in committed and not [c for c in committed if "tmp" in c], (stage, committed)
     assert "sample questions" in stdout and "stage 2 exact match" in stdout
 
 

@@ -26,6 +26,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 
 from owl_jax import sharding as shd
+from owl_jax.cli import UserError
 from owl_jax.losses import answer_loss, answer_loss_from_hidden
 from owl_jax.models.config import OwlConfig, owl_config_from_dict
 from owl_jax.models.layers import platform_attention
@@ -55,7 +56,7 @@ class Trainer:
         self.frozen_dtype = jnp.dtype(c.get("frozen_dtype", "float32"))
         self.lm_head_rows = c.get("lm_head_rows", "answers")
         if self.lm_head_rows not in ("answers", "all"):
-            raise ValueError(f"config.lm_head_rows={self.lm_head_rows!r}: expected 'answers' or 'all'")
+            raise UserError(f"config.lm_head_rows={self.lm_head_rows!r}: expected 'answers' or 'all'")
         boxed = jax.eval_shape(lambda: init_params(self.model_cfg, jax.random.PRNGKey(0)))
         self.param_shardings = shd.logical_shardings(boxed, self.mesh, self.rules)
         self.abstract_state = jax.eval_shape(self._state_from_params, nn.unbox(boxed), jax.random.PRNGKey(0))
@@ -175,17 +176,19 @@ class Trainer:
 
     def batch_shardings(self, batch_shapes: dict[str, tuple[int, ...]]) -> dict[str, NamedSharding]:
         """Micro-batch axis unsharded, batch axis over the rules' `batch` mesh axes. Images are sharded
-        the same way when their count divides, else replicated."""
+        the same way when their count divides, else replicated (one process only). A batch that does
+        not divide is refused: replicated, every device would compute all of it."""
         n = shd.batch_axis_size(self.mesh, self.rules)
         out = {}
         for k, shape in batch_shapes.items():
             if shape[1] % n == 0:
                 out[k] = shd.batch_sharding(self.mesh, self.rules, len(shape), leading_unsharded=1)
-            elif jax.process_count() > 1:
-                # Replicated, each process would have to hold the whole array; it holds its own part.
+            elif k != "pixel_values" or jax.process_count() > 1:
+                # Replicated images with several processes: each would have to hold them all.
                 field = "max_images_per_batch" if k == "pixel_values" else "batch_size"
-                raise ValueError(f"config.{field}={shape[1]} must be a multiple of the {n} devices along the "
-                                 f"batch mesh axes when training on {jax.process_count()} processes")
+                raise UserError(f"config.{field}={shape[1]} must be a multiple of the {n} devices along the "
+                                f"batch mesh axes ({dict(self.rules).get('batch')} of mesh {dict(self.mesh.shape)}), "
+                                f"on {jax.process_count()} process(es)")
             else:
                 out[k] = shd.replicated(self.mesh)
         return out
