@@ -50,10 +50,10 @@ def test_missing_key_is_named(released_dir, tmp_path):
         from_torch(cfg, released=str(tmp_path))
 
 
-def test_extra_keys_are_reported(released_dir, tmp_path):
+def test_extra_keys_are_reported_when_allowed(released_dir, tmp_path):
     cfg, _, src = released_dir
     _rewrite(src, tmp_path, lambda t: t.__setitem__("language_model.extra_head.weight", np.ones(3, np.float32)))
-    _, report = from_torch(cfg, released=str(tmp_path))
+    _, report = from_torch(cfg, released=str(tmp_path), allow_unused=True)
     assert report.unused[str(tmp_path)] == ["language_model.extra_head.weight"]
     assert "language_model.extra_head.weight" in str(report)
 

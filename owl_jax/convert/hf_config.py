@@ -19,11 +19,25 @@ _RELEASED_ABSTRACTOR_DEFAULTS = dict(
 
 
 def read_json(directory: str) -> dict[str, Any]:
+    """A checkpoint dir's config.json."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such directory")
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: missing; a transformers checkpoint directory needs its config.json")
-    with open(path) as f:
-        return json.load(f)
+    return load_json(path)
+
+
+def load_json(path: str) -> dict[str, Any]:
+    """A JSON object from a file, with the path in every error (json's own errors give only a line)."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read it as JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: holds a JSON {type(d).__name__}; a JSON object was expected")
+    return d
 
 
 def vision_from_hf(d: dict[str, Any], default_eps: float) -> VisionConfig:

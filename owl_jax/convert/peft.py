@@ -19,6 +19,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import save_file
 
+from owl_jax.convert.hf_config import load_json
 from owl_jax.convert.torch_io import TorchCheckpointReader
 from owl_jax.models.config import LoraConfig, OwlConfig
 
@@ -56,11 +57,12 @@ def _targets(spec: Any, num_layers: int, where: str) -> tuple[str, ...]:
 
 def read_lora_config(directory: str, num_layers: int) -> LoraConfig:
     """The adapter's `LoraConfig` from its adapter_config.json."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such directory (a PEFT LoRA adapter dir was expected)")
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (a PEFT LoRA adapter dir holds it)")
-    with open(path) as f:
-        c = json.load(f)
+    c = load_json(path)
     for field, expected in (("peft_type", "LORA"), ("bias", "none"), ("fan_in_fan_out", False)):
         if c.get(field, expected) != expected:
             raise ValueError(f"{path}: {field}={c[field]!r}; owl_jax reads adapters with {field}={expected!r}")
@@ -70,8 +72,13 @@ def read_lora_config(directory: str, num_layers: int) -> LoraConfig:
     for field in ("r", "lora_alpha", "target_modules"):
         if field not in c:
             raise ValueError(f"{path}: no {field!r}")
-    return LoraConfig(rank=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout", 0.0)),
-                      target_modules=_targets(c["target_modules"], num_layers, path))
+    try:
+        rank, alpha, dropout = int(c["r"]), float(c["lora_alpha"]), float(c.get("lora_dropout", 0.0))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: r, lora_alpha and lora_dropout must be numbers ({e})") from e
+    if rank < 1:
+        raise ValueError(f"{path}: r={rank}; a LoRA rank is at least 1")
+    return LoraConfig(rank=rank, alpha=alpha, dropout=dropout, target_modules=_targets(c["target_modules"], num_layers, path))
 
 
 def load_adapter(params: Mapping, cfg: OwlConfig, directory: str, dtype: str | None = None) -> tuple[dict, OwlConfig]:
@@ -95,7 +102,7 @@ def load_adapter(params: Mapping, cfg: OwlConfig, directory: str, dtype: str | N
                     key = key[: -len(".weight")] + ".default.weight"
                 if key not in reader:
                     raise KeyError(f"{reader.directory}: missing tensor {_torch_key(i, module, factor)!r}")
-                value = reader.get(key)
+                value = reader.get_float(key)
                 if tuple(value.shape) != torch_shape:
                     raise ValueError(f"{reader.directory}: tensor {key!r} has shape {tuple(value.shape)}, expected "
                                      f"{torch_shape} (r={lora.rank} from {CONFIG_FILE})")

@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Callable, Iterable
 
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Every name a transformers checkpoint's weights take: single files, shards and their indexes.
+WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 
 
 class TorchCheckpointReader:
     """Random access to the tensors of a transformers-style checkpoint directory, as numpy arrays."""
 
     def __init__(self, directory: str, weight_files: tuple[str, ...] = WEIGHT_FILES):
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"{directory}: no such directory")
         self.directory = directory
         self._file_of: dict[str, str] = {}
         self._open: dict[str, object] = {}
@@ -29,9 +35,7 @@ class TorchCheckpointReader:
             index = os.path.join(directory, name + ".index.json")
             single = os.path.join(directory, name)
             if os.path.exists(index):
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-                self._file_of = {k: os.path.join(directory, v) for k, v in weight_map.items()}
+                self._file_of = {k: os.path.join(directory, v) for k, v in _weight_map(index).items()}
                 break
             if os.path.exists(single):
                 self._file_of = {k: single for k in self._keys_of(single)}
@@ -44,18 +48,13 @@ class TorchCheckpointReader:
 
     def _handle(self, path: str):
         if path not in self._open:
-            if path.endswith(".safetensors"):
-                self._open[path] = safe_open(path, framework="numpy")
-            else:
-                try:
-                    import torch
-                except ImportError as e:  # torch is only needed for .bin checkpoints
-                    raise ImportError(f"{path}: reading .bin checkpoints needs torch (pip install torch==2.13.0)") from e
-                self._open[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            self._open[path] = _open_weights(path)
         return self._open[path]
 
     def _keys_of(self, path: str) -> Iterable[str]:
         handle = self._handle(path)
+        if not hasattr(handle, "keys"):
+            raise ValueError(f"{path}: holds a {type(handle).__name__}, not a state dict of tensors")
         return list(handle.keys())
 
     def keys(self) -> list[str]:
@@ -69,7 +68,57 @@ class TorchCheckpointReader:
         handle = self._handle(path)
         if path.endswith(".safetensors"):
             return handle.get_tensor(key)
-        return _torch_to_numpy(handle[key])
+        value = handle[key]
+        if not hasattr(value, "detach"):
+            raise ValueError(f"{path}: {key!r} is a {type(value).__name__}, not a tensor")
+        return _torch_to_numpy(value)
+
+    def get_float(self, key: str) -> np.ndarray:
+        """`get` for a weight: an integer or bool tensor here is a wrong or corrupted checkpoint, and
+        casting it would hide that."""
+        value = self.get(key)
+        if not is_float(value.dtype):
+            raise ValueError(f"{self.directory}: tensor {key!r} is {value.dtype}; a floating-point weight was expected")
+        return value
+
+
+def is_float(dtype) -> bool:
+    """numpy's float kinds, plus ml_dtypes' bfloat16 (which numpy files under kind 'V')."""
+    return np.dtype(dtype).kind == "f" or np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16)
+
+
+def _weight_map(index: str) -> dict[str, str]:
+    """The key -> shard file table of a `*.index.json`, checked, so a damaged index is named."""
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a checkpoint index with a 'weight_map' ({e})") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    outside = sorted({v for v in weight_map.values() if os.path.isabs(v) or os.path.normpath(v).startswith("..")})
+    if outside:  # an index must not make us read files outside its checkpoint
+        raise ValueError(f"{index}: shard files {outside[:3]} lie outside the checkpoint directory")
+    return weight_map
+
+
+def _open_weights(path: str):
+    """A safetensors handle or a torch state dict. Any failure to parse is reported with the file's
+    path: the bare errors of safetensors and torch.load do not name it."""
+    if path.endswith(".safetensors"):
+        opener = lambda: safe_open(path, framework="numpy")
+    else:
+        try:
+            import torch
+        except ImportError as e:  # torch is only needed for .bin checkpoints
+            raise ImportError(f"{path}: reading .bin checkpoints needs torch (pip install torch==2.13.0)") from e
+        opener = lambda: torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing (named by the checkpoint's index)")
+    try:
+        return opener()
+    except Exception as e:  # noqa: BLE001  (untrusted files fail in many ways)
+        raise ValueError(f"{path}: cannot read the weights ({type(e).__name__}: {e})") from e
 
 
 def _torch_to_numpy(t) -> np.ndarray:
@@ -77,8 +126,6 @@ def _torch_to_numpy(t) -> np.ndarray:
 
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
 
