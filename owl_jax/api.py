@@ -29,11 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from owl_jax.cli import UserError
 from owl_jax.data import conversation
 from owl_jax.data.image import preprocess, to_rgb
 from owl_jax.data.text import PROMPT_TOKENIZATIONS, encode_prompt
 from owl_jax.data.tokenizer import encode_text
-from owl_jax.generate import Generator, Sampling, bucket_count, bucket_length, make_batch, trim
+from owl_jax.generate import Generator, Sampling, bucket_count, bucket_length, check_context, make_batch, trim
 from owl_jax.models.config import OwlConfig
 from owl_jax.models.owl import MplugOwl, init_params, is_decode_layout
 from owl_jax import params_io
@@ -63,10 +64,21 @@ def load_image(image: ImageLike, image_size: int) -> np.ndarray:
             return image.astype(np.float32)
         image = Image.fromarray(image)
     elif not isinstance(image, Image.Image):
-        with Image.open(os.fspath(image)) as f:  # any format PIL reads (a .jpg may hold a PNG)
-            f.load()
-            image = to_rgb(f)
+        image = _decode_file(os.fspath(image))
     return preprocess(to_rgb(image), image_size)
+
+
+def _decode_file(path: str) -> Image.Image:
+    """An image file, decoded in full now (any format PIL reads: a .jpg may hold a PNG). PIL's own
+    errors (a truncated JPEG: "image file is truncated") do not say which file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"image {path}: no such file")
+    try:
+        with Image.open(path) as f:
+            f.load()
+            return to_rgb(f)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"image {path}: cannot decode it ({type(e).__name__}: {e})") from None
 
 
 def normalize_messages(messages: Messages) -> tuple[list[tuple[str, str | None]], str]:
@@ -139,12 +151,21 @@ class Owl:
         if "prompt" in request:  # raw template text
             text = request["prompt"]
             if conversation.count_image_tags(text) != n:
-                raise ValueError(f"prompt has {conversation.count_image_tags(text)} <image> tags for {n} images")
+                raise UserError(f"the prompt has {conversation.count_image_tags(text)} <image> tags but {n} "
+                                "image(s) were given")
             return text
-        return self.prompt_text(n, request["messages"])
+        text = self.prompt_text(n, request["messages"])
+        typed = conversation.count_image_tags(text) - n  # the template's own image lines aside
+        if typed:
+            raise UserError(f"the messages hold {typed} <image> tag(s) and {n} image(s) were given: leave the tags "
+                            "out, the template puts each image on a 'Human: <image>' line of its own first")
+        return text
 
-    def _request(self, request: dict) -> tuple[np.ndarray, list[np.ndarray]]:
-        return self.encode(self._request_text(request)), self.images(request.get("images"))
+    def _encode_checked(self, request: dict, sampling: Sampling, what: str) -> np.ndarray:
+        """A request's prompt ids, refused where they leave no room for max_new_tokens."""
+        ids = self.encode(self._request_text(request))
+        check_context(len(ids), sampling.max_new_tokens, self.cfg, what)
+        return ids
 
     def _decode_text(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -159,16 +180,22 @@ class Owl:
     def chat(self, images: Sequence[ImageLike] | None = None, messages: Messages = None,
              sampling: Sampling | None = None, **sampling_kwargs) -> str:
         """The answer to the last user message (greedy unless do_sample=True; see `Sampling`)."""
-        return self.generate([{"images": images, "messages": messages}], batch_size=1,
+        return self.generate([{"images": images, "messages": messages, "name": "the prompt"}], batch_size=1,
                              sampling=sampling, **sampling_kwargs)[0]
 
     def chat_stream(self, images: Sequence[ImageLike] | None = None, messages: Messages = None,
                     sampling: Sampling | None = None, chunk: int = 8, **sampling_kwargs) -> Iterator[str]:
         """Like `chat`, yielding pieces of the answer as they are decoded (every `chunk` tokens); the
-        generator's return value (StopIteration.value) is the whole answer, as `chat` gives it."""
+        generator's return value (StopIteration.value) is the whole answer, as `chat` gives it. The
+        request is checked (and its images decoded) here, before the first piece is asked for."""
         sampling = self._sampling(sampling, sampling_kwargs)
-        ids, pixels = self._request({"images": images, "messages": messages})
+        ids = self._encode_checked({"images": images, "messages": messages}, sampling, "the prompt")
+        pixels = self.images(images)
         batch = make_batch([ids], pixels, [len(pixels)], self.cfg, pad_id=self.generator.pad_id)
+        return self._stream(batch, sampling, chunk)
+
+    def _stream(self, batch, sampling: Sampling, chunk: int) -> Iterator[str]:
+        """The pieces of a one-request batch's answer (see `chat_stream`)."""
         printed, text = "", ""
         for out in self.generator.stream(batch, sampling, chunk=chunk):
             ids = trim(out["tokens"][0], int(out["length"][0]), self.eos_id)
@@ -192,11 +219,13 @@ class Owl:
     def generate(self, requests: Sequence[dict], batch_size: int = 8, sampling: Sampling | None = None,
                  progress: Callable[[int], None] | None = None, **sampling_kwargs) -> list[str]:
         """Answers for requests `{"images": [...], "messages": ...}` (or `"prompt"`: raw template text
-        with ``<image>`` tags), in order. Runs in batches of `batch_size` (the last one padded, so every
-        batch reuses one compilation per prompt-length bucket), shortest prompts together;
-        `progress(n)` is called after each batch with the number of requests it finished."""
+        with ``<image>`` tags), in order; an optional `"name"` says which one an error is about (default
+        "request i"). Runs in batches of `batch_size` (the last one padded, so every batch reuses one
+        compilation per prompt-length bucket), shortest prompts together; `progress(n)` is called after
+        each batch with the number of requests it finished."""
         sampling = self._sampling(sampling, sampling_kwargs)
-        encoded = [self.encode(self._request_text(r)) for r in requests]
+        # Every request is checked before the first batch runs: a bad one late in the list loses no work.
+        encoded = [self._encode_checked(r, sampling, r.get("name", f"request {i}")) for i, r in enumerate(requests)]
         order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
         answers: list[str | None] = [None] * len(requests)
         for start in range(0, len(order), batch_size):
@@ -311,9 +340,30 @@ def load(path: str, tokenizer: Any = None, mesh=None, rules=None, dtype: str | N
     the training layout) shard the params; `dtype` (e.g.
     "bfloat16") casts the parameters and the compute. `prompt_tokenization`: "release" (the released
     processor's) or "training" (see `owl_jax.data.text.encode_prompt`)."""
+    # The tokenizer is checked against the config before the params load (minutes for 7B).
+    tokenizer = open_tokenizer(tokenizer if tokenizer is not None else find_tokenizer(path),
+                               params_io.load_config(path), path)
     params, cfg = params_io.load_params(path)
-    return from_params(params, cfg, tokenizer if tokenizer is not None else find_tokenizer(path), mesh, rules, dtype,
-                       where=path, prompt_tokenization=prompt_tokenization)
+    return from_params(params, cfg, tokenizer, mesh, rules, dtype, where=path, prompt_tokenization=prompt_tokenization)
+
+
+def open_tokenizer(tokenizer: Any, cfg: OwlConfig, where: str = "the params") -> Any:
+    """A tokenizer (object, or a path: dir or .model) for the model of `cfg` (from `where`). One with
+    more ids than the model's vocabulary is refused: the extra ids have no embedding, and a prompt
+    holding one gets NaN logits and an empty answer."""
+    from owl_jax.data.tokenizer import load_tokenizer
+
+    if tokenizer is None:
+        raise FileNotFoundError(f"no tokenizer in {where} (tokenizer.model / tokenizer.json, or a tokenizer/ subdir); "
+                                "pass tokenizer=PATH (--tokenizer)")
+    name = os.fspath(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else getattr(tokenizer, "name_or_path", "")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(name)
+    if len(tokenizer) > cfg.llm.vocab_size:
+        raise UserError(f"tokenizer {name or type(tokenizer).__name__} has {len(tokenizer)} tokens but the model in "
+                        f"{where} has a vocabulary of {cfg.llm.vocab_size} (llm.vocab_size): use the tokenizer it was "
+                        "trained with")
+    return tokenizer
 
 
 def from_params(params: Any, cfg: OwlConfig, tokenizer: Any, mesh=None, rules=None, dtype: str | None = None,
@@ -321,13 +371,7 @@ def from_params(params: Any, cfg: OwlConfig, tokenizer: Any, mesh=None, rules=No
     """An `Owl` from params in memory (numpy or jax arrays, unboxed) and a tokenizer (object or path)."""
     import dataclasses
 
-    from owl_jax.data.tokenizer import load_tokenizer
-
-    if tokenizer is None:
-        raise FileNotFoundError(f"no tokenizer in {where} (tokenizer.model / tokenizer.json, or a tokenizer/ subdir); "
-                                "pass tokenizer=PATH (--tokenizer)")
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = load_tokenizer(os.fspath(tokenizer))
+    tokenizer = open_tokenizer(tokenizer, cfg, where)
     params = nn.unbox(params)
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)

@@ -26,6 +26,9 @@ Command line::
 
     python -m owl_jax.generate --checkpoint DIR --image a.jpg [--image b.jpg] --prompt "..."
     python -m owl_jax.generate --checkpoint DIR --image a.jpg --interactive
+
+The checkpoint's config, the tokenizer, the images and the prompt are read and checked before the
+params load; a mistake is one line on stderr (`error: ...`, exit status 2).
 """
 from __future__ import annotations
 
@@ -41,7 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from owl_jax.data.text import PROMPT_TOKENIZATIONS
+from owl_jax.cli import EXIT_USER_ERROR, UserError, absolute
+from owl_jax.data.text import PROMPT_TOKENIZATIONS, encode_prompt
 from owl_jax.models.config import OwlConfig
 from owl_jax.models.owl import MplugOwl, is_decode_layout, to_decode_layout
 
@@ -299,6 +303,16 @@ def make_batch(prompts: Sequence[np.ndarray], images: Sequence[np.ndarray] | np.
     return Batch(ids, mask, pixels, counts, n)
 
 
+def check_context(prompt_tokens: int, max_new_tokens: int, cfg: OwlConfig, what: str = "the prompt") -> None:
+    """Refuses a prompt (`prompt_tokens`, image placeholders included) that leaves no room for
+    `max_new_tokens` within the model's positions: past max_position_embeddings the model was never
+    trained, and its answers there are noise."""
+    limit = cfg.llm.max_position_embeddings
+    if prompt_tokens + max_new_tokens > limit:
+        raise UserError(f"{what} has {prompt_tokens} tokens (images included) and max_new_tokens is {max_new_tokens}: "
+                        f"{prompt_tokens + max_new_tokens} > the model's max_position_embeddings {limit}")
+
+
 class Generator:
     """Generation with one set of params. `params` may be sharded on `mesh` (give the logical axis
     `rules` that map the model's names to mesh axes)."""
@@ -339,6 +353,8 @@ class Generator:
         and after every `chunk` further steps (chunk None: all at once) until the end."""
         if sampling.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        longest = int(np.asarray(batch.prompt_mask)[:batch.size].sum(1).max())
+        check_context(longest, sampling.max_new_tokens, self.cfg, "the batch's longest prompt")
         statics = self._statics(sampling, return_logits)
         eos = jnp.int32(-1 if disable_eos or self.eos_id is None else self.eos_id)
         samp = self._sampling_args(sampling)
@@ -408,22 +424,60 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
-    from owl_jax.api import load
+def check_max_new_tokens(max_new_tokens: int, cfg: OwlConfig, checkpoint: str) -> None:
+    """--max-new-tokens against the checkpoint's config, before its params load (minutes for 7B)."""
+    limit = cfg.llm.max_position_embeddings
+    if not 1 <= max_new_tokens < limit:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: expected 1 to {limit - 1} (the model in {checkpoint} "
+                        f"has max_position_embeddings {limit}, which must hold the prompt too)")
 
+
+def _check_question(text: str, what: str, num_images: int) -> None:
+    """The template puts each image on a 'Human: <image>' line of its own before the conversation; an
+    <image> tag typed into a question would stand for an image that was not given."""
+    from owl_jax.data.conversation import count_image_tags
+
+    tags = count_image_tags(text)
+    if tags:
+        raise UserError(f"{what} has {tags} <image> tag(s) and {num_images} --image was given: leave the tags out, "
+                        "each --image goes before the question on a 'Human: <image>' line of its own")
+
+
+def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
     args = _parser().parse_args(argv)
-    stdin = stdin or sys.stdin
-    stdout = stdout or sys.stdout
     if not args.interactive and args.prompt is None:
         _parser().error("give --prompt or --interactive")
-    owl = load(args.checkpoint, tokenizer=args.tokenizer, prompt_tokenization=args.prompt_tokenization)
+    try:
+        return _chat(args, stdin or sys.stdin, stdout or sys.stdout)
+    except (ValueError, OSError) as e:  # a bad argument or input file: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _chat(args: argparse.Namespace, stdin, stdout) -> int:
+    from owl_jax.api import find_tokenizer, load, load_image, open_tokenizer
+    from owl_jax.data.conversation import build_prompt
+    from owl_jax.params_io import load_config
+
+    # Everything the request names is read and checked before the params load (minutes for 7B).
+    checkpoint = absolute(args.checkpoint)
+    cfg = load_config(checkpoint)
+    check_max_new_tokens(args.max_new_tokens, cfg, checkpoint)
+    tokenizer = open_tokenizer(absolute(args.tokenizer) or find_tokenizer(checkpoint), cfg, checkpoint)
+    images = [load_image(absolute(p), cfg.vision.image_size) for p in args.image]  # float32 [S, S, 3] each
+    if args.prompt is not None:
+        _check_question(args.prompt, "--prompt", len(images))
+        ids = encode_prompt(build_prompt(len(images), [], args.prompt), tokenizer, cfg.tokens_per_image,
+                            args.prompt_tokenization)
+        check_context(len(ids), args.max_new_tokens, cfg, "--prompt")
+    owl = load(checkpoint, tokenizer=tokenizer, prompt_tokenization=args.prompt_tokenization)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
     def answer(messages):
+        pieces = owl.chat_stream(images=images, messages=messages, sampling=sampling, chunk=args.chunk)
         stdout.write("AI: ")
         stdout.flush()
-        pieces = owl.chat_stream(images=args.image, messages=messages, sampling=sampling, chunk=args.chunk)
         while True:
             try:
                 piece = next(pieces)
@@ -455,8 +509,14 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
                 continue
             if not question.strip():
                 continue
-            messages.append({"role": "user", "content": question})
-            messages.append({"role": "assistant", "content": answer(messages)})
+            asked = messages + [{"role": "user", "content": question}]
+            try:  # a question the model cannot take is refused; the conversation so far stays
+                _check_question(question, "the question", len(images))
+                text = answer(asked)
+            except UserError as e:
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            messages = asked + [{"role": "assistant", "content": text}]
     return 0
 
 

@@ -56,7 +56,8 @@ def test_owleval_runner_writes_82_answers_with_a_tiny_model(tmp_path):
     questions = evaluate.read_jsonl(os.path.join(OWLEVAL, "questions.jsonl"))
     ckpt = tmp_path / "tiny"
     cfg = small_owl_config()
-    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=1024))
+    # Positions for the longest conversation (8 rounds, the earlier answers in context): 256 are too few.
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=1024, max_position_embeddings=1024))
     save_params(str(ckpt), random_params(cfg, seed=11), cfg)
     # A tokenizer that knows the questions keeps the prompts (and the compiled buckets) short.
     train_tokenizer([SYSTEM_PROMPT] + [q["question"] for q in questions], str(ckpt / "tokenizer"), vocab_size=1000)

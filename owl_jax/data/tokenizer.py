@@ -13,6 +13,8 @@ from typing import Iterable
 
 from absl import logging
 
+from owl_jax.cli import UserError
+
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 0
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork grain workers
@@ -27,8 +29,13 @@ def load_tokenizer(path: str):
     from transformers import LlamaTokenizer
 
     path = os.fspath(path)
+    files = ("tokenizer.model", "tokenizer.json")
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in files):
+        raise FileNotFoundError(f"no tokenizer in {path}: expected tokenizer.model and/or tokenizer.json there")
+    model_file = path if os.path.isfile(path) else os.path.join(path, "tokenizer.model")
+    if os.path.isfile(model_file):
+        _check_sentencepiece(model_file)
     if os.path.isfile(path):
-        model_file = path
         if os.path.basename(path) == "tokenizer.model":
             tok = LlamaTokenizer.from_pretrained(os.path.dirname(path) or ".", local_files_only=True)
         else:  # any other file name: copy it under the name transformers looks for
@@ -36,20 +43,31 @@ def load_tokenizer(path: str):
                 shutil.copy(path, os.path.join(tmp, "tokenizer.model"))
                 tok = LlamaTokenizer.from_pretrained(tmp, local_files_only=True)
     elif os.path.isdir(path):
-        model_file = os.path.join(path, "tokenizer.model")
         tok = LlamaTokenizer.from_pretrained(path, local_files_only=True)
     else:
         raise FileNotFoundError(f"no tokenizer at {path!r}")
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token
     if (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) != (UNK_ID, BOS_ID, EOS_ID, PAD_ID):
-        raise ValueError(
+        raise UserError(
             f"tokenizer at {path!r} has unk/bos/eos/pad ids "
             f"{(tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)}, expected (0, 1, 2, 0)"
         )
     if os.path.isfile(model_file):
         tok.release_encode = ReleaseTextEncoder(model_file, {tok.unk_token: UNK_ID, tok.bos_token: BOS_ID, tok.eos_token: EOS_ID})
     return tok
+
+
+def _check_sentencepiece(model_file: str) -> None:
+    """Refuses a file SentencePiece cannot parse (truncated, or not a tokenizer at all): transformers
+    would fall back to reading it as a tiktoken file and ask for that package instead."""
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceProcessor(model_file=model_file)
+    except (RuntimeError, OSError):
+        raise UserError(f"{model_file} is not a SentencePiece model (SentencePiece cannot parse it): "
+                        "expected a LLaMA tokenizer.model") from None
 
 
 class ReleaseTextEncoder:
