@@ -4,8 +4,11 @@ One row per line (DESIGN 1.6)::
 
     {"image": ["a.jpg", "b.jpg"], "text": "<the whole conversation>", "task_type": "llava_sft"}
 
-* ``image``: list of paths (or a single path string) relative to the image root (absolute paths
-  are used as they are); absent, null or ``[]`` for text-only rows.
+* ``image``: list of paths (or a single path string) relative to the image root; absent, null or
+  ``[]`` for text-only rows. A crawled dataset is untrusted input: every path must resolve (symlinks
+  followed) to a file under the image root, else the row is refused without reading the file.
+  ``allow_images_outside_root`` serves datasets that knowingly name absolute paths: those are then
+  used as they are, relative ones joined to the root.
 * ``text``: the conversation in the DESIGN 1.6 template, one ``<image>`` tag per image.
 * Stage-1 image-caption pairs: either the same format with a one-turn conversation, or a plain
   ``"caption"`` field instead of ``text``; such a row becomes
@@ -18,6 +21,8 @@ Bad rows never stop the build; each is skipped or repaired and counted in the `B
 bad_json                  not a JSON object (skipped)
 no_text                   no usable ``text`` and no ``caption`` (skipped)
 bad_image_field           ``image`` is not a path or list of paths (skipped)
+outside_image_root        an image path leads outside the image root: ``../``, absolute, or
+                          a symlink pointing out (skipped, the file is never read)
 more_tags_than_images     more ``<image>`` tags than images (skipped)
 more_images_than_tags     images beyond the number of tags are dropped (repaired)
 missing_image             an image file does not exist (skipped)
@@ -43,7 +48,21 @@ _EXT_FORMAT = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".
                ".tif": "TIFF", ".tiff": "TIFF"}
 
 
-def parse_row(line: str, where: str, image_root: str, report: records.BuildReport) -> dict | None:
+def resolve_image(path: str, image_root: str, allow_outside: bool = False) -> str | None:
+    """The file a row's image `path` names, or None when it lies outside `image_root`.
+
+    Without the containment check a row could make the build read any file the builder can read
+    (``../../home/x/.ssh/id_rsa``, ``/etc/passwd``, a planted symlink) and store it in the shards.
+    """
+    if allow_outside:
+        return path if os.path.isabs(path) else os.path.join(image_root, path)
+    root = os.path.realpath(image_root)
+    full = os.path.realpath(os.path.join(root, path))
+    return full if os.path.commonpath([root, full]) == root else None
+
+
+def parse_row(line: str, where: str, image_root: str, report: records.BuildReport,
+              allow_images_outside_root: bool = False) -> dict | None:
     """One JSONL line -> a record dict (see `records`), or None (skipped and counted in `report`)."""
     try:
         row = json.loads(line)
@@ -58,7 +77,7 @@ def parse_row(line: str, where: str, image_root: str, report: records.BuildRepor
         images = []
     elif isinstance(images, str):
         images = [images]
-    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+    if not isinstance(images, list) or not all(isinstance(p, str) and p and "\0" not in p for p in images):
         report.add("bad_image_field", where)
         return None
 
@@ -79,12 +98,21 @@ def parse_row(line: str, where: str, image_root: str, report: records.BuildRepor
         report.add("more_images_than_tags", where)
         images = images[:tags]
 
-    encoded = []
-    for path in images:
-        full = path if os.path.isabs(path) else os.path.join(image_root, path)
+    if images:
+        report.image_rows += 1
+    files = []
+    for path in images:  # every path is checked before any file is read
+        full = resolve_image(path, image_root, allow_images_outside_root)
+        if full is None:
+            report.add("outside_image_root", f"{where} ({path})")
+            return None
         if not os.path.isfile(full):
             report.add("missing_image", f"{where} ({path})")
             return None
+        files.append(full)
+
+    encoded = []
+    for path, full in zip(images, files):
         with open(full, "rb") as f:
             data = f.read()
         try:
@@ -111,9 +139,11 @@ class OwlJsonl(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Released mPLUG-Owl JSONL format, images stored encoded."}
 
-    def __init__(self, *, split_files: dict[str, list[str]] | None = None, image_root: str = "", **kwargs):
+    def __init__(self, *, split_files: dict[str, list[str]] | None = None, image_root: str = "",
+                 allow_images_outside_root: bool = False, **kwargs):
         self._split_files = dict(split_files or {})
         self._image_root = image_root
+        self._allow_outside = allow_images_outside_root
         self.report = records.BuildReport()
         super().__init__(**kwargs)
 
@@ -138,7 +168,7 @@ class OwlJsonl(tfds.core.GeneratorBasedBuilder):
                     except UnicodeDecodeError:
                         self.report.add("bad_json", where)
                         continue
-                    rec = parse_row(line, where, self._image_root, self.report)
+                    rec = parse_row(line, where, self._image_root, self.report, self._allow_outside)
                     if rec is not None:
                         self.report.written[split] += 1
                         yield f"{file_index}:{lineno}", rec

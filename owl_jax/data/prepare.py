@@ -4,12 +4,17 @@
         [--sizes=captions_train=4000,captions_test=200,instructions_train=12000,instructions_test=400,text_train=16000]
         [--vocab_size=1024]
     python -m owl_jax.data.prepare --dataset=owl_jsonl --jsonl=FILE[,FILE] --images=DIR --out=DIR
-        [--val_jsonl=FILE[,FILE]]
+        [--val_jsonl=FILE[,FILE]] [--allow_images_outside_root]
 
 ShapesWorld writes DIR/shapesworld/1.0.0/ and its tokenizer to DIR/tokenizer. owl_jsonl writes
 DIR/owl_jsonl/1.0.0/ with split ``train`` (and ``validation`` from --val_jsonl). Both write
 owl_meta/num_images-<split>.npy and report.json beside the shards. An existing build is kept
-unless --overwrite. Nothing is downloaded.
+unless --overwrite. Nothing is downloaded. Relative paths are taken from the current directory.
+
+owl_jsonl checks its inputs before writing anything (the JSONL files exist; --images is a
+directory when a row names images), refuses image paths that lead outside --images unless
+--allow_images_outside_root, and fails (exit 2, build removed) when more than half of the rows
+that name images were skipped as missing_image or outside_image_root: the image root is wrong.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ import os
 import shutil
 import sys
 import time
+
+from owl_jax.cli import absolute
 
 
 def _parse_sizes(text: str) -> dict:
@@ -34,7 +41,11 @@ def _parse_sizes(text: str) -> dict:
     return {k: v for k, v in sizes.items() if v > 0}
 
 
-def _build(builder, overwrite: bool) -> bool:
+def _file_list(text: str) -> list[str]:
+    return [absolute(f) for f in text.split(",") if f]
+
+
+def _build(builder, overwrite: bool, source: str = "") -> bool:
     import tensorflow_datasets as tfds
 
     if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
@@ -42,6 +53,10 @@ def _build(builder, overwrite: bool) -> bool:
             print(f"{builder.data_dir} already exists (use --overwrite to rebuild)")
             return False
         shutil.rmtree(builder.data_dir)
+    print(f"building {builder.name}{source} into {builder.data_dir}")
+    # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared" (termcolor,
+    # not logging) from these two hooks; nothing is downloaded here, so they only mislead.
+    builder._log_download_bytes = builder._log_download_done = lambda: None
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return True
 
@@ -65,19 +80,69 @@ def prepare_shapesworld(out: str, seed: int = 0, sizes: dict | None = None, voca
 
 
 def prepare_owl_jsonl(out: str, jsonl: list[str], images: str, val_jsonl: list[str] | None = None,
-                      overwrite: bool = False):
+                      overwrite: bool = False, allow_images_outside_root: bool = False):
+    """Builds released-format JSONL files (+ image root `images`) into `out`/owl_jsonl."""
     from owl_jax.data import records
     from owl_jax.data.owl_jsonl import OwlJsonl
 
     split_files = {"train": jsonl}
     if val_jsonl:
         split_files["validation"] = val_jsonl
-    builder = OwlJsonl(data_dir=out, file_format="array_record", split_files=split_files, image_root=images)
-    if _build(builder, overwrite):
+    builder = OwlJsonl(data_dir=out, file_format="array_record", split_files=split_files, image_root=images,
+                       allow_images_outside_root=allow_images_outside_root)
+    num_files = sum(len(files) for files in split_files.values())
+    if _build(builder, overwrite, f" from {num_files} file(s)"):
         records.write_num_images_index(builder.data_dir, list(split_files))
         with open(os.path.join(builder.data_dir, "report.json"), "w") as f:
             json.dump(builder.report.to_dict(), f, indent=1)
     return builder
+
+
+def _first_row_naming_images(files: list[str]) -> str | None:
+    """``file:line`` of the first row with a non-empty ``image`` field, or None (text only)."""
+    for path in files:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if b'"image"' not in raw:
+                    continue
+                try:
+                    row = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue
+                if isinstance(row, dict) and row.get("image"):
+                    return f"{os.path.basename(path)}:{lineno}"
+    return None
+
+
+def _check_owl_jsonl_inputs(p: argparse.ArgumentParser, args) -> None:
+    """Exits with a one-line error before any output exists when an input is missing."""
+    if not args.jsonl:
+        p.error("--jsonl is required for owl_jsonl")
+    for flag, files in (("--jsonl", args.jsonl), ("--val_jsonl", args.val_jsonl)):
+        for path in files:
+            if not os.path.isfile(path):
+                p.error(f"{flag}: {path} is not a file (expected a JSONL file in the released mPLUG-Owl format)")
+    if not os.path.isdir(args.images or ""):
+        row = _first_row_naming_images(args.jsonl + args.val_jsonl)
+        if row is not None:
+            p.error(f"--images={args.images or '(not given)'} is not a directory, but {row} names images "
+                    "(expected the image root the rows' image paths are relative to)")
+
+
+def _image_root_problem(report, images: str) -> str | None:
+    """Why a finished build looks made against the wrong image root, or None.
+
+    A wrong --images does not stop the build: nearly every row is skipped as missing_image (or
+    outside_image_root), and a training run would then pick up the nearly empty dataset.
+    """
+    missing, outside = report.counts["missing_image"], report.counts["outside_image_root"]
+    if 2 * (missing + outside) <= report.image_rows:
+        return None
+    hint = "is --images the right directory?"
+    if outside:
+        hint += " (--allow_images_outside_root admits image paths outside it)"
+    return (f"{missing + outside} of {report.image_rows} rows that name images were skipped "
+            f"(missing_image={missing}, outside_image_root={outside}) with image root {images}; {hint}")
 
 
 def main(argv=None):
@@ -91,18 +156,21 @@ def main(argv=None):
     p.add_argument("--jsonl", default="", help="owl_jsonl: FILE[,FILE] for the train split")
     p.add_argument("--val_jsonl", default="", help="owl_jsonl: FILE[,FILE] for the validation split")
     p.add_argument("--images", default="", help="owl_jsonl: image root directory")
+    p.add_argument("--allow_images_outside_root", action="store_true",
+                   help="owl_jsonl: admit image paths outside --images (absolute paths used as they are)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
+    args.out, args.images = absolute(args.out), absolute(args.images)
+    args.jsonl, args.val_jsonl = _file_list(args.jsonl), _file_list(args.val_jsonl)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     t0 = time.time()
     if args.dataset == "shapesworld":
         builder = prepare_shapesworld(args.out, args.seed, _parse_sizes(args.sizes), args.vocab_size, args.overwrite)
     else:
-        if not args.jsonl:
-            p.error("--jsonl is required for owl_jsonl")
-        builder = prepare_owl_jsonl(args.out, [f for f in args.jsonl.split(",") if f], args.images,
-                                    [f for f in args.val_jsonl.split(",") if f], args.overwrite)
+        _check_owl_jsonl_inputs(p, args)
+        builder = prepare_owl_jsonl(args.out, args.jsonl, args.images, args.val_jsonl, args.overwrite,
+                                    args.allow_images_outside_root)
     print(f"\n== {builder.name} -> {builder.data_dir} ({time.time() - t0:.1f}s)")
     report_path = os.path.join(builder.data_dir, "report.json")
     if builder.report.written or builder.report.counts:
@@ -114,6 +182,11 @@ def main(argv=None):
 
         tok = load_tokenizer(os.path.join(args.out, "tokenizer"))
         print(f"tokenizer: {os.path.join(args.out, 'tokenizer')} (vocab {len(tok)})")
+    else:
+        problem = _image_root_problem(builder.report, args.images)
+        if problem:
+            shutil.rmtree(builder.data_dir)
+            p.exit(2, f"{p.prog}: error: {problem}; removed the build {builder.data_dir}\n")
     return 0
 
 

@@ -48,11 +48,16 @@ def empty_record(**kw) -> dict:
 
 @dataclasses.dataclass
 class BuildReport:
-    """Counts of skipped / repaired rows by kind, with the first offending locations of each."""
+    """Counts of skipped / repaired rows by kind, with the first offending locations of each.
+
+    `image_rows` counts the rows whose image files were looked up: against it a build can tell
+    "a few files are missing" from "the image root is wrong".
+    """
 
     counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     examples: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
     written: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    image_rows: int = 0
 
     def add(self, kind: str, where: str) -> None:
         self.counts[kind] += 1
@@ -68,7 +73,7 @@ class BuildReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"written": dict(self.written), "counts": dict(self.counts),
+        return {"written": dict(self.written), "image_rows": self.image_rows, "counts": dict(self.counts),
                 "examples": {k: list(v) for k, v in self.examples.items()}}
 
 
