@@ -322,7 +322,11 @@ def run_cli(job) -> int:
         return cli.EXIT_PREEMPTED
     except CheckpointSaveError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        # orbax's save threads would hold the exit for their signal timeout (300 s), waiting for a
+        # directory the failed save never made: nothing is left to write, so leave at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     return 0
 
 
