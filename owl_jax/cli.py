@@ -46,9 +46,9 @@ def parse_absl_flags(argv: list[str]) -> list[str]:
         if "config" in flags.FLAGS and flags.FLAGS.config is not None:
             flags.FLAGS.config.keys()  # config_flags defers a failed load until the first use
         return rest
-    except AttributeError as e:  # ml_collections: an override that names no field
+    except AttributeError as e:  # ml_collections: most often an override that names no field
         hint = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
-        fail(f"a --config override names no config field: {hint}")
+        fail(f"--config: no such field {hint}")
     except (OSError, ImportError, SyntaxError) as e:  # config_flags: the config file does not load
         lines = [line.strip() for line in str(e).strip().splitlines()]
         fail(f"--config: {lines[-1] if lines else type(e).__name__} (expected a config file, configs/*.py[:arg])")

@@ -310,7 +310,8 @@ def check_context(prompt_tokens: int, max_new_tokens: int, cfg: OwlConfig, what:
     limit = cfg.llm.max_position_embeddings
     if prompt_tokens + max_new_tokens > limit:
         raise UserError(f"{what} has {prompt_tokens} tokens (images included) and max_new_tokens is {max_new_tokens}: "
-                        f"{prompt_tokens + max_new_tokens} > the model's max_position_embeddings {limit}")
+                        f"{prompt_tokens + max_new_tokens} > the model's max_position_embeddings {limit}; lower max_new_tokens "
+                        f"(--max-new-tokens) or shorten the prompt")
 
 
 class Generator:

@@ -36,7 +36,6 @@ class Preempted(Exception):
     def __init__(self, step: int, checkpoint_dir: str):
         super().__init__(f"stopped by SIGTERM at step {step}, saved in {checkpoint_dir}: rerun the same command "
                          f"to resume")
-        self.step = step
 
 
 def train(config, workdir: str) -> dict:
@@ -51,8 +50,9 @@ def train(config, workdir: str) -> dict:
     workdir = absolute(workdir)
     config = config.copy_and_resolve_references()
     config.init.params_dir = absolute(config.init.params_dir)
-    if config.data.get("dataset_dir"):
-        config.data.dataset_dir = absolute(config.data.dataset_dir)
+    for field in ("dataset_dir", "tokenizer_path"):
+        if config.data.get(field):
+            config.data[field] = absolute(config.data[field])
     validate_config(config)
     with WorkdirLock(workdir):
         return _train(config, workdir)
@@ -80,7 +80,7 @@ def _train(config, workdir: str) -> dict:
 
     from owl_jax import params_io
     from owl_jax.cli import UserError
-    from owl_jax.training import checkpoints
+    from owl_jax.training import checkpoints, multihost
     from owl_jax.sharding import make_mesh
     from owl_jax.training.data_source import make_data_iterator
     from owl_jax.training.flops import StepShape, peak_flops, towers_of, train_step_flops
@@ -139,7 +139,10 @@ def _train(config, workdir: str) -> dict:
 
     def save(step: int, loss: float, data_position: dict, force: bool = False):
         # Every process's data position: orbax's JSON item is written by process 0 alone.
-        positions = {"process_count": jax.process_count(), "processes": _all_processes(data_position)}
+        positions = {"process_count": jax.process_count(), "processes": multihost.all_processes(data_position)}
+        error = checkpoints.previous_save_error(manager)
+        if multihost.any_process(error is not None)[0]:  # all stop, or the others wait in orbax's barrier
+            raise checkpoints.CheckpointSaveError(error or "another process could not save its checkpoint")
         checkpoints.save(manager, step, state, positions, loss, force=force)
 
     shape = StepShape(config.batch_size * accum, config.seq_len, config.max_images_per_batch * accum)
@@ -162,7 +165,7 @@ def _train(config, workdir: str) -> dict:
                     pass
             save_error = checkpoints.previous_save_error(manager)
             # One exchange a step: every process stops together, at the same step.
-            stop_preempted, out_of_data, save_failed = _any_process(
+            stop_preempted, out_of_data, save_failed = multihost.any_process(
                 preempted["flag"], local is None and not preempted["flag"], save_error is not None)
             if save_failed:
                 raise checkpoints.CheckpointSaveError(save_error or "another process could not save its checkpoint")
@@ -223,36 +226,6 @@ def _train(config, workdir: str) -> dict:
     if stop_preempted:
         raise Preempted(step, ckpt_dir)
     return last
-
-
-def _any_process(*flags: bool) -> tuple[bool, ...]:
-    """Each flag, or-ed over the processes (one exchange for all of them)."""
-    import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() == 1:
-        return tuple(flags)
-    gathered = multihost_utils.process_allgather(np.array(flags, bool))  # bool[P, len(flags)]
-    return tuple(bool(x) for x in np.any(gathered, axis=0))
-
-
-def _all_processes(obj) -> list:
-    """[process 0's obj, process 1's, ...] on every process (obj: JSON-able)."""
-    import json
-
-    import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() == 1:
-        return [obj]
-    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    size = int(np.max(multihost_utils.process_allgather(np.array([data.size]))))
-    padded = np.zeros(size, np.uint8)
-    padded[: data.size] = data
-    rows = multihost_utils.process_allgather(padded)  # uint8[P, size]
-    return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in rows]
 
 
 def _restore_data_position(data, saved: dict) -> None:
@@ -320,8 +293,13 @@ def run_cli(job) -> int:
     except Preempted as e:
         print(str(e), file=sys.stderr)
         return cli.EXIT_PREEMPTED
-    except CheckpointSaveError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - a failed save may surface through a later cleanup's error
+        failed_save = e
+        while failed_save is not None and not isinstance(failed_save, CheckpointSaveError):
+            failed_save = failed_save.__context__
+        if failed_save is None:
+            raise
+        print(f"error: {failed_save}", file=sys.stderr)
         # orbax's save threads would hold the exit for their signal timeout (300 s), waiting for a
         # directory the failed save never made: nothing is left to write, so leave at once.
         sys.stdout.flush()

@@ -23,7 +23,7 @@ port, pid = sys.argv[1], int(sys.argv[2])
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from owl_jax.train import _all_processes
+from owl_jax.training.multihost import all_processes
 from owl_jax.training.trainer import global_batch
 
 by_process = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))  # p0 p0 p1 p1
@@ -34,7 +34,7 @@ orders = {"process_major": by_process, "reversed": by_process[2:] + by_process[:
 local = {"pixel_values": (100 * pid + np.arange(4, dtype=np.float32)).reshape(1, 4, 1, 1, 1),
          "image_start": np.array([[0, 2]], np.int32),
          "input_ids": np.array([[100 * pid, 100 * pid + 2]], np.int32)}
-report = {"gathered": _all_processes({"process": pid, "pad": "x" * (7 * pid)})}
+report = {"gathered": all_processes({"process": pid, "pad": "x" * (7 * pid)})}
 for name, devices in orders.items():
     mesh = Mesh(np.array(devices), ("data",))
     shardings = {"pixel_values": NamedSharding(mesh, P(None, "data")), "image_start": NamedSharding(mesh, P(None, "data")),

@@ -123,9 +123,13 @@ def _fresh_dir(out: str):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = out + ".old"  # OUT is never missing: a crash between the renames leaves OUT.old whole
+    _check_replaceable(old)
+    shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(out):
-        shutil.rmtree(out)
+        os.rename(out, old)
     os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_replaceable(path: str) -> None:

@@ -12,9 +12,11 @@ import socket
 import time
 from typing import Any
 
+import jax
 from absl import logging
 
 from owl_jax.cli import UserError
+from owl_jax.training import multihost
 
 
 class CheckpointSaveError(RuntimeError):
@@ -42,11 +44,11 @@ def make_manager(ckpt_dir: str, cfg) -> Any:
 
 
 def save(manager, step: int, state, positions: dict, loss: float, force: bool = False) -> None:
-    """Starts (async) or writes the checkpoint of `step`. A failure here, or of the previous async
-    save, raises CheckpointSaveError naming the directory and the cause."""
+    """Starts (async) or writes the checkpoint of `step`; a failure raises CheckpointSaveError naming
+    the directory and the cause. Every process calls it after they agreed that the previous save
+    is fine (`previous_save_error` through an exchange)."""
     import orbax.checkpoint as ocp
 
-    check_previous_save(manager)
     try:
         manager.save(
             step,
@@ -58,18 +60,12 @@ def save(manager, step: int, state, positions: dict, loss: float, force: bool = 
         raise CheckpointSaveError(_save_failure(manager, step, e)) from e
 
 
-def check_previous_save(manager) -> None:
-    """Raises CheckpointSaveError if the last async save failed (a no-op while it is still running)."""
-    error = previous_save_error(manager)
-    if error:
-        raise CheckpointSaveError(error)
-
-
 def previous_save_error(manager) -> str | None:
     """Why the last async save failed, or None (also while it is still running). Cheap: call it
     every step, so a failed save stops the run at the next step, not one save later."""
+    # Not manager.check_for_errors(): it takes the error away from orbax's finalize thread, which
+    # would then delete the old steps it was told to drop as if the new one had been written.
     try:
-        manager.check_for_errors()
         if not manager.is_saving_in_progress():
             manager.wait_until_finished()  # returns at once: re-raises what the finished save raised
     except Exception as e:  # noqa: BLE001
@@ -83,7 +79,6 @@ def wait_for_saves(manager) -> None:
         manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
         raise CheckpointSaveError(_save_failure(manager, None, e)) from e
-    check_previous_save(manager)
 
 
 def _save_failure(manager, step: int | None, error: BaseException) -> str:
@@ -114,71 +109,81 @@ def _cause(error: BaseException) -> str:
 def restore_newest_good(manager, abstract_state, skipped_dir: str) -> tuple[int, dict] | None:
     """Restores the newest step that reads back whole, newest first. Steps newer than it that do not
     (cut by a crash, emptied, a damaged file) are moved into `skipped_dir` with a warning naming
-    each and why, so the run does not meet them again. None when there is no checkpoint; a
-    UserError when none restores (e.g. the config changed: the message gives each step's reason).
+    each and why, so the run does not meet them again. A step counts as damaged when it fails on
+    any process, so every process restores the same one.
+
+    None when there is no checkpoint at all. A UserError when none restores (e.g. the config
+    changed: the message gives each step's reason; nothing is moved, so a rerun never starts over
+    silently).
 
     Returns (step, {"state": ..., "data": ...})."""
     import orbax.checkpoint as ocp
 
     failures = []
     for step in sorted(manager.all_steps(), reverse=True):
+        restored, why = None, ""
         try:
             restored = manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
             )
         except Exception as e:  # noqa: BLE001 - a step that does not restore is skipped, with its reason
-            failures.append((step, _cause(e)))
+            why = _cause(e)
+        (failed_anywhere,) = multihost.any_process(restored is None)
+        if failed_anywhere:
+            failures.append((step, why or "did not restore on another process"))
             continue
-        for bad, why in failures:
+        for bad, reason in failures:
             logging.warning("checkpoint step %d in %s does not restore (%s): skipped, moved to %s; resuming "
-                            "from step %d", bad, manager.directory, why, skipped_dir, step)
-        _move_aside(manager, [bad for bad, _ in failures], skipped_dir)
+                            "from step %d", bad, manager.directory, reason, skipped_dir, step)
+        if failures:
+            _move_steps(str(manager.directory), [bad for bad, _ in failures], skipped_dir)
+            manager.reload()
         return step, restored
     if failures:
         reasons = "; ".join(f"step {s}: {why}" for s, why in failures)
-        raise UserError(f"no checkpoint in {manager.directory} restores into this config's train state (was the "
-                        f"model, stage or mesh config changed? start a new --workdir for a new config): {reasons}")
+        raise UserError(f"no checkpoint in {manager.directory} restores into this run's train state (a changed "
+                        f"model, stage or mesh config is the usual cause: start a new --workdir for a new "
+                        f"config); nothing was moved: {reasons}")
     return None
 
 
 def set_aside_unreadable_steps(ckpt_dir: str, skipped_dir: str) -> None:
     """Moves step directories whose small JSON files (what orbax's manager reads when it opens the
     directory: the step metadata and the metrics) do not parse into `skipped_dir`, with a warning.
-    Without this one cut file stops the manager from opening, and so every resume."""
+    Without this one cut file stops the manager from opening, and so every resume. Process 0
+    decides for all. Only a file that reads but does not parse is damage: an I/O error (a flaky
+    mount, a permission) is raised. When every step is damaged nothing is moved and a UserError
+    says so: a rerun must never start over silently."""
     import json
 
     from etils import epath
 
-    root = epath.Path(ckpt_dir)
-    if not root.exists():
-        return
-    bad = []
-    for step_dir in root.iterdir():
-        if not step_dir.name.isdigit():
-            continue
-        for name in ("_CHECKPOINT_METADATA", "metrics/metrics"):
-            f = step_dir / name
-            try:
-                if f.exists():
-                    json.loads(f.read_text())
-            except (ValueError, OSError) as e:
-                logging.warning("checkpoint step %s in %s: %s does not read (%s): skipped, moved to %s",
-                                step_dir.name, ckpt_dir, name, _cause(e), skipped_dir)
-                bad.append(int(step_dir.name))
-                break
-    _move_steps(ckpt_dir, bad, skipped_dir)
-
-
-def _move_aside(manager, steps: list[int], skipped_dir: str) -> None:
-    """Moves damaged step directories out of the manager's sight (kept for inspection)."""
-    if steps:
-        _move_steps(str(manager.directory), steps, skipped_dir)
-        manager.reload()
+    bad, steps, root = {}, 0, epath.Path(ckpt_dir)
+    if jax.process_index() == 0 and root.exists():
+        for step_dir in root.iterdir():
+            if not step_dir.name.isdigit():
+                continue
+            steps += 1
+            for name in ("_CHECKPOINT_METADATA", "metrics/metrics"):
+                f = step_dir / name
+                try:
+                    if f.exists():
+                        json.loads(f.read_text())
+                except (ValueError, UnicodeDecodeError) as e:
+                    bad[step_dir.name] = f"{name} does not parse ({_cause(e)})"
+                    break
+    bad, steps = multihost.from_process_0([bad, steps])
+    if bad and len(bad) == steps:
+        raise UserError(f"every checkpoint step in {ckpt_dir} is damaged ({'; '.join(f'step {k}: {v}' for k, v in bad.items())}): "
+                        f"move the checkpoints away to train from the start")
+    for step, why in bad.items():
+        logging.warning("checkpoint step %s in %s: %s: skipped, moved to %s", step, ckpt_dir, why, skipped_dir)
+    _move_steps(ckpt_dir, [int(k) for k in bad], skipped_dir)
 
 
 def _move_steps(ckpt_dir: str, steps: list[int], skipped_dir: str) -> None:
-    """Process 0 moves the step directories (kept for inspection); every process waits for it."""
-    import jax
+    """Process 0 moves the step directories (kept for inspection); every process waits for it.
+    Every process calls it with the same steps."""
     from etils import epath
 
     if steps and jax.process_index() == 0:
@@ -189,15 +194,7 @@ def _move_steps(ckpt_dir: str, steps: list[int], skipped_dir: str) -> None:
             if src.exists():
                 src.rename(dest / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
     if steps:
-        _sync("owl_jax_checkpoints_moved_aside")
-
-
-def _sync(name: str) -> None:
-    import jax
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+        multihost.barrier("owl_jax_checkpoints_moved_aside")
 
 
 # ------------------------------------------------------------------------------------ lock
@@ -214,12 +211,20 @@ class WorkdirLock:
         self._file = None
 
     def __enter__(self) -> "WorkdirLock":
+        refusal = None
+        if "://" not in self.path and jax.process_index() == 0:
+            refusal = self._lock()
+        (refused,) = multihost.any_process(refusal is not None)  # the other processes stop too
+        if refused:
+            self.__exit__()
+            workdir = os.path.dirname(self.path)
+            raise UserError(refusal or f"{workdir} is in use by another run (process 0 names it)")
+        return self
+
+    def _lock(self) -> str | None:
+        """Takes the lock; returns why not (the holder) or None."""
         import fcntl
 
-        import jax
-
-        if "://" in self.path or jax.process_index() != 0:
-            return self
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         f = open(self.path, "a+")
         try:
@@ -228,14 +233,14 @@ class WorkdirLock:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
-            raise UserError(f"{os.path.dirname(self.path)} is in use by {holder}: one run at a time per workdir "
-                            f"(wait for it, stop it, or use another --workdir)") from None
+            return (f"{os.path.dirname(self.path)} is in use by {holder}: one run at a time per workdir "
+                    f"(wait for it, stop it, or use another --workdir)")
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
         self._file = f
-        return self
+        return None
 
     def __exit__(self, *exc) -> None:
         if self._file is not None:
