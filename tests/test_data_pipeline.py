@@ -162,9 +162,7 @@ def test_truncated_answers_give_zero_loss_rows_and_are_counted(dataset_dir):
     zero_rows = 0
     for b in take(it, 6):
         per_row = b["loss_mask"].sum(1)
-        zero_rows += int((per_row == 0).sum())
-        denominator = max(int(b["loss_mask"].sum()), 1)  # what the loss does: never divide by zero
-        assert np.isfinite(per_row.sum() / denominator)
+        zero_rows += int((per_row == 0).sum())  # the loss of such rows: tests/test_loss.py
     assert zero_rows > 0 and it.stats["no_loss_tokens"] == zero_rows
     assert it.stats["truncated"] >= zero_rows
 

@@ -160,8 +160,18 @@ def test_multislice_and_cpu_override():
     assert _plan({"JAX_PLATFORMS": "cpu", "TPU_WORKER_HOSTNAMES": "a,b"}, chips=lambda: 4).kind == "single"
 
 
-def test_tpu_chip_count_on_this_machine_is_an_int():
-    assert distributed._tpu_chips_on_host() >= 0
+def test_tpu_chip_count_from_jax_else_from_the_device_files(monkeypatch):
+    from jax._src import hardware_utils
+
+    monkeypatch.setattr(distributed.glob, "glob", lambda pattern: ["/dev/accel0", "/dev/accel1"] if "accel" in pattern else [])
+    monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (4, "4x v5e"))
+    assert distributed._tpu_chips_on_host() == 4
+
+    def moved():
+        raise AttributeError("private JAX API moved")
+
+    monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", moved)
+    assert distributed._tpu_chips_on_host() == 2
 
 
 # ------------------------------------------------------------------------------ initialize()
