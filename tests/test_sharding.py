@@ -76,6 +76,24 @@ def test_every_parameter_is_sharded_as_the_rules_say():
     assert mu["language_model/model/layers/mlp/down_proj/kernel"].sharding.spec == params["language_model/model/layers/mlp/down_proj/kernel"].sharding.spec
 
 
+def _real_step_config():
+    """tiny_train_config("all") whose first step moves the parameters: no warmup (the schedule starts
+    at lr 0), no dropout (its masks depend on the partitioning of the RNG)."""
+    config = tiny_train_config("all")
+    config.optim.warmup_steps = 0
+    config.model.abstractor.attention_dropout = 0.0
+    return config
+
+
+def _assert_moved(params, config):
+    """The step changed the parameters (so comparing them after it compares the update)."""
+    trainer = Trainer(config, make_mesh({"fsdp": 1}, jax.devices()[:1]))
+    initial = jax.device_get(trainer.params(trainer.init_state(jax.random.PRNGKey(0))))
+    moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(initial)))
+    assert moved > 0.5 * config.optim.lr, moved
+
+
 def _one_step(mesh, config):
     trainer = Trainer(config, mesh)
     state = trainer.init_state(jax.random.PRNGKey(0))
@@ -93,11 +111,13 @@ def _one_step(mesh, config):
 
 
 def test_sharded_step_equals_single_device_step():
-    config = tiny_train_config("all")
-    config.model.abstractor.attention_dropout = 0.0  # dropout masks depend on the partitioning of the RNG
+    config = _real_step_config()
     single_params, single_metrics = _one_step(make_mesh({"fsdp": 1}, jax.devices()[:1]), config)
     sharded_params, sharded_metrics = _one_step(make_mesh({"data": 1, "fsdp": 4, "tensor": 2}), config)
+    _assert_moved(single_params, config)
     np.testing.assert_allclose(sharded_metrics["loss"], single_metrics["loss"], rtol=1e-5)
+    # Adam's first update is about lr * sign(gradient): the gradient's size is compared by its norm
+    np.testing.assert_allclose(sharded_metrics["grad_norm"], single_metrics["grad_norm"], rtol=1e-5)
     for (path, a), b in zip(traverse_util.flatten_dict(single_params, sep="/").items(),
                             traverse_util.flatten_dict(sharded_params, sep="/").values()):
         np.testing.assert_allclose(b, a, atol=1e-5, err_msg=path)
@@ -118,8 +138,7 @@ def test_sharded_step_equals_single_device_step():
 
 def test_gradient_accumulation_equals_one_big_batch():
     """Two micro-batches of 4 == one batch of 8 (the loss is normalised by the global token count)."""
-    config = tiny_train_config("all")
-    config.model.abstractor.attention_dropout = 0.0
+    config = _real_step_config()
     mesh = make_mesh({"fsdp": 1}, jax.devices()[:1])
     trainer = Trainer(config, mesh)
     data = RandomBatches(batch_size=8, seq_len=24, max_images=8, images_per_sample=1, vocab_size=64,
@@ -133,8 +152,10 @@ def test_gradient_accumulation_equals_one_big_batch():
         local = stack_micro_batches(micro)
         step = trainer.jit_train_step({k: v.shape for k, v in local.items()})
         state, metrics = step(state, global_batch(local, step.batch_shardings))
-        results.append((jax.device_get(trainer.params(state)), float(metrics["loss"])))
+        results.append((jax.device_get(trainer.params(state)), float(metrics["loss"]), float(metrics["grad_norm"])))
+    _assert_moved(results[0][0], config)
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-5)
+    np.testing.assert_allclose(results[1][2], results[0][2], rtol=1e-5)  # the gradient's size, not only its sign
     for a, b in zip(jax.tree_util.tree_leaves(results[0][0]), jax.tree_util.tree_leaves(results[1][0])):
         np.testing.assert_allclose(b, a, atol=1e-5)
 
