@@ -1,5 +1,5 @@
-"""mPLUG-Owl with LLaMA-7B: the released shapes (DESIGN 1; 7,123,068,928 parameters) and the paper's
-two recipes (DESIGN 2). `--config=configs/mplug_owl_llama7b.py:stage1` (default) or `:stage2_lora`
+"""mPLUG-Owl with LLaMA-7B: the released shapes (7,123,068,928 parameters) and the paper's
+two recipes. `--config=configs/mplug_owl_llama7b.py:stage1` (default) or `:stage2_lora`
 or `:full_ft`.
 
 ViT-L/14 24 x 1024 (LN eps 1e-6), abstractor 6 x 1024 with FFN 2816 and 64 queries, LLaMA-7B.

@@ -11,7 +11,7 @@
     owl.logits(input_ids, pixel_values, num_images)             # raw logits (numpy)
     owl.score(["a.jpg"], "What colour is the car?", ["Red.", "Blue."])  # log-likelihood per candidate
 
-Prompts follow the released conversation template (DESIGN 1.6, `owl_jax.data.conversation`): the
+Prompts follow the released conversation template (`owl_jax.data.conversation`): the
 images as ``Human: <image>`` lines first, then the turns, ending in ``"AI: "``; they are tokenised
 exactly as in training (`owl_jax.data.text`). Images may be paths, PIL images, or arrays (uint8
 [H, W, 3] pixels, or float32 [S, S, 3] already CLIP-normalised at the model's image size).

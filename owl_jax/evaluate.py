@@ -1,6 +1,6 @@
 """Benchmark runners. `python -m owl_jax.evaluate owleval --checkpoint DIR --data DIR --out answers.jsonl`
 
-OwlEval (DESIGN 4): every question of `questions.jsonl`; consecutive questions on one image form one
+OwlEval: every question of `questions.jsonl`; consecutive questions on one image form one
 multi-turn conversation (earlier answers stay in the context). Conversations advance round by round
 (all first questions, then all second questions, ...), each round in batches. Output: one JSON line
 per question, in the order of questions.jsonl, in the format of `mplug_owl_7b_answers.jsonl`:

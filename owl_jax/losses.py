@@ -1,4 +1,4 @@
-"""Next-token loss on AI-answer tokens only (DESIGN 1.5)."""
+"""Next-token loss on AI-answer tokens only."""
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,4 @@
-"""Lossless conversion between owl_jax parameters and PyTorch checkpoints (DESIGN 3).
+"""Lossless conversion between owl_jax parameters and PyTorch checkpoints.
 
 from_torch: the released mPLUG-Owl HF layout -> owl_jax; or transformers `CLIPVisionModel` and/or
 `LlamaForCausalLM` weights -> the matching towers, with every part no checkpoint provides (e.g. the

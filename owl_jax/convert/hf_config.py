@@ -7,7 +7,7 @@ from typing import Any
 
 from owl_jax.models.config import AbstractorConfig, LlamaConfig, OwlConfig, VisionConfig
 
-# The released code's defaults, used for fields a config.json leaves out (DESIGN 3).
+# The released code's defaults, used for fields a config.json leaves out.
 _RELEASED_VISION_DEFAULTS = dict(
     hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
     image_size=224, patch_size=14, layer_norm_eps=1e-6,

@@ -1,4 +1,4 @@
-"""Where each owl_jax parameter lives in the PyTorch checkpoints we read and write (DESIGN 3).
+"""Where each owl_jax parameter lives in the PyTorch checkpoints we read and write.
 
 Our parameter tree mirrors the released module names, with three differences handled here:
 scanned layers are stacked on a leading axis (torch: `...layers.{i}...`), Dense kernels are

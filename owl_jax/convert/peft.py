@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters (DESIGN 3): what the release's stage 2 saves (`adapter_model.safetensors` or
+"""PEFT LoRA adapters: what the release's stage 2 saves (`adapter_model.safetensors` or
 `.bin`, and `adapter_config.json`), put onto owl_jax params, and written back from them.
 
 PEFT keys `base_model.model.language_model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A,B}.weight`

@@ -1,4 +1,4 @@
-"""The released mPLUG-Owl conversation template (DESIGN 1.6), in one place.
+"""The released mPLUG-Owl conversation template, in one place.
 
 Training text and generation prompts are both built here so that they agree byte for byte::
 

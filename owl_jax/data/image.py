@@ -1,4 +1,4 @@
-"""Image decoding, repair and CLIP preprocessing (DESIGN 1.1).
+"""Image decoding, repair and CLIP preprocessing.
 
 * Eval: bicubic resize to image_size x image_size (no aspect preservation, as the release).
 * Train (``augment=True``): random resized crop, area scale [crop_scale_min, 1], aspect ratio

@@ -1,6 +1,6 @@
 """`owl_jsonl`: JSONL files in the released mPLUG-Owl format as a TFDS dataset (ArrayRecord shards).
 
-One row per line (DESIGN 1.6)::
+One row per line::
 
     {"image": ["a.jpg", "b.jpg"], "text": "<the whole conversation>", "task_type": "llava_sft"}
 
@@ -9,7 +9,7 @@ One row per line (DESIGN 1.6)::
   followed) to a file under the image root, else the row is refused without reading the file.
   ``allow_images_outside_root`` serves datasets that knowingly name absolute paths: those are then
   used as they are, relative ones joined to the root.
-* ``text``: the conversation in the DESIGN 1.6 template, one ``<image>`` tag per image.
+* ``text``: the conversation in the released template, one ``<image>`` tag per image.
 * Stage-1 image-caption pairs: either the same format with a one-turn conversation, or a plain
   ``"caption"`` field instead of ``text``; such a row becomes
   ``<system prompt>\\nHuman: <image>\\nAI: {caption}`` (one tag per image).

@@ -4,7 +4,7 @@ Every record (ArrayRecord shards, written by TFDS) has the same features, so one
 both datasets:
 
 =========== ============================================================================
-text        the whole conversation in the DESIGN 1.6 template (raw text, not tokenised)
+text        the whole conversation in the released template (raw text, not tokenised)
 images      list of encoded image bytes (JPEG or PNG, RGB), k-th image <-> k-th ``<image>``
 task_type   the row's ``task_type`` (released format), e.g. ``llava_sft``; ShapesWorld: split
 source      where the row came from: ``file.jsonl:LINE`` or ``shapesworld/<split>/<i>``

@@ -1,4 +1,4 @@
-"""Tokenisation of conversations: token layout and label (loss) masks, per DESIGN 1.4 / 1.5.
+"""Tokenisation of conversations: token layout and label (loss) masks.
 
 Matches the released `MultiModalDataset._extract_text_token_from_conversation`:
 

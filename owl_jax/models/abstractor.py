@@ -1,4 +1,4 @@
-"""Visual abstractor: 64 learned queries summarise the image features (DESIGN 1.2)."""
+"""Visual abstractor: 64 learned queries summarise the image features."""
 from __future__ import annotations
 
 import flax.linen as nn

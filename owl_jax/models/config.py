@@ -15,7 +15,7 @@ IMAGE_PLACEHOLDER_ID = -1  # the release marks every image-token slot in input_i
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """CLIP ViT (DESIGN 1.1)."""
+    """CLIP ViT."""
 
     image_size: int = 224
     patch_size: int = 14
@@ -45,7 +45,7 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AbstractorConfig:
-    """Visual abstractor (DESIGN 1.2)."""
+    """Visual abstractor."""
 
     hidden_size: int = 1024
     num_layers: int = 6
@@ -68,7 +68,7 @@ class AbstractorConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """LLaMA decoder (DESIGN 1.3)."""
+    """LLaMA decoder."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096

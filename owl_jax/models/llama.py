@@ -1,4 +1,4 @@
-"""LLaMA decoder in the HF `LlamaForCausalLM` layout (DESIGN 1.3), with LoRA, grouped KV heads and a
+"""LLaMA decoder in the HF `LlamaForCausalLM` layout, with LoRA, grouped KV heads and a
 KV cache for decoding."""
 from __future__ import annotations
 

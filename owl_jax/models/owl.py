@@ -1,4 +1,4 @@
-"""MplugOwl: vision encoder + visual abstractor + LLaMA, images spliced into the text (DESIGN 1.4)."""
+"""MplugOwl: vision encoder + visual abstractor + LLaMA, images spliced into the text."""
 from __future__ import annotations
 
 import flax.linen as nn

@@ -1,4 +1,4 @@
-"""CLIP ViT vision encoder in the released mPLUG-Owl layout (DESIGN 1.1)."""
+"""CLIP ViT vision encoder in the released mPLUG-Owl layout."""
 from __future__ import annotations
 
 import flax.linen as nn

@@ -1,4 +1,4 @@
-"""Which parameters each training stage trains (DESIGN 2). Everything else is frozen: it is not
+"""Which parameters each training stage trains. Everything else is frozen: it is not
 differentiated, carries no optimiser state and may be held in a lower precision.
 
 Patterns are regular expressions matched (re.search) against '/'-joined parameter paths.
