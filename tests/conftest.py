@@ -1,5 +1,7 @@
 """Shared test helpers. Every checkpoint a test needs is made here with random weights."""
+import glob
 import os
+import socket
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -21,6 +23,20 @@ from owl_jax.models.config import AbstractorConfig, LlamaConfig, OwlConfig, Visi
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment of a test's child process: this checkout importable, CPU only, then `extra`."""
+    path = os.pathsep.join(p for p in (REPO, os.path.dirname(__file__), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 def small_owl_config(**overrides) -> OwlConfig:
     """A few-layer owl with every feature the 7B one has (GQA off: the release has none)."""
@@ -35,6 +51,17 @@ def small_owl_config(**overrides) -> OwlConfig:
     import dataclasses
 
     return dataclasses.replace(cfg, **overrides)
+
+
+def random_owl_params(cfg: OwlConfig, seed: int = 0, perturb_seed: int | None = None):
+    """Initialised params of `cfg` (plain arrays), with `perturb(..., perturb_seed)` on every leaf when
+    given, so zero-initialised tensors (LoRA B, biases) carry values too."""
+    import flax.linen as nn
+
+    from owl_jax.models.owl import init_params
+
+    params = nn.unbox(init_params(cfg, jax.random.PRNGKey(seed)))
+    return params if perturb_seed is None else perturb(params, seed=perturb_seed)
 
 
 def perturb(params, seed: int = 0, scale: float = 0.05):
@@ -86,6 +113,59 @@ def tiny_train_config(stage: str = "stage1", **overrides):
             target = target[p]
         target[leaf] = value
     return config
+
+
+def damage_checkpoint(step_dir: str, how: str):
+    """Damages a checkpoint step dir. truncated: every file cut in half; state_cut: only the arrays'
+    files (the small JSON files that orbax reads on opening the directory still parse); emptied:
+    every file removed."""
+    files = [f for f in glob.glob(os.path.join(step_dir, "**", "*"), recursive=True) if os.path.isfile(f)]
+    if how == "state_cut":
+        files = [f for f in files if f"{os.sep}state{os.sep}" in f and "ocdbt" in f]
+    assert files
+    for f in files:
+        if how == "emptied":
+            os.remove(f)
+        else:
+            with open(f, "r+b") as fh:
+                fh.truncate(os.path.getsize(f) // 2)
+
+
+class CharTokenizer:
+    """Every character is one token: id = ord(c) + 3 (0..2 stay unk/bos/eos). Easy to work by hand."""
+
+    def __call__(self, s, add_special_tokens=False):
+        assert not add_special_tokens
+        return {"input_ids": [ord(c) + 3 for c in s]}
+
+
+# A ShapesWorld small enough to build in seconds: 16 captions = two tiny-config batches of 8.
+SHAPESWORLD_SIZES = {"captions_train": 16, "captions_test": 8, "instructions_train": 48, "instructions_test": 16}
+
+
+@pytest.fixture(scope="session")
+def shapesworld_dir(tmp_path_factory):
+    """A prepared ShapesWorld dataset dir (TFDS records + its SentencePiece tokenizer, 512 tokens)."""
+    from owl_jax.data.prepare import prepare_shapesworld
+
+    out = str(tmp_path_factory.mktemp("shapesworld"))
+    prepare_shapesworld(out, seed=0, sizes=SHAPESWORLD_SIZES, vocab_size=512)
+    return out
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_data: needs data or source outside this repository (the OwlEval set, "
+                                       "the released mPLUG-Owl code); run with `-m real_data`")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The default suite is self-contained: `real_data` tests run only when `-m` names them."""
+    if "real_data" in (config.getoption("markexpr") or ""):
+        return
+    deselected = [item for item in items if item.get_closest_marker("real_data")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("real_data")]
 
 
 @pytest.fixture

@@ -7,12 +7,13 @@ import sys
 
 import numpy as np
 import pytest
+
+from conftest import subprocess_env
 from PIL import Image
 
 from owl_jax.data import conversation as conv
 from owl_jax.data import records
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _img(path, mode="RGB", fmt="JPEG", size=(40, 30)):
@@ -63,11 +64,10 @@ def built(tmp_path_factory):
     val = root / "val.jsonl"
     val.write_text(json.dumps({"text": TEXT}) + "\n")
     out = root / "out"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "owl_jax.data.prepare", "--dataset=owl_jsonl", f"--jsonl={jsonl}",
          f"--val_jsonl={val}", f"--images={images}", f"--out={out}"],
-        capture_output=True, text=True, env=env, timeout=300)
+        capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
 

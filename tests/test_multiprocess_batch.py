@@ -2,15 +2,14 @@
 sample's `image_start` points at its own images, whatever the device order; and the training loop's
 per-process values (data positions) are exchanged whole."""
 import json
-import os
-import socket
 import subprocess
 import sys
 
 import jax
 import pytest
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+from conftest import REPO, free_port, subprocess_env
+
 
 WORKER = r'''
 import json, os, sys
@@ -51,19 +50,12 @@ print("REPORT " + json.dumps(report), flush=True)
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     script = tmp_path_factory.mktemp("worker") / "worker.py"
     script.write_text(WORKER)
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i)], cwd=ROOT, env=env,
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i)], cwd=REPO, env=subprocess_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
     for p, (out, err) in zip(procs, outs):

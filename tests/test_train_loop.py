@@ -7,17 +7,7 @@ import os
 import pytest
 
 from conftest import tiny_train_config
-from owl_jax.data.prepare import prepare_shapesworld
 from owl_jax.train import train
-
-SIZES = {"captions_train": 16, "captions_test": 4, "instructions_train": 8, "instructions_test": 4}
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("sw"))
-    prepare_shapesworld(out, seed=0, sizes=SIZES, vocab_size=512)
-    return out
 
 
 def _config(dataset_dir, **overrides):
@@ -27,9 +17,9 @@ def _config(dataset_dir, **overrides):
         "model.llm.vocab_size": 512, "seq_len": 96, "num_steps": 50, "checkpoint.every_steps": 50, **overrides})
 
 
-def test_one_epoch_ends_the_run_saved_and_exported(dataset_dir, tmp_path):
+def test_one_epoch_ends_the_run_saved_and_exported(shapesworld_dir, tmp_path):
     workdir = str(tmp_path / "run")
-    train(_config(dataset_dir), workdir)  # 16 captions in batches of 8: two steps, then the data ends
+    train(_config(shapesworld_dir), workdir)  # 16 captions in batches of 8: two steps, then the data ends
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
     saved = json.load(open(os.path.join(workdir, "checkpoints", "2", "metrics", "metrics")))
     assert 0 < saved["loss"] < 100  # ranked by a real loss, so retention policies can drop it later
@@ -39,15 +29,15 @@ def test_one_epoch_ends_the_run_saved_and_exported(dataset_dir, tmp_path):
     steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert steps == [1, 2]
 
-    train(_config(dataset_dir), workdir)  # the rerun resumes at the end of the data: nothing more to do
+    train(_config(shapesworld_dir), workdir)  # the rerun resumes at the end of the data: nothing more to do
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
     assert [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))] == [1, 2]
 
 
-def test_tokenizer_larger_than_the_vocabulary_is_refused(dataset_dir, tmp_path):
+def test_tokenizer_larger_than_the_vocabulary_is_refused(shapesworld_dir, tmp_path):
     with pytest.raises(ValueError, match=r"tokenizer at .*tokenizer has \d+ tokens, more than "
                                          r"config.model.llm.vocab_size=64"):
-        train(_config(dataset_dir, **{"model.llm.vocab_size": 64}), str(tmp_path / "run"))
+        train(_config(shapesworld_dir, **{"model.llm.vocab_size": 64}), str(tmp_path / "run"))
 
 
 def test_retention_holds_across_restarts(tmp_path):
