@@ -67,8 +67,6 @@ def base_config(model: OwlConfig) -> ml_collections.ConfigDict:
     c.log_every_steps = 10
     c.export_params = True  # write workdir/params (owl_jax params dir, LoRA unmerged) at the end
     c.peak_flops_per_device = 0.0  # for MFU; 0 looks the device kind up (owl_jax/training/flops.py)
-    # Fault injection for preemption tests: sleep forever after this step's checkpoint (-1: off).
-    c.debug = ml_collections.ConfigDict({"hang_after_step": -1})
     return c
 
 

@@ -73,7 +73,6 @@ def validate_config(config) -> None:
 
 
 def _train(config, workdir: str) -> dict:
-    import flax.linen as nn
     import jax
     import numpy as np
     from tqdm import tqdm
@@ -207,11 +206,6 @@ def _train(config, workdir: str) -> dict:
                 last, window_start, window_steps = metrics, time.time(), 0
             if step % config.checkpoint.every_steps == 0 or step == config.num_steps:
                 save(step, _checkpoint_loss(metrics, step, manager), data.get_state())
-            if step == config.debug.hang_after_step:
-                checkpoints.wait_for_saves(manager)
-                logging.warning("debug.hang_after_step=%d: hanging until killed or SIGTERM (fault injection)", step)
-                while not preempted["flag"]:
-                    time.sleep(0.05)
         checkpoints.wait_for_saves(manager)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
