@@ -1,15 +1,13 @@
-"""The launchers: launch/local.sh really trains (2 processes, gloo) and a 1-process run resumes its
-checkpoint; launch/tpu_pod.sh and launch/gpu_slurm.sbatch are checked through --dry-run / DRY_RUN=1."""
-import json
+"""The launchers' command lines: launch/local.sh (its real 2-process training is in
+test_multiprocess_train.py), launch/tpu_pod.sh and launch/gpu_slurm.sbatch, checked through
+--dry-run / DRY_RUN=1, and local.sh stopping every process when one fails."""
 import os
 import shlex
 import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import TINY_TRAIN_FLAGS
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 LAUNCH = os.path.join(ROOT, "launch")
@@ -30,54 +28,7 @@ def _bash_parses(command: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ local
-def test_local_two_processes_train_and_one_process_restores(tmp_path):
-    """launch/local.sh: 2 processes x 4 CPU devices (gloo) train and checkpoint; then one process with 8
-    devices (a different mesh) restores that checkpoint exactly and trains on from it."""
-    import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
-    from flax import traverse_util
-
-    from conftest import tiny_train_config
-    from owl_jax import params_io
-    from owl_jax.sharding import make_mesh
-    from owl_jax.train import train
-    from owl_jax.training.trainer import Trainer
-
-    workdir = str(tmp_path / "run")
-    common = ["--config=configs/tiny.py", f"--workdir={workdir}", *TINY_TRAIN_FLAGS, "--config.mesh.data=2",
-              "--config.checkpoint.every_steps=2"]
-    env = {"PYTHON": sys.executable}
-    r = _run(["bash", f"{LAUNCH}/local.sh", "--devices-per-process=4", f"--log-dir={tmp_path}/logs", "2", *common,
-              "--config.num_steps=2"], env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:] + "".join(open(f"{tmp_path}/logs/process_{i}.log").read()[-2000:]
-                                                          for i in range(2))
-    assert sorted(os.listdir(f"{tmp_path}/logs")) == ["process_0.log", "process_1.log"]
-    assert "2 processes" in open(f"{tmp_path}/logs/process_0.log").read()  # train.py's mesh line
-    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
-    assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 1  # process 0 only
-    exported, _ = params_io.load_params(os.path.join(workdir, "params"))  # gathered from both processes
-
-    # One process, 8 devices (mesh data 2 x fsdp 4): the restored state is the 2-process state, bit for bit.
-    config = tiny_train_config(num_steps=3, **{"mesh.data": 2, "checkpoint.every_steps": 2})
-    assert jax.device_count() == 8
-    trainer = Trainer(config, make_mesh(config.mesh.to_dict()))
-    abstract = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), trainer.abstract_state, trainer.state_shardings
-    )
-    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data")) as manager:
-        restored = manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-    assert int(restored["step"]) == 2
-    ours = traverse_util.flatten_dict(jax.device_get(trainer.params(restored)), sep="/")
-    theirs = traverse_util.flatten_dict(exported, sep="/")
-    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
-
-    # ... and the same command, in one process, resumes at step 2 and trains on.
-    train(config, workdir)
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
-    steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    assert steps == [1, 2, 3]  # each step logged once: process 1 wrote nothing
-    assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 2  # one event file per run
+# launch/local.sh really training: tests/test_multiprocess_train.py
 
 
 def test_local_stops_every_process_when_one_fails(tmp_path):
