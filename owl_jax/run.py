@@ -31,7 +31,7 @@ import shutil
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapesworld.py")
 STAGES = ("stage0", "stage1", "stage2")

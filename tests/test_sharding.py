@@ -1,5 +1,7 @@
 """Sharding on 8 fake CPU devices: parameter placement per the rules, and a sharded step that equals
 the single-device step."""
+import json
+import os
 import re
 
 import jax
@@ -159,3 +161,44 @@ def test_gradient_accumulation_equals_one_big_batch():
     for a, b in zip(jax.tree_util.tree_leaves(results[0][0]), jax.tree_util.tree_leaves(results[1][0])):
         np.testing.assert_allclose(b, a, atol=1e-5)
 
+
+
+def test_a_checkpoint_restores_onto_another_mesh_and_trains_on(tmp_path, monkeypatch):
+    """Saved on mesh fsdp 4 x tensor 2, resumed on fsdp 8 (tensor 2 -> 1): every restored array is
+    the saved one, laid out per the new mesh, and training goes on from it."""
+    from owl_jax import params_io
+    from owl_jax.train import train
+    from owl_jax.training import checkpoints
+
+    workdir = str(tmp_path / "run")
+    train(tiny_train_config(num_steps=2, **{"mesh.tensor": 2}), workdir)
+    saved, _ = params_io.load_params(os.path.join(workdir, "params"))  # the state of step 2, exported
+
+    config = tiny_train_config(num_steps=3, **{"mesh.fsdp": 8})
+    trainer = Trainer(config, make_mesh(config.mesh.to_dict()))
+    restored = {}
+    real = checkpoints.restore_newest_good
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        state = out[1]["state"]  # copied now: the train step donates (deletes) these arrays
+        restored.update(step=out[0], shardings=[x.sharding for x in jax.tree_util.tree_leaves(state)],
+                        ndims=[x.ndim for x in jax.tree_util.tree_leaves(state)],
+                        params=jax.device_get(trainer.params(state)))
+        return out
+
+    monkeypatch.setattr(checkpoints, "restore_newest_good", recording)
+    train(config, workdir)
+    assert restored["step"] == 2
+    wanted = jax.tree_util.tree_leaves(trainer.state_shardings)
+    assert len(restored["shardings"]) == len(wanted)
+    for got, want, ndim in zip(restored["shardings"], wanted, restored["ndims"]):
+        assert got.mesh.shape == {"data": 1, "fsdp": 8, "tensor": 1}
+        assert got.is_equivalent_to(want, ndim)
+    got = traverse_util.flatten_dict(restored["params"], sep="/")
+    want = traverse_util.flatten_dict(saved, sep="/")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k
+    steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert steps == [1, 2, 3]

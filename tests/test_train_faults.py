@@ -1,6 +1,5 @@
 """Training meets a bad workdir, checkpoint or config: a one-line error that names it, or a resume
 that skips what is damaged; never lost work, never two runs in one workdir."""
-import glob
 import json
 import os
 import re
@@ -8,14 +7,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
-from conftest import tiny_train_config
+from conftest import REPO, damage_checkpoint, subprocess_env, tiny_train_config
 from owl_jax.cli import UserError
 from owl_jax.train import train
 from owl_jax.training import checkpoints
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _metric_steps(workdir):
@@ -65,8 +64,13 @@ def _make_immutable(path, on: bool):
 @pytest.mark.parametrize("async_save", [False, True])
 def test_unwritable_checkpoint_dir_stops_the_run_and_the_previous_checkpoint_restores(
         tmp_path, monkeypatch, restored_steps, async_save):
+    from orbax.checkpoint._src.multihost import multihost as orbax_multihost
+
     from owl_jax.training.metrics import MetricsWriter
 
+    # The failed save leaves orbax threads waiting for a step directory that never comes, for the
+    # coordination timeout (300 s); the test process would wait for them at exit.
+    monkeypatch.setattr(orbax_multihost, "_DEFAULT_BARRIER_TIMEOUT", 5)
     workdir = str(tmp_path / "run")
     ckpt_dir = os.path.join(workdir, "checkpoints")
     managers = []
@@ -105,26 +109,11 @@ def test_unwritable_checkpoint_dir_stops_the_run_and_the_previous_checkpoint_res
 # ------------------------------------------------------------------------------------ resume
 
 
-def _damage(step_dir: str, how: str):
-    """truncated: every file cut in half; state_cut: only the arrays' files (the small JSON files that
-    orbax reads on opening the directory still parse); emptied: every file removed."""
-    files = [f for f in glob.glob(os.path.join(step_dir, "**", "*"), recursive=True) if os.path.isfile(f)]
-    if how == "state_cut":
-        files = [f for f in files if f"{os.sep}state{os.sep}" in f and "ocdbt" in f]
-    assert files
-    for f in files:
-        if how == "emptied":
-            os.remove(f)
-        else:
-            with open(f, "r+b") as fh:
-                fh.truncate(os.path.getsize(f) // 2)
-
-
 @pytest.mark.parametrize("how", ["truncated", "state_cut", "emptied"])
 def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, restored_steps, caplog, how):
     workdir = str(tmp_path / "run")
     train(tiny_train_config(num_steps=4), workdir)
-    _damage(os.path.join(workdir, "checkpoints", "4"), how)
+    damage_checkpoint(os.path.join(workdir, "checkpoints", "4"), how)
     caplog.set_level("WARNING")
     train(tiny_train_config(num_steps=6), workdir)
     assert restored_steps == [None, 2]
@@ -175,7 +164,7 @@ def test_a_killed_run_leaves_no_stuck_lock(tmp_path):
     code = ("import sys, time; from owl_jax.training.checkpoints import WorkdirLock; "
             "lock = WorkdirLock(sys.argv[1]).__enter__(); print('locked', flush=True); time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-c", code, workdir], stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=REPO))
+                            env=subprocess_env())
     try:
         assert proc.stdout.readline().strip() == "locked"
         with pytest.raises(UserError, match=f"in use by pid {proc.pid}"):
@@ -202,37 +191,61 @@ def test_config_mistakes_are_refused_before_training(tmp_path, override, field):
     assert not os.path.exists(tmp_path / "run" / "checkpoints")  # refused before the checkpoints, the compile
 
 
-def test_batches_without_answer_tokens_warn(tmp_path, monkeypatch, caplog):
-    """A seq_len that cuts every answer leaves nothing to learn: the console says so."""
+class EditedBatches:
+    """The training iterator with `edit(batch, index)` applied to every batch it yields."""
+
+    def __init__(self, inner, edit):
+        self.inner, self.edit, self.index = inner, edit, 0
+
+    def __next__(self):
+        batch = next(self.inner)
+        self.edit(batch, self.index)
+        self.index += 1
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def edit_batches(monkeypatch, edit):
     from owl_jax.training import data_source
 
     real = data_source.make_data_iterator
+    monkeypatch.setattr(data_source, "make_data_iterator", lambda *a, **k: EditedBatches(real(*a, **k), edit))
 
-    class NoAnswers:
-        def __init__(self, inner):
-            self.inner = inner
 
-        def __next__(self):
-            batch = next(self.inner)
-            batch["loss_mask"][:] = 0
-            return batch
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-    monkeypatch.setattr(data_source, "make_data_iterator", lambda *a, **k: NoAnswers(real(*a, **k)))
+def test_batches_without_answer_tokens_warn(tmp_path, monkeypatch, caplog):
+    """A seq_len that cuts every answer leaves nothing to learn: the console says so."""
+    edit_batches(monkeypatch, lambda batch, _: batch["loss_mask"].fill(0))
     caplog.set_level("WARNING")
     train(tiny_train_config(num_steps=2, seq_len=24), str(tmp_path / "run"))
     assert any("no answer token in the batch" in r.getMessage() and "seq_len=24" in r.getMessage()
                for r in caplog.records)
 
 
+@pytest.mark.parametrize("log_every_steps", [1, 100])
+def test_a_non_finite_loss_stops_the_run_before_it_is_saved(tmp_path, monkeypatch, log_every_steps):
+    """NaN pixels in step 3's batch: the run stops with the step named, whether the step is logged
+    (log_every_steps=1) or only saved (step 4's checkpoint); the good checkpoint of step 2 stays the
+    newest, so a rerun resumes from it."""
+
+    def poison(batch, index):
+        if index == 2:
+            batch["pixel_values"][:] = np.nan
+
+    edit_batches(monkeypatch, poison)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(FloatingPointError, match=f"step {3 if log_every_steps == 1 else 4}: loss nan") as e:
+        train(tiny_train_config(num_steps=6, log_every_steps=log_every_steps), workdir)
+    assert "last checkpoint: 2" in str(e.value)
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+
+
 # ------------------------------------------------------------------------------------ command line
 
 
 def _cli(*args, cwd=REPO):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("module", ["owl_jax.train", "owl_jax.run", "owl_jax.aot"])
