@@ -6,20 +6,13 @@ import re
 import numpy as np
 import pytest
 
+from conftest import CharTokenizer
 from owl_jax.data import conversation as conv
 from owl_jax.data.text import encode_conversation, encode_prompt, pad_to, split_chunks
 from owl_jax.data.tokenizer import load_tokenizer, train_tokenizer
 
 SYS = conv.SYSTEM_PROMPT
 P = -1  # placeholder id
-
-
-class CharTokenizer:
-    """Every character is one token: id = ord(c) + 3 (0..2 stay unk/bos/eos). Easy to hand-work."""
-
-    def __call__(self, s, add_special_tokens=False):
-        assert not add_special_tokens
-        return {"input_ids": [ord(c) + 3 for c in s]}
 
 
 def t(s):
@@ -157,8 +150,7 @@ RELEASE = os.environ.get("OWL_RELEASE_SRC", "/work/owl_release_src/mPLUG-Owl")
 def _release_extract():
     """The released `_extract_text_token_from_conversation`, compiled from the release source."""
     path = os.path.join(RELEASE, "pipeline/data_utils/xgpt3_dataset.py")
-    if not os.path.exists(path):
-        pytest.skip("released mPLUG-Owl source not available")
+    assert os.path.exists(path), f"no released mPLUG-Owl source at {RELEASE} (set OWL_RELEASE_SRC)"
     torch = pytest.importorskip("torch")
     tree = ast.parse(open(path).read())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MultiModalDataset")
@@ -168,6 +160,7 @@ def _release_extract():
     return ns["_extract_text_token_from_conversation"]
 
 
+@pytest.mark.real_data
 @pytest.mark.filterwarnings("ignore::UserWarning")  # the release's torch.tensor(tensor)
 def test_matches_released_tokenisation(sp_tokenizer):
     """Untruncated samples: ids and labels equal the release's (its labels = [0] + prompt_mask)."""
@@ -209,11 +202,11 @@ def test_prompt_tokenised_as_the_release_processor(sp_tokenizer):
         encode_prompt(prompt, sp_tokenizer, tokenization="chunks")
 
 
+@pytest.mark.real_data
 def test_prompt_matches_released_processor(sp_tokenizer):
-    """Where the released source is at hand (not in CI): ids equal its `_tokenize_prompt` with BOS."""
+    """ids equal the released source's `_tokenize_prompt` with BOS."""
     path = os.path.join(RELEASE, "mplug_owl/processing_mplug_owl.py")
-    if not os.path.exists(path):
-        pytest.skip("released mPLUG-Owl source not available")
+    assert os.path.exists(path), f"no released mPLUG-Owl source at {RELEASE} (set OWL_RELEASE_SRC)"
     tree = ast.parse(open(path).read())
     fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_tokenize_prompt")
     ns = {"re": re}

@@ -1,32 +1,34 @@
-"""Batched decoding with the KV cache (owl_jax.generate): cache vs full forward, batch vs alone,
-sampling, per-sample EOS, buckets (no recompilation), mesh."""
-import dataclasses
+"""Batched decoding with the KV cache (owl_jax.generate): cache vs full forward (LoRA unmerged,
+dropout rates set), batch vs alone, sampling, per-sample EOS, buckets (no recompilation), and a
+data x fsdp x tensor = 2 x 2 x 2 mesh of the suite's 8 CPU devices."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import perturb, small_owl_config
+from conftest import perturb, random_owl_params, small_owl_config
+from owl_jax.api import shard_params
 from owl_jax.generate import Generator, Sampling, bucket_length, decode, make_batch, prefill, sample_token
-from owl_jax.models.config import IMAGE_PLACEHOLDER_ID
-from owl_jax.models.owl import MplugOwl, init_params, is_decode_layout
+from owl_jax.models.config import IMAGE_PLACEHOLDER_ID, LoraConfig
+from owl_jax.models.owl import MplugOwl, is_decode_layout
+from owl_jax.sharding import DEFAULT_RULES, make_mesh
 
 
-def random_params(cfg, seed: int = 0, scale: float = 0.3):
-    """Random weights without running init (fast): norm scales 1 + noise, everything else noise.
-    Large noise gives peaked logits, so greedy choices are not near-ties."""
-    abstract = nn.unbox(jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))))
-    base = jax.tree_util.tree_map_with_path(
-        lambda path, x: np.full(x.shape, 1.0 if path[-1].key == "scale" else 0.0, x.dtype), abstract)
-    return perturb(base, seed=seed, scale=scale)
+def peaked_params(cfg, seed: int = 0):
+    """Initialised params plus large noise on every leaf (LoRA B, biases included). Large noise gives
+    peaked logits, so greedy choices are not near-ties that a sharded run, summing in another order,
+    could flip."""
+    return perturb(random_owl_params(cfg, seed=seed), seed=seed, scale=0.3)
 
 
 @pytest.fixture(scope="module")
 def owl():
-    cfg = small_owl_config()
-    return cfg, jax.device_put(random_params(cfg, seed=5))
+    """The small owl with unmerged LoRA adapters (lora_b non-zero) and the configs' dropout rates
+    (abstractor attention 0.1, LoRA 0.05), which generation must not apply."""
+    cfg = small_owl_config(lora=LoraConfig(rank=4, alpha=8.0, dropout=0.05, target_modules=("q_proj", "v_proj", "up_proj")))
+    assert cfg.abstractor.attention_dropout == 0.1 and cfg.lora.dropout == 0.05
+    return cfg, jax.device_put(peaked_params(cfg, seed=5))
 
 
 def _prompts(cfg, rng):
@@ -49,7 +51,10 @@ def _split_images(images, counts):
 
 
 @pytest.mark.parametrize("decode_layout", [True, False], ids=["decode_layout", "training_layout"])
-def test_cached_decoding_matches_full_forward(owl, rng, decode_layout):
+def test_cached_decoding_matches_the_deterministic_full_forward(owl, rng, decode_layout):
+    """Every step's logits with the KV cache equal a forward without one, deterministic: the LoRA
+    adapters applied beside the frozen weights (not merged into them), no dropout though the config
+    has rates; two runs give the same tokens and logits."""
     cfg, params = owl
     prompts, images, counts = _prompts(cfg, rng)
     batch = make_batch(prompts, images, counts, cfg)
@@ -58,17 +63,31 @@ def test_cached_decoding_matches_full_forward(owl, rng, decode_layout):
     assert is_decode_layout(gen.params) == decode_layout
     out = gen.generate(batch, Sampling(max_new_tokens=steps), return_logits=True, disable_eos=True)
     assert out["length"].tolist() == [steps] * 3
-    # One full forward over prompt + generated tokens gives every step's logits at once.
+    expected = _forward_step_logits(cfg, params, batch, out["tokens"])
+    np.testing.assert_allclose(out["logits"], expected, atol=1e-4, rtol=0)
+    assert (out["tokens"] == expected.argmax(-1)).all()
+    again = gen.generate(batch, Sampling(max_new_tokens=steps), return_logits=True, disable_eos=True)
+    assert (again["tokens"] == out["tokens"]).all() and (again["logits"] == out["logits"]).all()
+    # The adapters count: lora_b is non-zero, and without it the same forward gives other logits.
+    lora_b = params["language_model"]["model"]["layers"]["self_attn"]["q_proj"]["lora_b"]
+    assert np.abs(np.asarray(lora_b)).min() > 0
+    no_lora = jax.tree_util.tree_map_with_path(lambda path, x: jnp.zeros_like(x) if path[-1].key == "lora_b" else x, params)
+    assert np.abs(_forward_step_logits(cfg, no_lora, batch, out["tokens"]) - expected).max() > 0.1
+
+
+def _forward_step_logits(cfg, params, batch, tokens):
+    """The logits each generated token was drawn from, by a deterministic forward without a cache over
+    prompt + tokens float[n, steps, V]: one forward over the whole sequence, whose causal mask gives
+    at each position what a forward over the sequence grown up to it gives."""
+    n, steps = tokens.shape
     b, p = batch.input_ids.shape
     ids = np.concatenate([batch.input_ids, np.zeros((b, steps), np.int32)], 1)
-    ids[:3, p:] = out["tokens"]
+    ids[:n, p:] = tokens
     mask = np.concatenate([batch.prompt_mask, np.ones((b, steps), bool)], 1)
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
     full = jax.jit(MplugOwl(cfg).apply)({"params": params}, jnp.asarray(ids), jnp.asarray(batch.pixel_values),
                                         jnp.asarray(batch.num_images), jnp.asarray(mask), jnp.asarray(positions))
-    expected = np.asarray(full)[:3, p - 1:p - 1 + steps]
-    np.testing.assert_allclose(out["logits"], expected, atol=1e-4, rtol=0)
-    assert (out["tokens"] == expected.argmax(-1)).all()
+    return np.asarray(full)[:n, p - 1:p - 1 + steps]
 
 
 def test_batch_equals_one_at_a_time_and_stops_per_sample(owl, rng):
@@ -77,15 +96,18 @@ def test_batch_equals_one_at_a_time_and_stops_per_sample(owl, rng):
     steps = 8
     free = Generator(params, cfg).generate(make_batch(prompts, images, counts, cfg), Sampling(max_new_tokens=steps),
                                            return_logits=True, disable_eos=True)  # compiled by the test above
-    # Make sample 1's third token the EOS: it stops there, the others run on (unless they emit it too).
-    eos = int(free["tokens"][1, 2])
+    # Make the first token of sample 1 from its third on that it has not emitted before the EOS: it
+    # stops there, the others run on (unless they emit it too).
+    row = free["tokens"][1].tolist()
+    k = next(k for k in range(2, steps - 1) if row[k] not in row[:k])
+    eos = row[k]
     gen = Generator(params, cfg, eos_id=eos)
     together = gen.generate(make_batch(prompts, images, counts, cfg), Sampling(max_new_tokens=steps))
-    assert together["length"][1] == 3 and together["done"][1]
-    assert (together["tokens"][1, 3:] == cfg.llm.pad_token_id).all()
+    assert together["length"][1] == k + 1 and together["done"][1]
+    assert (together["tokens"][1, k + 1:] == cfg.llm.pad_token_id).all()
     # The loop ends when the real samples are done; rows padding the batch do not hold it up.
     padded = gen.generate(make_batch([prompts[1]], images[:1], [1], cfg, min_batch=2), Sampling(max_new_tokens=steps))
-    assert padded["step"] == 3 and padded["tokens"][0, :3].tolist() == together["tokens"][1, :3].tolist()
+    assert padded["step"] == k + 1 and padded["tokens"][0, :k + 1].tolist() == together["tokens"][1, :k + 1].tolist()
     for i, imgs in enumerate(_split_images(images, counts)):
         alone = gen.generate(make_batch([prompts[i]], imgs, [counts[i]], cfg), Sampling(max_new_tokens=steps))
         assert alone["tokens"][0].tolist() == together["tokens"][i].tolist(), i
@@ -163,64 +185,58 @@ def test_buckets_compile_once(owl, rng):
     assert (prefill._cache_size(), decode._cache_size()) == sizes  # compiled once for all three
 
 
-def test_sharded_params_on_a_mesh(owl, rng):
-    """Params placed by their logical axes (the training rules) on a mesh give the same tokens."""
-    from owl_jax.api import shard_params
-    from owl_jax.sharding import DEFAULT_RULES, make_mesh
-
+@pytest.fixture(scope="module")
+def on_mesh(owl):
+    """The owl's params placed by their logical axes (the training rules) on data x fsdp x tensor =
+    2 x 2 x 2 devices: the batch over data and fsdp (a batch of 4: one row a shard), weights over fsdp
+    and tensor."""
     cfg, params = owl
-    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
     sharded = shard_params(params, cfg, mesh, DEFAULT_RULES)
-    assert isinstance(jax.tree_util.tree_leaves(sharded)[0].sharding, jax.sharding.NamedSharding)
+    return sharded, Generator(sharded, cfg, mesh=mesh, rules=DEFAULT_RULES)
+
+
+def test_params_sharded_on_a_mesh_give_the_same_tokens_per_prompt_as_alone(owl, on_mesh, rng):
+    """Greedy decoding of a batch sharded over `data` (and fsdp) with weights sharded over fsdp and
+    tensor: the tokens of one device, and of each prompt decoded alone."""
+    cfg, params = owl
+    sharded, gen = on_mesh
+    kernel = sharded["language_model"]["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    assert isinstance(kernel.sharding, jax.sharding.NamedSharding)
+    # Split 4 ways (fsdp x tensor), each quarter on 2 devices (data).
+    assert len({s.device for s in kernel.addressable_shards}) == 8 and kernel.addressable_shards[0].data.size * 4 == kernel.size
+    # The decode layout keeps the sharding: per-layer weights less the layers axis, the LM head transposed.
+    layer_kernel = gen.params["language_model"]["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert tuple(layer_kernel.sharding.spec) == tuple(kernel.sharding.spec)[1:], (layer_kernel.sharding, kernel.sharding)
+    assert layer_kernel.addressable_shards[0].data.size * 4 == layer_kernel.size
+    head, head_t = sharded["language_model"]["lm_head"]["kernel"], gen.params["language_model"]["lm_head"]["kernel"]
+    assert head_t.shape == head.shape[::-1] and tuple(head_t.sharding.spec) == tuple(head.sharding.spec)[::-1], head_t.sharding
+
     prompts, images, counts = _prompts(cfg, rng)
     batch = make_batch(prompts, images, counts, cfg)
-    want = Generator(params, cfg).generate(batch, Sampling(max_new_tokens=5), disable_eos=True)["tokens"]
-    got = Generator(sharded, cfg, mesh=mesh, rules=DEFAULT_RULES).generate(batch, Sampling(max_new_tokens=5),
-                                                                           disable_eos=True)
-    assert (got["tokens"] == want).all()
+    assert batch.input_ids.shape[0] == 4  # one row per (data, fsdp) shard
+    sampling = Sampling(max_new_tokens=8)
+    got = gen.generate(batch, sampling, disable_eos=True)["tokens"]
+    want = Generator(params, cfg).generate(batch, sampling, disable_eos=True)["tokens"]
+    assert (got == want).all(), (got, want)
+    one = Generator(params, cfg)
+    for i, imgs in enumerate(_split_images(images, counts)):
+        alone = one.generate(make_batch([prompts[i]], imgs, [counts[i]], cfg), sampling, disable_eos=True)["tokens"]
+        assert got[i].tolist() == alone[0].tolist(), i
+    assert len({tuple(row) for row in got.tolist()}) == 3  # the prompts' answers differ: a row mix-up shows
 
 
-MULTI_DEVICE = """
-import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, sys.argv[1])
-import jax, numpy as np
-jax.config.update("jax_default_matmul_precision", "highest")
-from conftest import small_owl_config
-from test_generate import _prompts, random_params
-from owl_jax.api import shard_params
-from owl_jax.generate import Generator, Sampling, make_batch
-from owl_jax.sharding import DEFAULT_RULES, make_mesh
-cfg = small_owl_config()
-params = random_params(cfg, seed=5)
-prompts, images, counts = _prompts(cfg, np.random.default_rng(0))
-batch = make_batch(prompts, images, counts, cfg)
-want = Generator(jax.device_put(params, jax.devices()[0]), cfg).generate(batch, Sampling(max_new_tokens=5))
-mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 2})
-sharded = shard_params(params, cfg, mesh, DEFAULT_RULES)
-kernel = sharded["language_model"]["model"]["layers"]["mlp"]["up_proj"]["kernel"]
-assert len({s.device for s in kernel.addressable_shards}) == 4 and kernel.addressable_shards[0].data.size * 4 == kernel.size
-gen = Generator(sharded, cfg, mesh=mesh, rules=DEFAULT_RULES)
-# The decode layout keeps the sharding: per-layer weights less the layers axis, the LM head transposed.
-layer_kernel = gen.params["language_model"]["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
-assert tuple(layer_kernel.sharding.spec) == tuple(kernel.sharding.spec)[1:], (layer_kernel.sharding, kernel.sharding)
-assert len({s.device for s in layer_kernel.addressable_shards}) == 4 and layer_kernel.addressable_shards[0].data.size * 4 == layer_kernel.size
-head, head_t = sharded["language_model"]["lm_head"]["kernel"], gen.params["language_model"]["lm_head"]["kernel"]
-assert head_t.shape == head.shape[::-1] and tuple(head_t.sharding.spec) == tuple(head.sharding.spec)[::-1], head_t.sharding
-got = gen.generate(batch, Sampling(max_new_tokens=5))
-assert (got["tokens"] == want["tokens"]).all(), (got["tokens"], want["tokens"])
-print("OK")
-"""
-
-
-def test_params_sharded_over_four_devices_give_the_same_tokens():
-    """fsdp x tensor = 2 x 2 host devices (a fresh process: the device count is fixed at start-up)."""
-    import os
-    import subprocess
-    import sys
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE, here], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+def test_sampling_on_a_mesh_draws_what_one_device_draws(owl, on_mesh, rng):
+    """Temperature, top-k and top-p sampling with one seed: the same tokens on the 2 x 2 x 2 mesh as on
+    one device (one random stream for the whole batch, whatever the sharding)."""
+    cfg, params = owl
+    _, gen = on_mesh
+    prompts, images, counts = _prompts(cfg, rng)
+    batch = make_batch(prompts, images, counts, cfg)
+    # The settings of test_sampling_is_seeded_and_top_k_1_is_greedy: one device's program is compiled.
+    sampling = Sampling(max_new_tokens=8, do_sample=True, seed=1, temperature=0.7, top_k=20, top_p=0.9)
+    want = Generator(params, cfg).generate(batch, sampling, disable_eos=True)["tokens"]
+    got = gen.generate(batch, sampling, disable_eos=True)["tokens"]
+    assert (got == want).all(), (got, want)
+    greedy = Generator(params, cfg).generate(batch, Sampling(max_new_tokens=8), disable_eos=True)["tokens"]
+    assert (got != greedy).any()  # it did sample
