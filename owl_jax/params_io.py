@@ -44,13 +44,20 @@ def load_config(directory: str) -> OwlConfig:
     path = _path(directory) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no owl_jax model config; expected a directory written by save_params / convert from-torch")
-    return owl_config_from_dict(json.loads(path.read_text()))
+    try:
+        return owl_config_from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:  # bad JSON or fields: the bare errors do not name the file
+        raise UserError(f"{path}: not an owl_jax model config ({e})") from e
 
 
 def load_params(directory: str) -> tuple[Any, OwlConfig]:
     """Returns (params as numpy arrays on the host, config)."""
     cfg = load_config(directory)
-    params = ocp.StandardCheckpointer().restore(_path(directory) / PARAMS_DIR)
+    params_dir = _path(directory) / PARAMS_DIR
+    if not params_dir.exists():
+        raise FileNotFoundError(f"{params_dir}: missing; an owl_jax params dir holds {CONFIG_FILE} and the orbax "
+                                f"checkpoint {PARAMS_DIR}/ beside it, as save_params / convert from-torch write them")
+    params = ocp.StandardCheckpointer().restore(params_dir)
     return jax.tree_util.tree_map(np.asarray, params), cfg
 
 

@@ -2,25 +2,22 @@
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 import torch
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-import flax.linen as nn
-from conftest import perturb, small_owl_config
+from conftest import random_owl_params, small_owl_config
 from owl_jax import params_io
 from owl_jax.convert import from_torch, to_torch
 from owl_jax.convert.__main__ import main as convert_main
-from owl_jax.models.owl import init_params
 
 
 @pytest.fixture(scope="module")
 def released_dir(tmp_path_factory):
     cfg = small_owl_config()
-    params = perturb(nn.unbox(init_params(cfg, jax.random.PRNGKey(0))), seed=5)
+    params = random_owl_params(cfg, seed=0, perturb_seed=5)
     path = tmp_path_factory.mktemp("released")
     to_torch(params, cfg, str(path))
     return cfg, params, path

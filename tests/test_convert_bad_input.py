@@ -1,6 +1,7 @@
 """The converter's command line treats checkpoints and directories as untrusted input: each bad case
 ends in a one-line error naming the file, tensor or field, and no run leaves partial output or
 damages an earlier one."""
+import dataclasses
 import json
 import os
 import re
@@ -153,6 +154,66 @@ def test_to_torch_refuses_a_config_that_disagrees_with_the_params(owl, tmp_path,
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.tmp")
 
 
+# ---------------------------------------------------------------- load_params_for: params a training run starts from
+
+
+def _params_for_cases(root, tmp_path, cfg):
+    """(case, directory, config, what the error must say); every case a copy of `a` or `lora` damaged."""
+    def copy(name, src="a"):
+        shutil.copytree(root / src, tmp_path / name)
+        return tmp_path / name
+
+    no_params = copy("no_params")
+    shutil.rmtree(no_params / "params")
+    bad_json = copy("bad_json")
+    (bad_json / "owl_config.json").write_text("{")
+    bad_field = copy("bad_field")
+    config = json.loads((bad_field / "owl_config.json").read_text())
+    config["llm"]["hidden_sise"] = 64
+    (bad_field / "owl_config.json").write_text(json.dumps(config))
+    wider = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, mlp_size=96))
+    return {
+        "no dir": (tmp_path / "missing", cfg,
+                   f"{tmp_path}/missing/owl_config.json: no owl_jax model config; expected a directory written by save_params"),
+        "no params": (no_params, cfg, f"{no_params}/params: missing; an owl_jax params dir holds owl_config.json and the "
+                                      "orbax checkpoint params/ beside it"),
+        "bad json": (bad_json, cfg, f"{bad_json}/owl_config.json: not an owl_jax model config (Expecting property name"),
+        "bad field": (bad_field, cfg, f"{bad_field}/owl_config.json: not an owl_jax model config (LlamaConfig: unknown "
+                                      "config fields ['hidden_sise']; expected a subset of ['attention_init', "),
+        "shape": (root / "a", wider, f"{root / 'a'}: parameter language_model/model/layers/mlp/down_proj/kernel has shape "
+                                     "(2, 128, 64), the config expects (2, 96, 64)"),
+        "extra": (root / "lora", cfg, f"{root / 'lora'}: parameters ['language_model/model/layers/self_attn/q_proj/lora_a', "
+                                      "'language_model/model/layers/self_attn/q_proj/lora_b', "),
+    }
+
+
+@pytest.mark.parametrize("case", ["no dir", "no params", "bad json", "bad field", "shape", "extra"])
+def test_params_for_a_config_name_what_does_not_fit(owl, tmp_path, case):
+    """Each way a params dir can fail the config a run starts with names the file, the parameter or the
+    field, and what was expected; "extra": the dir's LoRA, which the config has no place for."""
+    cfg, _, root = owl
+    directory, config, message = _params_for_cases(root, tmp_path, cfg)[case]
+    with pytest.raises((FileNotFoundError, ValueError)) as e:
+        params_io.load_params_for(str(directory), config)
+    assert message in str(e.value), str(e.value)
+    if case == "extra":
+        assert "do not exist in the configured model" in str(e.value)
+
+
+def test_params_for_a_config_fill_what_the_dir_lacks(owl):
+    """Not an error: parameters the config has and the dir lacks (stage 2's LoRA on stage 1's params) are
+    initialised fresh and reported; every other one is the dir's, unchanged."""
+    cfg, params, root = owl
+    lora_cfg = dataclasses.replace(cfg, lora=LoraConfig(rank=4, alpha=8.0))
+    loaded, fresh = params_io.load_params_for(str(root / "a"), lora_cfg, seed=3)
+    lora_paths = sorted("/".join(p) for p in param_shapes(lora_cfg) if p[-1] in ("lora_a", "lora_b"))
+    assert sorted(fresh) == lora_paths and len(lora_paths) == 4
+    flat = traverse_util.flatten_dict(loaded)
+    assert {"/".join(p): tuple(v.shape) for p, v in flat.items()} == {"/".join(p): s for p, s in param_shapes(lora_cfg).items()}
+    _assert_params_equal(traverse_util.unflatten_dict({p: v for p, v in flat.items() if "/".join(p) not in fresh}), params["a"])
+    assert not np.any(flat[("language_model", "model", "layers", "self_attn", "q_proj", "lora_b")])  # LoRA starts as the identity
+
+
 # ---------------------------------------------------------------- tokenizer files travel both ways
 
 
@@ -180,28 +241,44 @@ def test_integer_or_bool_weight_is_refused(owl, tmp_path, capsys, dtype):
     assert not os.path.exists(tmp_path / "owl")
 
 
-@pytest.mark.parametrize("dtype, fmt", [("float16", "safetensors"), ("bfloat16", "safetensors"), ("bfloat16", "bin")])
-def test_half_precision_checkpoints_convert(owl, tmp_path, dtype, fmt):
-    cfg, _, root = owl
-    half = {k: v.astype(dtype) for k, v in load_file(str(root / "released" / "model.safetensors")).items()}
+@pytest.mark.parametrize("dtype, fmt", [("float16", "safetensors"), ("bfloat16", "safetensors"), ("float16", "bin"),
+                                        ("bfloat16", "bin")])
+def test_half_precision_checkpoints_convert(owl, tmp_path, capsys, dtype, fmt):
+    """A float16 or bfloat16 checkpoint written by torch, as safetensors or .bin: from_torch keeps its
+    dtype or casts to the one asked for, and the command line's --dtype casts the same. Every value
+    is the torch tensor's, cast by torch: the export of `a` is a relayout, so that is `a` rounded to
+    the half dtype by torch, then cast to the dtype asked for."""
+    import torch
+    from safetensors.torch import save_file as torch_save_file
+
+    cfg, params, root = owl
+    half_dtype = getattr(torch, dtype)
+    half = {k: torch.from_numpy(v).to(half_dtype) for k, v in load_file(str(root / "released" / "model.safetensors")).items()}
     os.makedirs(tmp_path / "half")
     if fmt == "bin":
-        import torch
-
-        torch.save({k: torch.from_numpy(v.astype(np.float32)).to(getattr(torch, dtype)) for k, v in half.items()},
-                   tmp_path / "half" / "pytorch_model.bin")
+        torch.save(half, tmp_path / "half" / "pytorch_model.bin")
     else:
-        save_file(half, str(tmp_path / "half" / "model.safetensors"))
-    expected = from_torch(cfg, released=str(root / "released"))[0]
+        torch_save_file(half, str(tmp_path / "half" / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(root / "released" / "config.json", tmp_path / "half")
+
+    def torch_cast(to):
+        """`a` as torch rounds it to the checkpoint's dtype and then casts it to `to`, as float32."""
+        return jax.tree_util.tree_map(
+            lambda x: torch.from_numpy(np.asarray(x)).to(half_dtype).to(getattr(torch, to)).float().numpy(), params["a"])
+
+    other = "bfloat16" if dtype == "float16" else "float16"
     kept, _ = from_torch(cfg, released=str(tmp_path / "half"))
-    as_f32, _ = from_torch(cfg, released=str(tmp_path / "half"), dtype="float32")
-    for path, value in traverse_util.flatten_dict(kept).items():
-        assert value.dtype == np.dtype(getattr(ml_dtypes, dtype, dtype)), path
-    cast = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype).astype(np.float32), expected)
-    _assert_params_equal(as_f32, cast)
-    _assert_params_equal(kept, cast)
-    assert np.abs(np.asarray(traverse_util.flatten_dict(as_f32)[("query_tokens",)]) -
-                  traverse_util.flatten_dict(expected)[("query_tokens",)]).max() > 0  # really rounded
+    for requested, converted in (("float32", from_torch(cfg, released=str(tmp_path / "half"), dtype="float32")[0]),
+                                 (other, from_torch(cfg, released=str(tmp_path / "half"), dtype=other)[0]),
+                                 (dtype, kept)):
+        for path, value in traverse_util.flatten_dict(converted).items():
+            assert value.dtype == np.dtype(getattr(ml_dtypes, requested, requested)), (requested, path)
+        _assert_params_equal(converted, torch_cast(requested))
+    assert _run(capsys, "from-torch", "--released", tmp_path / "half", "--out", tmp_path / "owl", "--dtype", "float32")[0] == 0
+    loaded, _ = params_io.load_params(str(tmp_path / "owl"))
+    assert {v.dtype for v in jax.tree_util.tree_leaves(loaded)} == {np.dtype(np.float32)}
+    _assert_params_equal(loaded, torch_cast("float32"))
+    assert np.abs(np.asarray(kept["query_tokens"], np.float32) - params["a"]["query_tokens"]).max() > 0  # really rounded
 
 
 # ---------------------------------------------------------------- tensors that would be dropped

@@ -2,15 +2,12 @@
 LLM's mimetic q/k."""
 import dataclasses
 
-import flax.linen as nn
-import jax
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import small_owl_config
+from conftest import random_owl_params, small_owl_config
 from owl_jax.models.config import LlamaConfig, VisionConfig
-from owl_jax.models.owl import init_params
 from owl_jax.models.vision import sincos2d_position_code
 
 TOWERS = {"vision_model": "vision", "abstractor": "abstractor", "language_model": "llm"}
@@ -26,7 +23,7 @@ def _kernel_stds(params) -> dict[str, list[float]]:
 
 
 def test_default_initializer_range_is_the_released_models():
-    stds = _kernel_stds(nn.unbox(init_params(small_owl_config(), jax.random.PRNGKey(0))))
+    stds = _kernel_stds(random_owl_params(small_owl_config()))
     for tower, values in stds.items():
         assert values and all(abs(s - 0.02) < 0.004 for s in values), (tower, values)
 
@@ -36,7 +33,7 @@ def test_initializer_range_applies_per_tower():
     cfg = small_owl_config()
     cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), initializer_range=r)
                                       for name, r in ranges.items()})
-    params = nn.unbox(init_params(cfg, jax.random.PRNGKey(0)))
+    params = random_owl_params(cfg)
     for tower, values in _kernel_stds(params).items():
         want = ranges[TOWERS[tower]]
         assert values and all(abs(s - want) < 0.2 * want for s in values), (tower, want, values)
@@ -47,7 +44,7 @@ def test_initializer_range_applies_per_tower():
 def test_sincos2d_position_embedding():
     cfg = small_owl_config()
     cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, position_embedding_init="sincos2d"))
-    pos = np.asarray(nn.unbox(init_params(cfg, jax.random.PRNGKey(0)))["vision_model"]["embeddings"]["position_embedding"])
+    pos = np.asarray(random_owl_params(cfg)["vision_model"]["embeddings"]["position_embedding"])
     grid, width = cfg.vision.image_size // cfg.vision.patch_size, cfg.vision.hidden_size
     assert pos.shape == (1, grid * grid + 1, width)
     np.testing.assert_array_equal(pos[0, 0], 0.0)  # the class token has no place on the grid
@@ -72,7 +69,7 @@ def test_bad_position_embedding_init_names_the_field():
 def _mimetic(**llm) -> tuple[dict, LlamaConfig]:
     cfg = small_owl_config()
     cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, attention_init="mimetic", **llm))
-    return nn.unbox(init_params(cfg, jax.random.PRNGKey(0))), cfg.llm
+    return random_owl_params(cfg), cfg.llm
 
 
 def _qk_heads(params, llm: LlamaConfig):

@@ -4,20 +4,18 @@ import dataclasses
 import json
 import os
 
-import flax.linen as nn
-import jax
 import numpy as np
 import pytest
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from conftest import perturb, small_owl_config
+from conftest import random_owl_params, small_owl_config
 from owl_jax import params_io
 from owl_jax.convert import to_torch
 from owl_jax.convert.__main__ import main as convert_main
 from owl_jax.convert.peft import load_adapter, save_adapter
 from owl_jax.models.config import LoraConfig
-from owl_jax.models.owl import MplugOwl, init_params
+from owl_jax.models.owl import MplugOwl
 from owl_jax.training.synthetic import RandomBatches
 
 RANK, ALPHA = 4, 16.0
@@ -27,7 +25,7 @@ PREFIX = "base_model.model.language_model.model.layers"
 @pytest.fixture(scope="module")
 def base():
     cfg = small_owl_config()
-    return cfg, perturb(nn.unbox(init_params(cfg, jax.random.PRNGKey(0))), seed=3)
+    return cfg, random_owl_params(cfg, seed=0, perturb_seed=3)
 
 
 def _shapes(cfg, module):
@@ -112,6 +110,35 @@ def test_save_then_load_is_bit_exact_and_in_peft_layout(base, tmp_path):
     from_bin, _ = load_adapter(params, cfg, str(tmp_path / "bin"))
     flat_bin = traverse_util.flatten_dict(from_bin)
     assert all(np.array_equal(flat[k], flat_bin[k]) for k in flat)
+
+
+@pytest.mark.parametrize("dtype, fmt", [("bfloat16", "bin"), ("float16", "safetensors")])
+def test_half_precision_adapter_reads_as_torch_casts_it(base, tmp_path, dtype, fmt):
+    """An adapter saved in half precision, as .bin (the release's PEFT) or safetensors: load_adapter
+    keeps its dtype or casts to the one asked for, each value the torch tensor's cast by torch, in our
+    layout (lora_a = lora_A.T, lora_b = lora_B.T)."""
+    import ml_dtypes
+    import torch
+    from safetensors.torch import save_file as torch_save_file
+
+    cfg, params = base
+    tensors = _write_adapter(tmp_path / "f32", cfg)
+    half = {k: torch.from_numpy(v).to(getattr(torch, dtype)) for k, v in tensors.items()}
+    os.makedirs(tmp_path / "half")
+    os.rename(tmp_path / "f32" / "adapter_config.json", tmp_path / "half" / "adapter_config.json")
+    if fmt == "bin":
+        torch.save(half, tmp_path / "half" / "adapter_model.bin")
+    else:
+        torch_save_file(half, str(tmp_path / "half" / "adapter_model.safetensors"), metadata={"format": "pt"})
+    for requested in (dtype, "float32"):
+        loaded, _ = load_adapter(params, cfg, str(tmp_path / "half"), dtype=None if requested == dtype else requested)
+        flat = traverse_util.flatten_dict(loaded)
+        for key, value in half.items():
+            i, block, module, factor = key[len(PREFIX) + 1:].split(".")[:4]
+            ours = flat[("language_model", "model", "layers", block, module, "lora_" + factor[-1].lower())][int(i)]
+            assert ours.dtype == np.dtype(getattr(ml_dtypes, requested, requested)), (requested, key)
+            np.testing.assert_array_equal(np.asarray(ours, np.float32), value.to(getattr(torch, requested)).float().numpy().T,
+                                          err_msg=key)
 
 
 @pytest.mark.parametrize("kind, match", [

@@ -15,14 +15,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import small_owl_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from conftest import random_owl_params, small_owl_config, subprocess_env
 
 def _run_quick(workdir):
     """The README's command as a user types it: from the workdir's parent, the workdir relative."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    env = subprocess_env()
     # the job runs on one CPU device, as a user's would (conftest fakes 8 for the sharding tests)
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f)
     cwd = os.path.dirname(os.path.dirname(workdir))
@@ -77,21 +74,40 @@ def test_quick_run_report_and_plots(quick_run):
 
 
 def test_quick_run_export_loads_back_bit_exact(quick_run):
-    from owl_jax.convert import from_torch, merged_kernels
+    """The export is stage 2's params with each LoRA folded into its kernel, W + (alpha / r) A @ B
+    (owl_jax's layout: kernel float[L, in, out], lora_a float[L, in, r], lora_b float[L, r, out], on
+    the LLM projections named by cfg.lora.target_modules), computed here with numpy from the saved
+    params, not with the exporter's own merge."""
+    from owl_jax.convert import from_torch
     from owl_jax.models.config import LoraConfig
     from owl_jax.params_io import load_params
 
     workdir, _ = quick_run
     params, cfg = load_params(os.path.join(workdir, "stage2", "params"))
     assert cfg.lora.rank > 0  # stage 2 trained LoRA; the export merges it
-    expected = merged_kernels(params, cfg)
+    flat = traverse_util.flatten_dict(params)
+    block = {**dict.fromkeys(("q_proj", "k_proj", "v_proj", "o_proj"), "self_attn"),
+             **dict.fromkeys(("gate_proj", "up_proj", "down_proj"), "mlp")}
+    carriers = {p[:-1] for p in flat if p[-1] in ("lora_a", "lora_b")}
+    assert carriers == {("language_model", "model", "layers", block[m], m) for m in cfg.lora.target_modules}, carriers
+    scale = np.float32(cfg.lora.alpha / cfg.lora.rank)
+    expected = {}
+    for path, value in flat.items():
+        if path[-1] in ("lora_a", "lora_b"):
+            continue  # the release's layout has no place for them: they live on in the kernels
+        if path[:-1] in carriers and path[-1] == "kernel":
+            a, b = flat[path[:-1] + ("lora_a",)], flat[path[:-1] + ("lora_b",)]
+            assert a.shape == value.shape[:2] + (cfg.lora.rank,) and b.shape == (value.shape[0], cfg.lora.rank, value.shape[2])
+            assert np.abs(b).max() > 0, path  # trained: the merge moves the kernel
+            value = (value.astype(np.float32) + scale * np.matmul(a.astype(np.float32), b.astype(np.float32))).astype(value.dtype)
+        expected[path] = value
     back, report = from_torch(dataclasses.replace(cfg, lora=LoraConfig()), released=os.path.join(workdir, "export"))
     assert not report.initialised
     back = traverse_util.flatten_dict(back)
     assert set(back) == set(expected)
     for path, value in expected.items():
-        assert back[path].dtype == np.asarray(value).dtype, path
-        np.testing.assert_array_equal(back[path], np.asarray(value), err_msg="/".join(path))
+        assert back[path].dtype == value.dtype, path
+        np.testing.assert_array_equal(back[path], value, err_msg="/".join(path))
     assert os.path.exists(os.path.join(workdir, "export", "tokenizer.model"))
 
 
@@ -144,13 +160,11 @@ def test_text_only_option_drops_images_and_placeholders():
 
 def test_abstractor_attention_hook():
     """The sown probabilities are a distribution over [queries; CLS + patches] and leave the output alone."""
-    import flax.linen as nn
-
-    from owl_jax.models.owl import MplugOwl, init_params
+    from owl_jax.models.owl import MplugOwl
     from owl_jax.report import abstractor_attention
 
     cfg = small_owl_config()
-    params = nn.unbox(init_params(cfg, jax.random.PRNGKey(0)))
+    params = random_owl_params(cfg)
     pixels = np.random.default_rng(0).normal(size=(3, 56, 56, 3)).astype(np.float32)
     model = MplugOwl(cfg)
     plain = model.apply({"params": params}, pixels, method=MplugOwl.encode_images)

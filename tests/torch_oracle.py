@@ -5,6 +5,11 @@ semantics (per-head interleaved fused QKV, abstractor residual from the normalis
 LayerNorm, vit_eos, splicing by placeholder runs) with a plain Python loop over samples, so the
 vectorised Flax splice is checked against an independent implementation. The LLM is transformers'
 own LlamaForCausalLM.
+
+Splicing follows owl_jax's rule, not the release's, where they differ: every P placeholders take the
+sample's next image, so adjacent `<image><image>` tags (one run of 2P) get two images; the release
+would read that run as one image (see owl_jax.models.owl.splice_images and
+test_owl.py::test_adjacent_image_tags_each_get_their_own_image).
 """
 from __future__ import annotations
 

@@ -29,6 +29,14 @@ def splice_images(
     sample's first image (default: images packed, the exclusive cumsum of num_images; multi-process
     batches pass it, as each process's images start at its own block). Returns float[B, T, D].
     Vectorised: the j-th placeholder of a sample takes row j % P of its image j // P.
+
+    Adjacent tags (`<image><image>`, one run of 2P placeholders) therefore take the sample's next two
+    images in order, as tags with text between do. The release differs there: it starts an image only
+    where the placeholder value changes (`get_media_indices`), and every tag's placeholders are the
+    same -1, so it reads the run as one image, leaves the second P positions as the embedding of
+    the id it put in their place (1 in forward, 0 in generate) and never uses the second image
+    (generate then also gives the next samples of its batch the image before their own). Here every
+    tag shows its image: the tags and images a sample has agree, and nothing is dropped silently.
     """
     m, p, d = image_tokens.shape
     if m == 0:
