@@ -64,6 +64,13 @@ def random_owl_params(cfg: OwlConfig, seed: int = 0, perturb_seed: int | None = 
     return params if perturb_seed is None else perturb(params, seed=perturb_seed)
 
 
+def peaked_params(cfg, seed: int = 0):
+    """Initialised params plus large noise on every leaf (LoRA B, biases included). Large noise gives
+    peaked logits, so greedy choices are not near-ties that a sharded run, summing in another order,
+    could flip."""
+    return perturb(random_owl_params(cfg, seed=seed), seed=seed, scale=0.3)
+
+
 def perturb(params, seed: int = 0, scale: float = 0.05):
     """Random offsets on every leaf, so norms, biases and zero-initialised tensors are tested too."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -166,6 +173,53 @@ def pytest_collection_modifyitems(config, items):
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = [item for item in items if not item.get_closest_marker("real_data")]
+
+
+# --------------------------------------------------------------------- a small owl checkpoint
+# for the inference tests (test_api, test_inference_bad_input)
+QUESTIONS = ["What is in the image?", "What colour is the circle?", "Which one is bigger?", "Describe it."]
+ANSWERS = ["A red circle and a blue square.", "The circle is red.", "The square is bigger.", "Two shapes."]
+
+
+@pytest.fixture(scope="module")
+def owl_dir(tmp_path_factory):
+    """A params dir with a tokenizer beside the params (vocab <= the model's 384). The model has
+    unmerged LoRA adapters (lora_b non-zero) and the configs' dropout rates (abstractor attention 0.1,
+    LoRA 0.05), which answers and scores must not apply."""
+    import dataclasses
+
+    from owl_jax.data.conversation import SYSTEM_PROMPT
+    from owl_jax.data.tokenizer import train_tokenizer
+    from owl_jax.models.config import LoraConfig
+    from owl_jax.params_io import save_params
+
+    d = tmp_path_factory.mktemp("owl")
+    cfg = small_owl_config(lora=LoraConfig(rank=4, alpha=8.0, dropout=0.05))
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=384))
+    assert cfg.abstractor.attention_dropout > 0
+    save_params(str(d), peaked_params(cfg, seed=7), cfg)
+    train_tokenizer([SYSTEM_PROMPT] + QUESTIONS + ANSWERS, str(d), vocab_size=384)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def owl(owl_dir):
+    import owl_jax
+
+    return owl_jax.load(owl_dir)
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    """(a.jpg, b.jpg): small random pictures; b.jpg holds an RGBA PNG."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    jpg, png = d / "a.jpg", d / "b.jpg"  # b.jpg holds a PNG (as OwlEval's 49.jpg)
+    Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(jpg, format="JPEG")
+    Image.fromarray(rng.integers(0, 255, (64, 48, 4), dtype=np.uint8), "RGBA").save(png, format="PNG")
+    return str(jpg), str(png)
 
 
 @pytest.fixture

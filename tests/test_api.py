@@ -11,39 +11,14 @@ import pytest
 from PIL import Image
 
 import owl_jax
-from conftest import small_owl_config
+from conftest import ANSWERS, QUESTIONS
 from owl_jax import generate as generate_cli
 from owl_jax.data.conversation import SYSTEM_PROMPT, build_prompt
 from owl_jax.data.image import preprocess, to_rgb
 from owl_jax.data.text import encode_conversation, encode_prompt
-from owl_jax.data.tokenizer import load_tokenizer, train_tokenizer
+from owl_jax.data.tokenizer import load_tokenizer
 from owl_jax.generate import Generator, Sampling, make_batch, trim
-from owl_jax.models.config import LoraConfig
-from owl_jax.params_io import load_params, save_params
-from test_generate import peaked_params
-
-QUESTIONS = ["What is in the image?", "What colour is the circle?", "Which one is bigger?", "Describe it."]
-ANSWERS = ["A red circle and a blue square.", "The circle is red.", "The square is bigger.", "Two shapes."]
-
-
-@pytest.fixture(scope="module")
-def owl_dir(tmp_path_factory):
-    """A params dir with a tokenizer beside the params (vocab <= the model's 384). The model has
-    unmerged LoRA adapters (lora_b non-zero) and the configs' dropout rates (abstractor attention 0.1,
-    LoRA 0.05), which answers and scores must not apply."""
-    d = tmp_path_factory.mktemp("owl")
-    cfg = small_owl_config(lora=LoraConfig(rank=4, alpha=8.0, dropout=0.05))
-    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=384))
-    assert cfg.abstractor.attention_dropout > 0
-    save_params(str(d), peaked_params(cfg, seed=7), cfg)
-    train_tokenizer([SYSTEM_PROMPT] + QUESTIONS + ANSWERS, str(d), vocab_size=384)
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def owl(owl_dir):
-    return owl_jax.load(owl_dir)
-
+from owl_jax.params_io import load_params
 
 @pytest.fixture(scope="module")
 def reference(owl_dir):
@@ -61,16 +36,6 @@ def reference(owl_dir):
         return tokenizer.decode(tokens, skip_special_tokens=True), tokens
 
     return answer
-
-
-@pytest.fixture(scope="module")
-def image_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    jpg, png = d / "a.jpg", d / "b.jpg"  # b.jpg holds a PNG (as OwlEval's 49.jpg)
-    Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(jpg, format="JPEG")
-    Image.fromarray(rng.integers(0, 255, (64, 48, 4), dtype=np.uint8), "RGBA").save(png, format="PNG")
-    return str(jpg), str(png)
 
 
 def _requests(jpg, png):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, small_owl_config
+from conftest import REPO, peaked_params, small_owl_config
 from owl_jax import evaluate
 from owl_jax.data.conversation import SYSTEM_PROMPT, build_prompt
 from owl_jax.data.image import preprocess, to_rgb
@@ -17,7 +17,6 @@ from owl_jax.data.tokenizer import load_tokenizer, train_tokenizer
 from owl_jax.generate import Generator, Sampling, make_batch, trim
 from owl_jax.models.config import LoraConfig
 from owl_jax.params_io import load_params, save_params
-from test_generate import peaked_params
 
 OWLEVAL = os.environ.get("OWLEVAL_DIR", os.path.join(REPO, "..", "shared", "data", "owleval"))
 FIELDS = ["image", "question_id", "question", "answer", "model_id"]

@@ -7,19 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import perturb, random_owl_params, small_owl_config
+from conftest import peaked_params, small_owl_config
 from owl_jax.api import shard_params
 from owl_jax.generate import Generator, Sampling, bucket_length, decode, make_batch, prefill, sample_token
 from owl_jax.models.config import IMAGE_PLACEHOLDER_ID, LoraConfig
 from owl_jax.models.owl import MplugOwl, is_decode_layout
 from owl_jax.sharding import DEFAULT_RULES, make_mesh
-
-
-def peaked_params(cfg, seed: int = 0):
-    """Initialised params plus large noise on every leaf (LoRA B, biases included). Large noise gives
-    peaked logits, so greedy choices are not near-ties that a sharded run, summing in another order,
-    could flip."""
-    return perturb(random_owl_params(cfg, seed=seed), seed=seed, scale=0.3)
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,13 @@ import pytest
 from PIL import Image
 
 import owl_jax
-from conftest import small_owl_config
+from conftest import QUESTIONS, small_owl_config
 from owl_jax import evaluate
 from owl_jax import generate as generate_cli
 from owl_jax import params_io
 from owl_jax.data.tokenizer import load_tokenizer
 from owl_jax.generate import Generator, Sampling, make_batch
 from owl_jax.models.config import owl_config_to_dict
-from test_api import QUESTIONS, image_files, owl, owl_dir  # noqa: F401  (fixtures)
 
 
 @pytest.fixture

@@ -9,16 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import perturb, small_owl_config
+from conftest import random_owl_params, small_owl_config
 from owl_jax.losses import answer_loss
 from owl_jax.models.config import IMAGE_PLACEHOLDER_ID
-from owl_jax.models.owl import MplugOwl, init_params
+from owl_jax.models.owl import MplugOwl
 
 
 @pytest.fixture(scope="module")
 def setup():
     cfg = small_owl_config()
-    params = perturb(nn.unbox(init_params(cfg, jax.random.PRNGKey(0))), seed=7)
+    params = random_owl_params(cfg, perturb_seed=7)
     rng = np.random.default_rng(1)
     ids = rng.integers(3, cfg.llm.vocab_size, size=(2, 24))
     ids[0, 2 : 2 + cfg.tokens_per_image] = IMAGE_PLACEHOLDER_ID
