@@ -41,8 +41,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.stages.stage0 = ml_collections.ConfigDict({
         "stage": "full_ft",
         "num_steps": 1000,
-        # 32, not 16: binding a told scene is gradient-noise limited (BENCHMARKS.md, "Learning rate
-        # and batch"): stage 0's told-scene answers 43% -> 50%, and after stage 2 27% -> 33% of the
+        # 32, not 16: binding a told scene is gradient-noise limited (docs/notes/research_log.md,
+        # "Learning rate and batch"): stage 0's told-scene answers 43% -> 50%, and after stage 2 27% -> 33% of the
         # image questions, for ~6 more minutes.
         "batch_size": 32,
         "seq_len": 144,  # text_train conversations are at most ~145 tokens (the quizzes)

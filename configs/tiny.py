@@ -14,9 +14,10 @@ from owl_jax.models.config import AbstractorConfig, LlamaConfig, LoraConfig, Owl
 def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
     model = OwlConfig(
         # Trained from scratch, the narrow towers need two init changes for the image to reach the
-        # abstractor's output (bench/vision_probe.py, BENCHMARKS.md "Initialisation"): the patches'
-        # positions as a 2-D sine-cosine code, and abstractor weights of std 1/sqrt(128) instead of
-        # 0.02 (with 0.02 its image branch is ~5% of the residual of normalised queries it adds to).
+        # abstractor's output (bench/vision_probe.py, docs/notes/research_log.md "Initialisation"):
+        # the patches' positions as a 2-D sine-cosine code, and abstractor weights of std
+        # 1/sqrt(128) instead of 0.02 (with 0.02 its image branch is ~5% of the residual of
+        # normalised queries it adds to).
         vision=VisionConfig(image_size=112, patch_size=14, hidden_size=128, num_layers=4, num_heads=4, mlp_size=512,
                             position_embedding_init="sincos2d"),
         abstractor=AbstractorConfig(
@@ -24,7 +25,8 @@ def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
             initializer_range=0.088,
         ),
         # 8 heads of 32 rather than 4 of 64: same FLOPs, and the tiny LLM learns to read its context
-        # sooner (BENCHMARKS.md, "Heads": shape from a told scene 17-34% -> 51-69% in 1000 steps).
+        # sooner (docs/notes/research_log.md, "Heads": shape from a told scene 17-34% -> 51-69% in
+        # 1000 steps).
         llm=LlamaConfig(vocab_size=1024, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=8, mlp_size=688,
                         max_position_embeddings=1024),
         lora=LoraConfig(rank=8, alpha=32.0, dropout=0.05) if stage == "stage2_lora" else LoraConfig(),
