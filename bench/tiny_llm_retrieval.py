@@ -261,7 +261,8 @@ def main():
     def as_batch(ids, loss):
         return stack_micro_batches([{"input_ids": ids, "attention_mask": (ids != 0).astype(np.int32),
                                      "loss_mask": loss, "pixel_values": np.zeros((1, size, size, 3), np.float32),
-                                     "num_images": np.zeros((len(ids),), np.int32)}])
+                                     "num_images": np.zeros((len(ids),), np.int32),
+                                     "image_start": np.zeros((len(ids),), np.int32)}])
 
     first = as_batch(*next(batches))
     step = trainer.jit_train_step({k: v.shape for k, v in first.items()})

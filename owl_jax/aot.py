@@ -95,17 +95,12 @@ def compile_step(trainer):
     import jax
 
     config, mesh = trainer.config, trainer.mesh
-    accum, image_size = config.optim.grad_accum_steps, trainer.model_cfg.vision.image_size
-    shapes = {
-        "input_ids": ((accum, config.batch_size, config.seq_len), "int32"),
-        "attention_mask": ((accum, config.batch_size, config.seq_len), "int32"),
-        "loss_mask": ((accum, config.batch_size, config.seq_len), "int32"),
-        "pixel_values": ((accum, config.max_images_per_batch, image_size, image_size, 3), "float32"),
-        "num_images": ((accum, config.batch_size), "int32"),
-        "image_start": ((accum, config.batch_size), "int32"),
-    }
-    step = trainer.jit_train_step({k: s for k, (s, _) in shapes.items()})
-    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=step.batch_shardings[k]) for k, (s, d) in shapes.items()}
+    from owl_jax import batch as batch_format
+
+    shapes = batch_format.step_shapes(config, trainer.model_cfg.vision.image_size)
+    step = trainer.jit_train_step(shapes)
+    batch = {k: jax.ShapeDtypeStruct(s, batch_format.DTYPES[k], sharding=step.batch_shardings[k])
+             for k, s in shapes.items()}
     state = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), trainer.abstract_state, trainer.state_shardings
     )

@@ -5,6 +5,7 @@ import os
 import numpy as np
 
 from conftest import SHAPESWORLD_SIZES
+from owl_jax import batch as batch_format
 from owl_jax.data import pipeline, records
 from owl_jax.data.tokenizer import load_tokenizer
 
@@ -43,14 +44,12 @@ def test_prepare_outputs(shapesworld_dir):
 def test_batch_contract(shapesworld_dir):
     it = pipeline.make_iterator(cfg_for(shapesworld_dir), 0, 1)
     for b in take(it, 6):
-        assert set(b) == set(pipeline.BATCH_KEYS)
-        assert b["input_ids"].shape == b["attention_mask"].shape == b["loss_mask"].shape == (4, 192)
-        assert b["pixel_values"].shape == (4, 16, 16, 3) and b["pixel_values"].dtype == np.float32
-        assert b["num_images"].shape == (4,)
-        for k in ("input_ids", "attention_mask", "loss_mask", "num_images"):
-            assert b[k].dtype == np.int32, k
+        assert set(b) == set(batch_format.KEYS)
+        for k, shape in batch_format.shapes(batch_size=4, seq_len=192, max_images=4, image_size=16).items():
+            assert b[k].shape == shape and b[k].dtype == batch_format.DTYPES[k], k
         ids, att, loss, n = b["input_ids"], b["attention_mask"], b["loss_mask"], b["num_images"]
         assert n.sum() <= 4
+        assert b["image_start"].tolist() == [int(n[:i].sum()) for i in range(4)]  # images packed in sample order
         assert (ids == -1).sum(1).tolist() == (K * n).tolist()
         assert (ids[:, 0] == 1).all()
         lengths = att.sum(1)

@@ -10,7 +10,8 @@ import pytest
 from conftest import peaked_params, small_owl_config
 from owl_jax.api import shard_params
 from owl_jax.generate import Generator, Sampling, bucket_length, decode, make_batch, prefill, sample_token
-from owl_jax.models.config import IMAGE_PLACEHOLDER_ID, LoraConfig
+from owl_jax.batch import IMAGE_PLACEHOLDER_ID
+from owl_jax.models.config import LoraConfig
 from owl_jax.models.owl import MplugOwl, is_decode_layout
 from owl_jax.sharding import DEFAULT_RULES, make_mesh
 

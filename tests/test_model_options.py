@@ -11,7 +11,7 @@ import pytest
 
 from conftest import random_owl_params, small_owl_config
 from owl_jax.losses import answer_loss
-from owl_jax.models.config import IMAGE_PLACEHOLDER_ID
+from owl_jax.batch import IMAGE_PLACEHOLDER_ID
 from owl_jax.models.owl import MplugOwl
 
 

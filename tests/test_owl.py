@@ -16,7 +16,8 @@ from conftest import CharTokenizer, random_owl_params, small_owl_config
 from torch_oracle import OwlOracle
 from owl_jax.convert import from_torch, to_torch
 from owl_jax.data.text import encode_prompt
-from owl_jax.models.config import IMAGE_PLACEHOLDER_ID, LoraConfig
+from owl_jax.batch import IMAGE_PLACEHOLDER_ID
+from owl_jax.models.config import LoraConfig
 from owl_jax.models.owl import MplugOwl
 
 

@@ -11,6 +11,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_train_config
+from owl_jax import batch as batch_format
 from owl_jax.sharding import make_mesh
 from owl_jax.training.synthetic import RandomBatches
 from owl_jax.training.trainer import Trainer, global_batch, stack_micro_batches
@@ -146,8 +147,9 @@ def test_gradient_accumulation_equals_one_big_batch():
     data = RandomBatches(batch_size=8, seq_len=24, max_images=8, images_per_sample=1, vocab_size=64,
                          tokens_per_image=trainer.model_cfg.tokens_per_image, image_size=28, seed=3)
     big = next(data)
-    halves = [{k: (v[:4] if k != "pixel_values" else v[:4]) for k, v in big.items()},
-              {k: (v[4:] if k != "pixel_values" else v[4:]) for k, v in big.items()}]
+    halves = [{k: v[:4] for k, v in big.items()}, {k: v[4:] for k, v in big.items()}]
+    for half in halves:  # one image a sample: each half's images are its own first four slots
+        half["image_start"] = batch_format.first_image_slots(half["num_images"])
     results = []
     for micro in ([big], halves):
         state = trainer.init_state(jax.random.PRNGKey(0))
@@ -160,7 +162,6 @@ def test_gradient_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(results[1][2], results[0][2], rtol=1e-5)  # the gradient's size, not only its sign
     for a, b in zip(jax.tree_util.tree_leaves(results[0][0]), jax.tree_util.tree_leaves(results[1][0])):
         np.testing.assert_allclose(b, a, atol=1e-5)
-
 
 
 def test_a_checkpoint_restores_onto_another_mesh_and_trains_on(tmp_path, monkeypatch):

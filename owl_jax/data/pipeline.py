@@ -11,18 +11,7 @@ Graph (grain dataset API)::
       -> image-aware batching (`make_batch`)                        (fixed shapes, see below)
       -> mp_prefetch(worker_count)                                  (optional worker processes)
 
-A batch (per process) is a dict of numpy arrays with fixed shapes, B = batch_size // process_count,
-T = max_len, M = max_images_per_batch // process_count, S = image_size:
-
-===============  ==================  =========================================================
-input_ids        int32[B, T]         BOS 1, text ids, -1 x image_token_count per image, EOS 2
-                                     after each answer, pad 0 (right padding)
-attention_mask   int32[B, T]         1 on real tokens (placeholders included), 0 on padding
-loss_mask        int32[B, T]         1 where the token is part of an AI answer (its EOS included)
-pixel_values     float32[M, S, S, 3] the batch's images in sample order, CLIP-normalised,
-                                     unused slots zero
-num_images       int32[B]            images per sample (sum <= M)
-===============  ==================  =========================================================
+A batch (per process) is the training batch of owl_jax/batch.py (T = max_len), with fixed shapes.
 
 With text_only_ratio >= 0 and a finite num_epochs, iteration ends when either group (text-only or
 image) is exhausted at its weight. A sample whose images do not fit the batch's remaining image slots is deferred to the next batch;
@@ -31,9 +20,7 @@ truncated samples and samples left with no loss token. At the end of a finite ru
 is filled with inert rows (a lone BOS, attention 1 at position 0, loss 0, no images).
 
 Multi-process: each process gets its own B rows and M image slots; a sample's images are always in
-its own process's slots. Concatenating per-process batches into one global array keeps that
-layout: image offsets are then per process block (cumsum of num_images within each block of B
-rows, offset by the block's M slots).
+its own process's slots, and its `image_start` counts from the process's first slot.
 
 Checkpointing: `OwlDataIterator` is a grain `DatasetIterator`. ``get_state()`` returns a
 JSON-able dict and ``set_state(state)`` restores it (the resumed run yields exactly the batches it
@@ -58,9 +45,8 @@ from owl_jax.data import records
 from owl_jax.data.conversation import drop_images
 from owl_jax.data.image import load_and_preprocess
 from owl_jax.data.text import DEFAULT_IMAGE_TOKEN_COUNT, encode_conversation, pad_to
-from owl_jax.data.tokenizer import BOS_ID, load_tokenizer
-
-BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "pixel_values", "num_images")
+from owl_jax.batch import BOS_ID, first_image_slots
+from owl_jax.data.tokenizer import load_tokenizer
 STAT_NAMES = ("samples", "truncated", "no_loss_tokens", "images_truncated", "deferred", "dropped_too_many_images",
               "filler_rows")
 _STATS = "_stats"
@@ -229,6 +215,7 @@ def make_batch(samples: Sequence[dict], batch_size: int, max_images: int, max_le
         _STATS: stats,
         _INDEX: np.asarray([int(r.get(_INDEX, -1)) for r in rows], np.int32),
     }
+    batch["image_start"] = first_image_slots(batch["num_images"])
     return batch
 
 
@@ -308,7 +295,7 @@ class _StatsDataset(grain.IterDataset):
 
 
 class OwlDataIterator(grain.DatasetIterator):
-    """Yields batch dicts (the `BATCH_KEYS`); accumulates pipeline counters in `stats`.
+    """Yields batch dicts (owl_jax/batch.py); accumulates pipeline counters in `stats`.
 
     ``get_state()`` -> JSON-able dict; ``set_state(state)``; works with
     ``grain.checkpoint.CheckpointSave/CheckpointRestore`` for orbax.

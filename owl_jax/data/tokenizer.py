@@ -13,9 +13,8 @@ from typing import Iterable
 
 from absl import logging
 
+from owl_jax.batch import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from owl_jax.cli import UserError
-
-UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 0
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork grain workers
 

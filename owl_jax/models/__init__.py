@@ -1,7 +1,6 @@
 """Flax modules of mPLUG-Owl."""
 from owl_jax.models.abstractor import VisualAbstractor
 from owl_jax.models.config import (
-    IMAGE_PLACEHOLDER_ID,
     AbstractorConfig,
     LlamaConfig,
     LoraConfig,

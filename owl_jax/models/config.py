@@ -10,8 +10,6 @@ from typing import Any, Mapping
 
 from owl_jax.cli import UserError
 
-IMAGE_PLACEHOLDER_ID = -1  # the release marks every image-token slot in input_ids with -1
-
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:

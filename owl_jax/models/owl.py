@@ -7,8 +7,9 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
+from owl_jax.batch import IMAGE_PLACEHOLDER_ID
 from owl_jax.models.abstractor import VisualAbstractor
-from owl_jax.models.config import IMAGE_PLACEHOLDER_ID, OwlConfig
+from owl_jax.models.config import OwlConfig
 from owl_jax.models.layers import dtype_of, partitioned
 from owl_jax.models import llama
 from owl_jax.models.llama import LlamaForCausalLM

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from owl_jax.models.config import IMAGE_PLACEHOLDER_ID
+from owl_jax.batch import IMAGE_PLACEHOLDER_ID, first_image_slots
 
 
 class RandomBatches:
@@ -56,4 +56,4 @@ class RandomBatches:
         used = int(num_images.sum())
         pixels[:used] = rng.normal(size=(used, self.image_size, self.image_size, 3))
         return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask, "pixel_values": pixels,
-                "num_images": num_images}
+                "num_images": num_images, "image_start": first_image_slots(num_images)}

@@ -25,6 +25,7 @@ import optax
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 
+from owl_jax import batch as batch_format
 from owl_jax import sharding as shd
 from owl_jax.cli import UserError
 from owl_jax.losses import answer_loss, answer_loss_from_hidden
@@ -34,7 +35,6 @@ from owl_jax.models.owl import MplugOwl, init_params
 from owl_jax.training import stages
 from owl_jax.training.optim import make_optimizer, make_schedule
 
-BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "pixel_values", "num_images", "image_start")
 
 
 @dataclasses.dataclass
@@ -49,12 +49,12 @@ class Trainer:
         if run_cfg.attention_impl == "auto":  # by the mesh's platform: an AOT compile for TPU runs on a CPU host
             run_cfg = dataclasses.replace(run_cfg, attention_impl=platform_attention(self.mesh.devices.flat[0].platform))
         self.model = MplugOwl(run_cfg)
-        self.rules = shd.rules_from_config(c.get("logical_axis_rules"))
-        self.patterns = stages.trainable_patterns(c.stage, c.get("train_abstractor", False), c.get("extra_trainable", ()))
+        self.rules = shd.rules_from_config(c.logical_axis_rules)
+        self.patterns = stages.trainable_patterns(c.stage, c.train_abstractor, c.extra_trainable)
         self.tx = make_optimizer(c.optim, c.num_steps)
         self.schedule = make_schedule(c.optim, c.num_steps)
-        self.frozen_dtype = jnp.dtype(c.get("frozen_dtype", "float32"))
-        self.lm_head_rows = c.get("lm_head_rows", "answers")
+        self.frozen_dtype = jnp.dtype(c.frozen_dtype)
+        self.lm_head_rows = c.lm_head_rows
         if self.lm_head_rows not in ("answers", "all"):
             raise UserError(f"config.lm_head_rows={self.lm_head_rows!r}: expected 'answers' or 'all'")
         boxed = jax.eval_shape(lambda: init_params(self.model_cfg, jax.random.PRNGKey(0)))
@@ -135,7 +135,7 @@ class Trainer:
         return loss * metrics["loss_tokens"], metrics  # a sum over answer tokens: exact across micro-batches
 
     def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
-        """batch: BATCH_KEYS arrays with a leading micro-batch axis [K, ...]."""
+        """batch: owl_jax/batch.py's arrays with a leading micro-batch axis [K, ...]."""
         rng, step_rng = jax.random.split(state["rng"])
         micro_rngs = jax.random.split(step_rng, batch["input_ids"].shape[0])
         grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
@@ -218,12 +218,8 @@ def put_global(host_array, sharding: NamedSharding) -> jax.Array:
 
 
 def stack_micro_batches(batches: list[dict]) -> dict[str, np.ndarray]:
-    """Pipeline batches -> one step's [K, ...] arrays, with `image_start` (each sample's first image
-    slot among this process's; `global_batch` moves it to the global flat image array)."""
-    out = {k: np.stack([b[k] for b in batches]) for k in BATCH_KEYS if k != "image_start"}
-    counts = out["num_images"]
-    out["image_start"] = (np.cumsum(counts, axis=1) - counts).astype(np.int32)
-    return out
+    """Micro-batches (owl_jax/batch.py) -> one step's [K, ...] arrays."""
+    return {k: np.stack([b[k] for b in batches]) for k in batch_format.KEYS}
 
 
 def global_batch(local: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:

@@ -1,0 +1,50 @@
+"""The training batch: one format from the input pipeline to the loss.
+
+Every producer (the grain pipeline in owl_jax/data, the random batches in
+owl_jax/training/synthetic.py) yields this process's micro-batches as dicts of numpy arrays with
+fixed shapes. B = batch_size // process_count rows, T = seq_len, M = max_images_per_batch //
+process_count image slots, S = image_size:
+
+===============  ==================  =========================================================
+input_ids        int32[B, T]         BOS, text ids, IMAGE_PLACEHOLDER_ID x tokens_per_image per
+                                     image, EOS after each answer, PAD (right padding)
+attention_mask   int32[B, T]         1 on real tokens (placeholders included), 0 on padding
+loss_mask        int32[B, T]         1 where the token is part of an answer (its EOS included)
+pixel_values     float32[M, S, S, 3] the images in sample order, CLIP-normalised, unused slots 0
+num_images       int32[B]            images per sample (sum <= M)
+image_start      int32[B]            each sample's first image slot among this process's M
+===============  ==================  =========================================================
+
+The trainer stacks `grad_accum_steps` micro-batches on a leading axis ([K, ...]) and makes global
+arrays, the batch axis split across processes; `image_start` then moves by the global index of the
+process's first slot (training/trainer.py: global_batch).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 0  # the LLaMA tokenizer's, which the release uses
+IMAGE_PLACEHOLDER_ID = -1  # the release marks every image-token slot in input_ids with -1
+
+KEYS = ("input_ids", "attention_mask", "loss_mask", "pixel_values", "num_images", "image_start")
+DTYPES = {"input_ids": np.int32, "attention_mask": np.int32, "loss_mask": np.int32, "pixel_values": np.float32,
+          "num_images": np.int32, "image_start": np.int32}
+
+
+def shapes(batch_size: int, seq_len: int, max_images: int, image_size: int) -> dict[str, tuple[int, ...]]:
+    """Each key's shape for B rows, T tokens, M image slots of S x S pixels."""
+    b, t, m, s = batch_size, seq_len, max_images, image_size
+    return {"input_ids": (b, t), "attention_mask": (b, t), "loss_mask": (b, t), "pixel_values": (m, s, s, 3),
+            "num_images": (b,), "image_start": (b,)}
+
+
+def step_shapes(config, image_size: int) -> dict[str, tuple[int, ...]]:
+    """The global [K, ...] shapes of one training step's batch for a training config."""
+    one = shapes(config.batch_size, config.seq_len, config.max_images_per_batch, image_size)
+    return {k: (config.optim.grad_accum_steps, *shape) for k, shape in one.items()}
+
+
+def first_image_slots(num_images: np.ndarray) -> np.ndarray:
+    """int32[B] image_start of samples whose images are packed in order: the exclusive cumsum."""
+    num_images = np.asarray(num_images, np.int32)
+    return (np.cumsum(num_images, axis=-1) - num_images).astype(np.int32)
