@@ -6,7 +6,7 @@ sides in bf16: --dtype bfloat16, weights and compute, as `owl_jax.load(path, dty
     python bench/decode_throughput.py [--batch 1 8] [--prompt-len 64] [--new-tokens 128] [--dtype bfloat16]
 
 One random LLaMA (default: 4 layers x 512, 8 heads, MLP 1376, vocab 32000 — the small config of
-DESIGN 5) is built in transformers, saved, and converted into an owl_jax model (tiny vision side,
+docs/design.md, 5) is built in transformers, saved, and converted into an owl_jax model (tiny vision side,
 text-only prompts), so both sides run the same weights. Each side generates exactly --new-tokens
 tokens per sample (EOS off); tokens/s = batch x new tokens / wall time of the whole call (prefill
 included), best of --repeats interleaved calls after one warm-up call each (compilation on the JAX

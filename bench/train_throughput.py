@@ -2,7 +2,7 @@
 
     JAX_PLATFORMS=cpu python bench/train_throughput.py [--steps 5] [--stage all|stage1|stage2_lora] [--scan]
 
-bench_small (DESIGN 5): ViT 4 x 256 on 224 x 224 (patch 14), abstractor 2 x 256 (FFN 704, 64
+bench_small (docs/design.md, 5): ViT 4 x 256 on 224 x 224 (patch 14), abstractor 2 x 256 (FFN 704, 64
 queries), LLaMA 4 x 512 (FFN 1376, 8 heads, vocab 32000), batch 4 x 513 tokens with one image each,
 AdamW, fp32. The PyTorch side is the released-layout oracle of the tests (tests/torch_oracle.py:
 CLIP-style vision + abstractor, transformers' LlamaForCausalLM) with torch.optim.AdamW on the same

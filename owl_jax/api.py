@@ -12,9 +12,12 @@
     owl.score(["a.jpg"], "What colour is the car?", ["Red.", "Blue."])  # log-likelihood per candidate
 
 Prompts follow the released conversation template (`owl_jax.data.conversation`): the
-images as ``Human: <image>`` lines first, then the turns, ending in ``"AI: "``; they are tokenised
-exactly as in training (`owl_jax.data.text`). Images may be paths, PIL images, or arrays (uint8
-[H, W, 3] pixels, or float32 [S, S, 3] already CLIP-normalised at the model's image size).
+images as ``Human: <image>`` lines first, then the turns, ending in ``"AI: "``. They are tokenised
+as the released processor does (the text split on ``<image>`` only, each piece tokenised whole), so
+the released weights answer as in the release; ``load(..., prompt_tokenization="training")`` keeps
+the chunks of training instead (`owl_jax.data.text.encode_prompt`), for a model evaluated in its own
+training format. Images may be paths, PIL images, or arrays (uint8 [H, W, 3] pixels, or float32
+[S, S, 3] already CLIP-normalised at the model's image size).
 """
 from __future__ import annotations
 

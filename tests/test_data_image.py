@@ -1,4 +1,4 @@
-"""Image preprocessing (DESIGN 1.1) and repair of odd image files."""
+"""Image preprocessing (docs/design.md, 1.1) and repair of odd image files."""
 import io
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Token layout and label masks (DESIGN 1.4-1.6) on hand-written released-format samples."""
+"""Token layout and label masks (docs/design.md, 1.5 and 2.1) on hand-written released-format samples."""
 import ast
 import os
 import re

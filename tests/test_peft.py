@@ -37,7 +37,8 @@ def _shapes(cfg, module):
 
 def _write_adapter(path, cfg, targets=r".*language_model.*\.(q_proj|v_proj)", modules=("q_proj", "v_proj"),
                    key_suffix="weight", edit=None, seed=0, extra_config=None):
-    """An adapter dir as PEFT writes one, built from DESIGN 3 alone; returns {torch key: array}."""
+    """An adapter dir as PEFT writes one, from PEFT's key names and shapes as written out here (not
+    from owl_jax.convert.peft; docs/design.md, "PEFT LoRA adapters"); returns {torch key: array}."""
     rng = np.random.default_rng(seed)
     tensors = {}
     for i in range(cfg.llm.num_layers):

@@ -1,4 +1,5 @@
-"""The 7B config has exactly the released parameter count and key set (DESIGN 3)."""
+"""The 7B config has exactly the released parameter count and key set (docs/design.md, "The released
+PyTorch layout")."""
 import importlib.util
 import itertools
 import re
@@ -10,8 +11,9 @@ from owl_jax.convert import param_shapes
 from owl_jax.convert.layouts import released_layout
 from owl_jax.models.config import owl_config_from_dict
 
-# DESIGN 3, verbatim: {i} is a layer index, {a,b} alternatives.
-DESIGN_KEYS = """
+# The released checkpoint's keys, written out by hand (not derived from owl_jax.convert.layouts):
+# {i} is a layer index, {a,b} alternatives.
+RELEASED_KEYS = """
 query_tokens
 vision_model.embeddings.cls_token
 vision_model.embeddings.position_embedding
@@ -72,7 +74,7 @@ def test_7b_parameter_count_and_key_set(config_file):
     assert sum(int(np.prod(s)) for s in shapes.values()) == 7_123_068_928
 
     layers = {"vision_model": 24, "abstractor": 6, "language_model": 32}
-    expected = set().union(*(_expand(line, layers) for line in DESIGN_KEYS.split()))
+    expected = set().union(*(_expand(line, layers) for line in RELEASED_KEYS.split()))
     ours = {m.key for m in released_layout(shapes)}
     assert ours == expected
     torch_shapes = {m.key: m.sources[0][1] for m in released_layout(shapes)}

@@ -1,4 +1,5 @@
-"""A compact PyTorch mPLUG-Owl written from DESIGN.md, in the released state-dict layout.
+"""A compact PyTorch mPLUG-Owl written from the model's description in docs/design.md, in the
+released state-dict layout, independently of owl_jax's modules.
 
 The released code needs transformers <= 4.46 and is not part of the project; this oracle follows its
 semantics (per-head interleaved fused QKV, abstractor residual from the normalised queries, FFN
