@@ -55,7 +55,7 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     from owl_jax.convert import from_torch
-    from owl_jax.generate import Generator, Sampling, make_batch
+    from owl_jax.inference.engine import Generator, Sampling, make_batch
     from owl_jax.models.config import AbstractorConfig, LlamaConfig, OwlConfig, VisionConfig
 
     if args.torch_threads:
@@ -80,7 +80,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         params, _ = from_torch(cfg, llama=d)
-    if args.dtype != "float32":  # as owl_jax.api.from_params(..., dtype=) and torch's .to(dtype)
+    if args.dtype != "float32":  # as owl_jax.inference.api.from_params(..., dtype=) and torch's .to(dtype)
         cfg = dataclasses.replace(cfg, dtype=args.dtype, param_dtype=args.dtype)
         params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(jax.numpy.dtype(args.dtype)), params)
         hf = hf.to(getattr(torch, args.dtype))

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from owl_jax.api import _forward
+from owl_jax.inference.api import _forward
 from owl_jax.configs import load_config_file
 from owl_jax.sharding import make_mesh
 from owl_jax.training.stages import merge_params

@@ -17,7 +17,7 @@ from owl_jax.data.conversation import SYSTEM_PROMPT, build_prompt
 from owl_jax.data.image import preprocess, to_rgb
 from owl_jax.data.text import encode_conversation, encode_prompt
 from owl_jax.data.tokenizer import load_tokenizer
-from owl_jax.generate import Generator, Sampling, make_batch, trim
+from owl_jax.inference.engine import Generator, Sampling, make_batch, trim
 from owl_jax.params_io import load_params
 
 @pytest.fixture(scope="module")

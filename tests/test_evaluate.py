@@ -14,7 +14,8 @@ from owl_jax.data.conversation import SYSTEM_PROMPT, build_prompt
 from owl_jax.data.image import preprocess, to_rgb
 from owl_jax.data.text import encode_prompt
 from owl_jax.data.tokenizer import load_tokenizer, train_tokenizer
-from owl_jax.generate import Generator, Sampling, make_batch, trim
+from owl_jax.inference import owleval
+from owl_jax.inference.engine import Generator, Sampling, make_batch, trim
 from owl_jax.models.config import LoraConfig
 from owl_jax.params_io import load_params, save_params
 
@@ -79,11 +80,11 @@ class RecordingOwl:
 
 
 def _check_conversations(data_dir, out, num_questions, num_images):
-    questions = evaluate.read_jsonl(os.path.join(data_dir, "questions.jsonl"))
-    convs = evaluate.owleval_conversations(questions)
+    questions = owleval.read_jsonl(os.path.join(data_dir, "questions.jsonl"))
+    convs = owleval.owleval_conversations(questions)
     assert sum(map(len, convs)) == num_questions and len(convs) == len({q["image"] for q in questions}) == num_images
     owl = RecordingOwl()
-    rows = evaluate.run_owleval(owl, data_dir, out, progress=False)
+    rows = owleval.run_owleval(owl, data_dir, out, progress=False)
     assert [r["question_id"] for r in rows] == [q["question_id"] for q in questions]
     assert all(r["answer"] == "A" + r["question"] for r in rows)
     by_last = {r["messages"][-1]["content"]: r["messages"] for r in owl.requests}
@@ -142,7 +143,7 @@ def test_owleval_answers_are_the_greedy_decoding_of_each_question_in_its_convers
 @pytest.mark.real_data
 def test_owleval_runner_writes_82_answers_with_a_tiny_model(tmp_path):
     assert os.path.exists(os.path.join(OWLEVAL, "questions.jsonl")), f"no OwlEval data at {OWLEVAL} (set OWLEVAL_DIR)"
-    questions = evaluate.read_jsonl(os.path.join(OWLEVAL, "questions.jsonl"))
+    questions = owleval.read_jsonl(os.path.join(OWLEVAL, "questions.jsonl"))
     ckpt = tmp_path / "tiny"
     cfg = small_owl_config()
     # Positions for the longest conversation (8 rounds, the earlier answers in context): 256 are too few.
@@ -156,7 +157,7 @@ def test_owleval_runner_writes_82_answers_with_a_tiny_model(tmp_path):
     assert evaluate.main(argv) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 82
-    reference = evaluate.read_jsonl(os.path.join(OWLEVAL, "mplug_owl_7b_answers.jsonl"))
+    reference = owleval.read_jsonl(os.path.join(OWLEVAL, "mplug_owl_7b_answers.jsonl"))
     assert all(list(r) == list(reference[0]) == FIELDS for r in rows)  # the released answers' format
     for row, q in zip(rows, questions):
         assert (row["image"], row["question_id"], row["question"]) == (q["image"], q["question_id"], q["question"])

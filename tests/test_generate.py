@@ -1,4 +1,4 @@
-"""Batched decoding with the KV cache (owl_jax.generate): cache vs full forward (LoRA unmerged,
+"""Batched decoding with the KV cache (owl_jax.inference.engine): cache vs full forward (LoRA unmerged,
 dropout rates set), batch vs alone, sampling, per-sample EOS, buckets (no recompilation), and a
 data x fsdp x tensor = 2 x 2 x 2 mesh of the suite's 8 CPU devices."""
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import peaked_params, small_owl_config
-from owl_jax.api import shard_params
-from owl_jax.generate import Generator, Sampling, bucket_length, decode, make_batch, prefill, sample_token
+from owl_jax.inference.api import shard_params
+from owl_jax.inference.engine import Generator, Sampling, bucket_length, decode, make_batch, prefill, sample_token
 from owl_jax.batch import IMAGE_PLACEHOLDER_ID
 from owl_jax.models.config import LoraConfig
 from owl_jax.models.owl import MplugOwl, is_decode_layout
@@ -146,7 +146,7 @@ def test_top_k_and_top_p_filters():
 
 def test_filters_keep_what_a_sort_keeps():
     """The bisection top-k / top-p cut-offs equal the sort-based definitions."""
-    from owl_jax.generate import _top_k_filter, _top_p_filter
+    from owl_jax.inference.engine import _top_k_filter, _top_p_filter
 
     logits = jax.random.normal(jax.random.PRNGKey(0), (4, 1000)) * 3
     logits = logits.at[:, -10:].set(-jnp.inf)  # banned ids (vocab_limit)

@@ -18,7 +18,8 @@ from owl_jax import evaluate
 from owl_jax import generate as generate_cli
 from owl_jax import params_io
 from owl_jax.data.tokenizer import load_tokenizer
-from owl_jax.generate import Generator, Sampling, make_batch
+from owl_jax.inference import owleval
+from owl_jax.inference.engine import Generator, Sampling, make_batch
 from owl_jax.models.config import owl_config_to_dict
 
 
@@ -207,7 +208,7 @@ class EchoOwl:
 
 
 def _run(data, out):
-    return evaluate.run_owleval(EchoOwl(), str(data), str(out), progress=False)
+    return owleval.run_owleval(EchoOwl(), str(data), str(out), progress=False)
 
 
 def test_owleval_refuses_a_duplicate_question_id(tmp_path):
@@ -253,14 +254,14 @@ def test_owleval_resumes_after_a_crash_without_asking_again(tmp_path, monkeypatc
 
     monkeypatch.setattr(crashing, "generate", generate)
     with pytest.raises(RuntimeError):
-        evaluate.run_owleval(crashing, str(data), str(out), progress=False)
+        owleval.run_owleval(crashing, str(data), str(out), progress=False)
     saved = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["question_id"] for r in saved] == [1, 4, 5]  # round 1, on disk as it ended
     with open(out, "a") as f:
         f.write('{"image": "a.jpg", "question_id": 2, "quest')  # a row cut off mid-write
 
     again = EchoOwl()
-    rows = evaluate.run_owleval(again, str(data), str(out), progress=False)
+    rows = owleval.run_owleval(again, str(data), str(out), progress=False)
     assert again.asked == ["Question 2?", "Question 6?", "Question 3?"]  # nothing saved is asked again
     assert out.read_text() == whole.read_text()  # the same answers (the saved ones in context), in order
     assert [r["question_id"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -269,7 +270,7 @@ def test_owleval_resumes_after_a_crash_without_asking_again(tmp_path, monkeypatc
     assert not os.path.exists(str(out) + ".tmp")
 
     finished = EchoOwl()  # a rerun of a finished run asks nothing
-    evaluate.run_owleval(finished, str(data), str(out), progress=False)
+    owleval.run_owleval(finished, str(data), str(out), progress=False)
     assert finished.asked == [] and out.read_text() == whole.read_text()
 
 
@@ -280,14 +281,14 @@ def test_owleval_counts_an_unfinished_last_line_and_refuses_other_answers(tmp_pa
     rows = out.read_text().splitlines()
     out.write_text(rows[0] + "\n" + rows[1][:20])
     again = EchoOwl()
-    evaluate.run_owleval(again, str(data), str(out), progress=False)
+    owleval.run_owleval(again, str(data), str(out), progress=False)
     assert "1 of 6 questions answered already" in capsys.readouterr().err
     out.write_text(rows[0] + "\n" + rows[1][:20] + "\n" + rows[2] + "\n")  # broken inside: not a cut-off write
     with pytest.raises(ValueError, match=re.escape(f"{out} line 2: not JSON")):
         _run(data, out)
     out.write_text(rows[0] + "\n")
     with pytest.raises(ValueError, match=re.escape(f"{out} line 1: answered by model_id 'owl_jax', this run is 'other'")):
-        evaluate.run_owleval(EchoOwl(), str(data), str(out), model_id="other", progress=False)
+        owleval.run_owleval(EchoOwl(), str(data), str(out), model_id="other", progress=False)
 
 
 @pytest.mark.parametrize("kind", ["parent", "absolute", "symlink"])
@@ -304,7 +305,7 @@ def test_owleval_refuses_images_outside_the_data_dir_without_reading_them(tmp_pa
     monkeypatch.setattr(Image, "open", lambda f, *a, **k: (opened.append(str(f)), real_image_open(f, *a, **k))[1])
     owl = EchoOwl()
     with pytest.raises(ValueError) as e:
-        evaluate.run_owleval(owl, str(data), str(tmp_path / "out.jsonl"), progress=False)
+        owleval.run_owleval(owl, str(data), str(tmp_path / "out.jsonl"), progress=False)
     assert str(e.value).startswith(f"{data / 'questions.jsonl'} line 2: image {name!r} resolves to {secret}, outside")
     code = evaluate.main(["owleval", "--checkpoint", str(tmp_path / "none"), "--data", str(data),
                           "--out", str(tmp_path / "out.jsonl")])

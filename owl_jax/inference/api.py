@@ -37,7 +37,7 @@ from owl_jax.data import conversation
 from owl_jax.data.image import preprocess, to_rgb
 from owl_jax.data.text import PROMPT_TOKENIZATIONS, encode_prompt
 from owl_jax.data.tokenizer import encode_text
-from owl_jax.generate import Generator, Sampling, bucket_count, bucket_length, check_context, make_batch, trim
+from owl_jax.inference.engine import Generator, Sampling, bucket_count, bucket_length, check_context, make_batch, trim
 from owl_jax.models.config import OwlConfig
 from owl_jax.models.owl import MplugOwl, init_params, is_decode_layout
 from owl_jax import params_io

@@ -1,0 +1,400 @@
+"""Batched decoding under jit with the KV cache.
+
+Two jitted programs:
+
+* `prefill`: splices the images into the prompt embeddings, runs the LLM once over the (left-padded)
+  prompts, writing the cache, and samples the first new token.
+* `decode`: a `lax.while_loop` of single-token steps with the cache, until every sample has hit EOS
+  or a step limit (`stop_at`, traced: chunked streaming does not recompile).
+
+Prompts of different lengths are left-padded, with positions = cumsum(mask) - 1, so a sample's tokens
+do not depend on what it is batched with. Prompt lengths, batch sizes and image counts are padded
+to buckets so repeated calls reuse the compiled programs: one compilation per (batch bucket, prompt
+bucket, image bucket, max_new_tokens, do_sample). Sampling parameters (temperature, top-k, top-p) are
+traced scalars; the random stream is `fold_in(PRNGKey(seed), step)`, so the same seed gives the same
+samples however decoding is chunked. Works with params sharded on a mesh: pass `mesh` and the
+logical axis `rules` (the model's activation constraints then apply); nothing goes back to the host
+between tokens.
+
+Both programs take params in the training layout or the decode layout (`owl_jax.models.owl`
+`to_decode_layout`: LLM layers unrolled, LM head kernel [V, D]); `Generator` converts them once. With
+the layers unrolled the loop reads every layer's weights and KV cache where they are and writes the
+cache in place; under `nn.scan` each token would slice the weights and cache out of the stacked
+`[L, ...]` arrays and write the whole cache back.
+
+The command line on top of it is `python -m owl_jax.generate` (owl_jax/generate.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Any, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from owl_jax.cli import UserError
+from owl_jax.models.config import OwlConfig
+from owl_jax.models.owl import MplugOwl, is_decode_layout, to_decode_layout
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Decoding settings. `do_sample=False` (or temperature <= 0) is greedy; top_k 0 and top_p 1.0
+    switch those filters off."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature <= 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_token(logits: jax.Array, key: jax.Array, temperature, top_k, top_p, *, greedy: bool,
+                 vocab_limit: int | None = None) -> jax.Array:
+    """One token per row from logits float[B, V]. temperature/top_k/top_p are (traced) scalars.
+
+    top-k keeps the k largest logits (0: all); top-p keeps the smallest set of the largest logits
+    (after top-k) whose mass reaches p (always at least one token); ties at a cut-off are kept.
+    `vocab_limit` bans ids >= it (a tokenizer smaller than the model's vocabulary)."""
+    logits = logits.astype(jnp.float32)
+    v = logits.shape[-1]
+    if vocab_limit is not None and vocab_limit < v:
+        logits = jnp.where(jnp.arange(v) < vocab_limit, logits, -jnp.inf)
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
+    # The filters only run when asked (lax.cond: the flags are traced, one compiled program).
+    logits = jax.lax.cond((top_k > 0) & (top_k < v), _top_k_filter, lambda x, k: x, logits, top_k)
+    logits = jax.lax.cond(top_p < 1.0, _top_p_filter, lambda x, p: x, logits, jnp.asarray(top_p, jnp.float32))
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# The filters find their cut-off by bisection on the float order, 32 passes of a masked count or sum
+# over the row, instead of sorting it: XLA's CPU sort of float[8, 32000] takes ~50 ms, longer than a
+# decoding step of the small model.
+
+
+def _order_keys(x: jax.Array) -> jax.Array:
+    """float32[...] -> uint32[...] in the same order (x < y <=> key(x) < key(y); NaN aside)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    negative = (bits >> 31) == 1
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _largest_key_where(holds, batch: int) -> jax.Array:
+    """Per row, the largest uint32 u with holds(u) (bool[B] of uint32[B]), where holds is true up to
+    some u and false beyond, and holds(0): built bit by bit from the top."""
+    def try_bit(i, best):
+        candidate = best | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        return jnp.where(holds(candidate), candidate, best)
+
+    return jax.lax.fori_loop(0, 32, try_bit, jnp.zeros((batch,), jnp.uint32))
+
+
+def _top_k_filter(logits: jax.Array, k) -> jax.Array:
+    """float[B, V] -> the same with everything below the k-th largest of its row set to -inf."""
+    keys = _order_keys(logits)
+    kth = _largest_key_where(lambda u: (keys >= u[:, None]).sum(-1) >= k, logits.shape[0])
+    return jnp.where(keys >= kth[:, None], logits, -jnp.inf)
+
+
+def _top_p_filter(logits: jax.Array, p) -> jax.Array:
+    """float[B, V] -> the same with the smallest logits set to -inf, keeping the smallest set of the
+    largest whose softmax mass reaches p: the cut-off is the largest logit c with mass(>= c) >= p."""
+    keys = _order_keys(logits)
+    probs = jax.nn.softmax(logits, axis=-1)
+    cut = _largest_key_where(lambda u: jnp.where(keys >= u[:, None], probs, 0.0).sum(-1) >= p, logits.shape[0])
+    return jnp.where(keys >= cut[:, None], logits, -jnp.inf)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two jitted programs
+
+
+def _llm_last_logits(m: MplugOwl, embeds, positions, cache_mask):
+    """LLM over embeds float[B, T, D] with the cache; logits of the last position only."""
+    hidden = m.language_model.model(embeds, positions, cache_mask)
+    return m.language_model.lm_head(hidden[:, -1:])[:, 0].astype(jnp.float32)
+
+
+def _prefill_fn(m: MplugOwl, input_ids, pixel_values, num_images, positions, cache_mask):
+    return _llm_last_logits(m, m.embed(input_ids, pixel_values, num_images), positions, cache_mask)
+
+
+def _step_fn(m: MplugOwl, token, position, cache_mask):
+    return _llm_last_logits(m, m.language_model.embed(token[:, None]), position[:, None], cache_mask)
+
+
+_STATIC = ("cfg", "max_new_tokens", "greedy", "pad_id", "vocab_limit", "return_logits")
+
+
+def _decoder(params, cfg: OwlConfig) -> MplugOwl:
+    """The decoding model for `params` in either layout (the tree structure is static under jit)."""
+    return MplugOwl(cfg, decode=True, decode_layout=is_decode_layout(params))
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def prefill(params, input_ids, prompt_mask, pixel_values, num_images, num_rows, rng, eos_id, temperature, top_k, top_p, *,
+            cfg: OwlConfig, max_new_tokens: int, greedy: bool, pad_id: int,
+            vocab_limit: int | None, return_logits: bool) -> dict:
+    """Left-padded prompts int[B, P] (mask int/bool[B, P]) -> decoding state with the first new token.
+
+    The state holds the cache (P + max_new_tokens slots), `tokens` int[B, max_new_tokens] (pad_id
+    after the end), `step` (tokens generated so far), `done` bool[B], `length` int[B] (tokens
+    generated per sample, EOS included) and, with return_logits, `logits` float[B, max_new_tokens, V]:
+    the distribution each token was drawn from. eos_id: int32 scalar, -1 for none. Rows from
+    `num_rows` on are batch padding: done from the start, so they never hold the loop up."""
+    model = _decoder(params, cfg)
+    b, p = input_ids.shape
+    s = p + max_new_tokens
+    cache_shapes = jax.eval_shape(
+        lambda prm: model.apply({"params": prm}, jnp.zeros((b, s), jnp.int32), mutable=["cache"])[1]["cache"], params
+    )
+    cache = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), cache_shapes)
+    mask = prompt_mask.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    # Slots after the prompt hold the generated tokens; causality hides the ones not written yet.
+    cache_mask = jnp.concatenate([mask, jnp.ones((b, max_new_tokens), bool)], axis=1)
+    logits, variables = model.apply(
+        {"params": params, "cache": cache}, input_ids, pixel_values, num_images, positions, cache_mask,
+        method=_prefill_fn, mutable=["cache"],
+    )
+    token = sample_token(logits, jax.random.fold_in(rng, 0), temperature, top_k, top_p, greedy=greedy,
+                         vocab_limit=vocab_limit)
+    done = (token == eos_id) | (jnp.arange(b) >= num_rows)
+    state = {
+        "cache": variables["cache"],
+        "cache_mask": cache_mask,
+        "tokens": jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token),
+        "position": mask.sum(1).astype(jnp.int32),  # position of the token fed next
+        "step": jnp.array(1, jnp.int32),
+        "done": done,
+        "length": jnp.ones((b,), jnp.int32),
+        "rng": rng,
+    }
+    if return_logits:
+        state["logits"] = jnp.zeros((b, max_new_tokens, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
+    return state
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
+def decode(params, state, stop_at, eos_id, temperature, top_k, top_p, *, cfg: OwlConfig, max_new_tokens: int,
+           greedy: bool, pad_id: int, vocab_limit: int | None, return_logits: bool) -> dict:
+    """Single-token steps until step == min(stop_at, max_new_tokens) or every sample is done."""
+    model = _decoder(params, cfg)
+    limit = jnp.minimum(stop_at, max_new_tokens)
+
+    def cond(st):
+        return (st["step"] < limit) & ~jnp.all(st["done"])
+
+    def body(st):
+        step = st["step"]
+        last = jax.lax.dynamic_slice_in_dim(st["tokens"], step - 1, 1, axis=1)[:, 0]
+        logits, variables = model.apply(
+            {"params": params, "cache": st["cache"]}, last, st["position"], st["cache_mask"],
+            method=_step_fn, mutable=["cache"],
+        )
+        token = sample_token(logits, jax.random.fold_in(st["rng"], step), temperature, top_k, top_p,
+                             greedy=greedy, vocab_limit=vocab_limit)
+        token = jnp.where(st["done"], pad_id, token)
+        new = dict(st)
+        new["cache"] = variables["cache"]
+        new["tokens"] = jax.lax.dynamic_update_slice_in_dim(st["tokens"], token[:, None], step, axis=1)
+        new["length"] = st["length"] + (~st["done"]).astype(jnp.int32)
+        new["done"] = st["done"] | (token == eos_id)
+        new["position"] = st["position"] + 1
+        new["step"] = step + 1
+        if return_logits:
+            new["logits"] = jax.lax.dynamic_update_slice_in_dim(st["logits"], logits[:, None], step, axis=1)
+        return new
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: batching, buckets, streaming
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """Prompt-length bucket: powers of two up to 256, then multiples of 128."""
+    n = max(n, minimum)
+    if n <= 256:
+        return 1 << (n - 1).bit_length()
+    return -(-n // 128) * 128
+
+
+def bucket_count(n: int) -> int:
+    """Batch / image-count bucket: the next power of two (0 stays 0)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
+@dataclasses.dataclass
+class Batch:
+    input_ids: np.ndarray  # int32[B, P] left-padded
+    prompt_mask: np.ndarray  # bool[B, P]
+    pixel_values: np.ndarray | None  # float32[M, H, W, 3]
+    num_images: np.ndarray  # int32[B]
+    size: int  # real samples (rows after that are batch padding)
+
+
+def make_batch(prompts: Sequence[np.ndarray], images: Sequence[np.ndarray] | np.ndarray | None,
+               num_images: Sequence[int], cfg: OwlConfig, pad_id: int = 0, min_batch: int = 1,
+               buckets: bool = True) -> Batch:
+    """Left-pads token-id prompts (placeholders -1 for images) into bucketed arrays.
+
+    `images`: the batch's images flat in sample order, float32 [H, W, 3] each (CLIP-normalised,
+    cfg.vision.image_size); `num_images[i]` of them belong to prompt i."""
+    n = len(prompts)
+    if n == 0:
+        raise ValueError("no prompts")
+    num_images = [int(x) for x in num_images]
+    if len(num_images) != n:
+        raise ValueError(f"{n} prompts but {len(num_images)} image counts")
+    lengths = [len(p) for p in prompts]
+    b = max(bucket_count(n), min_batch) if buckets else max(n, min_batch)
+    p = bucket_length(max(lengths)) if buckets else max(lengths)
+    ids = np.full((b, p), pad_id, np.int32)
+    mask = np.zeros((b, p), bool)
+    for i, prompt in enumerate(prompts):
+        ids[i, p - len(prompt):] = prompt
+        mask[i, p - len(prompt):] = True
+    # Batch-padding rows: a lone BOS, no images.
+    ids[n:, -1] = cfg.llm.bos_token_id
+    mask[n:, -1] = True
+    total = sum(num_images)
+    images = [] if images is None else list(images)
+    if len(images) != total:
+        raise ValueError(f"num_images sums to {total} but {len(images)} images were given")
+    for i, (prompt, k) in enumerate(zip(prompts, num_images)):
+        placeholders = int(np.sum(np.asarray(prompt) < 0))
+        if placeholders != k * cfg.tokens_per_image:
+            raise ValueError(f"prompt {i}: {placeholders} image placeholders for {k} image(s) of "
+                             f"{cfg.tokens_per_image} tokens")
+    pixels = None
+    if total:
+        m = max(bucket_count(total), b) if buckets else total  # >= one slot per row: fewer compilations
+        size = cfg.vision.image_size
+        pixels = np.zeros((m, size, size, 3), np.float32)
+        pixels[:total] = np.stack([np.asarray(x, np.float32) for x in images])
+    counts = np.zeros((b,), np.int32)
+    counts[:n] = num_images
+    return Batch(ids, mask, pixels, counts, n)
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, cfg: OwlConfig, what: str = "the prompt") -> None:
+    """Refuses a prompt (`prompt_tokens`, image placeholders included) that leaves no room for
+    `max_new_tokens` within the model's positions: past max_position_embeddings the model was never
+    trained, and its answers there are noise."""
+    limit = cfg.llm.max_position_embeddings
+    if prompt_tokens + max_new_tokens > limit:
+        raise UserError(f"{what} has {prompt_tokens} tokens (images included) and max_new_tokens is {max_new_tokens}: "
+                        f"{prompt_tokens + max_new_tokens} > the model's max_position_embeddings {limit}; lower max_new_tokens "
+                        f"(--max-new-tokens) or shorten the prompt")
+
+
+class Generator:
+    """Generation with one set of params. `params` may be sharded on `mesh` (give the logical axis
+    `rules` that map the model's names to mesh axes)."""
+
+    def __init__(self, params: Any, cfg: OwlConfig, mesh: jax.sharding.Mesh | None = None,
+                 rules: Sequence[tuple[str, Any]] | None = None, eos_id: int | None = None,
+                 pad_id: int | None = None, vocab_limit: int | None = None, decode_layout: bool = True):
+        # decode_layout: decode with the params in the decode layout (see the module docstring); costs
+        # a copy of the LLM's layer weights and LM head, made once here. False: as given.
+        self.params = to_decode_layout(params) if decode_layout and not is_decode_layout(params) else params
+        self.cfg = cfg
+        self.mesh = mesh
+        self.rules = tuple(rules) if rules is not None else None
+        self.eos_id = cfg.llm.eos_token_id if eos_id is None else eos_id
+        self.pad_id = cfg.llm.pad_token_id if pad_id is None else pad_id
+        self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < cfg.llm.vocab_size else None
+
+    @contextlib.contextmanager
+    def _context(self):
+        with contextlib.ExitStack() as stack:
+            if self.mesh is not None:
+                stack.enter_context(jax.set_mesh(self.mesh))
+            if self.rules is not None:
+                stack.enter_context(nn.logical_axis_rules(self.rules))
+            yield
+
+    def _statics(self, sampling: Sampling, return_logits: bool) -> dict:
+        return dict(cfg=self.cfg, max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy,
+                    pad_id=self.pad_id, vocab_limit=self.vocab_limit,
+                    return_logits=return_logits)
+
+    def _sampling_args(self, sampling: Sampling):
+        return (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
+
+    def stream(self, batch: Batch, sampling: Sampling = Sampling(), chunk: int | None = None,
+               return_logits: bool = False, disable_eos: bool = False) -> Iterator[dict]:
+        """Yields the decoding state (numpy: tokens, length, done, step [, logits]) after the prefill
+        and after every `chunk` further steps (chunk None: all at once) until the end."""
+        if sampling.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        longest = int(np.asarray(batch.prompt_mask)[:batch.size].sum(1).max())
+        check_context(longest, sampling.max_new_tokens, self.cfg, "the batch's longest prompt")
+        statics = self._statics(sampling, return_logits)
+        eos = jnp.int32(-1 if disable_eos or self.eos_id is None else self.eos_id)
+        samp = self._sampling_args(sampling)
+        rng = jax.random.PRNGKey(sampling.seed)
+        with self._context():
+            pixels = None if batch.pixel_values is None else jnp.asarray(batch.pixel_values)
+            state = prefill(self.params, jnp.asarray(batch.input_ids), jnp.asarray(batch.prompt_mask), pixels,
+                            jnp.asarray(batch.num_images), jnp.int32(batch.size), rng, eos, *samp,
+                            **statics)
+            step = 1
+            yield self._host(state, batch.size, return_logits)
+            while step < sampling.max_new_tokens:
+                stop_at = sampling.max_new_tokens if chunk is None else min(step + chunk, sampling.max_new_tokens)
+                state = decode(self.params, state, jnp.int32(stop_at), eos, *samp, **statics)
+                out = self._host(state, batch.size, return_logits)
+                yield out
+                step = out["step"]
+                if out["done"].all() or step < stop_at:
+                    break
+
+    @staticmethod
+    def _host(state: dict, n: int, return_logits: bool) -> dict:
+        keys = ["tokens", "length", "done"] + (["logits"] if return_logits else [])
+        out = {k: np.asarray(state[k])[:n] for k in keys}
+        out["step"] = int(state["step"])
+        return out
+
+    def generate(self, batch: Batch, sampling: Sampling = Sampling(), return_logits: bool = False,
+                 disable_eos: bool = False) -> dict:
+        """Runs to the end. Returns numpy `tokens` int[n, max_new_tokens], `length` int[n] (EOS
+        included), `done` bool[n] [, `logits` float[n, max_new_tokens, V]]."""
+        out = None
+        for out in self.stream(batch, sampling, None, return_logits, disable_eos):
+            pass
+        return out
+
+
+def trim(tokens: np.ndarray, length: int, eos_id: int) -> list[int]:
+    """A sample's generated ids without the EOS and the padding after it."""
+    ids = [int(t) for t in tokens[:length]]
+    if ids and ids[-1] == eos_id:
+        ids = ids[:-1]
+    return ids
+
+
+def check_max_new_tokens(max_new_tokens: int, cfg: OwlConfig, checkpoint: str) -> None:
+    """--max-new-tokens against the checkpoint's config, before its params load (minutes for 7B)."""
+    limit = cfg.llm.max_position_embeddings
+    if not 1 <= max_new_tokens < limit:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: expected 1 to {limit - 1} (the model in {checkpoint} "
+                        f"has max_position_embeddings {limit}, which must hold the prompt too)")
