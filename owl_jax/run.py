@@ -151,7 +151,7 @@ def evaluate(params_dir: str, data_dir: str, eval_cfg, blank_images: bool, desc:
     from tqdm import tqdm
 
     import owl_jax
-    from owl_jax.data.shapesworld import iter_test_questions
+    from owl_jax.data.shapesworld_tfds import iter_test_questions
     from owl_jax.report import score
 
     t0 = time.time()
@@ -260,7 +260,8 @@ def write_report(config, workdir: str, data_dir: str, timings: dict, stages: dic
                      title="ShapesWorld held-out exact match" + (" (blank-image control)" if config.blank_images else ""))
 
     # attention of the stage-2 abstractor on a few single-image test questions
-    from owl_jax.data.shapesworld import iter_test_questions, render_scene, describe
+    from owl_jax.data.shapesworld import describe, render_scene
+    from owl_jax.data.shapesworld_tfds import iter_test_questions
 
     params, cfg = load_params(os.path.join(workdir, "stage2", "params"))
     picked = []

@@ -191,7 +191,7 @@ def test_worker_processes_match_and_resume(shapesworld_dir):
 
 
 def test_eval_accessor(shapesworld_dir):
-    from owl_jax.data.shapesworld import iter_test_questions
+    from owl_jax.data.shapesworld_tfds import iter_test_questions
 
     qs = list(iter_test_questions(shapesworld_dir, "instructions_test", image_size=16))
     assert len(qs) == 16

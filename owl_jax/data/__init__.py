@@ -51,7 +51,7 @@ worker_buffer_size     2                      batches buffered per worker
 
 Modules: `conversation` (template, prompts), `tokenizer` (load/train), `text` (token layout and
 loss masks), `image` (decode, repair, CLIP preprocessing), `records` (record layout, reading),
-`owl_jsonl` and `shapesworld` (TFDS builders; `shapesworld.iter_test_questions` for evaluation),
+`owl_jsonl` and `shapesworld` (TFDS builders; `shapesworld_tfds.iter_test_questions` for evaluation),
 `pipeline` (batches), `prepare` (command line).
 """
 
@@ -65,7 +65,7 @@ _LAZY = {
     "build_prompt": "owl_jax.data.conversation",
     "encode_conversation": "owl_jax.data.text",
     "encode_prompt": "owl_jax.data.text",
-    "iter_test_questions": "owl_jax.data.shapesworld",
+    "iter_test_questions": "owl_jax.data.shapesworld_tfds",
 }
 
 __all__ = sorted(_LAZY)

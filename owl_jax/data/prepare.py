@@ -64,18 +64,18 @@ def _build(builder, overwrite: bool, source: str = "") -> bool:
 def prepare_shapesworld(out: str, seed: int = 0, sizes: dict | None = None, vocab_size: int = 1024,
                         overwrite: bool = False):
     """Generates ShapesWorld into `out` and trains its tokenizer into `out`/tokenizer."""
-    from owl_jax.data import records, shapesworld
+    from owl_jax.data import records, shapesworld, shapesworld_tfds
     from owl_jax.data.tokenizer import train_tokenizer
 
     sizes = dict(sizes or shapesworld.DEFAULT_SIZES)
-    builder = shapesworld.ShapesWorld(data_dir=out, file_format="array_record", sizes=sizes, seed=seed)
+    builder = shapesworld_tfds.ShapesWorld(data_dir=out, file_format="array_record", sizes=sizes, seed=seed)
     if _build(builder, overwrite):
         records.write_num_images_index(builder.data_dir, list(sizes))
         with open(os.path.join(builder.data_dir, "report.json"), "w") as f:
             json.dump(builder.report.to_dict(), f, indent=1)
     tok_dir = os.path.join(out, "tokenizer")
     if overwrite or not os.path.exists(os.path.join(tok_dir, "tokenizer.model")):
-        train_tokenizer(shapesworld.tokenizer_texts(sizes, seed), tok_dir, vocab_size=vocab_size)
+        train_tokenizer(shapesworld_tfds.tokenizer_texts(sizes, seed), tok_dir, vocab_size=vocab_size)
     return builder
 
 
