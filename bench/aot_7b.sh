@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# AOT table for the 7B configs (issue 3): compiles on this CPU machine for TPU slices; needs the
+# AOT table for the 7B configs: compiles on this CPU machine for TPU slices; needs the
 # `tpu` extra. Usage: bash bench/aot_7b.sh > aot.txt   (minutes per row on 2 cores)
 set -u
 cd "$(dirname "$0")/.."

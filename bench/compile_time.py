@@ -1,4 +1,4 @@
-"""Compile time of the 7B training step against depth (issue 8, item 3): with nn.scan it stays flat.
+"""Compile time of the 7B training step against depth: with nn.scan it stays flat.
 
     JAX_PLATFORMS=cpu python bench/compile_time.py [--topology v5e:4x4] [--layers 8 16 32]
 

@@ -1,4 +1,4 @@
-"""7B training steps on one GPU in bf16 (issue 8, item 4): ms/step, tokens/s, MFU, peak memory.
+"""7B training steps on one GPU in bf16: ms/step, tokens/s, MFU, peak memory.
 
     python bench/gpu_train_step.py [--out DIR] [--budget_s 500]   # every variant, each in its own process;
                                                                   # DIR/results.jsonl, DIR/variants.log
@@ -68,7 +68,7 @@ VARIANTS = {
     # The recipes accumulate gradients over micro-batches: the optimiser's cost is spread over them.
     "full_ft8_cudnn_dots_accum4": ("full_ft", "cudnn", 8, 2048, 8, "dots_no_batch", 4),
     # Each layer's weights are sliced out of the scan's stacked [L, ...] arrays by a device copy
-    # (27 a layer, 5% of the stage-2 step in the 2026-11-27 profile); with dynamic-slice fusion
+    # (27 a layer, 5% of the stage-2 step in a profile); with dynamic-slice fusion
     # the GEMMs read the slice in place. Not yet measured.
     "stage2_lora_cudnn_dots_dsfusion": ("stage2_lora", "cudnn", 8, 2048, None, "dots_no_batch"),
     "full_ft8_cudnn_dots_dsfusion": ("full_ft", "cudnn", 8, 2048, 8, "dots_no_batch"),
@@ -78,7 +78,7 @@ VARIANTS = {
     "stage2_lora_cudnn_dotsattn": ("stage2_lora", "cudnn", 8, 2048, None, "dots_no_batch_attention"),
     "full_ft8_cudnn_dotsattn": ("full_ft", "cudnn", 8, 2048, 8, "dots_no_batch_attention"),
     # LoRA dropout (p 0.05 on q/v's input) draws two [8 x 2048, 4096] masks a layer, again under
-    # remat: 2.6% of the stage-2 step with threefry bits (2026-11-27 profile). XLA's own
+    # remat: 2.6% of the stage-2 step with threefry bits (profiled). XLA's own
     # RngBitGenerator (JAX's "unsafe_rbg" keys) makes them cheaper. Not yet measured.
     "stage2_lora_cudnn_dots_rbg": ("stage2_lora", "cudnn", 8, 2048, None, "dots_no_batch"),
     # The three above together (dotsattn remat, dynamic-slice fusion, unsafe_rbg).
@@ -261,7 +261,7 @@ def drive(args) -> None:
         left = args.budget_s - (time.time() - start)
         if not os.path.exists(path) and "RESOURCE_EXHAUSTED" in log and "XLA_PYTHON_CLIENT_ALLOCATOR" not in env and left >= 60:
             # The BFC allocator can fail to place a step's one big temporary block after init has
-            # fragmented it (the 52.7 GiB of stage2_lora_cudnn_dots, 2026-11-27); CUDA's
+            # fragmented it (the 52.7 GiB of stage2_lora_cudnn_dots); CUDA's
             # stream-ordered allocator places it. The row records which allocator ran. (A step that
             # does not fit at all fails twice, at the cost of a second start.)
             print(f"{name}: out of memory with the BFC allocator; again with cuda_async", flush=True)

@@ -1,4 +1,4 @@
-r"""How fast does the tiny LLaMA (configs/tiny.py) learn to read its context? (issue 6 diagnosis)
+r"""How fast does the tiny LLaMA (configs/tiny.py) learn to read its context?
 
     JAX_PLATFORMS=cpu python bench/tiny_llm_retrieval.py --task copy  [--steps 300]
     JAX_PLATFORMS=cpu python bench/tiny_llm_retrieval.py --task repeat [--steps 500] [--torch]

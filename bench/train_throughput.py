@@ -1,4 +1,4 @@
-"""Training-step throughput on the `bench_small` shape (issue 8, item 1): owl_jax vs PyTorch.
+"""Training-step throughput on the `bench_small` shape: owl_jax vs PyTorch.
 
     JAX_PLATFORMS=cpu python bench/train_throughput.py [--steps 5] [--stage all|stage1|stage2_lora] [--scan]
 

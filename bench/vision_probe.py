@@ -1,4 +1,4 @@
-r"""Can the tiny owl's image path learn what a scene shows, with direct supervision? (issue 6 diagnosis)
+r"""Can the tiny owl's image path learn what a scene shows, with direct supervision?
 
     JAX_PLATFORMS=cpu python bench/vision_probe.py [--readout abstractor|vit] [--steps 200]
         [--abstractor_init 0.088] [--vision_init 0.02] [--position_init sincos2d|normal]

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 CATEGORY_ORDER = ("colour", "shape", "count", "position", "two_image", "reading", "multi_turn", "text_only")
-# Issue 6's targets: held-out exact-match accuracy after stage 2.
+# The demo's targets: held-out exact-match accuracy after stage 2.
 TARGETS = {"colour": 0.9, "shape": 0.9, "count": 0.9, "position": 0.8, "two_image": 0.8, "reading": 0.6,
            "text_only": 0.9}
 

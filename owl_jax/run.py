@@ -285,7 +285,7 @@ def write_report(config, workdir: str, data_dir: str, timings: dict, stages: dic
                                 for i in range(cfg.abstractor.num_layers)}
     timings["report_s"] = time.time() - t0
     report = {
-        "job": "owl_jax.run (ShapesWorld, issue 6)",
+        "job": "owl_jax.run (ShapesWorld)",
         "blank_images": bool(config.blank_images),
         "stages": {n: {"title": STAGE_TITLES[n], "wall_s": stages[n]["wall_s"], "resumed": stages[n]["resumed"],
                        "num_steps": stages[n]["num_steps"], "batch_size": stages[n]["batch_size"],

@@ -99,7 +99,7 @@ class Trainer:
             # device while the state is allocated beside them, and once they are freed the state
             # splits the free memory in two. That is the likely reason why, on one H100, the
             # stage-1 and stage-2 steps' 48-53 GiB temporary block found no room after a two-program
-            # init (2026-11-27) but did after this one (2026-11-26); not yet re-measured on a GPU.
+            # init but did after this one.
             return jax.jit(
                 lambda r, s: self._state_from_params(nn.unbox(init_params(self.model_cfg, r)), s),
                 out_shardings=self.state_shardings,
