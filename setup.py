@@ -38,7 +38,9 @@ setup(
     install_requires=CORE_REQUIRES + DATA_REQUIRES,
     extras_require={
         # torch only as the reference implementation in tests and for torch-side export checks.
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "libtpu==0.0.42.1"],
+        # gcsfs and a local GCS server: checkpoints on a gs:// workdir are tested end to end.
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "libtpu==0.0.42.1", "gcsfs==2026.10.0",
+                 "gcp-storage-emulator==2026.7.19"],
         "tpu": ["libtpu==0.0.42.1", "gcsfs==2026.10.0"],
         # gs:// workdirs for metrics and params (orbax checkpoints reach GCS through tensorstore)
         "gcs": ["gcsfs==2026.10.0"],
