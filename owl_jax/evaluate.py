@@ -1,16 +1,7 @@
 """Benchmark runners. `python -m owl_jax.evaluate owleval --checkpoint DIR --data DIR --out answers.jsonl`
 
-OwlEval: every question of `questions.jsonl`; consecutive questions on one image form one
-multi-turn conversation (earlier answers stay in the context). Conversations advance round by round
-(all first questions, then all second questions, ...), each round in batches. Output: one JSON line
-per question, in the order of questions.jsonl, in the format of `mplug_owl_7b_answers.jsonl`:
-``{"image", "question_id", "question", "answer", "model_id"}``.
-
-The questions file is data, checked before the model loads: every row needs `image`, `question` and
-a unique `question_id`, and every image must be a file inside DATA/images. Each round's answers are
-appended to the out file as soon as the round ends; a rerun with the same out file keeps them and
-asks only the rest (a conversation resumes after its saved answers, with them in its context). At
-the end the file is rewritten in the order of questions.jsonl.
+The OwlEval runner and its rules (questions, conversations, resuming) are owl_jax/inference/owleval.py;
+its docstring is this command's help.
 """
 from __future__ import annotations
 
@@ -22,11 +13,12 @@ from typing import Sequence
 from owl_jax.cli import EXIT_USER_ERROR, absolute
 from owl_jax.data.text import PROMPT_TOKENIZATIONS
 from owl_jax.inference.engine import Sampling, check_max_new_tokens
+from owl_jax.inference import owleval
 from owl_jax.inference.owleval import _resume, answer_owleval, read_questions
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m owl_jax.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m owl_jax.evaluate", description=owleval.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True)
     o = sub.add_parser("owleval", help="OwlEval: 82 questions on 50 images, answers as JSONL")
