@@ -14,7 +14,7 @@ from owl_jax.models.config import AbstractorConfig, LlamaConfig, LoraConfig, Owl
 def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
     model = OwlConfig(
         # Trained from scratch, the narrow towers need two init changes for the image to reach the
-        # abstractor's output (bench/vision_probe.py, docs/notes/research_log.md "Initialisation"):
+        # abstractor's output (owl_jax/demo/vision_probe.py, docs/notes/research_log.md "Initialisation"):
         # the patches' positions as a 2-D sine-cosine code, and abstractor weights of std
         # 1/sqrt(128) instead of 0.02 (with 0.02 its image branch is ~5% of the residual of
         # normalised queries it adds to).

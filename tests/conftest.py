@@ -153,10 +153,10 @@ SHAPESWORLD_SIZES = {"captions_train": 16, "captions_test": 8, "instructions_tra
 @pytest.fixture(scope="session")
 def shapesworld_dir(tmp_path_factory):
     """A prepared ShapesWorld dataset dir (TFDS records + its SentencePiece tokenizer, 512 tokens)."""
-    from owl_jax.data.prepare import prepare_shapesworld
+    from owl_jax.demo.dataset import prepare
 
     out = str(tmp_path_factory.mktemp("shapesworld"))
-    prepare_shapesworld(out, seed=0, sizes=SHAPESWORLD_SIZES, vocab_size=512)
+    prepare(out, seed=0, sizes=SHAPESWORLD_SIZES, vocab_size=512)
     return out
 
 

@@ -41,7 +41,7 @@ def outside_layout(tmp_path):
 
 
 def _main(*args):
-    return prepare.main(["--dataset=owl_jsonl", *args])
+    return prepare.main(list(args))
 
 
 def _report(out):

@@ -65,7 +65,7 @@ def built(tmp_path_factory):
     val.write_text(json.dumps({"text": TEXT}) + "\n")
     out = root / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "owl_jax.data.prepare", "--dataset=owl_jsonl", f"--jsonl={jsonl}",
+        [sys.executable, "-m", "owl_jax.data.prepare", f"--jsonl={jsonl}",
          f"--val_jsonl={val}", f"--images={images}", f"--out={out}"],
         capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -12,7 +12,7 @@ from owl_jax.data.tokenizer import load_tokenizer
 K = 5  # placeholders per image in these tests (tiny); the default is 65
 def cfg_for(dataset_dir, **kw):
     cfg = pipeline.default_config()
-    cfg.update(dataset_dir=dataset_dir, batch_size=4, max_len=192, max_images_per_batch=4, image_size=16,
+    cfg.update(dataset="shapesworld", split="instructions_train", dataset_dir=dataset_dir, batch_size=4, max_len=192, max_images_per_batch=4, image_size=16,
                image_token_count=K, read_threads=1, read_buffer_size=4)
     cfg.update(**kw)
     return cfg
@@ -191,7 +191,7 @@ def test_worker_processes_match_and_resume(shapesworld_dir):
 
 
 def test_eval_accessor(shapesworld_dir):
-    from owl_jax.data.shapesworld_tfds import iter_test_questions
+    from owl_jax.demo.dataset import iter_test_questions
 
     qs = list(iter_test_questions(shapesworld_dir, "instructions_test", image_size=16))
     assert len(qs) == 16

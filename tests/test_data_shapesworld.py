@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from owl_jax.data import conversation as conv
-from owl_jax.data import shapesworld as sw
+from owl_jax.demo import scenes as sw
 
 SIZES = {"captions_train": 60, "captions_test": 30, "instructions_train": 400, "instructions_test": 150,
          "text_train": 300}

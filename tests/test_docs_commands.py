@@ -4,11 +4,11 @@ The shell code blocks of README.md and docs/*.md are read, and each command in t
 `python -m owl_jax.<module>` or a launcher under launch/ is checked against the real entry point,
 without running the job:
 
-* absl programs (owl_jax.train, owl_jax.run, owl_jax.aot): the module's own `_define_flags()` on a
+* absl programs (owl_jax.train, owl_jax.demo.run, owl_jax.aot): the module's own `_define_flags()` on a
   fresh FlagValues, then absl's parse of the arguments: the config file loaded with its `:arg`, and
   every `--config.x=y` override applied (a field the config lacks fails). Then what the program
   refuses before its first step: owl_jax.train's `validate_config`, the model config, the stage, and
-  for a `tfds` dataset its tokenizer (`pipeline.resolve_tokenizer_path`) and split; for owl_jax.run,
+  for a `tfds` dataset its tokenizer (`pipeline.resolve_tokenizer_path`) and split; for owl_jax.demo.run,
   the train config of each stage as the job builds it.
 * argparse programs (owl_jax.convert, .generate, .evaluate, .data.prepare, ...): `main(args)` with
   `ArgumentParser.parse_args` stopping the program right after a successful parse.
@@ -51,7 +51,7 @@ SHELL_LANGUAGES = ("", "bash", "sh", "shell", "console", "zsh")
 OPERATORS = {"&&", "||", ";", "|", "&"}
 # Flags each absl program cannot run without: what its `__main__` marks required (train, aot) or
 # its main() refuses to start without (train, run: --workdir).
-REQUIRED_FLAGS = {"owl_jax.train": ("config", "workdir"), "owl_jax.aot": ("config",), "owl_jax.run": ("workdir",)}
+REQUIRED_FLAGS = {"owl_jax.train": ("config", "workdir"), "owl_jax.aot": ("config",), "owl_jax.demo.run": ("workdir",)}
 # The splits `python -m owl_jax.data.prepare` builds for owl_jsonl (owl_jax/data/prepare.py,
 # prepare_owl_jsonl): `train` from --jsonl, `validation` from --val_jsonl.
 OWL_JSONL_SPLITS = ("train", "validation")
@@ -228,6 +228,8 @@ def _flags_on(fv, argv: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
+    import grain  # noqa: F401 - defines its own absl flags at import: they must land in FLAGS, not `fv`
+
     with contextlib.ExitStack() as stack:
         for owner in (flags, config_flags):
             for name in dir(owner):
@@ -304,10 +306,10 @@ def training_config_problems(config) -> list[str]:
         if data.dataset == "owl_jsonl":
             splits = OWL_JSONL_SPLITS
         elif data.dataset == "shapesworld":
-            from owl_jax.data.shapesworld import SPLITS as splits
+            from owl_jax.demo.scenes import SPLITS as splits
         else:
             splits = None
-            problems.append(f"config.data.dataset={data.dataset!r}: owl_jax.data.prepare builds 'owl_jsonl' or 'shapesworld'")
+            problems.append(f"config.data.dataset={data.dataset!r}: owl_jax.data.prepare builds 'owl_jsonl', owl_jax.demo.dataset 'shapesworld'")
         if splits is not None and data.split not in splits:
             problems.append(f"config.data.split={data.split!r}: {data.dataset} has the splits {list(splits)}")
     elif data.source != "synthetic":
@@ -325,7 +327,7 @@ def check_absl(module, name: str, args: list[str]) -> None:
         if generation not in module.HBM_BYTES or not re.fullmatch(r"[^:]+:\d+(x\d+)+", fv.topology):
             problems.append(f"--topology={fv.topology}: expected GENERATION:AxB[xC] with a generation of "
                             f"{sorted(module.HBM_BYTES)}")
-    if name == "owl_jax.run":
+    if name == "owl_jax.demo.run":
         from owl_jax.cli import UserError
 
         try:
@@ -462,13 +464,13 @@ def test_doc_command_parses(command):
 def test_docs_show_the_commands_this_test_is_for():
     """The extraction finds what the docs hold: training, conversion, generation, the launchers."""
     targets = {c.target for c in COMMANDS}
-    assert {"owl_jax.run", "owl_jax.train", "owl_jax.convert", "owl_jax.generate", "owl_jax.aot",
+    assert {"owl_jax.demo.run", "owl_jax.train", "owl_jax.convert", "owl_jax.generate", "owl_jax.aot",
             "launch/tpu_pod.sh", "launch/gpu_slurm.sbatch"} <= targets
     assert {c.where.split(":")[0] for c in COMMANDS} >= {"README.md", os.path.join("docs", "training_7b.md")}
 
 
-# The stage-1 command as README.md once showed it: an owl_jsonl dataset with neither the LLaMA
-# tokenizer nor a split that owl_jsonl has (the default split is ShapesWorld's).
+# The stage-1 command as README.md once showed it: an owl_jsonl dataset without the LLaMA tokenizer
+# (and without a split: the default is owl_jsonl's "train").
 OLD_STAGE1 = """
 ```bash
 python -m owl_jax.train --config=configs/mplug_owl_llama7b.py:stage1 --workdir=gs://bucket/owl/stage1 \\
@@ -478,14 +480,15 @@ python -m owl_jax.train --config=configs/mplug_owl_llama7b.py:stage1 --workdir=g
 """
 
 
-def test_an_owl_jsonl_command_without_tokenizer_and_split_is_refused():
+def test_an_owl_jsonl_command_without_tokenizer_is_refused():
     (command,) = commands_in(OLD_STAGE1, "old README.md", {})
     with pytest.raises(CommandError) as e:
         check(command)
-    assert "tokenizer_path is required" in str(e.value) and "config.data.split='instructions_train'" in str(e.value)
-    fixed = dataclasses.replace(command, args=command.args + ("--config.data.tokenizer_path=/ckpt/llama-7b",
-                                                              "--config.data.split=train"))
-    check(fixed)
+    assert "tokenizer_path is required" in str(e.value)
+    with pytest.raises(CommandError, match="config.data.split='instructions_train'"):
+        check(dataclasses.replace(command, args=command.args + ("--config.data.tokenizer_path=/ckpt/llama-7b",
+                                                                "--config.data.split=instructions_train")))
+    check(dataclasses.replace(command, args=command.args + ("--config.data.tokenizer_path=/ckpt/llama-7b",)))
 
 
 @pytest.mark.parametrize("line, message", [
@@ -493,8 +496,8 @@ def test_an_owl_jsonl_command_without_tokenizer_and_split_is_refused():
     ("python -m owl_jax.train --config=configs/tiny.py:stage2_lora --workdir=w --epochs=3", "epochs"),
     ("python -m owl_jax.train --config=configs/nope.py --workdir=w", "--config"),
     ("python -m owl_jax.train --config=configs/tiny.py", "--workdir"),
-    ("python -m owl_jax.run --workdir=w --config.stages.stage1.steps=3", "steps"),
-    ("python -m owl_jax.run --workdir=w --config.stages.stage2.data.split=instructions", "stages.stage2"),
+    ("python -m owl_jax.demo.run --workdir=w --config.stages.stage1.steps=3", "steps"),
+    ("python -m owl_jax.demo.run --workdir=w --config.stages.stage2.data.split=instructions", "stages.stage2"),
     ("python -m owl_jax.train --config=configs/tiny.py --workdir=w --config.batch_size=0", "batch_size must be >= 1"),
     ("python -m owl_jax.train --config=configs/tiny.py --workdir=w stray", "stray"),
     ("python -m owl_jax.aot --config=configs/tiny.py --topology=v9:2x2", "topology"),
@@ -504,7 +507,7 @@ def test_an_owl_jsonl_command_without_tokenizer_and_split_is_refused():
     ("sbatch --nodes=1 launch/gpu_slurm.sbatch --workdir=w", "--config"),
     ("launch/tpu_pod.sh --tpu=t --zone=z --accelerator-type=v4-8 --config=configs/tiny.py --workdir=gs://b/w "
      "-- --config.num_step=2", "num_step"),
-    ("echo $UNDEFINED_IN_THE_DOCS; python -m owl_jax.run --workdir=w", "UNDEFINED_IN_THE_DOCS"),
+    ("echo $UNDEFINED_IN_THE_DOCS; python -m owl_jax.demo.run --workdir=w", "UNDEFINED_IN_THE_DOCS"),
 ])
 def test_wrong_commands_are_refused(line, message):
     with pytest.raises(CommandError, match=re.escape(message)):

@@ -1,5 +1,6 @@
 """The library's shape: no import circle between owl_jax modules (function-local imports included,
-which hide a circle from Python but not from a reader), and no module too long to read."""
+which hide a circle from Python but not from a reader), the demo above the library (never imported by
+it), and no module too long to read."""
 import ast
 import os
 
@@ -74,6 +75,14 @@ def test_no_import_circle():
     for module in graph:
         graph[module] = {m for m in graph[module] if not module.startswith(m + ".")}
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_the_library_never_imports_the_demo():
+    modules = _modules()
+    assert "owl_jax.demo.scenes" in _imports(modules["owl_jax.demo.dataset"], "owl_jax.demo.dataset", modules)
+    upward = {m: sorted(d for d in _imports(p, m, modules) if d == "owl_jax.demo" or d.startswith("owl_jax.demo."))
+              for m, p in modules.items() if not m.startswith("owl_jax.demo")}
+    assert not {m: d for m, d in upward.items() if d}
 
 
 def test_a_circle_is_found():

@@ -1,4 +1,4 @@
-"""The main job (python -m owl_jax.run): a CI-sized smoke run of the same command, plus its parts.
+"""The main job (python -m owl_jax.demo.run): a CI-sized smoke run of the same command, plus its parts.
 
 The smoke run (--quick: a small ShapesWorld, a smaller owl, 60 steps a stage) must complete, its
 losses must fall within every stage, the report and plots must be written, the export must load
@@ -23,7 +23,7 @@ def _run_quick(workdir):
     # the job runs on one CPU device, as a user's would (conftest fakes 8 for the sharding tests)
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f)
     cwd = os.path.dirname(os.path.dirname(workdir))
-    proc = subprocess.run([sys.executable, "-m", "owl_jax.run", f"--workdir={os.path.relpath(workdir, cwd)}", "--quick"],
+    proc = subprocess.run([sys.executable, "-m", "owl_jax.demo.run", f"--workdir={os.path.relpath(workdir, cwd)}", "--quick"],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout
@@ -161,7 +161,7 @@ def test_text_only_option_drops_images_and_placeholders():
 def test_abstractor_attention_hook():
     """The sown probabilities are a distribution over [queries; CLS + patches] and leave the output alone."""
     from owl_jax.models.owl import MplugOwl
-    from owl_jax.report import abstractor_attention
+    from owl_jax.demo.report import abstractor_attention
 
     cfg = small_owl_config()
     params = random_owl_params(cfg)
@@ -181,7 +181,7 @@ def test_abstractor_attention_hook():
 
 
 def test_scoring_and_blind_baselines():
-    from owl_jax.report import blind_baselines, score
+    from owl_jax.demo.report import blind_baselines, score
 
     rows = [{"category": "colour", "answer": "red", "prediction": " red"},
             {"category": "colour", "answer": "red", "prediction": "Red"},

@@ -248,7 +248,7 @@ def _cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("module", ["owl_jax.train", "owl_jax.run", "owl_jax.aot"])
+@pytest.mark.parametrize("module", ["owl_jax.train", "owl_jax.demo.run", "owl_jax.aot"])
 def test_help_exits_zero_and_lists_the_flags(module):
     r = _cli(module, "--help")
     assert r.returncode == 0, r.stderr[-2000:]

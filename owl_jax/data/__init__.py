@@ -2,8 +2,8 @@
 
 Build the data (nothing is downloaded)::
 
-    python -m owl_jax.data.prepare --dataset=shapesworld --out=DIR [--seed=0 --sizes=split=N,...]
-    python -m owl_jax.data.prepare --dataset=owl_jsonl --jsonl=FILE[,FILE] --images=DIR --out=DIR
+    python -m owl_jax.data.prepare --jsonl=FILE[,FILE] --images=DIR --out=DIR     # owl_jsonl
+    python -m owl_jax.demo.dataset --out=DIR                                       # the demo's shapesworld
 
 Read it in training::
 
@@ -17,13 +17,14 @@ Read it in training::
 ``config.data`` fields (`pipeline.default_config()` gives them all with these defaults):
 
 ====================== ====================== ===============================================
-dataset                'shapesworld'          TFDS name under dataset_dir: shapesworld | owl_jsonl
+dataset                'owl_jsonl'            TFDS name under dataset_dir: owl_jsonl, or
+                                              shapesworld (the demo's, owl_jax.demo.dataset)
 dataset_dir            ''                     the --out of prepare
-split                  'instructions_train'   shapesworld: captions_{train,test},
-                                              instructions_{train,test}; owl_jsonl: train,
-                                              validation
-tokenizer_path         ''                     '' -> <dataset_dir>/tokenizer (ShapesWorld's);
-                                              else a LLaMA tokenizer dir or .model file
+split                  'train'                owl_jsonl: train, validation; shapesworld:
+                                              captions_{train,test}, instructions_{train,test},
+                                              text_train
+tokenizer_path         ''                     '' -> <dataset_dir>/tokenizer if it exists (the
+                                              demo's); else a LLaMA tokenizer dir or .model file
 batch_size             8                      global; per process batch_size // process_count
 max_len                256                    tokens per sample (BOS, placeholders included)
 max_images_per_batch   8                      global image slots M; per process M // count
@@ -51,8 +52,8 @@ worker_buffer_size     2                      batches buffered per worker
 
 Modules: `conversation` (template, prompts), `tokenizer` (load/train), `text` (token layout and
 loss masks), `image` (decode, repair, CLIP preprocessing), `records` (record layout, reading),
-`owl_jsonl` and `shapesworld` (TFDS builders; `shapesworld_tfds.iter_test_questions` for evaluation),
-`pipeline` (batches), `prepare` (command line).
+`owl_jsonl` (the TFDS builder of the released JSONL format), `pipeline` (batches), `prepare`
+(command line). The demo's ShapesWorld builder lives in `owl_jax.demo.dataset`.
 """
 
 _LAZY = {
@@ -65,7 +66,6 @@ _LAZY = {
     "build_prompt": "owl_jax.data.conversation",
     "encode_conversation": "owl_jax.data.text",
     "encode_prompt": "owl_jax.data.text",
-    "iter_test_questions": "owl_jax.data.shapesworld_tfds",
 }
 
 __all__ = sorted(_LAZY)

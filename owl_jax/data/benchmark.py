@@ -1,6 +1,6 @@
 """Throughput of the input pipeline alone (no model): samples/s and images/s.
 
-    python -m owl_jax.data.benchmark --dataset_dir=DIR [--split=instructions_train --image_size=224
+    python -m owl_jax.data.benchmark --dataset_dir=DIR [--dataset=owl_jsonl --split=train --image_size=224
         --batch_size=32 --max_len=512 --max_images_per_batch=48 --worker_count=0,1,2
         --read_threads=2 --augment=0,1 --seconds=20]
 
@@ -39,8 +39,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m owl_jax.data.benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset_dir", required=True)
-    p.add_argument("--dataset", default="shapesworld")
-    p.add_argument("--split", default="instructions_train")
+    p.add_argument("--dataset", default="owl_jsonl", help="the TFDS name under --dataset_dir (the demo's: shapesworld)")
+    p.add_argument("--split", default="train")
     p.add_argument("--tokenizer_path", default="")
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=32)

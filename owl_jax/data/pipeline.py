@@ -56,10 +56,10 @@ _INDEX = "_index"
 def default_config() -> ml_collections.ConfigDict:
     """The ``config.data`` section with defaults (documented in owl_jax/data/__init__.py)."""
     return ml_collections.ConfigDict(dict(
-        dataset="shapesworld",  # 'shapesworld' | 'owl_jsonl' (the TFDS name under dataset_dir)
+        dataset="owl_jsonl",  # the TFDS name under dataset_dir: owl_jsonl, or the demo's shapesworld
         dataset_dir="",  # the --out of `python -m owl_jax.data.prepare`
-        split="instructions_train",
-        tokenizer_path="",  # '' -> <dataset_dir>/tokenizer (ShapesWorld's trained tokenizer)
+        split="train",
+        tokenizer_path="",  # '' -> <dataset_dir>/tokenizer (a dataset built with its own tokenizer)
         batch_size=8,  # global: each process yields batch_size // process_count rows
         max_len=256,
         max_images_per_batch=8,  # global: each process holds max_images_per_batch // process_count
@@ -91,9 +91,10 @@ def resolve_tokenizer_path(cfg) -> str:
     path = _get(cfg, "tokenizer_path")
     if path:
         return path
-    if _get(cfg, "dataset") == "shapesworld":
-        return os.path.join(_get(cfg, "dataset_dir"), "tokenizer")
-    raise UserError("config.data.tokenizer_path is required for datasets other than shapesworld")
+    beside_data = os.path.join(_get(cfg, "dataset_dir"), "tokenizer")
+    if os.path.isdir(beside_data):  # a dataset built with its own tokenizer (ShapesWorld)
+        return beside_data
+    raise UserError(f"config.data.tokenizer_path is required: the dataset has no tokenizer of its own ({beside_data})")
 
 
 # ---------------------------------------------------------------- per sample

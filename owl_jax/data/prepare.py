@@ -1,17 +1,13 @@
-"""Builds the datasets (ArrayRecord shards via TFDS) and prints a report.
+"""Builds a dataset of released-format JSONL files (ArrayRecord shards via TFDS) and prints a report.
 
-    python -m owl_jax.data.prepare --dataset=shapesworld --out=DIR [--seed=0]
-        [--sizes=captions_train=4000,captions_test=200,instructions_train=12000,instructions_test=400,text_train=16000]
-        [--vocab_size=1024]
-    python -m owl_jax.data.prepare --dataset=owl_jsonl --jsonl=FILE[,FILE] --images=DIR --out=DIR
+    python -m owl_jax.data.prepare --jsonl=FILE[,FILE] --images=DIR --out=DIR
         [--val_jsonl=FILE[,FILE]] [--allow_images_outside_root]
 
-ShapesWorld writes DIR/shapesworld/1.0.0/ and its tokenizer to DIR/tokenizer. owl_jsonl writes
-DIR/owl_jsonl/1.0.0/ with split ``train`` (and ``validation`` from --val_jsonl). Both write
+Writes DIR/owl_jsonl/1.0.0/ with split ``train`` (and ``validation`` from --val_jsonl), and
 owl_meta/num_images-<split>.npy and report.json beside the shards. An existing build is kept
 unless --overwrite. Nothing is downloaded. Relative paths are taken from the current directory.
 
-owl_jsonl checks its inputs before writing anything (the JSONL files exist; --images is a
+It checks its inputs before writing anything (the JSONL files exist; --images is a
 directory when a row names images), refuses image paths that lead outside --images unless
 --allow_images_outside_root, and fails (exit 2, build removed) when more than half of the rows
 that name images were skipped as missing_image or outside_image_root: the image root is wrong.
@@ -28,24 +24,11 @@ import time
 from owl_jax.cli import absolute
 
 
-def _parse_sizes(text: str) -> dict:
-    from owl_jax.data.shapesworld import DEFAULT_SIZES
-
-    sizes = dict(DEFAULT_SIZES)
-    if text:
-        for part in text.split(","):
-            k, _, v = part.partition("=")
-            if k.strip() not in sizes:
-                raise SystemExit(f"--sizes: unknown split {k!r}; known: {', '.join(sizes)}")
-            sizes[k.strip()] = int(v)
-    return {k: v for k, v in sizes.items() if v > 0}
-
-
 def _file_list(text: str) -> list[str]:
     return [absolute(f) for f in text.split(",") if f]
 
 
-def _build(builder, overwrite: bool, source: str = "") -> bool:
+def build(builder, overwrite: bool, source: str = "") -> bool:
     import tensorflow_datasets as tfds
 
     if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
@@ -61,28 +44,18 @@ def _build(builder, overwrite: bool, source: str = "") -> bool:
     return True
 
 
-def prepare_shapesworld(out: str, seed: int = 0, sizes: dict | None = None, vocab_size: int = 1024,
-                        overwrite: bool = False):
-    """Generates ShapesWorld into `out` and trains its tokenizer into `out`/tokenizer."""
-    from owl_jax.data import records, shapesworld, shapesworld_tfds
-    from owl_jax.data.tokenizer import train_tokenizer
+def write_metadata(builder, splits) -> None:
+    """The per-split image counts (owl_meta/) and the build report, beside a fresh build's shards."""
+    from owl_jax.data import records
 
-    sizes = dict(sizes or shapesworld.DEFAULT_SIZES)
-    builder = shapesworld_tfds.ShapesWorld(data_dir=out, file_format="array_record", sizes=sizes, seed=seed)
-    if _build(builder, overwrite):
-        records.write_num_images_index(builder.data_dir, list(sizes))
-        with open(os.path.join(builder.data_dir, "report.json"), "w") as f:
-            json.dump(builder.report.to_dict(), f, indent=1)
-    tok_dir = os.path.join(out, "tokenizer")
-    if overwrite or not os.path.exists(os.path.join(tok_dir, "tokenizer.model")):
-        train_tokenizer(shapesworld_tfds.tokenizer_texts(sizes, seed), tok_dir, vocab_size=vocab_size)
-    return builder
+    records.write_num_images_index(builder.data_dir, splits)
+    with open(os.path.join(builder.data_dir, "report.json"), "w") as f:
+        json.dump(builder.report.to_dict(), f, indent=1)
 
 
 def prepare_owl_jsonl(out: str, jsonl: list[str], images: str, val_jsonl: list[str] | None = None,
                       overwrite: bool = False, allow_images_outside_root: bool = False):
     """Builds released-format JSONL files (+ image root `images`) into `out`/owl_jsonl."""
-    from owl_jax.data import records
     from owl_jax.data.owl_jsonl import OwlJsonl
 
     split_files = {"train": jsonl}
@@ -91,10 +64,8 @@ def prepare_owl_jsonl(out: str, jsonl: list[str], images: str, val_jsonl: list[s
     builder = OwlJsonl(data_dir=out, file_format="array_record", split_files=split_files, image_root=images,
                        allow_images_outside_root=allow_images_outside_root)
     num_files = sum(len(files) for files in split_files.values())
-    if _build(builder, overwrite, f" from {num_files} file(s)"):
-        records.write_num_images_index(builder.data_dir, list(split_files))
-        with open(os.path.join(builder.data_dir, "report.json"), "w") as f:
-            json.dump(builder.report.to_dict(), f, indent=1)
+    if build(builder, overwrite, f" from {num_files} file(s)"):
+        write_metadata(builder, list(split_files))
     return builder
 
 
@@ -117,7 +88,7 @@ def _first_row_naming_images(files: list[str]) -> str | None:
 def _check_owl_jsonl_inputs(p: argparse.ArgumentParser, args) -> None:
     """Exits with a one-line error before any output exists when an input is missing."""
     if not args.jsonl:
-        p.error("--jsonl is required for owl_jsonl")
+        p.error("--jsonl is required")
     for flag, files in (("--jsonl", args.jsonl), ("--val_jsonl", args.val_jsonl)):
         for path in files:
             if not os.path.isfile(path):
@@ -148,16 +119,12 @@ def _image_root_problem(report, images: str) -> str | None:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m owl_jax.data.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, choices=["shapesworld", "owl_jsonl"])
     p.add_argument("--out", required=True, help="output directory (config.data.dataset_dir)")
-    p.add_argument("--seed", type=int, default=0, help="shapesworld: generation seed")
-    p.add_argument("--sizes", default="", help="shapesworld: split=N,... (unlisted splits keep their defaults; 0 skips a split)")
-    p.add_argument("--vocab_size", type=int, default=1024, help="shapesworld: tokenizer vocabulary (max)")
-    p.add_argument("--jsonl", default="", help="owl_jsonl: FILE[,FILE] for the train split")
-    p.add_argument("--val_jsonl", default="", help="owl_jsonl: FILE[,FILE] for the validation split")
-    p.add_argument("--images", default="", help="owl_jsonl: image root directory")
+    p.add_argument("--jsonl", default="", help="FILE[,FILE] for the train split")
+    p.add_argument("--val_jsonl", default="", help="FILE[,FILE] for the validation split")
+    p.add_argument("--images", default="", help="image root directory")
     p.add_argument("--allow_images_outside_root", action="store_true",
-                   help="owl_jsonl: admit image paths outside --images (absolute paths used as they are)")
+                   help="admit image paths outside --images (absolute paths used as they are)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     args.out, args.images = absolute(args.out), absolute(args.images)
@@ -165,28 +132,19 @@ def main(argv=None):
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     t0 = time.time()
-    if args.dataset == "shapesworld":
-        builder = prepare_shapesworld(args.out, args.seed, _parse_sizes(args.sizes), args.vocab_size, args.overwrite)
-    else:
-        _check_owl_jsonl_inputs(p, args)
-        builder = prepare_owl_jsonl(args.out, args.jsonl, args.images, args.val_jsonl, args.overwrite,
-                                    args.allow_images_outside_root)
+    _check_owl_jsonl_inputs(p, args)
+    builder = prepare_owl_jsonl(args.out, args.jsonl, args.images, args.val_jsonl, args.overwrite,
+                                args.allow_images_outside_root)
     print(f"\n== {builder.name} -> {builder.data_dir} ({time.time() - t0:.1f}s)")
     report_path = os.path.join(builder.data_dir, "report.json")
     if builder.report.written or builder.report.counts:
         print(builder.report.format())
     elif os.path.exists(report_path):
         print("(existing build) report:", open(report_path).read())
-    if args.dataset == "shapesworld":
-        from owl_jax.data.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(os.path.join(args.out, "tokenizer"))
-        print(f"tokenizer: {os.path.join(args.out, 'tokenizer')} (vocab {len(tok)})")
-    else:
-        problem = _image_root_problem(builder.report, args.images)
-        if problem:
-            shutil.rmtree(builder.data_dir)
-            p.exit(2, f"{p.prog}: error: {problem}; removed the build {builder.data_dir}\n")
+    problem = _image_root_problem(builder.report, args.images)
+    if problem:
+        shutil.rmtree(builder.data_dir)
+        p.exit(2, f"{p.prog}: error: {problem}; removed the build {builder.data_dir}\n")
     return 0
 
 

@@ -84,7 +84,7 @@ class LlamaConfig:
     # Fresh q/k kernels: "normal" (as the rest) or "mimetic" (Trockman & Kolter 2023): each head's
     # W_q W_k^T ~ mimetic_noise * Z + mimetic_identity * I, Z ~ normal(0, 1/D), a small pull towards
     # matching equal tokens. A tiny LLaMA trained from scratch then forms induction heads (copying
-    # from its context) in a few hundred steps (bench/tiny_llm_retrieval.py --task repeat). One SVD of
+    # from its context) in a few hundred steps (owl_jax/demo/llm_probe.py --task repeat). One SVD of
     # a [D, D] matrix per head at init: meant for small models.
     attention_init: str = "normal"
     mimetic_noise: float = 0.4

@@ -1,8 +1,8 @@
 r"""How fast does the tiny LLaMA (configs/tiny.py) learn to read its context?
 
-    JAX_PLATFORMS=cpu python bench/tiny_llm_retrieval.py --task copy  [--steps 300]
-    JAX_PLATFORMS=cpu python bench/tiny_llm_retrieval.py --task repeat [--steps 500] [--torch]
-    JAX_PLATFORMS=cpu python bench/tiny_llm_retrieval.py --task scene --tokenizer DIR/tokenizer [--steps 600]
+    JAX_PLATFORMS=cpu python -m owl_jax.demo.llm_probe --task copy  [--steps 300]
+    JAX_PLATFORMS=cpu python -m owl_jax.demo.llm_probe --task repeat [--steps 500] [--torch]
+    JAX_PLATFORMS=cpu python -m owl_jax.demo.llm_probe --task scene --tokenizer DIR/tokenizer [--steps 600]
         [--qa_per_scene 8 --answers_only --seq_len 144 --batch 16] [--heads 8] [--single_shape_share 1.0]
 
 copy:      BOS x1..x12 SEP x1..x12 with random token ids, loss on the second half. The offset
@@ -27,7 +27,7 @@ Every 50 steps (100 for scene) it prints the loss and token accuracy. --torch tr
 PyTorch `LlamaForCausalLM` of the same shape on the same batches with the same recipe (AdamW,
 warmup + cosine, global-norm clipping) instead: the reference that tells a slow plateau from a bug.
 
-The tokenizer is the one `python -m owl_jax.data.prepare --dataset=shapesworld` trains (or the
+The tokenizer is the one `python -m owl_jax.demo.dataset` trains (or the
 main job's WORKDIR/data/tokenizer).
 """
 import argparse
@@ -97,7 +97,7 @@ def recall_batches(rng, batch: int, seq_len: int = 34):
 
 
 def scene_sample(item, encode) -> tuple[list[int], list[int]]:
-    from owl_jax.data import shapesworld as sw
+    from owl_jax.demo import scenes as sw
 
     turns = [("Describe.", item["caption"])] if item["category"] == "caption" else item["turns"]
     ids = [1] + encode(" ".join(sw.describe(s) for s in item["scenes"]))
@@ -110,7 +110,7 @@ def scene_sample(item, encode) -> tuple[list[int], list[int]]:
 
 
 def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, answers_only: bool = False):
-    from owl_jax.data import shapesworld as sw
+    from owl_jax.demo import scenes as sw
 
     if qa_per_scene:
         while True:
@@ -137,7 +137,7 @@ def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, 
 
 
 def heldout_questions(encode, seq_len: int, n: int = 256):
-    from owl_jax.data import shapesworld as sw
+    from owl_jax.demo import scenes as sw
 
     rng = np.random.default_rng(99)
     ids, answer, cats = np.zeros((n, seq_len), np.int32), np.zeros((n, seq_len), np.int32), []
@@ -227,7 +227,7 @@ def main():
         encode = lambda s: list(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
         q_ids, q_answer, q_cats = heldout_questions(encode, seq_len)
         if args.single_shape_share > 0:
-            from owl_jax.data import shapesworld as sw
+            from owl_jax.demo import scenes as sw
 
             draw = sw.sample_scene
 
@@ -239,7 +239,7 @@ def main():
             sw.sample_scene = sample_scene
         batches = scene_batches(rng, args.batch, seq_len, encode, args.qa_per_scene, args.answers_only)
 
-    c = load_config_file("configs/tiny.py:full_ft")
+    c = load_config_file(f"{TINY_CONFIG}:full_ft")
     c.batch_size, c.seq_len, c.max_images_per_batch, c.num_steps = args.batch, seq_len, 1, args.steps
     if args.heads:
         c.model.llm.update(num_heads=args.heads, num_kv_heads=args.heads)

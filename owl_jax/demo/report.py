@@ -1,6 +1,6 @@
 """The main job's report: exact-match scoring, loss summaries, image-blind baselines and PNG plots.
 
-Used by `owl_jax.run`; `python -m owl_jax.report --workdir=DIR [--control=DIR]` redraws the plots
+Used by `owl_jax.demo.run`; `python -m owl_jax.demo.report --workdir=DIR [--control=DIR]` redraws the plots
 of a finished run (with --control, the accuracy plot also shows the blank-image control's bars).
 """
 from __future__ import annotations
@@ -238,7 +238,7 @@ def redraw(workdir: str, control: str | None = None) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m owl_jax.report", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m owl_jax.demo.report", description=__doc__)
     p.add_argument("--workdir", required=True)
     p.add_argument("--control", default=None, help="a --blank_images run's workdir")
     args = p.parse_args(argv)

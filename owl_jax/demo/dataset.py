@@ -1,16 +1,34 @@
-"""ShapesWorld as a TFDS dataset: the builder `python -m owl_jax.data.prepare` runs, the text its
-tokenizer is trained on, and the evaluation questions of a prepared split (owl_jax/data/shapesworld.py
-draws the scenes and writes the conversations)."""
+r"""ShapesWorld as a TFDS dataset: the builder, its tokenizer, and the evaluation questions of a
+prepared split (owl_jax/demo/scenes.py draws the scenes and writes the conversations).
+
+    python -m owl_jax.demo.dataset --out=DIR [--seed=0] [--vocab_size=1024] [--overwrite]
+        [--sizes=captions_train=4000,captions_test=200,instructions_train=12000,instructions_test=400,text_train=16000]
+
+writes DIR/shapesworld/1.0.0/ (with owl_meta/ and report.json, as `owl_jax.data.prepare` does for
+owl_jsonl) and the SentencePiece tokenizer trained on the train text to DIR/tokenizer, where the
+pipeline looks for a dataset's tokenizer when config.data.tokenizer_path is empty. The main job
+(owl_jax.demo.run) builds it into WORKDIR/data itself.
+"""
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import sys
+import time
 from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from owl_jax.data import records, shapesworld
-from owl_jax.data.shapesworld import DEFAULT_SIZES, generate_all, write_scenes_as_text
+from owl_jax.cli import absolute
+from owl_jax.data import records
+from owl_jax.data.conversation import build_prompt, parse_turns
+from owl_jax.data.image import load_and_preprocess
+from owl_jax.data.prepare import build, write_metadata
+from owl_jax.data.tokenizer import load_tokenizer, train_tokenizer
+from owl_jax.demo import scenes
+from owl_jax.demo.scenes import DEFAULT_SIZES, generate_all, write_scenes_as_text
 
 
 class ShapesWorld(tfds.core.GeneratorBasedBuilder):
@@ -27,7 +45,7 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, description=shapesworld.__doc__, features=records.features(),
+        return tfds.core.DatasetInfo(builder=self, description=scenes.__doc__, features=records.features(),
                                      metadata=tfds.core.MetadataDict(seed=self._seed, sizes=self._sizes))
 
     def _split_generators(self, dl_manager):
@@ -64,8 +82,6 @@ def iter_test_questions(dataset_dir: str, split: str = "instructions_test", imag
     ``pixel_values`` float32[k, image_size, image_size, 3] (CLIP-normalised; zeros, the mean
     colour, if `blank_images`), ``scene`` (list of scene dicts).
     """
-    from owl_jax.data.conversation import build_prompt, parse_turns
-    from owl_jax.data.image import load_and_preprocess
 
     src = records.data_source(dataset_dir, "shapesworld", split)
     for i in range(len(src)):
@@ -102,3 +118,50 @@ def iter_test_questions(dataset_dir: str, split: str = "instructions_test", imag
             "pixel_values": pixels,
             "scene": scenes,
         }
+
+
+def prepare(out: str, seed: int = 0, sizes: dict | None = None, vocab_size: int = 1024, overwrite: bool = False):
+    """Generates ShapesWorld into `out` and trains its tokenizer into `out`/tokenizer."""
+    sizes = dict(sizes or DEFAULT_SIZES)
+    builder = ShapesWorld(data_dir=out, file_format="array_record", sizes=sizes, seed=seed)
+    if build(builder, overwrite):
+        write_metadata(builder, list(sizes))
+    tok_dir = os.path.join(out, "tokenizer")
+    if overwrite or not os.path.exists(os.path.join(tok_dir, "tokenizer.model")):
+        train_tokenizer(tokenizer_texts(sizes, seed), tok_dir, vocab_size=vocab_size)
+    return builder
+
+
+def _parse_sizes(p: argparse.ArgumentParser, text: str) -> dict:
+    sizes = dict(DEFAULT_SIZES)
+    for part in filter(None, text.split(",")):
+        k, _, v = part.partition("=")
+        if k.strip() not in sizes or not v.strip().isdigit():
+            p.error(f"--sizes: {part!r} is not split=N with a known split ({', '.join(sizes)})")
+        sizes[k.strip()] = int(v)
+    return {k: v for k, v in sizes.items() if v > 0}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m owl_jax.demo.dataset", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output directory (config.data.dataset_dir)")
+    p.add_argument("--seed", type=int, default=0, help="generation seed")
+    p.add_argument("--sizes", default="", help="split=N,... (unlisted splits keep their defaults; 0 skips a split)")
+    p.add_argument("--vocab_size", type=int, default=1024, help="tokenizer vocabulary (max)")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    out = absolute(args.out)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    t0 = time.time()
+    builder = prepare(out, args.seed, _parse_sizes(p, args.sizes), args.vocab_size, args.overwrite)
+    print(f"\n== {builder.name} -> {builder.data_dir} ({time.time() - t0:.1f}s)")
+    if builder.report.written:
+        print(builder.report.format())
+    tok_dir = os.path.join(out, "tokenizer")
+    print(f"tokenizer: {tok_dir} (vocab {len(load_tokenizer(tok_dir))})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

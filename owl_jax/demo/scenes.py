@@ -23,7 +23,7 @@ never occurs in train, where the scene is compared by its content: shapes, colou
   its exact expected ``answer`` (lower-case words, digits, or the upper-case word) for exact-match
   evaluation, and its ``scene`` (JSON) so answers can be checked against the drawing.
 
-`prepare_shapesworld` also trains the SentencePiece tokenizer on the train text.
+`owl_jax.demo.dataset.prepare` also trains the SentencePiece tokenizer on the train text.
 """
 from __future__ import annotations
 

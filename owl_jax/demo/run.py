@@ -1,9 +1,9 @@
 r"""The main job: a tiny owl learns ShapesWorld on CPU, end to end, in one command.
 
-  python -m owl_jax.run --workdir=/tmp/owl                  # the tiny owl, ~25 min on 2 CPU cores
-  python -m owl_jax.run --workdir=/tmp/owl_blank --blank_images   # the control: every image blank
-  python -m owl_jax.run --workdir=/tmp/owl_ci --quick       # CI-sized smoke run (seconds a stage)
-  [--config=configs/shapesworld.py] [--config.stages.stage1.num_steps=600 ...]
+  python -m owl_jax.demo.run --workdir=/tmp/owl                  # the tiny owl, ~25 min on 2 CPU cores
+  python -m owl_jax.demo.run --workdir=/tmp/owl_blank --blank_images   # the control: every image blank
+  python -m owl_jax.demo.run --workdir=/tmp/owl_ci --quick       # CI-sized smoke run (seconds a stage)
+  [--config=owl_jax/demo/config.py] [--config.stages.stage1.num_steps=600 ...]
 
 Sections below, top to bottom:
   data     ShapesWorld is generated into WORKDIR/data (kept if already there)
@@ -21,7 +21,7 @@ Sections below, top to bottom:
 
 Resumable: rerunning the same command skips what is finished (stage{k}/stage.json, eval.json)
 and resumes an interrupted stage from its last checkpoint. Every setting is in the config file
-(configs/shapesworld.py); --quick merges its `quick` section, --blank_images sets blank_images.
+(owl_jax/demo/config.py); --quick merges its `quick` section, --blank_images sets blank_images.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import time
 
 from absl import app, flags
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapesworld.py")
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
 STAGES = ("stage0", "stage1", "stage2")
 STAGE_TITLES = {
     "stage0": "stage 0: text-only LLM pretraining",
@@ -48,7 +48,7 @@ from owl_jax import train as _train  # noqa: E402
 def _define_flags() -> None:
     """Only when run as a program. owl_jax.train's flags --config (a config file, `--config.x=y`
     overrides) and --workdir are shared: here --config is the job's file (default
-    configs/shapesworld.py) and --workdir receives everything (data, stages, export, report)."""
+    owl_jax/demo/config.py) and --workdir receives everything (data, stages, export, report)."""
     _train._define_flags()
     flags.adopt_module_key_flags(_train)  # --help lists --workdir and --config with this program's flags
     FLAGS.set_default("config", _DEFAULT_CONFIG)
@@ -95,6 +95,7 @@ def stage_config(config, name: str, data_dir: str, init_dir: str):
     tc.data.source = "tfds"
     tc.data.dataset = "shapesworld"
     tc.data.dataset_dir = data_dir
+    tc.data.tokenizer_path = os.path.join(data_dir, "tokenizer")
     tc.data.blank_images = bool(config.blank_images)
     tc.init.params_dir = init_dir
     return tc
@@ -151,8 +152,8 @@ def evaluate(params_dir: str, data_dir: str, eval_cfg, blank_images: bool, desc:
     from tqdm import tqdm
 
     import owl_jax
-    from owl_jax.data.shapesworld_tfds import iter_test_questions
-    from owl_jax.report import score
+    from owl_jax.demo.dataset import iter_test_questions
+    from owl_jax.demo.report import score
 
     t0 = time.time()
     # The job's own model answers in its training format (the release tokenises prompts otherwise).
@@ -245,7 +246,7 @@ def test_answers_for_baselines(data_dir: str, split: str):
 
 def write_report(config, workdir: str, data_dir: str, timings: dict, stages: dict, evals: dict, samples: list,
                  exported: dict) -> dict:
-    from owl_jax import report as rp
+    from owl_jax.demo import report as rp
     from owl_jax.params_io import load_params
 
     t0 = time.time()
@@ -260,8 +261,8 @@ def write_report(config, workdir: str, data_dir: str, timings: dict, stages: dic
                      title="ShapesWorld held-out exact match" + (" (blank-image control)" if config.blank_images else ""))
 
     # attention of the stage-2 abstractor on a few single-image test questions
-    from owl_jax.data.shapesworld import describe, render_scene
-    from owl_jax.data.shapesworld_tfds import iter_test_questions
+    from owl_jax.demo.scenes import describe, render_scene
+    from owl_jax.demo.dataset import iter_test_questions
 
     params, cfg = load_params(os.path.join(workdir, "stage2", "params"))
     picked = []
@@ -285,7 +286,7 @@ def write_report(config, workdir: str, data_dir: str, timings: dict, stages: dic
                                 for i in range(cfg.abstractor.num_layers)}
     timings["report_s"] = time.time() - t0
     report = {
-        "job": "owl_jax.run (ShapesWorld)",
+        "job": "owl_jax.demo.run (ShapesWorld)",
         "blank_images": bool(config.blank_images),
         "stages": {n: {"title": STAGE_TITLES[n], "wall_s": stages[n]["wall_s"], "resumed": stages[n]["resumed"],
                        "num_steps": stages[n]["num_steps"], "batch_size": stages[n]["batch_size"],
@@ -324,7 +325,7 @@ def run(config, workdir: str) -> dict:
 
 
 def _run(config, workdir: str) -> dict:
-    from owl_jax.data.prepare import prepare_shapesworld
+    from owl_jax.demo.dataset import prepare
 
     t_start = time.time()
     timings: dict = {}
@@ -334,7 +335,7 @@ def _run(config, workdir: str) -> dict:
     t0 = time.time()
     if not os.path.exists(os.path.join(data_dir, "tokenizer", "tokenizer.model")):
         print(f"== data: generating ShapesWorld into {data_dir}")
-        prepare_shapesworld(data_dir, seed=config.prepare.seed, sizes=config.prepare.sizes.to_dict())
+        prepare(data_dir, seed=config.prepare.seed, sizes=config.prepare.sizes.to_dict())
     timings["data_s"] = time.time() - t0
 
     # ------------------------------------------------------------------------------- stages 0, 1, 2

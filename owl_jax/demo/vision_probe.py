@@ -1,6 +1,6 @@
 r"""Can the tiny owl's image path learn what a scene shows, with direct supervision?
 
-    JAX_PLATFORMS=cpu python bench/vision_probe.py [--readout abstractor|vit] [--steps 200]
+    JAX_PLATFORMS=cpu python -m owl_jax.demo.vision_probe [--readout abstractor|vit] [--steps 200]
         [--abstractor_init 0.088] [--vision_init 0.02] [--position_init sincos2d|normal]
 
 The vision encoder and abstractor of configs/tiny.py (fresh weights, 112 x 112 ShapesWorld images)
@@ -26,7 +26,8 @@ import numpy as np
 import optax
 
 from owl_jax.configs import load_config_file
-from owl_jax.data import shapesworld as sw
+from owl_jax.demo import TINY_CONFIG
+from owl_jax.demo import scenes as sw
 from owl_jax.data.image import preprocess
 from owl_jax.models.config import owl_config_from_dict
 from owl_jax.models.owl import MplugOwl
@@ -90,7 +91,7 @@ def main():
 
         trained, cfg = load_params(args.params)
     else:
-        cfg = owl_config_from_dict(load_config_file("configs/tiny.py:stage1").model.to_dict())
+        cfg = owl_config_from_dict(load_config_file(f"{TINY_CONFIG}:stage1").model.to_dict())
     vision, abstractor = cfg.vision, cfg.abstractor
     if args.vision_init:
         vision = dataclasses.replace(vision, initializer_range=args.vision_init)

@@ -1,25 +1,24 @@
 """The main job: the tiny owl (configs/tiny.py) learns ShapesWorld, stage by stage, on CPU.
 
-    python -m owl_jax.run --workdir=/tmp/owl [--quick] [--blank_images] [--config.stages.stage1.num_steps=...]
+    python -m owl_jax.demo.run --workdir=/tmp/owl [--quick] [--blank_images] [--config.stages.stage1.num_steps=...]
 
 Sections:
   model      the tiny owl (configs/tiny.py), shared by every stage; stage 2 adds LoRA
-  prepare    the ShapesWorld build (owl_jax.data.prepare): seed and split sizes
+  prepare    the ShapesWorld build (owl_jax.demo.dataset): seed and split sizes
   stages     stage0 | stage1 | stage2: each is a set of overrides of owl_jax.train's config
              (owl_jax/configs.py:base_config), applied in order; data.dataset_dir and
              init.params_dir are filled in by the runner
   eval       exact-match evaluation on the held-out split, sample answers, attention plots
   quick      overrides merged over everything above by --quick (the CI smoke run)
 """
-import os
-
 import ml_collections
 
 from owl_jax.configs import load_config_file
+from owl_jax.demo import TINY_CONFIG
 
 
 def _tiny_model() -> ml_collections.ConfigDict:
-    return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.py:stage1")).model
+    return load_config_file(f"{TINY_CONFIG}:stage1").model
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
