@@ -153,9 +153,14 @@ def main(argv):
     sys.exit(0 if report.fits else 1)
 
 
-if __name__ == "__main__":
-    _define_flags()
-    flags.mark_flags_as_required(["config"])
+def console_main() -> None:
+    """`owl-aot`, the same program as `python -m owl_jax.aot`."""
     from owl_jax.cli import parse_absl_flags
 
+    _define_flags()
+    flags.mark_flags_as_required(["config"])
     app.run(main, flags_parser=parse_absl_flags)
+
+
+if __name__ == "__main__":
+    console_main()

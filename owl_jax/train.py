@@ -320,7 +320,12 @@ def run_cli(job) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """`owl-train`, the same program as `python -m owl_jax.train`."""
     _define_flags()
     flags.mark_flags_as_required(["config"])
     app.run(main, flags_parser=cli.parse_absl_flags)
+
+
+if __name__ == "__main__":
+    console_main()

@@ -179,7 +179,7 @@ def _params_for_cases(root, tmp_path, cfg):
                                       "orbax checkpoint params/ beside it"),
         "bad json": (bad_json, cfg, f"{bad_json}/owl_config.json: not an owl_jax model config (Expecting property name"),
         "bad field": (bad_field, cfg, f"{bad_field}/owl_config.json: not an owl_jax model config (LlamaConfig: unknown "
-                                      "config fields ['hidden_sise']; expected a subset of ['attention_init', "),
+                                      "config fields ['hidden_sise']; expected a subset of ['bos_token_id', "),
         "shape": (root / "a", wider, f"{root / 'a'}: parameter language_model/model/layers/mlp/down_proj/kernel has shape "
                                      "(2, 128, 64), the config expects (2, 96, 64)"),
         "extra": (root / "lora", cfg, f"{root / 'lora'}: parameters ['language_model/model/layers/self_attn/q_proj/lora_a', "

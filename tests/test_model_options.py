@@ -88,7 +88,7 @@ def test_causal_query_blocks_match_one_block(setup, block):
 
 
 def test_causal_query_blocks_with_grouped_kv_heads():
-    from owl_jax.models.layers import attention
+    from owl_jax.models.attention import attention
 
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(2, 11, 4, 8)), jnp.float32)
@@ -103,7 +103,7 @@ def test_causal_query_blocks_with_grouped_kv_heads():
 def test_causal_hint_keeps_the_padding_mask():
     """causal=True lets jax.nn.dot_product_attention skip the upper triangle ("jax" here; "cudnn" on
     GPU makes the same call); the padding mask still applies, left padding included."""
-    from owl_jax.models.layers import attention
+    from owl_jax.models.attention import attention
 
     rng = np.random.default_rng(1)
     q, k, v = (jnp.asarray(rng.normal(size=(3, 9, 4, 8)), jnp.float32) for _ in range(3))
@@ -122,7 +122,7 @@ def test_causal_hint_keeps_the_padding_mask():
 def test_cudnn_leaves_odd_lengths_to_xla():
     """cuDNN cannot train on odd lengths (the ViT's 257 tokens): those run the XLA path, so on this CPU
     (no cuDNN) they still compute; even lengths do ask for cuDNN."""
-    from owl_jax.models.layers import attention
+    from owl_jax.models.attention import attention
 
     rng = np.random.default_rng(2)
     q, k, v = (jnp.asarray(rng.normal(size=(2, 9, 4, 8)), jnp.float32) for _ in range(3))
@@ -136,7 +136,7 @@ def test_splash_kernel_matches_xla_with_padding():
     """The TPU splash kernel (run by Pallas' interpreter here) gives the einsum path's outputs and
     gradients on the valid rows: left and right padding, 3 x 3 blocks of 128, grouped KV heads (4
     query heads on 2), alone and sharded (shard_map) over an 8-device mesh."""
-    from owl_jax.models.layers import attention
+    from owl_jax.models.attention import attention
     from owl_jax.sharding import DEFAULT_RULES, make_mesh
 
     rng = np.random.default_rng(3)
@@ -263,7 +263,9 @@ def test_dots_no_batch_attention_does_not_rerun_the_attention_forward():
     those of the unwrapped attention. Here a stand-in that keeps what cuDNN keeps (q, k, v, output,
     log-sum-exp; a bool mask where cuDNN keeps a bias made from it), and an o_proj whose weight
     gradient reads the attention output."""
-    from owl_jax.models.layers import ATTENTION_RESIDUALS, _REMAT_POLICIES, with_named_residuals
+    from owl_jax.models.attention import ATTENTION_RESIDUALS, with_named_residuals
+    from owl_jax.models.layers import _REMAT_POLICIES
+    from owl_jax.models.config import RunOptions
     from owl_jax.models.llama import LlamaModel
 
     b, t, h, dh = 2, 8, 2, 4
@@ -294,8 +296,8 @@ def test_dots_no_batch_attention_does_not_rerun_the_attention_forward():
 
     # The LLM asks for the tags under this policy only.
     cfg = small_owl_config().llm
-    assert LlamaModel(cfg, remat_policy="dots_no_batch_attention")._layer_kwargs()["name_attention_residuals"]
-    assert not LlamaModel(cfg, remat_policy="dots_no_batch")._layer_kwargs()["name_attention_residuals"]
+    for policy, named in (("dots_no_batch_attention", True), ("dots_no_batch", False)):
+        assert LlamaModel(cfg, run=RunOptions(remat_policy=policy))._layer_kwargs()["name_attention_residuals"] is named
 
     # Gradients pass through the wrapper with another residual layout too (jax's XLA attention).
     fused = functools.partial(jax.nn.dot_product_attention, is_causal=True)

@@ -20,9 +20,6 @@ scene:     ShapesWorld questions with the scene told as text ("<caption> Q: <que
            the binding examples per token), --answers_only puts the loss on the answers alone,
            --heads N changes the LLM's head count (head size hidden/N), --layers N its depth.
 
---mimetic NOISE,IDENTITY starts the LLM's q/k kernels mimetic (llm.attention_init="mimetic"; the
-tiny config's own is "normal", as released).
-
 Every 50 steps (100 for scene) it prints the loss and token accuracy. --torch trains transformers'
 PyTorch `LlamaForCausalLM` of the same shape on the same batches with the same recipe (AdamW,
 warmup + cosine, global-norm clipping) instead: the reference that tells a slow plateau from a bug.
@@ -39,6 +36,7 @@ import numpy as np
 
 from owl_jax.inference.api import _forward
 from owl_jax.configs import load_config_file
+from owl_jax.demo import TINY_CONFIG
 from owl_jax.sharding import make_mesh
 from owl_jax.training.stages import merge_params
 from owl_jax.training.trainer import Trainer, global_batch, stack_micro_batches
@@ -204,9 +202,6 @@ def main():
     p.add_argument("--layers", type=int, default=0, help="LLM layers (0: configs/tiny.py's)")
     p.add_argument("--init_range", type=float, default=0.0,
                    help="the LLM's initializer_range (0: configs/tiny.py's)")
-    p.add_argument("--mimetic", default="",
-                   help="NOISE,IDENTITY: the LLM's q/k kernels mimetic (llm.attention_init='mimetic' with these "
-                        "mimetic_noise, mimetic_identity); '' keeps configs/tiny.py's attention_init")
     p.add_argument("--torch", action="store_true", help="copy/repeat/induction: train the PyTorch reference instead")
     args = p.parse_args()
 
@@ -247,9 +242,6 @@ def main():
         c.model.llm.num_layers = args.layers
     if args.init_range:
         c.model.llm.initializer_range = args.init_range
-    if args.mimetic:
-        noise, identity = (float(v) for v in args.mimetic.split(","))
-        c.model.llm.update(attention_init="mimetic", mimetic_noise=noise, mimetic_identity=identity)
     c.optim.lr, c.optim.warmup_steps, c.optim.end_lr = args.lr, 30, args.lr / 20
     if args.torch:
         if args.task == "scene":

@@ -379,8 +379,13 @@ def main(argv):
     sys.exit(_train.run_cli(lambda: run(resolve_config(FLAGS.config, FLAGS.quick, FLAGS.blank_images), FLAGS.workdir)))
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """`owl-demo`, the same program as `python -m owl_jax.demo.run`."""
     from owl_jax.cli import parse_absl_flags
 
     _define_flags()
     app.run(main, flags_parser=parse_absl_flags)
+
+
+if __name__ == "__main__":
+    console_main()

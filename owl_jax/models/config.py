@@ -8,7 +8,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import jax.numpy as jnp
+
 from owl_jax.cli import UserError
+
+# "xla": our einsums with an fp32 softmax (every platform; dropout). "cudnn": cuDNN's fused attention
+# where it applies, else "xla". "splash": Pallas' splash kernel (models/splash.py) for the LLM's causal
+# attention where it applies, else "xla". "jax": jax.nn.dot_product_attention's own default (the call
+# cuDNN gets, runnable anywhere: tests). A config may also say "auto": `platform_attention`.
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "jax")
+
+
+def platform_attention(platform: str) -> str:
+    """What attention_impl="auto" means on a platform ("cpu", "gpu", "tpu")."""
+    return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,18 +94,6 @@ class LlamaConfig:
     eos_token_id: int = 2
     pad_token_id: int = 0
     initializer_range: float = 0.02  # fresh kernels and token embeddings: normal(initializer_range)
-    # Fresh q/k kernels: "normal" (as the rest) or "mimetic" (Trockman & Kolter 2023): each head's
-    # W_q W_k^T ~ mimetic_noise * Z + mimetic_identity * I, Z ~ normal(0, 1/D), a small pull towards
-    # matching equal tokens. A tiny LLaMA trained from scratch then forms induction heads (copying
-    # from its context) in a few hundred steps (owl_jax/demo/llm_probe.py --task repeat). One SVD of
-    # a [D, D] matrix per head at init: meant for small models.
-    attention_init: str = "normal"
-    mimetic_noise: float = 0.4
-    mimetic_identity: float = 0.3
-
-    def __post_init__(self):
-        if self.attention_init not in ("normal", "mimetic"):
-            raise UserError(f"llm.attention_init={self.attention_init!r}: expected 'normal' or 'mimetic'")
 
     @property
     def head_dim(self) -> int:
@@ -125,22 +126,26 @@ class OwlConfig:
     # "none" | "full" (save nothing) | "dots" (save matmul outputs) | "dots_no_batch" |
     # "dots_no_batch_attention" (and the LLM's cuDNN attention output and softmax statistics)
     remat_policy: str = "none"
-    # Layer loop: 1 keeps one scanned loop body (compile time flat in depth: the 7B recipes); n > 1
-    # unrolls n layers per iteration; 0 runs the layers as a Python loop over the same stacked params
-    # (`layers.run_stacked_layers`): no loop in the program, so no stacked activation buffers (~5-10%
-    # faster steps on CPU) and exact FLOP audits (XLA's cost analysis counts a loop body once), but
-    # compile time grows with depth.
+    # Layer loop: 1 runs the layers under one scanned loop body (compile time flat in depth: the 7B
+    # recipes); 0 runs them as a Python loop over the same stacked params (`layers.run_stacked_layers`):
+    # no loop in the program, so no stacked activation buffers (the main job's steps 3-9% faster on
+    # CPU) and exact FLOP audits (XLA's cost analysis counts a loop body once), but compile time grows
+    # with depth.
     scan_unroll: int = 1
     # "xla" (einsums, fp32 softmax) | "cudnn" (cuDNN's fused kernel where it applies) | "splash" (the
     # Pallas TPU kernel for the LLM) | "auto" (cudnn on GPU, splash on TPU, xla on CPU) | "jax"
-    # (jax.nn.dot_product_attention's default); see models.layers.attention
+    # (jax.nn.dot_product_attention's default); see models/attention.py
     attention_impl: str = "xla"
     # "xla" path only: the LLM's causal attention over a whole sequence (training, scoring; not the
     # cached decode) runs in query blocks of this many rows, each against the keys up to its last
-    # row (`layers.attention`); 0: one block. Skips the masked upper triangle.
+    # row (models/attention.py); 0: one block. Skips the masked upper triangle: on 2 CPU cores the main
+    # job's stage-0 step (144 tokens) 4% faster, a bench_small LLaMA layer's attention (513 tokens)
+    # 92 -> 62 ms.
     causal_query_block: int = 0
 
     def __post_init__(self):
+        if self.scan_unroll not in (0, 1):
+            raise UserError(f"scan_unroll={self.scan_unroll}: expected 1 (the layers scanned) or 0 (a Python loop)")
         if self.vision.hidden_size != self.abstractor.encoder_hidden_size:
             raise UserError(
                 f"vision.hidden_size={self.vision.hidden_size} != abstractor.encoder_hidden_size="
@@ -150,6 +155,32 @@ class OwlConfig:
     @property
     def tokens_per_image(self) -> int:
         return self.abstractor.num_queries + 1  # queries + vit_eos
+
+    def run_options(self, platform: str) -> "RunOptions":
+        """How the modules run on `platform` ("cpu", "gpu", "tpu"): "auto" attention resolved."""
+        impl = platform_attention(platform) if self.attention_impl == "auto" else self.attention_impl
+        return RunOptions(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype), attention_impl=impl,
+                          remat_policy=self.remat_policy, scan_unroll=self.scan_unroll,
+                          causal_query_block=self.causal_query_block)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How the modules compute, not what: the same parameters give the same function under every
+    choice (up to rounding). Built once per model (`OwlConfig.run_options`, where "auto" attention
+    is resolved) and handed down whole; each module reads the fields it needs. Fields as OwlConfig's.
+    """
+
+    dtype: Any = jnp.float32  # compute dtype
+    param_dtype: Any = jnp.float32
+    attention_impl: str = "xla"  # one of ATTENTION_IMPLS
+    remat_policy: str = "none"
+    scan_unroll: int = 1
+    causal_query_block: int = 0
+
+    def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS} or 'auto'")
 
 
 def _build(cls, section: Mapping[str, Any] | None):

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from owl_jax.models.config import LlamaConfig, LoraConfig
+from owl_jax.models.config import LlamaConfig, LoraConfig, RunOptions
+from owl_jax.models.attention import attention
 from owl_jax.models.layers import (
-    Dense, Dtype, RMSNorm, attention, constrain, partitioned, remat_layer, run_stacked_layers,
-    runs_stacked_unrolled, scan_layers,
+    Dense, RMSNorm, constrain, partitioned, remat_layer, run_stacked_layers, runs_stacked_unrolled, scan_layers,
 )
 
 
@@ -27,22 +27,19 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def projection(module: nn.Module, features: int, axes, name: str) -> Dense:
-    """A bias-free LLaMA projection of `module` (which has lora, dtype, param_dtype), with LoRA when
-    `name` is one of the LoRA target modules."""
+    """A bias-free LLaMA projection of `module` (which has cfg, lora and run), with LoRA when `name` is
+    one of the LoRA target modules."""
     lora = module.lora if name in module.lora.target_modules else None
-    return Dense(features, axes, use_bias=False, lora=lora, dtype=module.dtype, param_dtype=module.param_dtype,
+    return Dense(features, axes, use_bias=False, lora=lora, dtype=module.run.dtype, param_dtype=module.run.param_dtype,
                  kernel_init=nn.initializers.normal(module.cfg.initializer_range), name=name)
 
 
 class LlamaAttention(nn.Module):
     cfg: LlamaConfig
     lora: LoraConfig
-    dtype: Dtype
-    param_dtype: Dtype
-    attention_impl: str
+    run: RunOptions
     decode: bool
-    causal_query_block: int = 0  # see OwlConfig.causal_query_block
-    name_attention_residuals: bool = False  # see layers.attention(name_residuals=...)
+    name_attention_residuals: bool = False  # see attention.attention(name_residuals=...)
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, key_valid: jax.Array, deterministic: bool) -> jax.Array:
@@ -62,8 +59,8 @@ class LlamaAttention(nn.Module):
         else:
             causal = jnp.tril(jnp.ones((t, t), dtype=bool))
         mask = causal[None, None] & key_valid[:, None, None, :].astype(bool)
-        out = attention(q, key, value, mask, impl=self.attention_impl, kv_heads_first=self.decode,
-                        causal_query_block=0 if self.decode else self.causal_query_block, causal=not self.decode,
+        out = attention(q, key, value, mask, impl=self.run.attention_impl, kv_heads_first=self.decode,
+                        causal_query_block=0 if self.decode else self.run.causal_query_block, causal=not self.decode,
                         name_residuals=self.name_attention_residuals)
         return projection(self, cfg.hidden_size, ("heads", "embed"), "o_proj")(out.reshape(b, t, h * dh), deterministic)
 
@@ -92,8 +89,7 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     cfg: LlamaConfig
     lora: LoraConfig
-    dtype: Dtype
-    param_dtype: Dtype
+    run: RunOptions
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -106,22 +102,17 @@ class LlamaMLP(nn.Module):
 class LlamaLayer(nn.Module):
     cfg: LlamaConfig
     lora: LoraConfig
-    dtype: Dtype
-    param_dtype: Dtype
-    attention_impl: str
+    run: RunOptions
     decode: bool
-    causal_query_block: int = 0
     name_attention_residuals: bool = False
 
     @nn.compact
     def __call__(self, x, positions, key_valid, deterministic: bool):
-        norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.param_dtype, name=name)
-        attn = LlamaAttention(
-            self.cfg, self.lora, self.dtype, self.param_dtype, self.attention_impl, self.decode,
-            self.causal_query_block, self.name_attention_residuals, name="self_attn"
-        )
+        norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.run.param_dtype, name=name)
+        attn = LlamaAttention(self.cfg, self.lora, self.run, self.decode, self.name_attention_residuals,
+                              name="self_attn")
         x = x + attn(norm("input_layernorm")(x), positions, key_valid, deterministic)
-        x = x + LlamaMLP(self.cfg, self.lora, self.dtype, self.param_dtype, name="mlp")(
+        x = x + LlamaMLP(self.cfg, self.lora, self.run, name="mlp")(
             norm("post_attention_layernorm")(x), deterministic
         )
         return constrain(x, ("batch", "length", "embed")), None
@@ -141,37 +132,31 @@ class LlamaModel(nn.Module):
 
     cfg: LlamaConfig
     lora: LoraConfig = LoraConfig()
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat_policy: str = "none"
-    attention_impl: str = "xla"
+    run: RunOptions = RunOptions()
     decode: bool = False
-    scan_unroll: int = 1
     scan_layers: bool = True
-    causal_query_block: int = 0
 
     def setup(self):
+        run = self.run
         self.embed_tokens = nn.Embed(
             self.cfg.vocab_size,
             self.cfg.hidden_size,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
+            dtype=run.dtype,
+            param_dtype=run.param_dtype,
             embedding_init=partitioned(nn.initializers.normal(self.cfg.initializer_range), ("vocab", "embed")),
         )
         layer_kwargs = self._layer_kwargs()
         if self.scan_layers:
-            self.layers = scan_layers(
-                LlamaLayer, self.cfg.num_layers, self.remat_policy, num_args=3, unroll=self.scan_unroll, **layer_kwargs
-            )
+            self.layers = scan_layers(LlamaLayer, self.cfg.num_layers, run.remat_policy, num_args=3,
+                                      unroll=run.scan_unroll, **layer_kwargs)
         else:  # a list attribute: flax names the submodules layers_0, layers_1, ...
-            layer_cls = remat_layer(LlamaLayer, self.remat_policy, num_args=3)
+            layer_cls = remat_layer(LlamaLayer, run.remat_policy, num_args=3)
             self.layers = [layer_cls(**layer_kwargs) for _ in range(self.cfg.num_layers)]
-        self.norm = RMSNorm(self.cfg.rms_norm_eps, self.param_dtype)
+        self.norm = RMSNorm(self.cfg.rms_norm_eps, run.param_dtype)
 
     def _layer_kwargs(self) -> dict:
-        return dict(cfg=self.cfg, lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype,
-                    attention_impl=self.attention_impl, decode=self.decode, causal_query_block=self.causal_query_block,
-                    name_attention_residuals=self.remat_policy == "dots_no_batch_attention")
+        return dict(cfg=self.cfg, lora=self.lora, run=self.run, decode=self.decode,
+                    name_attention_residuals=self.run.remat_policy == "dots_no_batch_attention")
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """int[B, T] -> float[B, T, D]."""
@@ -180,10 +165,10 @@ class LlamaModel(nn.Module):
     def __call__(self, inputs_embeds, positions, attention_mask, deterministic: bool = True) -> jax.Array:
         """inputs_embeds float[B, T, D], positions int[B, T], attention_mask bool[B, T] (bool[B, S] over
         the cache when decoding) -> final hidden states float[B, T, D]."""
-        x = constrain(inputs_embeds.astype(self.dtype), ("batch", "length", "embed"))
-        if self.scan_layers and runs_stacked_unrolled(self, self.scan_unroll):
-            x = run_stacked_layers(self, "layers", LlamaLayer, self.cfg.num_layers, self.remat_policy, self._layer_kwargs(),
-                                   x, positions, attention_mask, deterministic)
+        x = constrain(inputs_embeds.astype(self.run.dtype), ("batch", "length", "embed"))
+        if self.scan_layers and runs_stacked_unrolled(self, self.run.scan_unroll):
+            x = run_stacked_layers(self, "layers", LlamaLayer, self.cfg.num_layers, self.run.remat_policy,
+                                   self._layer_kwargs(), x, positions, attention_mask, deterministic)
         elif self.scan_layers:
             x, _ = self.layers(x, positions, attention_mask, deterministic)
         else:
@@ -214,28 +199,6 @@ def stack_layers(params: dict) -> dict:
     per_layer = [params.pop(k) for k in names]
     params["layers"] = jax.tree_util.tree_map(lambda *xs: _stacked(xs), *per_layer)
     return params
-
-
-def mimetic_qk(q_kernel: jax.Array, k_kernel: jax.Array, cfg: LlamaConfig, rng: jax.Array):
-    """Mimetic q/k kernels float[L, D, H*Dh] / float[L, D, K*Dh] (the stacked training layout): for
-    each layer and key head, the top-Dh SVD factors of noise * Z + identity * I (Z ~ normal(0, 1/D)),
-    split as W_q = U sqrt(S), W_k = V sqrt(S); the query heads of a group share their key head's.
-    With RMS-normalised inputs a token then scores well above unrelated ones (defaults at D = 256,
-    Dh = 32: ~3.7 with itself against 0 +- 0.8 with others)."""
-    layers, d, _ = k_kernel.shape
-    dh, kv, group = cfg.head_dim, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
-
-    def one_head(key):
-        z = jax.random.normal(key, (d, d), jnp.float32) / np.sqrt(d)
-        u, s, vt = jnp.linalg.svd(cfg.mimetic_noise * z + cfg.mimetic_identity * jnp.eye(d, dtype=jnp.float32))
-        root = jnp.sqrt(s[:dh])
-        return u[:, :dh] * root, vt[:dh].T * root  # [D, Dh] each
-
-    wq, wk = jax.lax.map(one_head, jax.random.split(rng, layers * kv))  # [L*K, D, Dh]
-    wk = wk.reshape(layers, kv, d, dh).transpose(0, 2, 1, 3).reshape(layers, d, kv * dh)
-    wq = jnp.repeat(wq.reshape(layers, kv, d, dh), group, axis=1)
-    wq = wq.transpose(0, 2, 1, 3).reshape(layers, d, cfg.num_heads * dh)
-    return wq.astype(q_kernel.dtype), wk.astype(k_kernel.dtype)
 
 
 def to_decode_layout(params: dict) -> dict:
@@ -283,25 +246,18 @@ def _transposed(x):
 class LlamaForCausalLM(nn.Module):
     cfg: LlamaConfig
     lora: LoraConfig = LoraConfig()
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat_policy: str = "none"
-    attention_impl: str = "xla"
+    run: RunOptions = RunOptions()
     decode: bool = False
-    scan_unroll: int = 1
     scan_layers: bool = True  # False: layers unrolled, params `model/layers_{i}` (see LlamaModel)
     # The LM head kernel stored float[V, D] (torch's layout) instead of float[D, V]. For decoding: XLA's
     # CPU dot of float[8, 512] hidden states with a [32000, 512] kernel is ~30% faster (7 vs 10 ms).
     lm_head_vocab_major: bool = False
-    causal_query_block: int = 0  # see OwlConfig.causal_query_block
 
     def setup(self):
-        self.model = LlamaModel(
-            self.cfg, self.lora, self.dtype, self.param_dtype, self.remat_policy, self.attention_impl, self.decode,
-            self.scan_unroll, self.scan_layers, self.causal_query_block,
-        )
+        self.model = LlamaModel(self.cfg, self.lora, self.run, self.decode, self.scan_layers)
         self.lm_head = Dense(
-            self.cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            self.cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.run.dtype,
+            param_dtype=self.run.param_dtype,
             kernel_init=nn.initializers.normal(self.cfg.initializer_range), kernel_out_in=self.lm_head_vocab_major,
         )
 

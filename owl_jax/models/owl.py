@@ -9,8 +9,8 @@ import jax.numpy as jnp
 
 from owl_jax.batch import IMAGE_PLACEHOLDER_ID
 from owl_jax.models.abstractor import VisualAbstractor
-from owl_jax.models.config import OwlConfig
-from owl_jax.models.layers import dtype_of, partitioned
+from owl_jax.models.config import OwlConfig, RunOptions
+from owl_jax.models.layers import partitioned, trace_platform
 from owl_jax.models import llama
 from owl_jax.models.llama import LlamaForCausalLM
 from owl_jax.models.vision import VisionEncoder
@@ -55,34 +55,30 @@ class MplugOwl(nn.Module):
     abstractor, language_model.
 
     decode_layout=True builds the LLM for decoding: layers unrolled (see `LlamaModel`) and the LM head
-    kernel float[V, D] (see `LlamaForCausalLM`). Its params are `to_decode_layout` of the usual ones."""
+    kernel float[V, D] (see `LlamaForCausalLM`). Its params are `to_decode_layout` of the usual ones.
+
+    run: how every module computes (dtypes, attention kernel, remat, layer loop); by default
+    `cfg.run_options` for the platform being traced for (a mesh's, else JAX's default backend)."""
 
     cfg: OwlConfig
     decode: bool = False
     decode_layout: bool = False
+    run: RunOptions | None = None
 
     def setup(self):
         cfg = self.cfg
-        dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-        common = dict(
-            dtype=dtype,
-            param_dtype=param_dtype,
-            remat_policy=cfg.remat_policy,
-            attention_impl=cfg.attention_impl,
-            scan_unroll=cfg.scan_unroll,
-        )
-        self.vision_model = VisionEncoder(cfg.vision, **common)
+        run = self.run or cfg.run_options(trace_platform())
+        self.vision_model = VisionEncoder(cfg.vision, run)
         self.query_tokens = self.param(
             "query_tokens",
             partitioned(nn.initializers.truncated_normal(cfg.abstractor.initializer_range), (None, None, "embed")),
             (1, cfg.abstractor.num_queries, cfg.abstractor.hidden_size),
-            param_dtype,
+            run.param_dtype,
         )
-        self.abstractor = VisualAbstractor(cfg.abstractor, cfg.llm.hidden_size, **common)
-        self.language_model = LlamaForCausalLM(
-            cfg.llm, cfg.lora, decode=self.decode, scan_layers=not self.decode_layout,
-            lm_head_vocab_major=self.decode_layout, causal_query_block=cfg.causal_query_block, **common,
-        )
+        self.abstractor = VisualAbstractor(cfg.abstractor, cfg.llm.hidden_size, run)
+        self.language_model = LlamaForCausalLM(cfg.llm, cfg.lora, run, decode=self.decode,
+                                               scan_layers=not self.decode_layout,
+                                               lm_head_vocab_major=self.decode_layout)
 
     def encode_images(self, pixel_values: jax.Array, deterministic: bool = True) -> jax.Array:
         """float[M, H, W, 3] CLIP-normalised -> float[M, Q + 1, D_llm] (65 tokens per image)."""
@@ -173,13 +169,7 @@ def dummy_inputs(cfg: OwlConfig) -> dict[str, jax.Array]:
 
 def init_params(cfg: OwlConfig, rng: jax.Array) -> dict:
     """Boxed params (nn.LogicallyPartitioned leaves). Wrap in jax.eval_shape for shapes only."""
-    params = MplugOwl(cfg).init(rng, **dummy_inputs(cfg))["params"]
-    if cfg.llm.attention_init == "mimetic":
-        attn = params["language_model"]["model"]["layers"]["self_attn"]
-        q, k = attn["q_proj"]["kernel"], attn["k_proj"]["kernel"]
-        wq, wk = llama.mimetic_qk(nn.unbox(q), nn.unbox(k), cfg.llm, jax.random.fold_in(rng, 1))
-        attn["q_proj"]["kernel"], attn["k_proj"]["kernel"] = q.replace_boxed(wq), k.replace_boxed(wk)
-    return params
+    return MplugOwl(cfg).init(rng, **dummy_inputs(cfg))["params"]
 
 
 def param_shapes(cfg: OwlConfig) -> dict[tuple[str, ...], tuple[int, ...]]:

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from owl_jax.models.config import VisionConfig
-from owl_jax.models.layers import Dense, Dtype, LayerNorm, Stack, attention, constrain, dot_accumulator, partitioned
+from owl_jax.models.config import RunOptions, VisionConfig
+from owl_jax.models.attention import attention
+from owl_jax.models.layers import Dense, Dtype, LayerNorm, Stack, constrain, dot_accumulator, partitioned
 
 
 def sincos2d_position_code(grid: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
@@ -26,9 +27,7 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 
 class VisionAttention(nn.Module):
     cfg: VisionConfig
-    dtype: Dtype
-    param_dtype: Dtype
-    attention_impl: str
+    run: RunOptions
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -36,22 +35,21 @@ class VisionAttention(nn.Module):
         n, s, d = x.shape
         h = self.cfg.num_heads
         init = nn.initializers.normal(self.cfg.initializer_range)
-        dense = lambda f, axes, name: Dense(f, axes, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init,
-                                            name=name)
+        dense = lambda f, axes, name: Dense(f, axes, dtype=self.run.dtype, param_dtype=self.run.param_dtype,
+                                            kernel_init=init, name=name)
         # Fused projection; output axis ordered (head, {q,k,v}, head_dim) as in the released weights.
         qkv = dense(3 * d, ("embed", "heads"), "query_key_value")(x).reshape(n, s, h, 3, d // h)
-        out = attention(qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2], None, impl=self.attention_impl)
+        out = attention(qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2], None, impl=self.run.attention_impl)
         return dense(d, ("heads", "embed"), "dense")(out.reshape(n, s, d))
 
 
 class VisionMLP(nn.Module):
     cfg: VisionConfig
-    dtype: Dtype
-    param_dtype: Dtype
+    run: RunOptions
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+        kw = dict(dtype=self.run.dtype, param_dtype=self.run.param_dtype,
                   kernel_init=nn.initializers.normal(self.cfg.initializer_range))
         x = quick_gelu(Dense(self.cfg.mlp_size, ("embed", "mlp"), name="fc1", **kw)(x))
         return Dense(self.cfg.hidden_size, ("mlp", "embed"), name="fc2", **kw)(x)
@@ -61,17 +59,13 @@ class VisionLayer(nn.Module):
     """Pre-LN block: x + attn(ln1(x)); x + mlp(ln2(x))."""
 
     cfg: VisionConfig
-    dtype: Dtype
-    param_dtype: Dtype
-    attention_impl: str
+    run: RunOptions
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> tuple[jax.Array, None]:
-        ln = lambda name: LayerNorm(self.cfg.layer_norm_eps, self.param_dtype, name=name)
-        x = x + VisionAttention(self.cfg, self.dtype, self.param_dtype, self.attention_impl, name="self_attn")(
-            ln("input_layernorm")(x)
-        )
-        x = x + VisionMLP(self.cfg, self.dtype, self.param_dtype, name="mlp")(ln("post_attention_layernorm")(x))
+        ln = lambda name: LayerNorm(self.cfg.layer_norm_eps, self.run.param_dtype, name=name)
+        x = x + VisionAttention(self.cfg, self.run, name="self_attn")(ln("input_layernorm")(x))
+        x = x + VisionMLP(self.cfg, self.run, name="mlp")(ln("post_attention_layernorm")(x))
         return constrain(x, ("batch", "length", "embed")), None
 
 
@@ -101,48 +95,39 @@ class PatchEmbed(nn.Module):
 
 class VisionEmbeddings(nn.Module):
     cfg: VisionConfig
-    dtype: Dtype
-    param_dtype: Dtype
+    run: RunOptions
 
     @nn.compact
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """float[N, H, W, 3] (CLIP-normalised) -> float[N, 1 + (H/p)*(W/p), D]."""
         d, p = self.cfg.hidden_size, self.cfg.patch_size
         init = nn.initializers.truncated_normal(self.cfg.initializer_range)
-        cls_token = self.param("cls_token", partitioned(init, (None, None, "embed")), (1, 1, d), self.param_dtype)
+        dtype, param_dtype = self.run.dtype, self.run.param_dtype
+        cls_token = self.param("cls_token", partitioned(init, (None, None, "embed")), (1, 1, d), param_dtype)
         if self.cfg.position_embedding_init == "sincos2d":
             grid = self.cfg.image_size // p
             init = lambda key, shape, dtype: jnp.asarray(
                 np.concatenate([np.zeros((1, d)), sincos2d_position_code(grid, d)])[None], dtype)
         pos = self.param(
-            "position_embedding", partitioned(init, (None, None, "embed")), (1, self.cfg.num_positions, d), self.param_dtype
+            "position_embedding", partitioned(init, (None, None, "embed")), (1, self.cfg.num_positions, d), param_dtype
         )
-        patches = PatchEmbed(d, p, self.dtype, self.param_dtype, self.cfg.initializer_range, name="patch_embed")(pixels)
+        patches = PatchEmbed(d, p, dtype, param_dtype, self.cfg.initializer_range, name="patch_embed")(pixels)
         n = patches.shape[0]
-        x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(self.dtype), (n, 1, d)), patches], axis=1)
-        x = x + pos[:, : x.shape[1]].astype(self.dtype)
-        return LayerNorm(self.cfg.layer_norm_eps, self.param_dtype, name="pre_layernorm")(x)
+        x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(dtype), (n, 1, d)), patches], axis=1)
+        x = x + pos[:, : x.shape[1]].astype(dtype)
+        return LayerNorm(self.cfg.layer_norm_eps, param_dtype, name="pre_layernorm")(x)
 
 
 class VisionEncoder(nn.Module):
     cfg: VisionConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat_policy: str = "none"
-    attention_impl: str = "xla"
-    scan_unroll: int = 1
+    run: RunOptions = RunOptions()
 
     @nn.compact
     def __call__(self, pixels: jax.Array, deterministic: bool = True) -> jax.Array:
         """float[N, H, W, 3] -> float[N, S, D]: every token post-LayerNormed (S = 257 for ViT-L/14 @ 224)."""
-        x = VisionEmbeddings(self.cfg, self.dtype, self.param_dtype, name="embeddings")(pixels)
+        x = VisionEmbeddings(self.cfg, self.run, name="embeddings")(pixels)
         x = constrain(x, ("batch", "length", "embed"))
-        x = Stack(
-            VisionLayer,
-            self.cfg.num_layers,
-            self.remat_policy,
-            dict(cfg=self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl),
-            unroll=self.scan_unroll,
-            name="encoder",
-        )(x, deterministic)
-        return LayerNorm(self.cfg.layer_norm_eps, self.param_dtype, name="post_layernorm")(x)
+        x = Stack(VisionLayer, self.cfg.num_layers, self.run, dict(cfg=self.cfg, run=self.run), name="encoder")(
+            x, deterministic
+        )
+        return LayerNorm(self.cfg.layer_norm_eps, self.run.param_dtype, name="post_layernorm")(x)

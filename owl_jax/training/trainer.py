@@ -30,7 +30,6 @@ from owl_jax import sharding as shd
 from owl_jax.cli import UserError
 from owl_jax.losses import answer_loss, answer_loss_from_hidden
 from owl_jax.models.config import OwlConfig, owl_config_from_dict
-from owl_jax.models.layers import platform_attention
 from owl_jax.models.owl import MplugOwl, init_params
 from owl_jax.training import stages
 from owl_jax.training.optim import make_optimizer, make_schedule
@@ -45,10 +44,8 @@ class Trainer:
     def __post_init__(self):
         c = self.config
         self.model_cfg: OwlConfig = owl_config_from_dict(c.model.to_dict())  # as saved with checkpoints
-        run_cfg = self.model_cfg
-        if run_cfg.attention_impl == "auto":  # by the mesh's platform: an AOT compile for TPU runs on a CPU host
-            run_cfg = dataclasses.replace(run_cfg, attention_impl=platform_attention(self.mesh.devices.flat[0].platform))
-        self.model = MplugOwl(run_cfg)
+        # The mesh's platform, not this host's: an AOT compile for a TPU slice runs on a CPU host.
+        self.model = MplugOwl(self.model_cfg, run=self.model_cfg.run_options(self.mesh.devices.flat[0].platform))
         self.rules = shd.rules_from_config(c.logical_axis_rules)
         self.patterns = stages.trainable_patterns(c.stage, c.train_abstractor, c.extra_trainable)
         self.tx = make_optimizer(c.optim, c.num_steps)
