@@ -60,10 +60,18 @@ def main() -> None:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    hf_cfg = HFLlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,
-                           num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-                           max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                           attn_implementation="sdpa")
+    hf_cfg = HFLlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.mlp,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     hf = LlamaForCausalLM(hf_cfg).eval()
     with torch.no_grad():  # peaked logits: greedy choices are no near-ties
@@ -92,8 +100,11 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()} cpus={os.cpu_count()} jax {jax.__version__} "
           f"({jax.devices()[0].platform}) torch {torch.__version__} threads={torch.get_num_threads()} "
           f"loadavg={os.getloadavg()[0]:.1f}")
-    print(f"# LLaMA {args.layers}x{args.hidden} heads {args.heads} mlp {args.mlp} vocab {args.vocab}, {args.dtype}, greedy, "
-          f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per sample")
+    print(
+        f"# LLaMA {args.layers}x{args.hidden} heads {args.heads} mlp {args.mlp} vocab {args.vocab}, {args.dtype}, "
+        "greedy, "
+        f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per sample"
+    )
     extra = " owl_jax training layout tok/s |" if old else ""
     print(f"| batch | owl_jax tok/s | transformers tok/s | speed-up | tokens agree | owl_jax compile s |{extra}")
     print("|---|---|---|---|---|---|" + ("---|" if old else ""))

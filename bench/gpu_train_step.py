@@ -201,17 +201,31 @@ def run_variant(name: str, steps: int, config_path: str, overrides: dict, profil
     stats = device.memory_stats() or {}
     n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(state["trainable"]))
     return {
-        "variant": name, "stage": stage, "attention": attention, "batch": batch, "seq_len": seq_len, "micro_batches": accum,
-        "llm_layers": cfg.llm.num_layers, "remat": cfg.remat_policy, "trainable_params": int(n_trainable),
-        "device": device.device_kind, "jax": jax.__version__,
-        "init_s": round(init_s, 1), "compile_s": round(compile_s, 1),
-        "ms_per_step": round(ms, 1), "step_ms_all": [round(x * 1e3, 1) for x in times],
-        "tokens_per_s": round(accum * batch * seq_len / ms * 1e3), "model_tflop_per_step": round(flops / 1e12, 2),
-        "model_tflops_per_s": round(flops / ms / 1e9, 1), "mfu": round(flops / ms * 1e3 / peak, 4),
+        "variant": name,
+        "stage": stage,
+        "attention": attention,
+        "batch": batch,
+        "seq_len": seq_len,
+        "micro_batches": accum,
+        "llm_layers": cfg.llm.num_layers,
+        "remat": cfg.remat_policy,
+        "trainable_params": int(n_trainable),
+        "device": device.device_kind,
+        "jax": jax.__version__,
+        "init_s": round(init_s, 1),
+        "compile_s": round(compile_s, 1),
+        "ms_per_step": round(ms, 1),
+        "step_ms_all": [round(x * 1e3, 1) for x in times],
+        "tokens_per_s": round(accum * batch * seq_len / ms * 1e3),
+        "model_tflop_per_step": round(flops / 1e12, 2),
+        "model_tflops_per_s": round(flops / ms / 1e9, 1),
+        "mfu": round(flops / ms * 1e3 / peak, 4),
         "mfu_causal_half": round(causal_flops / ms * 1e3 / peak, 4),
-        "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default"), "prng_impl": jax.config.jax_default_prng_impl,
+        "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default"),
+        "prng_impl": jax.config.jax_default_prng_impl,
         "peak_bytes_in_use_gib": round(stats.get("peak_bytes_in_use", 0) / GiB, 2),
-        "xla_argument_gib": round(mem.argument_size_in_bytes / GiB, 2), "xla_temp_gib": round(mem.temp_size_in_bytes / GiB, 2),
+        "xla_argument_gib": round(mem.argument_size_in_bytes / GiB, 2),
+        "xla_temp_gib": round(mem.temp_size_in_bytes / GiB, 2),
         "losses": [round(x, 4) for x in losses],
     }
 
@@ -223,7 +237,11 @@ def run_child(cmd: list[str], timeout: float, env: dict, out: str, name: str) ->
         proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True, env=env)
         log = proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as e:
-        log = f"TIMEOUT after {time.time() - t:.0f} s\n" + (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        log = (
+            f"TIMEOUT after {time.time() - t:.0f} s\n"
+            + (e.stdout or b"").decode(errors="replace")
+            + (e.stderr or b"").decode(errors="replace")
+        )
     with open(os.path.join(out, "variants.log"), "a") as f:
         f.write(f"===== {name} (allocator {env.get('XLA_PYTHON_CLIENT_ALLOCATOR', 'default')})\n{log}\n")
     return log
@@ -249,7 +267,18 @@ def drive(args) -> None:
             print(f"{name}: skipped, {left:.0f} s of the budget left", flush=True)
             continue
         path = os.path.join(work, f"{name}.json")
-        cmd = [sys.executable, __file__, "--variant", name, "--steps", str(args.steps), "--json", path, "--config", args.config]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            name,
+            "--steps",
+            str(args.steps),
+            "--json",
+            path,
+            "--config",
+            args.config,
+        ]
         cmd += [f"--{k}={v}" for k, v in overrides(args).items() if v]
         if name in args.profile:
             cmd += ["--profile_dir", args.out]
@@ -259,7 +288,12 @@ def drive(args) -> None:
         variant_env = {**env, **extra, "XLA_FLAGS": flags}
         log = run_child(cmd, min(left, args.variant_timeout_s), variant_env, args.out, name)
         left = args.budget_s - (time.time() - start)
-        if not os.path.exists(path) and "RESOURCE_EXHAUSTED" in log and "XLA_PYTHON_CLIENT_ALLOCATOR" not in env and left >= 60:
+        if (
+            not os.path.exists(path)
+            and "RESOURCE_EXHAUSTED" in log
+            and "XLA_PYTHON_CLIENT_ALLOCATOR" not in env
+            and left >= 60
+        ):
             # The BFC allocator can fail to place a step's one big temporary block after init has
             # fragmented it (the 52.7 GiB of stage2_lora_cudnn_dots); CUDA's
             # stream-ordered allocator places it. The row records which allocator ran. (A step that
@@ -276,14 +310,21 @@ def drive(args) -> None:
             print(json.dumps(r), flush=True)
         else:
             print(f"{name}: FAILED after {time.time() - t:.0f} s:\n{log[-2500:]}", flush=True)
-    print(f"\n| variant | layers | micro-batches x batch x seq | ms/step | tokens/s | model TFLOP/s | MFU (989) | MFU, causal half "
-          f"| of matmul ({rate:.0f}) | peak GiB (allocator / XLA args+temp) | allocator | compile s |\n"
-          f"|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| variant | layers | micro-batches x batch x seq | ms/step | tokens/s | model TFLOP/s | MFU (989) "
+        "| MFU, causal half "
+        f"| of matmul ({rate:.0f}) | peak GiB (allocator / XLA args+temp) | allocator | compile s |\n"
+        f"|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['variant']} | {r['llm_layers']} | {r['micro_batches']} x {r['batch']} x {r['seq_len']} | {r['ms_per_step']:.0f} "
-              f"| {r['tokens_per_s']} | {r['model_tflops_per_s']:.0f} | {r['mfu']:.1%} | {r['mfu_causal_half']:.1%} "
-              f"| {r['mfu_of_matmul']:.1%} | {r['peak_bytes_in_use_gib']:.1f} / {r['xla_argument_gib'] + r['xla_temp_gib']:.1f} "
-              f"| {r['allocator']} | {r['compile_s']:.0f} |")
+        print(
+            f"| {r['variant']} | {r['llm_layers']} | {r['micro_batches']} x {r['batch']} x {r['seq_len']} "
+            f"| {r['ms_per_step']:.0f} "
+            f"| {r['tokens_per_s']} | {r['model_tflops_per_s']:.0f} | {r['mfu']:.1%} | {r['mfu_causal_half']:.1%} "
+            f"| {r['mfu_of_matmul']:.1%} | {r['peak_bytes_in_use_gib']:.1f} "
+            f"/ {r['xla_argument_gib'] + r['xla_temp_gib']:.1f} "
+            f"| {r['allocator']} | {r['compile_s']:.0f} |"
+        )
 
 
 def overrides(args) -> dict:
@@ -311,7 +352,11 @@ def main() -> None:
     if args.matmul:
         import jax
 
-        print(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "bf16_matmul_tflops": matmul_tflops()}))
+        print(
+            json.dumps(
+                {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "bf16_matmul_tflops": matmul_tflops()}
+            )
+        )
     elif args.variant:
         result = run_variant(args.variant, args.steps, args.config, overrides(args), args.profile_dir)
         with open(args.json or os.devnull, "w") as f:

@@ -138,7 +138,7 @@ def summarise(xplane: str, hlo: str | None, top: int) -> str:
     out += [f"| {k} | {ns / 1e6:.1f} | {ns / total:.1%} |" for k, ns in by_kind.most_common()]
     out += ["", "| source file | ms | share |", "|---|---|---|"]
     out += [f"| {k} | {ns / 1e6:.1f} | {ns / total:.1%} |" for k, ns in by_source.most_common(15)]
-    out += ["", f"| op | kernels | ms | share | kind | source |", "|---|---|---|---|---|---|"]
+    out += ["", "| op | kernels | ms | share | kind | source |", "|---|---|---|---|---|---|"]
     for ns, count, key, kind, source in sorted(rows, reverse=True)[:top]:
         out.append(f"| {key} | {count} | {ns / 1e6:.2f} | {ns / total:.1%} | {kind} | {source} |")
     return "\n".join(out)

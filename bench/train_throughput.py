@@ -44,10 +44,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO = os.path.realpath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import torch
+import jax  # noqa: E402 - after JAX_PLATFORMS is set
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 LOSS_TOLERANCE = 1e-4  # |release - owl_jax| first-step loss (fp32, ~10.4): beyond it they compute different things
 

@@ -8,7 +8,9 @@ import ml_collections
 
 from owl_jax.models.config import LlamaConfig
 
-_spec = importlib.util.spec_from_file_location("_owl7b", os.path.join(os.path.dirname(__file__), "mplug_owl_llama7b.py"))
+_spec = importlib.util.spec_from_file_location(
+    "_owl7b", os.path.join(os.path.dirname(__file__), "mplug_owl_llama7b.py")
+)
 _owl7b = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_owl7b)
 

@@ -63,14 +63,17 @@ class AotReport:
     def table(self) -> str:
         g = lambda b: f"{b / GiB:8.2f} GiB"
         if self.compile_error:
-            return (f"topology {self.topology}: {self.chips} devices, mesh {self.mesh}\n  DOES NOT FIT: "
-                    f"{self.compile_error}\n  analytic model FLOPs per device per step {self.analytic_flops_per_chip:.4g}")
+            return (
+                f"topology {self.topology}: {self.chips} devices, mesh {self.mesh}\n  DOES NOT FIT: "
+                f"{self.compile_error}\n  analytic model FLOPs per device per step {self.analytic_flops_per_chip:.4g}"
+            )
         lines = [
             f"topology {self.topology}: {self.chips} devices, mesh {self.mesh}",
             f"  arguments   {g(self.argument_bytes)}   (params, optimiser state, batch; per device)",
             f"  temporaries {g(self.temp_bytes)}",
             f"  outputs     {g(self.output_bytes)}   (aliased with donated arguments: {g(self.alias_bytes)})",
-            f"  total       {g(self.peak_bytes)}   of {g(self.hbm_bytes)} HBM -> {'fits' if self.fits else 'DOES NOT FIT'}",
+            f"  total       {g(self.peak_bytes)}   of {g(self.hbm_bytes)} HBM -> "
+            f"{'fits' if self.fits else 'DOES NOT FIT'}",
             f"  analytic model FLOPs per device per step {self.analytic_flops_per_chip:.4g}",
         ]
         if self.xla_flops_per_chip is not None:
@@ -108,10 +111,11 @@ def compile_step(trainer):
         return step.jitted.lower(state, batch).compile()
 
 
-def analyse(config, topology: str, chips_per_host=(2, 2, 1), num_slices: int = 1, count_flops: bool = False) -> AotReport:
-    from owl_jax.training.flops import StepShape, towers_of, train_step_flops
-
+def analyse(
+    config, topology: str, chips_per_host=(2, 2, 1), num_slices: int = 1, count_flops: bool = False
+) -> AotReport:
     from owl_jax.sharding import make_mesh
+    from owl_jax.training.flops import StepShape, towers_of, train_step_flops
     from owl_jax.training.trainer import Trainer
 
     devices = tpu_devices(topology, chips_per_host, num_slices)
@@ -127,7 +131,9 @@ def analyse(config, topology: str, chips_per_host=(2, 2, 1), num_slices: int = 1
         if "memory" not in str(e).lower():
             raise
         message = next((line for line in str(e).splitlines() if "memory" in line.lower()), str(e))
-        return AotReport(topology, len(devices), dict(trainer.mesh.shape), 0, 0, 0, 0, hbm, None, analytic, message.strip())
+        return AotReport(
+            topology, len(devices), dict(trainer.mesh.shape), 0, 0, 0, 0, hbm, None, analytic, message.strip()
+        )
     mem = compiled.memory_analysis()
     xla_flops = None
     if count_flops:
@@ -153,14 +159,9 @@ def main(argv):
     sys.exit(0 if report.fits else 1)
 
 
-def console_main() -> None:
-    """`owl-aot`, the same program as `python -m owl_jax.aot`."""
+if __name__ == "__main__":
     from owl_jax.cli import parse_absl_flags
 
     _define_flags()
     flags.mark_flags_as_required(["config"])
     app.run(main, flags_parser=parse_absl_flags)
-
-
-if __name__ == "__main__":
-    console_main()

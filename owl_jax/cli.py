@@ -57,6 +57,29 @@ def parse_absl_flags(argv: list[str]) -> list[str]:
     raise AssertionError("unreachable")
 
 
+def _run_as_main(module: str) -> None:
+    """Runs `module` as `python -m module` does: absl takes a program's --help text and flags from
+    `__main__`, which for a console script would otherwise be pip's wrapper."""
+    import runpy
+
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def owl_train() -> None:
+    """The `owl-train` console script: python -m owl_jax.train."""
+    _run_as_main("owl_jax.train")
+
+
+def owl_aot() -> None:
+    """The `owl-aot` console script: python -m owl_jax.aot."""
+    _run_as_main("owl_jax.aot")
+
+
+def owl_demo() -> None:
+    """The `owl-demo` console script: python -m owl_jax.demo.run."""
+    _run_as_main("owl_jax.demo.run")
+
+
 class _OursOrImportant(std_logging.Filter):
     """Passes warnings and errors from anywhere, and info from owl_jax only (orbax and jax log every
     save and compile at INFO)."""

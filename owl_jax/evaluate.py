@@ -12,8 +12,8 @@ from typing import Sequence
 
 from owl_jax.cli import EXIT_USER_ERROR, absolute
 from owl_jax.data.text import PROMPT_TOKENIZATIONS
-from owl_jax.inference.engine import Sampling, check_max_new_tokens
 from owl_jax.inference import owleval
+from owl_jax.inference.engine import Sampling, check_max_new_tokens
 from owl_jax.inference.owleval import _resume, answer_owleval, read_questions
 
 

@@ -62,8 +62,8 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
 
 
 def _chat(args: argparse.Namespace, stdin, stdout) -> int:
-    from owl_jax.inference.api import find_tokenizer, load, load_image, open_tokenizer
     from owl_jax.data.conversation import build_prompt
+    from owl_jax.inference.api import find_tokenizer, load, load_image, open_tokenizer
     from owl_jax.params_io import load_config
 
     # Everything the request names is read and checked before the params load (minutes for 7B).

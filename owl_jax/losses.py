@@ -18,7 +18,9 @@ def samples_without_loss(input_ids: jax.Array, loss_mask: jax.Array) -> jax.Arra
     return ((loss_mask[:, 1:].sum(axis=1) == 0) & is_sample).sum().astype(jnp.float32)
 
 
-def answer_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+def answer_loss(
+    logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean cross entropy over the batch's answer tokens.
 
     logits float[B, T, V]: position t predicts input_ids[:, t + 1]; loss_mask int[B, T]: 1 where the

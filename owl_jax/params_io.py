@@ -43,7 +43,9 @@ def save_params(directory: str, params: Any, cfg: OwlConfig) -> None:
 def load_config(directory: str) -> OwlConfig:
     path = _path(directory) / CONFIG_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no owl_jax model config; expected a directory written by save_params / convert from-torch")
+        raise FileNotFoundError(
+            f"{path}: no owl_jax model config; expected a directory written by save_params / convert from-torch"
+        )
     try:
         return owl_config_from_dict(json.loads(path.read_text()))
     except (ValueError, TypeError) as e:  # bad JSON or fields: the bare errors do not name the file
@@ -74,10 +76,15 @@ def load_params_for(directory: str, cfg: OwlConfig, seed: int = 0) -> tuple[Any,
     shapes = param_shapes(cfg)
     extra = sorted("/".join(p) for p in flat if p not in shapes)
     if extra:
-        raise UserError(f"{directory}: parameters {extra[:5]}{'...' if len(extra) > 5 else ''} do not exist in the configured model")
+        raise UserError(
+            f"{directory}: parameters {extra[:5]}{'...' if len(extra) > 5 else ''} do not exist in the configured model"
+        )
     for path, shape in shapes.items():
         if path in flat and tuple(flat[path].shape) != shape:
-            raise UserError(f"{directory}: parameter {'/'.join(path)} has shape {tuple(flat[path].shape)}, the config expects {shape}")
+            raise UserError(
+                f"{directory}: parameter {'/'.join(path)} has shape {tuple(flat[path].shape)}, "
+                f"the config expects {shape}"
+            )
     missing = [p for p in shapes if p not in flat]
     if missing:
         flat.update(init_missing(cfg, missing, jax.random.PRNGKey(seed)))

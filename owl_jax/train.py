@@ -41,7 +41,9 @@ def _define_flags() -> None:
     """Only when run as a program: importing this module (tests, other tools) defines no flags."""
     config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:stage]).", lock_config=True)
     flags.DEFINE_string("workdir", None, "Checkpoints, logs and exported params go here (local or gs://).")
-    flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0 (see owl_jax/distributed.py).")
+    flags.DEFINE_string(
+        "coordinator_address", "", "Multi-process: host:port of process 0 (see owl_jax/distributed.py)."
+    )
     flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes.")
     flags.DEFINE_integer("process_id", -1, "Multi-process: this process's index.")
 
@@ -90,8 +92,14 @@ def _train(config, workdir: str) -> dict:
     if config.batch_size % jax.process_count() or config.max_images_per_batch % jax.process_count():
         raise UserError(f"batch_size={config.batch_size} and max_images_per_batch={config.max_images_per_batch} "
                         f"must divide by the {jax.process_count()} processes")
-    logging.info("mesh %s on %d devices, %d processes; stage %s trains %d tensors", dict(mesh.shape), jax.device_count(),
-                 jax.process_count(), config.stage, len(trainer.trainable_paths))
+    logging.info(
+        "mesh %s on %d devices, %d processes; stage %s trains %d tensors",
+        dict(mesh.shape),
+        jax.device_count(),
+        jax.process_count(),
+        config.stage,
+        len(trainer.trainable_paths),
+    )
     data = data_source.make_data_iterator(config, trainer.model_cfg, config.batch_size // jax.process_count(),
                                           config.max_images_per_batch // jax.process_count())
     train_step = trainer.jit_train_step(batch_format.step_shapes(config, trainer.model_cfg.vision.image_size))
@@ -113,7 +121,9 @@ def _train(config, workdir: str) -> dict:
 
     # ------------------------------------------------------------------------ export
     if config.export_params and stop != "preempted":
-        params = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), _fully_replicated(trainer.params(state)))
+        params = jax.tree_util.tree_map(
+            lambda x: np.asarray(jax.device_get(x)), _fully_replicated(trainer.params(state))
+        )
         params_io.save_params(os.path.join(workdir, "params"), params, trainer.model_cfg)  # collective in orbax
     manager.close()
     if stop == "preempted":
@@ -320,12 +330,7 @@ def run_cli(job) -> int:
     return 0
 
 
-def console_main() -> None:
-    """`owl-train`, the same program as `python -m owl_jax.train`."""
+if __name__ == "__main__":
     _define_flags()
     flags.mark_flags_as_required(["config"])
     app.run(main, flags_parser=cli.parse_absl_flags)
-
-
-if __name__ == "__main__":
-    console_main()

@@ -1,9 +1,10 @@
 """The AOT tool compiles the tiny training step for a small TPU slice on this CPU machine."""
+import os
 import subprocess
 import sys
-import os
 
 from conftest import tiny_train_config
+
 from owl_jax.aot import analyse
 
 

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ANSWERS, QUESTIONS
 from PIL import Image
 
 import owl_jax
-from conftest import ANSWERS, QUESTIONS
 from owl_jax import generate as generate_cli
 from owl_jax.data.conversation import SYSTEM_PROMPT, build_prompt
 from owl_jax.data.image import preprocess, to_rgb
@@ -19,6 +19,7 @@ from owl_jax.data.text import encode_conversation, encode_prompt
 from owl_jax.data.tokenizer import load_tokenizer
 from owl_jax.inference.engine import Generator, Sampling, make_batch, trim
 from owl_jax.params_io import load_params
+
 
 @pytest.fixture(scope="module")
 def reference(owl_dir):
@@ -124,7 +125,10 @@ def test_cli_streams_one_turn_and_chats_interactively(owl_dir, owl, image_files)
     assert out.getvalue() == "AI: " + first + "\n"
 
     out = io.StringIO()
-    assert generate_cli.main(base + ["--interactive"], stdin=io.StringIO(f"{QUESTIONS[0]}\n{QUESTIONS[1]}\n"), stdout=out) == 0
+    assert (
+        generate_cli.main(base + ["--interactive"], stdin=io.StringIO(f"{QUESTIONS[0]}\n{QUESTIONS[1]}\n"), stdout=out)
+        == 0
+    )
     second = owl.chat(images=[jpg, png], messages=[QUESTIONS[0], first, QUESTIONS[1]], max_new_tokens=6)
     assert out.getvalue() == f"Human: AI: {first}\nHuman: AI: {second}\nHuman: "
 
@@ -179,7 +183,9 @@ def test_load_on_a_mesh_places_the_params_by_the_rules_and_answers_alike(owl_dir
     assert split > len(placed) // 2, (split, len(placed))  # most weights are split, not replicated
     jpg, png = image_files
     requests = _requests(jpg, png)
-    assert sharded.generate(requests, batch_size=4, max_new_tokens=6) == owl.generate(requests, batch_size=4, max_new_tokens=6)
+    assert sharded.generate(requests, batch_size=4, max_new_tokens=6) == owl.generate(
+        requests, batch_size=4, max_new_tokens=6
+    )
 
 
 def test_load_in_bfloat16_casts_params_and_compute_and_answers_as_fp32(owl_dir, owl, image_files):

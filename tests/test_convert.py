@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import random_owl_params, small_owl_config
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from conftest import random_owl_params, small_owl_config
 from owl_jax import params_io
 from owl_jax.convert import from_torch, to_torch
 from owl_jax.convert.__main__ import main as convert_main
@@ -75,7 +75,8 @@ def test_clip_model_prefixed_keys_are_accepted(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     params, report = from_torch(small_owl_config(), clip=str(tmp_path))
     np.testing.assert_array_equal(
-        params["vision_model"]["embeddings"]["cls_token"].reshape(-1), tensors["vision_model.embeddings.class_embedding"]
+        params["vision_model"]["embeddings"]["cls_token"].reshape(-1),
+        tensors["vision_model.embeddings.class_embedding"],
     )
     assert report.unused[str(tmp_path)] == ["text_model.embeddings.token_embedding.weight"]
 
@@ -85,7 +86,12 @@ def test_command_line_round_trip(released_dir, tmp_path, capsys):
     assert convert_main(["from-torch", "--released", str(src), "--out", str(tmp_path / "owl")]) == 0
     loaded, loaded_cfg = params_io.load_params(str(tmp_path / "owl"))
     assert loaded_cfg == cfg
-    assert convert_main(["to-torch", "--src", str(tmp_path / "owl"), "--out", str(tmp_path / "back"), "--dtype", "bfloat16"]) == 0
+    assert (
+        convert_main(
+            ["to-torch", "--src", str(tmp_path / "owl"), "--out", str(tmp_path / "back"), "--dtype", "bfloat16"]
+        )
+        == 0
+    )
     with open(tmp_path / "back" / "config.json") as f:
         assert json.load(f)["torch_dtype"] == "bfloat16"
     back = load_file(str(tmp_path / "back" / "model.safetensors"))

@@ -11,10 +11,10 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import small_owl_config
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from conftest import small_owl_config
 from owl_jax import params_io
 from owl_jax.convert import from_torch, to_torch
 from owl_jax.convert.__main__ import main as convert_main
@@ -29,7 +29,9 @@ def _params(cfg, seed):
     """Random values of the model's shapes: conversion never runs the model, and this skips the
     seconds of a real initialisation."""
     rng = np.random.default_rng(seed)
-    return traverse_util.unflatten_dict({p: rng.normal(0, 0.05, s).astype(np.float32) for p, s in param_shapes(cfg).items()})
+    return traverse_util.unflatten_dict(
+        {p: rng.normal(0, 0.05, s).astype(np.float32) for p, s in param_shapes(cfg).items()}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +93,9 @@ def test_to_torch_into_an_earlier_export_leaves_nothing_stale(owl, tmp_path, cap
     cfg, params, root = owl
     out = tmp_path / "out"
     assert _run(capsys, "to-torch", "--src", root / "a", "--out", out, "--max-shard-gb", 0.0002)[0] == 0
-    assert "model.safetensors.index.json" in os.listdir(out) and sum(n.startswith("model-") for n in os.listdir(out)) > 1
+    assert (
+        "model.safetensors.index.json" in os.listdir(out) and sum(n.startswith("model-") for n in os.listdir(out)) > 1
+    )
     assert _run(capsys, "to-torch", "--src", root / "b", "--out", out)[0] == 0
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     assert not os.path.exists(f"{out}.tmp")
@@ -136,10 +140,17 @@ def test_to_torch_refuses_an_out_dir_holding_other_files(owl, tmp_path, capsys):
 # ---------------------------------------------------------------- to-torch checks params against the config
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("llm.num_layers", 3, r"parameter language_model/model/layers/\S+ has shape \(2, [^)]*\); the config expects \(3, "),
-    ("llm.hidden_size", 32, r"parameter \S+ has shape \([^)]*64[^)]*\); the config expects \([^)]*32"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        (
+            "llm.num_layers",
+            3,
+            r"parameter language_model/model/layers/\S+ has shape \(2, [^)]*\); the config expects \(3, ",
+        ),
+        ("llm.hidden_size", 32, r"parameter \S+ has shape \([^)]*64[^)]*\); the config expects \([^)]*32"),
+    ],
+)
 def test_to_torch_refuses_a_config_that_disagrees_with_the_params(owl, tmp_path, capsys, field, value, match):
     _, _, root = owl
     src = tmp_path / "src"
@@ -173,17 +184,40 @@ def _params_for_cases(root, tmp_path, cfg):
     (bad_field / "owl_config.json").write_text(json.dumps(config))
     wider = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, mlp_size=96))
     return {
-        "no dir": (tmp_path / "missing", cfg,
-                   f"{tmp_path}/missing/owl_config.json: no owl_jax model config; expected a directory written by save_params"),
-        "no params": (no_params, cfg, f"{no_params}/params: missing; an owl_jax params dir holds owl_config.json and the "
-                                      "orbax checkpoint params/ beside it"),
-        "bad json": (bad_json, cfg, f"{bad_json}/owl_config.json: not an owl_jax model config (Expecting property name"),
-        "bad field": (bad_field, cfg, f"{bad_field}/owl_config.json: not an owl_jax model config (LlamaConfig: unknown "
-                                      "config fields ['hidden_sise']; expected a subset of ['bos_token_id', "),
-        "shape": (root / "a", wider, f"{root / 'a'}: parameter language_model/model/layers/mlp/down_proj/kernel has shape "
-                                     "(2, 128, 64), the config expects (2, 96, 64)"),
-        "extra": (root / "lora", cfg, f"{root / 'lora'}: parameters ['language_model/model/layers/self_attn/q_proj/lora_a', "
-                                      "'language_model/model/layers/self_attn/q_proj/lora_b', "),
+        "no dir": (
+            tmp_path / "missing",
+            cfg,
+            f"{tmp_path}/missing/owl_config.json: no owl_jax model config; expected a directory written by save_params",
+        ),
+        "no params": (
+            no_params,
+            cfg,
+            f"{no_params}/params: missing; an owl_jax params dir holds owl_config.json and the "
+            "orbax checkpoint params/ beside it",
+        ),
+        "bad json": (
+            bad_json,
+            cfg,
+            f"{bad_json}/owl_config.json: not an owl_jax model config (Expecting property name",
+        ),
+        "bad field": (
+            bad_field,
+            cfg,
+            f"{bad_field}/owl_config.json: not an owl_jax model config (LlamaConfig: unknown "
+            "config fields ['hidden_sise']; expected a subset of ['bos_token_id', ",
+        ),
+        "shape": (
+            root / "a",
+            wider,
+            f"{root / 'a'}: parameter language_model/model/layers/mlp/down_proj/kernel has shape "
+            "(2, 128, 64), the config expects (2, 96, 64)",
+        ),
+        "extra": (
+            root / "lora",
+            cfg,
+            f"{root / 'lora'}: parameters ['language_model/model/layers/self_attn/q_proj/lora_a', "
+            "'language_model/model/layers/self_attn/q_proj/lora_b', ",
+        ),
     }
 
 
@@ -209,9 +243,15 @@ def test_params_for_a_config_fill_what_the_dir_lacks(owl):
     lora_paths = sorted("/".join(p) for p in param_shapes(lora_cfg) if p[-1] in ("lora_a", "lora_b"))
     assert sorted(fresh) == lora_paths and len(lora_paths) == 4
     flat = traverse_util.flatten_dict(loaded)
-    assert {"/".join(p): tuple(v.shape) for p, v in flat.items()} == {"/".join(p): s for p, s in param_shapes(lora_cfg).items()}
-    _assert_params_equal(traverse_util.unflatten_dict({p: v for p, v in flat.items() if "/".join(p) not in fresh}), params["a"])
-    assert not np.any(flat[("language_model", "model", "layers", "self_attn", "q_proj", "lora_b")])  # LoRA starts as the identity
+    assert {"/".join(p): tuple(v.shape) for p, v in flat.items()} == {
+        "/".join(p): s for p, s in param_shapes(lora_cfg).items()
+    }
+    _assert_params_equal(
+        traverse_util.unflatten_dict({p: v for p, v in flat.items() if "/".join(p) not in fresh}), params["a"]
+    )
+    assert not np.any(
+        flat[("language_model", "model", "layers", "self_attn", "q_proj", "lora_b")]
+    )  # LoRA starts as the identity
 
 
 # ---------------------------------------------------------------- tokenizer files travel both ways
@@ -253,7 +293,10 @@ def test_half_precision_checkpoints_convert(owl, tmp_path, capsys, dtype, fmt):
 
     cfg, params, root = owl
     half_dtype = getattr(torch, dtype)
-    half = {k: torch.from_numpy(v).to(half_dtype) for k, v in load_file(str(root / "released" / "model.safetensors")).items()}
+    half = {
+        k: torch.from_numpy(v).to(half_dtype)
+        for k, v in load_file(str(root / "released" / "model.safetensors")).items()
+    }
     os.makedirs(tmp_path / "half")
     if fmt == "bin":
         torch.save(half, tmp_path / "half" / "pytorch_model.bin")
@@ -264,7 +307,8 @@ def test_half_precision_checkpoints_convert(owl, tmp_path, capsys, dtype, fmt):
     def torch_cast(to):
         """`a` as torch rounds it to the checkpoint's dtype and then casts it to `to`, as float32."""
         return jax.tree_util.tree_map(
-            lambda x: torch.from_numpy(np.asarray(x)).to(half_dtype).to(getattr(torch, to)).float().numpy(), params["a"])
+            lambda x: torch.from_numpy(np.asarray(x)).to(half_dtype).to(getattr(torch, to)).float().numpy(), params["a"]
+        )
 
     other = "bfloat16" if dtype == "float16" else "float16"
     kept, _ = from_torch(cfg, released=str(tmp_path / "half"))
@@ -274,11 +318,16 @@ def test_half_precision_checkpoints_convert(owl, tmp_path, capsys, dtype, fmt):
         for path, value in traverse_util.flatten_dict(converted).items():
             assert value.dtype == np.dtype(getattr(ml_dtypes, requested, requested)), (requested, path)
         _assert_params_equal(converted, torch_cast(requested))
-    assert _run(capsys, "from-torch", "--released", tmp_path / "half", "--out", tmp_path / "owl", "--dtype", "float32")[0] == 0
+    assert (
+        _run(capsys, "from-torch", "--released", tmp_path / "half", "--out", tmp_path / "owl", "--dtype", "float32")[0]
+        == 0
+    )
     loaded, _ = params_io.load_params(str(tmp_path / "owl"))
     assert {v.dtype for v in jax.tree_util.tree_leaves(loaded)} == {np.dtype(np.float32)}
     _assert_params_equal(loaded, torch_cast("float32"))
-    assert np.abs(np.asarray(kept["query_tokens"], np.float32) - params["a"]["query_tokens"]).max() > 0  # really rounded
+    assert (
+        np.abs(np.asarray(kept["query_tokens"], np.float32) - params["a"]["query_tokens"]).max() > 0
+    )  # really rounded
 
 
 # ---------------------------------------------------------------- tensors that would be dropped
@@ -301,7 +350,10 @@ def test_tensors_that_would_be_dropped_fail_unless_allowed(owl, tmp_path, capsys
     _rewrite(root / "released", tmp_path / "video", _video_variant)
     err = _error(capsys, "from-torch", "--released", tmp_path / "video", "--out", tmp_path / "owl")
     assert "15 tensors match no owl_jax parameter and would be dropped" in err
-    assert "temporal_query_tokens, temporal_visual_fc.bias, temporal_visual_fc.weight, vision_model.encoder.layers.0" in err
+    assert (
+        "temporal_query_tokens, temporal_visual_fc.bias, temporal_visual_fc.weight, vision_model.encoder.layers.0"
+        in err
+    )
     assert "and 5 more" in err and "--allow-unused-tensors" in err and "inv_freq" not in err
     assert not os.path.exists(tmp_path / "owl")
     rc, out, _ = _run(capsys, "from-torch", "--released", tmp_path / "video", "--out", tmp_path / "owl",
@@ -353,7 +405,10 @@ def test_every_path_argument_may_be_relative(owl, hf_parts, tmp_path, capsys, mo
     save_adapter(lora_params, lora_cfg, str(tmp_path / "adapter"))
     (tmp_path / "model.py").write_text(
         "import json, ml_collections\n"
-        f"def get_config():\n    return ml_collections.ConfigDict({{'model': json.loads({json.dumps(json.dumps(owl_config_to_dict(cfg)))})}})\n")
+        "def get_config():\n"
+        "    return ml_collections.ConfigDict("
+        f"{{'model': json.loads({json.dumps(json.dumps(owl_config_to_dict(cfg)))})}})\n"
+    )
     monkeypatch.chdir(tmp_path)
     rc, out, _ = _run(capsys, "from-torch", "--released", "released", "--adapter", "adapter", "--out", "owl")
     assert rc == 0 and f"read {len(load_file('released/model.safetensors'))} tensors from {tmp_path}/released" in out
@@ -366,8 +421,9 @@ def test_every_path_argument_may_be_relative(owl, hf_parts, tmp_path, capsys, mo
                       "stage1")
     assert rc == 0 and f"from {tmp_path}/clip" in out and f"from {tmp_path}/llama" in out
     assert params_io.load_config(str(tmp_path / "stage1")) == cfg
-    assert sorted(os.listdir(tmp_path)) == sorted(["adapter", "adapter_back", "back", "clip", "llama", "model.py", "owl",
-                                                   "released", "stage1"])
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["adapter", "adapter_back", "back", "clip", "llama", "model.py", "owl", "released", "stage1"]
+    )
 
 
 # ---------------------------------------------------------------- missing or unreadable inputs
@@ -398,15 +454,28 @@ def _bad_inputs(root, tmp_path):
     return {
         "released dir": (["from-torch", "--released", missing], f"{missing}: no such directory"),
         "config.json missing": (["from-torch", "--released", no_config], f"{no_config}/config.json: missing"),
-        "config.json corrupt": (["from-torch", "--released", bad_config], f"{bad_config}/config.json: cannot read it as JSON"),
-        "config.json a dir": (["from-torch", "--released", dir_config], f"{dir_config}/config.json: cannot read it as JSON"),
-        "weights corrupt": (["from-torch", "--released", bad_weights], f"{bad_weights}/model.safetensors: cannot read the weights"),
+        "config.json corrupt": (
+            ["from-torch", "--released", bad_config],
+            f"{bad_config}/config.json: cannot read it as JSON",
+        ),
+        "config.json a dir": (
+            ["from-torch", "--released", dir_config],
+            f"{dir_config}/config.json: cannot read it as JSON",
+        ),
+        "weights corrupt": (
+            ["from-torch", "--released", bad_weights],
+            f"{bad_weights}/model.safetensors: cannot read the weights",
+        ),
         "adapter dir": (["from-torch", "--released", released, "--adapter", missing], f"{missing}: no such directory"),
-        "adapter config": (["from-torch", "--released", released, "--adapter", bad_adapter],
-                           f"{bad_adapter}/adapter_config.json: holds a JSON list"),
+        "adapter config": (
+            ["from-torch", "--released", released, "--adapter", bad_adapter],
+            f"{bad_adapter}/adapter_config.json: holds a JSON list",
+        ),
         "clip dir": (["from-torch", "--clip", missing, "--llama", released], f"{missing}: no such directory"),
-        "config file": (["from-torch", "--released", released, "--config", tmp_path / "missing.py"],
-                        f"--config {tmp_path}/missing.py: no such file"),
+        "config file": (
+            ["from-torch", "--released", released, "--config", tmp_path / "missing.py"],
+            f"--config {tmp_path}/missing.py: no such file",
+        ),
         "src dir": (["to-torch", "--src", missing], f"--src {missing}: no such directory"),
         "owl_config.json corrupt": (["to-torch", "--src", bad_owl], f"{bad_owl}: cannot read owl_jax params"),
     }

@@ -3,8 +3,8 @@ import json
 import os
 
 import numpy as np
-
 from conftest import SHAPESWORLD_SIZES
+
 from owl_jax import batch as batch_format
 from owl_jax.data import pipeline, records
 from owl_jax.data.tokenizer import load_tokenizer
@@ -12,8 +12,18 @@ from owl_jax.data.tokenizer import load_tokenizer
 K = 5  # placeholders per image in these tests (tiny); the default is 65
 def cfg_for(dataset_dir, **kw):
     cfg = pipeline.default_config()
-    cfg.update(dataset="shapesworld", split="instructions_train", dataset_dir=dataset_dir, batch_size=4, max_len=192, max_images_per_batch=4, image_size=16,
-               image_token_count=K, read_threads=1, read_buffer_size=4)
+    cfg.update(
+        dataset="shapesworld",
+        split="instructions_train",
+        dataset_dir=dataset_dir,
+        batch_size=4,
+        max_len=192,
+        max_images_per_batch=4,
+        image_size=16,
+        image_token_count=K,
+        read_threads=1,
+        read_buffer_size=4,
+    )
     cfg.update(**kw)
     return cfg
 
@@ -183,7 +193,9 @@ def test_worker_processes_match_and_resume(shapesworld_dir):
     state = it.get_state()
     expected = take(it, 3)
     it.close()
-    assert_same(first + expected, take(pipeline.make_iterator(cfg_for(shapesworld_dir, max_images_per_batch=2), 0, 1), 6))
+    assert_same(
+        first + expected, take(pipeline.make_iterator(cfg_for(shapesworld_dir, max_images_per_batch=2), 0, 1), 6)
+    )
     resumed = pipeline.make_iterator(cfg, 0, 1)
     resumed.set_state(state)
     assert_same(take(resumed, 3), expected)

@@ -60,7 +60,9 @@ def test_text_train_writes_each_image_as_its_caption_and_avoids_test(data):
                 assert all(oracle(q, scenes) == a for q, a in turns)
     quizzes = [r for r in data["text_train"] if len(conv.parse_turns(r["text"])[1]) >= 4]
     assert len(quizzes) > 0.2 * len(data["text_train"])  # scenes quizzed with several distinct questions
-    assert all(len({q for q, _ in conv.parse_turns(r["text"])[1]}) == len(conv.parse_turns(r["text"])[1]) for r in quizzes)
+    assert all(
+        len({q for q, _ in conv.parse_turns(r["text"])[1]}) == len(conv.parse_turns(r["text"])[1]) for r in quizzes
+    )
 
 
 def test_categories_are_all_present(data):

@@ -5,8 +5,8 @@ import re
 
 import numpy as np
 import pytest
-
 from conftest import CharTokenizer
+
 from owl_jax.data import conversation as conv
 from owl_jax.data.text import encode_conversation, encode_prompt, pad_to, split_chunks
 from owl_jax.data.tokenizer import load_tokenizer, train_tokenizer
@@ -154,7 +154,9 @@ def _release_extract():
     torch = pytest.importorskip("torch")
     tree = ast.parse(open(path).read())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MultiModalDataset")
-    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "_extract_text_token_from_conversation")
+    fn = next(
+        n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "_extract_text_token_from_conversation"
+    )
     ns = {"re": re, "torch": torch}
     exec(compile(ast.Module(body=[fn], type_ignores=[]), path, "exec"), ns)
     return ns["_extract_text_token_from_conversation"]

@@ -27,7 +27,13 @@ def test_nothing_set_is_one_process():
 
 def test_explicit_arguments_with_gloo_on_cpu():
     p = _plan({"JAX_PLATFORMS": "cpu"}, "127.0.0.1:1234", 2, 1)
-    assert (p.kind, p.coordinator_address, p.num_processes, p.process_id, p.gloo) == ("explicit", "127.0.0.1:1234", 2, 1, True)
+    assert (p.kind, p.coordinator_address, p.num_processes, p.process_id, p.gloo) == (
+        "explicit",
+        "127.0.0.1:1234",
+        2,
+        1,
+        True,
+    )
     assert not _plan({}, "10.0.0.1:1234", 4, 0).gloo  # GPU/TPU processes keep their platform's collectives
 
 
@@ -163,7 +169,9 @@ def test_multislice_and_cpu_override():
 def test_tpu_chip_count_from_jax_else_from_the_device_files(monkeypatch):
     from jax._src import hardware_utils
 
-    monkeypatch.setattr(distributed.glob, "glob", lambda pattern: ["/dev/accel0", "/dev/accel1"] if "accel" in pattern else [])
+    monkeypatch.setattr(
+        distributed.glob, "glob", lambda pattern: ["/dev/accel0", "/dev/accel1"] if "accel" in pattern else []
+    )
     monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (4, "4x v5e"))
     assert distributed._tpu_chips_on_host() == 4
 
@@ -204,7 +212,9 @@ def test_initialize_explicit_passes_arguments_and_gloo(fake_jax_distributed):
 
 def test_initialize_slurm_per_node_passes_device_ids(fake_jax_distributed, monkeypatch):
     monkeypatch.delenv("JAX_PLATFORMS")
-    for k, v in dict(SLURM_ENV, SLURM_NTASKS="2", SLURM_STEP_TASKS_PER_NODE="1(x2)", CUDA_VISIBLE_DEVICES="0,1").items():
+    for k, v in dict(
+        SLURM_ENV, SLURM_NTASKS="2", SLURM_STEP_TASKS_PER_NODE="1(x2)", CUDA_VISIBLE_DEVICES="0,1"
+    ).items():
         monkeypatch.setenv(k, v)
     distributed.initialize()
     assert fake_jax_distributed["initialize"] == [

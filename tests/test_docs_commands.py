@@ -172,7 +172,9 @@ def commands_in(text: str, name: str, variables: dict[str, str]) -> list[Command
                     found.append(command)
                 simple = []
             if not found:
-                raise CommandError(f"{name}:{n}: mentions owl_jax or a launcher, but no command was recognised in: {line}")
+                raise CommandError(
+                    f"{name}:{n}: mentions owl_jax or a launcher, but no command was recognised in: {line}"
+                )
             commands += found
     return commands
 
@@ -225,10 +227,9 @@ def _flags_on(fv, argv: list[str]):
     """absl's and config_flags' definitions go to `fv`, not the process-wide FLAGS (other tests
     share this process), and owl_jax modules' `FLAGS` is `fv`. sys.argv is `argv`: config_flags
     reads a config's overrides from it, when the flag's default is set and when it is parsed."""
+    import grain  # noqa: F401 - defines its own absl flags at import: they must land in FLAGS, not `fv`
     from absl import flags
     from ml_collections import config_flags
-
-    import grain  # noqa: F401 - defines its own absl flags at import: they must land in FLAGS, not `fv`
 
     with contextlib.ExitStack() as stack:
         for owner in (flags, config_flags):
@@ -288,7 +289,9 @@ def training_config_problems(config) -> list[str]:
     checks = [
         lambda: train.validate_config(config),
         lambda: owl_config_from_dict(config.model.to_dict()),
-        lambda: trainable_patterns(config.stage, config.get("train_abstractor", False), config.get("extra_trainable", ())),
+        lambda: trainable_patterns(
+            config.stage, config.get("train_abstractor", False), config.get("extra_trainable", ())
+        ),
     ]
     for check in checks:
         try:
@@ -309,7 +312,10 @@ def training_config_problems(config) -> list[str]:
             from owl_jax.demo.scenes import SPLITS as splits
         else:
             splits = None
-            problems.append(f"config.data.dataset={data.dataset!r}: owl_jax.data.prepare builds 'owl_jsonl', owl_jax.demo.dataset 'shapesworld'")
+            problems.append(
+                f"config.data.dataset={data.dataset!r}: owl_jax.data.prepare builds 'owl_jsonl', "
+                "owl_jax.demo.dataset 'shapesworld'"
+            )
         if splits is not None and data.split not in splits:
             problems.append(f"config.data.split={data.split!r}: {data.dataset} has the splits {list(splits)}")
     elif data.source != "synthetic":

@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 import pytest
+from conftest import REPO, peaked_params, small_owl_config
 from PIL import Image
 
-from conftest import REPO, peaked_params, small_owl_config
 from owl_jax import evaluate
 from owl_jax.data.conversation import SYSTEM_PROMPT, build_prompt
 from owl_jax.data.image import preprocess, to_rgb

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import peaked_params, small_owl_config
+
+from owl_jax.batch import IMAGE_PLACEHOLDER_ID
 from owl_jax.inference.api import shard_params
 from owl_jax.inference.engine import Generator, Sampling, bucket_length, decode, make_batch, prefill, sample_token
-from owl_jax.batch import IMAGE_PLACEHOLDER_ID
 from owl_jax.models.config import LoraConfig
 from owl_jax.models.owl import MplugOwl, is_decode_layout
 from owl_jax.sharding import DEFAULT_RULES, make_mesh
@@ -20,7 +20,9 @@ from owl_jax.sharding import DEFAULT_RULES, make_mesh
 def owl():
     """The small owl with unmerged LoRA adapters (lora_b non-zero) and the configs' dropout rates
     (abstractor attention 0.1, LoRA 0.05), which generation must not apply."""
-    cfg = small_owl_config(lora=LoraConfig(rank=4, alpha=8.0, dropout=0.05, target_modules=("q_proj", "v_proj", "up_proj")))
+    cfg = small_owl_config(
+        lora=LoraConfig(rank=4, alpha=8.0, dropout=0.05, target_modules=("q_proj", "v_proj", "up_proj"))
+    )
     assert cfg.abstractor.attention_dropout == 0.1 and cfg.lora.dropout == 0.05
     return cfg, jax.device_put(peaked_params(cfg, seed=5))
 
@@ -65,7 +67,9 @@ def test_cached_decoding_matches_the_deterministic_full_forward(owl, rng, decode
     # The adapters count: lora_b is non-zero, and without it the same forward gives other logits.
     lora_b = params["language_model"]["model"]["layers"]["self_attn"]["q_proj"]["lora_b"]
     assert np.abs(np.asarray(lora_b)).min() > 0
-    no_lora = jax.tree_util.tree_map_with_path(lambda path, x: jnp.zeros_like(x) if path[-1].key == "lora_b" else x, params)
+    no_lora = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if path[-1].key == "lora_b" else x, params
+    )
     assert np.abs(_forward_step_logits(cfg, no_lora, batch, out["tokens"]) - expected).max() > 0.1
 
 
@@ -198,13 +202,21 @@ def test_params_sharded_on_a_mesh_give_the_same_tokens_per_prompt_as_alone(owl, 
     kernel = sharded["language_model"]["model"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert isinstance(kernel.sharding, jax.sharding.NamedSharding)
     # Split 4 ways (fsdp x tensor), each quarter on 2 devices (data).
-    assert len({s.device for s in kernel.addressable_shards}) == 8 and kernel.addressable_shards[0].data.size * 4 == kernel.size
+    assert (
+        len({s.device for s in kernel.addressable_shards}) == 8
+        and kernel.addressable_shards[0].data.size * 4 == kernel.size
+    )
     # The decode layout keeps the sharding: per-layer weights less the layers axis, the LM head transposed.
     layer_kernel = gen.params["language_model"]["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
-    assert tuple(layer_kernel.sharding.spec) == tuple(kernel.sharding.spec)[1:], (layer_kernel.sharding, kernel.sharding)
+    assert tuple(layer_kernel.sharding.spec) == tuple(kernel.sharding.spec)[1:], (
+        layer_kernel.sharding,
+        kernel.sharding,
+    )
     assert layer_kernel.addressable_shards[0].data.size * 4 == layer_kernel.size
     head, head_t = sharded["language_model"]["lm_head"]["kernel"], gen.params["language_model"]["lm_head"]["kernel"]
-    assert head_t.shape == head.shape[::-1] and tuple(head_t.sharding.spec) == tuple(head.sharding.spec)[::-1], head_t.sharding
+    assert head_t.shape == head.shape[::-1] and tuple(head_t.sharding.spec) == tuple(head.sharding.spec)[::-1], (
+        head_t.sharding
+    )
 
     prompts, images, counts = _prompts(cfg, rng)
     batch = make_batch(prompts, images, counts, cfg)

@@ -34,7 +34,9 @@ def _imports(path: str, module: str, modules: dict[str, str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
         else:
             continue
@@ -91,5 +93,7 @@ def test_a_circle_is_found():
 
 
 def test_no_module_over_450_lines():
-    long = {os.path.relpath(p, REPO): n for p in _modules().values() if (n := len(open(p).read().splitlines())) > MAX_LINES}
+    long = {
+        os.path.relpath(p, REPO): n for p in _modules().values() if (n := len(open(p).read().splitlines())) > MAX_LINES
+    }
     assert not long, long

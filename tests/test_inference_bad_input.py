@@ -10,13 +10,12 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import QUESTIONS, small_owl_config
 from PIL import Image
 
 import owl_jax
-from conftest import QUESTIONS, small_owl_config
-from owl_jax import evaluate
+from owl_jax import evaluate, params_io
 from owl_jax import generate as generate_cli
-from owl_jax import params_io
 from owl_jax.data.tokenizer import load_tokenizer
 from owl_jax.inference import owleval
 from owl_jax.inference.engine import Generator, Sampling, make_batch
@@ -287,7 +286,9 @@ def test_owleval_counts_an_unfinished_last_line_and_refuses_other_answers(tmp_pa
     with pytest.raises(ValueError, match=re.escape(f"{out} line 2: not JSON")):
         _run(data, out)
     out.write_text(rows[0] + "\n")
-    with pytest.raises(ValueError, match=re.escape(f"{out} line 1: answered by model_id 'owl_jax', this run is 'other'")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"{out} line 1: answered by model_id 'owl_jax', this run is 'other'")
+    ):
         owleval.run_owleval(EchoOwl(), str(data), str(out), model_id="other", progress=False)
 
 
@@ -337,5 +338,7 @@ def test_cli_paths_are_relative_to_the_current_directory(tmp_path, owl_dir, owl,
     assert code == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (work / "answers" / "out.jsonl").read_text().splitlines()]
     assert [r["question_id"] for r in rows] == [1, 2]
-    assert rows[0]["answer"] == owl.chat(images=[str(data / "images" / "a.jpg")], messages=QUESTIONS[0], max_new_tokens=3)
+    assert rows[0]["answer"] == owl.chat(
+        images=[str(data / "images" / "a.jpg")], messages=QUESTIONS[0], max_new_tokens=3
+    )
     assert rows[0]["model_id"] == "owl_jax:" + os.path.basename(owl_dir)

@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 LAUNCH = os.path.join(ROOT, "launch")
 
@@ -70,7 +69,11 @@ def test_tpu_pod_dry_run_prints_every_command():
     create, tar, scp, unpack, install, train = _lines(r.stdout)
     assert create == ["gcloud", "compute", "tpus", "tpu-vm", "create", "owl-v5e-16", *GFLAGS,
                       "--accelerator-type=v5litepod-16", "--version=v2-alpha-tpuv5-lite", "--spot"]
-    assert tar[:2] == ["bash", "-c"] and f"cd {ROOT} && git ls-files" in tar[2] and "/tmp/owl_jax_src_owl-v5e-16.tgz" in tar[2]
+    assert (
+        tar[:2] == ["bash", "-c"]
+        and f"cd {ROOT} && git ls-files" in tar[2]
+        and "/tmp/owl_jax_src_owl-v5e-16.tgz" in tar[2]
+    )
     assert scp == ["gcloud", "compute", "tpus", "tpu-vm", "scp", "/tmp/owl_jax_src_owl-v5e-16.tgz",
                    "owl-v5e-16:owl_jax_src.tgz", *GFLAGS, "--worker=all"]
     ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "owl-v5e-16", *GFLAGS, "--worker=all"]
@@ -88,7 +91,9 @@ def test_tpu_pod_dry_run_prints_every_command():
 
 
 def test_tpu_pod_dry_run_resume_git_and_detach():
-    r = _run(["bash", f"{LAUNCH}/tpu_pod.sh", "--dry-run", *TPU_ARGS, "--skip-setup", "--detach", "--env=OWL_DISTRIBUTED=on"])
+    r = _run(
+        ["bash", f"{LAUNCH}/tpu_pod.sh", "--dry-run", *TPU_ARGS, "--skip-setup", "--detach", "--env=OWL_DISTRIBUTED=on"]
+    )
     assert r.returncode == 0, r.stderr
     (train,) = _lines(r.stdout)  # a resume: no create, copy or install, only the training command
     remote = train[-1][len("--command="):]
@@ -96,7 +101,9 @@ def test_tpu_pod_dry_run_resume_git_and_detach():
     assert remote.startswith("nohup bash -c ") and "OWL_DISTRIBUTED=on" in remote
     inner = shlex.split(remote)[3]  # what each worker's background bash runs
     _bash_parses(inner)
-    assert "> ~/owl_train.log 2>&1" in inner and "-m owl_jax.train --config=configs/mplug_owl_llama7b.py:stage1" in inner
+    assert (
+        "> ~/owl_train.log 2>&1" in inner and "-m owl_jax.train --config=configs/mplug_owl_llama7b.py:stage1" in inner
+    )
 
     r = _run(["bash", f"{LAUNCH}/tpu_pod.sh", "--dry-run", *TPU_ARGS, "--code=git", "--repo=https://example.com/owl_jax.git",
               "--ref=v0.1"])
@@ -123,8 +130,19 @@ def test_slurm_dry_run_prints_sbatch_and_srun():
     # inside an allocation only the srun line; SRUN_EXTRA is passed on
     r = _run(["bash", f"{LAUNCH}/gpu_slurm.sbatch", *args],
              env={"DRY_RUN": "1", "SLURM_JOB_ID": "7", "SRUN_EXTRA": "--label", "PYTHON": "python"})
-    assert _lines(r.stdout) == [["srun", "--kill-on-bad-exit=1", "--label", "env", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.92",
-                                 "python", "-m", "owl_jax.train", *args]]
+    assert _lines(r.stdout) == [
+        [
+            "srun",
+            "--kill-on-bad-exit=1",
+            "--label",
+            "env",
+            "XLA_PYTHON_CLIENT_MEM_FRACTION=0.92",
+            "python",
+            "-m",
+            "owl_jax.train",
+            *args,
+        ]
+    ]
     # outside SLURM without DRY_RUN it refuses; --config/--workdir are required
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     assert subprocess.run(["bash", f"{LAUNCH}/gpu_slurm.sbatch", *args], env=env, capture_output=True).returncode == 2

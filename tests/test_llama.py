@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_torch_, small_owl_config
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
-from conftest import randomize_torch_, small_owl_config
 from owl_jax.convert import from_torch
 from owl_jax.models.llama import LlamaForCausalLM, from_decode_layout, to_decode_layout
 
@@ -70,7 +70,9 @@ def test_decode_layout_matches_training_layout_and_round_trips(hf_llama, rng):
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
     # Same logits.
-    trained = LlamaForCausalLM(cfg.llm).apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask, bool))
+    trained = LlamaForCausalLM(cfg.llm).apply(
+        {"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask, bool)
+    )
     ours = decoder.apply({"params": decode_params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask, bool))
     valid = mask.astype(bool)
     assert np.abs(np.asarray(ours) - np.asarray(trained))[valid].max() <= 1e-5
@@ -93,7 +95,9 @@ def test_kv_cache_decoding_matches_full_forward_and_transformers(hf_llama, rng, 
         ).logits.numpy()
 
     decoder = LlamaForCausalLM(cfg.llm, decode=True, scan_layers=not decode_layout, lm_head_vocab_major=decode_layout)
-    cache_vars = decoder.init(jax.random.PRNGKey(0), jnp.zeros((b, cache), jnp.int32), attention_mask=jnp.ones((b, cache), bool))["cache"]
+    cache_vars = decoder.init(
+        jax.random.PRNGKey(0), jnp.zeros((b, cache), jnp.int32), attention_mask=jnp.ones((b, cache), bool)
+    )["cache"]
     cache_mask = np.zeros((b, cache), bool)
     cache_mask[:, :total] = mask.astype(bool)
     got = []

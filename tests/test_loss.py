@@ -42,7 +42,9 @@ def test_loss_from_hidden_matches_loss_on_full_logits(rng, mask_kind):
             "one_row": np.eye(b, t)}[mask_kind]
     mask = jnp.asarray(mask, jnp.int32)
     full = jax.value_and_grad(lambda h, k: answer_loss(h @ k, ids, mask), argnums=(0, 1), has_aux=True)
-    fused = jax.jit(jax.value_and_grad(lambda h, k: answer_loss_from_hidden(h, k, ids, mask), argnums=(0, 1), has_aux=True))
+    fused = jax.jit(
+        jax.value_and_grad(lambda h, k: answer_loss_from_hidden(h, k, ids, mask), argnums=(0, 1), has_aux=True)
+    )
     (loss, metrics), grads = full(hidden, kernel)
     (loss_f, metrics_f), grads_f = fused(hidden, kernel)
     np.testing.assert_allclose(loss_f, loss, rtol=1e-6, atol=1e-7)

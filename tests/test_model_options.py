@@ -1,17 +1,17 @@
 """Remat policies, attention implementations and bf16 compute change speed/memory, not results."""
 import contextlib
-import functools
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import random_owl_params, small_owl_config
-from owl_jax.losses import answer_loss
+
 from owl_jax.batch import IMAGE_PLACEHOLDER_ID
+from owl_jax.losses import answer_loss
 from owl_jax.models.owl import MplugOwl
 
 
@@ -64,7 +64,10 @@ def test_layers_unrolled_over_stacked_params_match_the_scan(setup, policy):
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_u)):
         np.testing.assert_allclose(b, a, atol=1e-6)
     hlo = jax.jit(lambda p: MplugOwl(unrolled).apply({"params": p}, **batch)).lower(params).as_text()
-    assert "while" not in hlo and "while" in jax.jit(lambda p: MplugOwl(cfg).apply({"params": p}, **batch)).lower(params).as_text()
+    assert (
+        "while" not in hlo
+        and "while" in jax.jit(lambda p: MplugOwl(cfg).apply({"params": p}, **batch)).lower(params).as_text()
+    )
 
 
 @pytest.mark.parametrize("block", [5, 7])
@@ -116,7 +119,9 @@ def test_causal_hint_keeps_the_padding_mask():
     # Without a mask, causal=True alone makes every path causal.
     triangle = jnp.tril(jnp.ones((9, 9), bool))[None, None]
     for impl in ("jax", "xla"):
-        np.testing.assert_allclose(attention(q, k, v, None, impl=impl, causal=True), attention(q, k, v, triangle), atol=1e-5)
+        np.testing.assert_allclose(
+            attention(q, k, v, None, impl=impl, causal=True), attention(q, k, v, triangle), atol=1e-5
+        )
 
 
 def test_cudnn_leaves_odd_lengths_to_xla():
@@ -264,8 +269,8 @@ def test_dots_no_batch_attention_does_not_rerun_the_attention_forward():
     log-sum-exp; a bool mask where cuDNN keeps a bias made from it), and an o_proj whose weight
     gradient reads the attention output."""
     from owl_jax.models.attention import ATTENTION_RESIDUALS, with_named_residuals
-    from owl_jax.models.layers import _REMAT_POLICIES
     from owl_jax.models.config import RunOptions
+    from owl_jax.models.layers import _REMAT_POLICIES
     from owl_jax.models.llama import LlamaModel
 
     b, t, h, dh = 2, 8, 2, 4

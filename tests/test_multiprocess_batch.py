@@ -7,11 +7,9 @@ import sys
 
 import jax
 import pytest
-
 from conftest import REPO, free_port, subprocess_env
 
-
-WORKER = r'''
+WORKER = r"""
 import json, os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -36,7 +34,8 @@ local = {"pixel_values": (100 * pid + np.arange(4, dtype=np.float32)).reshape(1,
 report = {"gathered": all_processes({"process": pid, "pad": "x" * (7 * pid)})}
 for name, devices in orders.items():
     mesh = Mesh(np.array(devices), ("data",))
-    shardings = {"pixel_values": NamedSharding(mesh, P(None, "data")), "image_start": NamedSharding(mesh, P(None, "data")),
+    shardings = {"pixel_values": NamedSharding(mesh, P(None, "data")),
+                 "image_start": NamedSharding(mesh, P(None, "data")),
                  "input_ids": NamedSharding(mesh, P(None, "data"))}
     try:
         batch = global_batch(local, shardings)
@@ -47,7 +46,7 @@ for name, devices in orders.items():
     first_image = full["pixel_values"][0, full["image_start"][0], 0, 0, 0]
     report[name] = {"sample_ids": full["input_ids"][0].tolist(), "first_images": first_image.tolist()}
 print("REPORT " + json.dumps(report), flush=True)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +57,7 @@ def reports(tmp_path_factory):
     procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i)], cwd=REPO, env=subprocess_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     return [json.loads(next(line for line in out.splitlines() if line.startswith("REPORT "))[7:]) for out, _ in outs]
 
@@ -84,6 +83,7 @@ def test_per_process_values_are_gathered_whole(reports):
 
 def test_unshardable_batch_is_refused_with_several_processes(monkeypatch):
     from conftest import tiny_train_config
+
     from owl_jax.sharding import make_mesh
     from owl_jax.training.trainer import Trainer
 

@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import traverse_util
-
 from conftest import CharTokenizer, random_owl_params, small_owl_config
+from flax import traverse_util
 from torch_oracle import OwlOracle
+
+from owl_jax.batch import IMAGE_PLACEHOLDER_ID
 from owl_jax.convert import from_torch, to_torch
 from owl_jax.data.text import encode_prompt
-from owl_jax.batch import IMAGE_PLACEHOLDER_ID
 from owl_jax.models.config import LoraConfig
 from owl_jax.models.owl import MplugOwl
 
@@ -50,8 +50,12 @@ def _max_diff_vs_oracle(cfg, params, directory, rng) -> float:
     oracle = OwlOracle.from_pretrained(str(directory))
     ids, mask, num_images, pixels = _mixed_batch(cfg, rng)
     with torch.no_grad():
-        expected = oracle(torch.tensor(ids), torch.tensor(pixels[:3]), torch.tensor(num_images), torch.tensor(mask)).numpy()
-    ours = MplugOwl(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(num_images), jnp.asarray(mask))
+        expected = oracle(
+            torch.tensor(ids), torch.tensor(pixels[:3]), torch.tensor(num_images), torch.tensor(mask)
+        ).numpy()
+    ours = MplugOwl(cfg).apply(
+        {"params": params}, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(num_images), jnp.asarray(mask)
+    )
     return float(np.abs(np.asarray(ours) - expected)[mask.astype(bool)].max())
 
 
@@ -119,7 +123,9 @@ def test_dropout_is_on_in_training_and_off_in_evaluation():
                                                               deterministic=deterministic))
         first, second = run(cfg, False, keys[0]), run(cfg, False, keys[1])
         assert np.abs(first - second).max() > 1e-3, method  # on in training
-        np.testing.assert_array_equal(run(cfg, True, keys[0]), run(off, False, keys[0]), err_msg=method)  # off in evaluation
+        np.testing.assert_array_equal(
+            run(cfg, True, keys[0]), run(off, False, keys[0]), err_msg=method
+        )  # off in evaluation
         assert np.abs(first - run(off, False, keys[0])).max() > 1e-3, method  # and on means not off
 
 
@@ -166,7 +172,10 @@ def test_adjacent_image_tags_each_get_their_own_image(owl_params):
     cfg, params = owl_params
     p = cfg.tokens_per_image
     tok = CharTokenizer()
-    prompts = [encode_prompt("Q<image><image>AI: ", tok, image_token_count=p), encode_prompt("<image>x", tok, image_token_count=p)]
+    prompts = [
+        encode_prompt("Q<image><image>AI: ", tok, image_token_count=p),
+        encode_prompt("<image>x", tok, image_token_count=p),
+    ]
     t = max(len(x) for x in prompts)
     ids = np.zeros((2, t), np.int32)
     for b, x in enumerate(prompts):

@@ -6,10 +6,10 @@ import os
 
 import numpy as np
 import pytest
+from conftest import random_owl_params, small_owl_config
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from conftest import random_owl_params, small_owl_config
 from owl_jax import params_io
 from owl_jax.convert import to_torch
 from owl_jax.convert.__main__ import main as convert_main
@@ -78,7 +78,10 @@ def test_adapter_acts_as_peft_merges_it(base, tmp_path, modules, targets):
         path = ("language_model", "model", "layers", block, m, "kernel")
         kernel = merged[path].copy()
         for i in range(cfg.llm.num_layers):
-            a, b = tensors[f"{PREFIX}.{i}.{block}.{m}.lora_A.weight"], tensors[f"{PREFIX}.{i}.{block}.{m}.lora_B.weight"]
+            a, b = (
+                tensors[f"{PREFIX}.{i}.{block}.{m}.lora_A.weight"],
+                tensors[f"{PREFIX}.{i}.{block}.{m}.lora_B.weight"],
+            )
             kernel[i] = (kernel[i].T + ALPHA / RANK * b @ a).T
         merged[path] = kernel
     expected = _logits(cfg, traverse_util.unflatten_dict(merged))
@@ -97,7 +100,11 @@ def test_save_then_load_is_bit_exact_and_in_peft_layout(base, tmp_path):
                                      for m in ("q_proj", "v_proj") for f in "AB")
     assert written[f"{PREFIX}.1.self_attn.v_proj.lora_B.weight"].shape == (cfg.llm.hidden_size, RANK)
     config = json.load(open(tmp_path / "out" / "adapter_config.json"))
-    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (RANK, ALPHA, r".*language_model.*\.(q_proj|v_proj)")
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (
+        RANK,
+        ALPHA,
+        r".*language_model.*\.(q_proj|v_proj)",
+    )
     again, again_cfg = load_adapter(params, cfg, str(tmp_path / "out"))
     assert again_cfg == lora_cfg
     flat, flat_again = traverse_util.flatten_dict(with_lora), traverse_util.flatten_dict(again)
@@ -138,8 +145,9 @@ def test_half_precision_adapter_reads_as_torch_casts_it(base, tmp_path, dtype, f
             i, block, module, factor = key[len(PREFIX) + 1:].split(".")[:4]
             ours = flat[("language_model", "model", "layers", block, module, "lora_" + factor[-1].lower())][int(i)]
             assert ours.dtype == np.dtype(getattr(ml_dtypes, requested, requested)), (requested, key)
-            np.testing.assert_array_equal(np.asarray(ours, np.float32), value.to(getattr(torch, requested)).float().numpy().T,
-                                          err_msg=key)
+            np.testing.assert_array_equal(
+                np.asarray(ours, np.float32), value.to(getattr(torch, requested)).float().numpy().T, err_msg=key
+            )
 
 
 @pytest.mark.parametrize("kind, match", [
@@ -153,12 +161,16 @@ def test_half_precision_adapter_reads_as_torch_casts_it(base, tmp_path, dtype, f
 def test_bad_adapters_are_named(base, tmp_path, kind, match):
     cfg, params = base
     a0 = f"{PREFIX}.0.self_attn.q_proj.lora_A.weight"
-    kw = {"rank": {"edit": lambda t: t.__setitem__(a0, np.zeros((3, 64), np.float32))},
-          "extra": {"edit": lambda t: t.__setitem__("base_model.model.lm_head.lora_A.weight", np.zeros((4, 64), np.float32))},
-          "missing": {"edit": lambda t: t.pop(f"{PREFIX}.1.self_attn.v_proj.lora_B.weight")},
-          "some_layers": {"targets": r".*layers\.0\.self_attn\.q_proj"},
-          "no_target": {"targets": ["query_key_value"]},
-          "rslora": {"extra_config": {"use_rslora": True}}}[kind]
+    kw = {
+        "rank": {"edit": lambda t: t.__setitem__(a0, np.zeros((3, 64), np.float32))},
+        "extra": {
+            "edit": lambda t: t.__setitem__("base_model.model.lm_head.lora_A.weight", np.zeros((4, 64), np.float32))
+        },
+        "missing": {"edit": lambda t: t.pop(f"{PREFIX}.1.self_attn.v_proj.lora_B.weight")},
+        "some_layers": {"targets": r".*layers\.0\.self_attn\.q_proj"},
+        "no_target": {"targets": ["query_key_value"]},
+        "rslora": {"extra_config": {"use_rslora": True}},
+    }[kind]
     _write_adapter(tmp_path, cfg, **kw)
     with pytest.raises((ValueError, KeyError), match=match):
         load_adapter(params, cfg, str(tmp_path))

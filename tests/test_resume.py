@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import REPO, TINY_TRAIN_FLAGS, subprocess_env, tiny_train_config
 from flax import traverse_util
 
-from conftest import REPO, TINY_TRAIN_FLAGS, subprocess_env, tiny_train_config
 from owl_jax import params_io
 from owl_jax.train import train
 
@@ -41,7 +41,9 @@ def wait_for_file(path, procs, timeout=300):
     while not os.path.exists(path):
         for proc in procs:
             if proc.poll() is not None:
-                raise AssertionError(f"training exited early ({proc.returncode}): {proc.stderr.read().decode()[-3000:]}")
+                raise AssertionError(
+                    f"training exited early ({proc.returncode}): {proc.stderr.read().decode()[-3000:]}"
+                )
         if time.time() > deadline:
             for proc in procs:
                 proc.kill()

@@ -13,18 +13,26 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import random_owl_params, small_owl_config, subprocess_env
 from flax import traverse_util
 
-from conftest import random_owl_params, small_owl_config, subprocess_env
 
 def _run_quick(workdir):
     """The README's command as a user types it: from the workdir's parent, the workdir relative."""
     env = subprocess_env()
     # the job runs on one CPU device, as a user's would (conftest fakes 8 for the sharding tests)
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f)
+    env["XLA_FLAGS"] = " ".join(
+        f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f
+    )
     cwd = os.path.dirname(os.path.dirname(workdir))
-    proc = subprocess.run([sys.executable, "-m", "owl_jax.demo.run", f"--workdir={os.path.relpath(workdir, cwd)}", "--quick"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "owl_jax.demo.run", f"--workdir={os.path.relpath(workdir, cwd)}", "--quick"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout
 
@@ -97,9 +105,15 @@ def test_quick_run_export_loads_back_bit_exact(quick_run):
             continue  # the release's layout has no place for them: they live on in the kernels
         if path[:-1] in carriers and path[-1] == "kernel":
             a, b = flat[path[:-1] + ("lora_a",)], flat[path[:-1] + ("lora_b",)]
-            assert a.shape == value.shape[:2] + (cfg.lora.rank,) and b.shape == (value.shape[0], cfg.lora.rank, value.shape[2])
+            assert a.shape == value.shape[:2] + (cfg.lora.rank,) and b.shape == (
+                value.shape[0],
+                cfg.lora.rank,
+                value.shape[2],
+            )
             assert np.abs(b).max() > 0, path  # trained: the merge moves the kernel
-            value = (value.astype(np.float32) + scale * np.matmul(a.astype(np.float32), b.astype(np.float32))).astype(value.dtype)
+            value = (value.astype(np.float32) + scale * np.matmul(a.astype(np.float32), b.astype(np.float32))).astype(
+                value.dtype
+            )
         expected[path] = value
     back, report = from_torch(dataclasses.replace(cfg, lora=LoraConfig()), released=os.path.join(workdir, "export"))
     assert not report.initialised
@@ -146,8 +160,12 @@ def test_text_only_option_drops_images_and_placeholders():
     Image.fromarray(image).save(buf, format="PNG")
     with_images = encode_sample(text, [buf.getvalue()], CharTokenizer(), SampleOptions(max_len=400, image_size=8,
                                                                                       image_token_count=3))
-    text_only = encode_sample(text, [buf.getvalue()], CharTokenizer(), SampleOptions(max_len=400, image_size=8,
-                                                                                    image_token_count=3, text_only=True))
+    text_only = encode_sample(
+        text,
+        [buf.getvalue()],
+        CharTokenizer(),
+        SampleOptions(max_len=400, image_size=8, image_token_count=3, text_only=True),
+    )
     assert with_images["num_images"] == 1 and (with_images["input_ids"] == -1).sum() == 3
     assert text_only["num_images"] == 0 and text_only["images"].shape[0] == 0
     assert not (text_only["input_ids"] == -1).any()
@@ -160,8 +178,8 @@ def test_text_only_option_drops_images_and_placeholders():
 
 def test_abstractor_attention_hook():
     """The sown probabilities are a distribution over [queries; CLS + patches] and leave the output alone."""
-    from owl_jax.models.owl import MplugOwl
     from owl_jax.demo.report import abstractor_attention
+    from owl_jax.models.owl import MplugOwl
 
     cfg = small_owl_config()
     params = random_owl_params(cfg)

@@ -7,10 +7,10 @@ import re
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_train_config
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from conftest import tiny_train_config
 from owl_jax import batch as batch_format
 from owl_jax.sharding import make_mesh
 from owl_jax.training.synthetic import RandomBatches
@@ -76,7 +76,10 @@ def test_every_parameter_is_sharded_as_the_rules_say():
         assert _normalise(value.sharding.spec) == _normalise(_expected_spec(path)), path
     # Adam moments live where their parameters live.
     mu = traverse_util.flatten_dict(state["opt_state"][1][0].mu, sep="/")
-    assert mu["language_model/model/layers/mlp/down_proj/kernel"].sharding.spec == params["language_model/model/layers/mlp/down_proj/kernel"].sharding.spec
+    assert (
+        mu["language_model/model/layers/mlp/down_proj/kernel"].sharding.spec
+        == params["language_model/model/layers/mlp/down_proj/kernel"].sharding.spec
+    )
 
 
 def _real_step_config():

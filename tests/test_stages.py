@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_train_config
 from flax import traverse_util
 
-from conftest import tiny_train_config
 from owl_jax.models.owl import MplugOwl
 from owl_jax.sharding import make_mesh
 from owl_jax.training.flops import StepShape, towers_of, train_step_flops
@@ -112,9 +112,13 @@ def test_analytic_flops_follow_xla_count_in_every_stage():
         config.model.llm.update(hidden_size=128, mlp_size=256, num_layers=2)  # matmuls dominate
         config.model.scan_unroll = 0  # XLA's cost analysis counts a loop body once
         trainer = Trainer(config, make_mesh({"fsdp": 1}, jax.devices()[:1]))  # abstract state: nothing allocated
-        shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in stack_micro_batches([next(_batches(trainer))]).items()}
+        shapes = {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in stack_micro_batches([next(_batches(trainer))]).items()
+        }
         state_shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), trainer.abstract_state)
-        compiled = trainer.jit_train_step({k: v.shape for k, v in shapes.items()}).jitted.lower(state_shapes, shapes).compile()
+        compiled = (
+            trainer.jit_train_step({k: v.shape for k, v in shapes.items()}).jitted.lower(state_shapes, shapes).compile()
+        )
         xla[stage] = compiled.cost_analysis()["flops"]
         analytic[stage] = train_step_flops(trainer.model_cfg, StepShape(8, 24, 8), towers_of(trainer.trainable_paths))
     for stage in xla:  # XLA also counts the norms, softmaxes and optimiser: a few % above the matmuls

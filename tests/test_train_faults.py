@@ -9,12 +9,11 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import REPO, damage_checkpoint, subprocess_env, tiny_train_config
+
 from owl_jax.cli import UserError
 from owl_jax.train import train
 from owl_jax.training import checkpoints
-
 
 
 def _metric_steps(workdir):
@@ -245,7 +244,9 @@ def test_a_non_finite_loss_stops_the_run_before_it_is_saved(tmp_path, monkeypatc
 
 
 def _cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize("module", ["owl_jax.train", "owl_jax.demo.run", "owl_jax.aot"])

@@ -5,8 +5,8 @@ import json
 import os
 
 import pytest
-
 from conftest import tiny_train_config
+
 from owl_jax.train import train
 
 
@@ -48,7 +48,9 @@ def test_retention_holds_across_restarts(tmp_path):
     train(tiny_train_config(num_steps=3, **keep), workdir)
     train(tiny_train_config(num_steps=6, **keep), workdir)
     kept = sorted(int(x) for x in os.listdir(os.path.join(workdir, "checkpoints")))
-    losses = {json.loads(line)["step"]: json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl"))}
+    losses = {
+        json.loads(line)["step"]: json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl"))
+    }
     assert kept == sorted({6, min(losses, key=losses.get)}), (kept, losses)
 
 

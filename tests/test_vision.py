@@ -4,9 +4,9 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import torch
+from conftest import randomize_torch_, small_owl_config
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from conftest import randomize_torch_, small_owl_config
 from owl_jax.convert import from_torch
 from owl_jax.convert.layouts import interleave_qkv
 from owl_jax.models.vision import VisionEncoder

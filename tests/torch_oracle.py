@@ -24,7 +24,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 
 def _ln(x, mod):
-    return nn.functional.layer_norm(x.float(), mod.normalized_shape, mod.weight.float(), mod.bias.float(), mod.eps).type_as(x)
+    return nn.functional.layer_norm(
+        x.float(), mod.normalized_shape, mod.weight.float(), mod.bias.float(), mod.eps
+    ).type_as(x)
 
 
 class VisionAttention(nn.Module):

@@ -49,7 +49,9 @@ class ConversionReport:
         for d, keys in self.unused.items():
             if keys:  # a CLIPModel's text tower alone is ~200 tensors: the first few say what they are
                 lines.append(f"{len(keys)} tensors in {d} match no owl_jax parameter (not converted):")
-                lines += [f"  {k}" for k in keys[:SHOWN]] + ([f"  ... and {len(keys) - SHOWN} more"] if len(keys) > SHOWN else [])
+                lines += [f"  {k}" for k in keys[:SHOWN]] + (
+                    [f"  ... and {len(keys) - SHOWN} more"] if len(keys) > SHOWN else []
+                )
         return "\n".join(lines)
 
 
@@ -106,7 +108,8 @@ def _check_nothing_dropped(directory: str, unused: list[str], expected: tuple[st
     dropped = [k for k in unused if not k.startswith(expected)] if expected else unused
     if dropped:
         raise ValueError(
-            f"{directory}: {len(dropped)} tensors match no owl_jax parameter and would be dropped: {name_some(dropped)}; "
+            f"{directory}: {len(dropped)} tensors match no owl_jax parameter and would be dropped: "
+            f"{name_some(dropped)}; "
             "convert anyway with allow_unused=True (command line: --allow-unused-tensors)"
         )
 
@@ -114,7 +117,12 @@ def _check_nothing_dropped(directory: str, unused: list[str], expected: tuple[st
 def _strip_missing_prefix(maps: list[TensorMap], reader: TorchCheckpointReader, prefix: str) -> list[TensorMap]:
     """CLIPVisionModel saved by transformers 5 drops the `vision_model.` prefix that CLIPModel and
     older versions write; accept both."""
-    if not maps or maps[0].key in reader or not maps[0].key.startswith(prefix) or maps[0].key[len(prefix):] not in reader:
+    if (
+        not maps
+        or maps[0].key in reader
+        or not maps[0].key.startswith(prefix)
+        or maps[0].key[len(prefix) :] not in reader
+    ):
         return maps
     return [
         dataclasses.replace(m, sources=tuple((k[len(prefix):] if k.startswith(prefix) else k, s) for k, s in m.sources))
@@ -179,7 +187,10 @@ def merged_kernels(params: Mapping, cfg: OwlConfig) -> dict[Path, Any]:
             continue
         if path[-1] == "kernel" and path[:-1] + ("lora_a",) in flat:
             a, b = flat[path[:-1] + ("lora_a",)], flat[path[:-1] + ("lora_b",)]
-            value = (np.asarray(value, np.float32) + cfg.lora.scale * np.matmul(np.asarray(a, np.float32), np.asarray(b, np.float32))).astype(value.dtype)
+            value = (
+                np.asarray(value, np.float32)
+                + cfg.lora.scale * np.matmul(np.asarray(a, np.float32), np.asarray(b, np.float32))
+            ).astype(value.dtype)
         result[path] = value
     return result
 
@@ -193,7 +204,9 @@ def check_shapes(params: Mapping, cfg: OwlConfig) -> None:
         if path not in flat:
             raise ValueError(f"parameter {'/'.join(path)} is missing; the config expects one of shape {shape}")
         if tuple(np.shape(flat[path])) != shape:
-            raise ValueError(f"parameter {'/'.join(path)} has shape {tuple(np.shape(flat[path]))}; the config expects {shape}")
+            raise ValueError(
+                f"parameter {'/'.join(path)} has shape {tuple(np.shape(flat[path]))}; the config expects {shape}"
+            )
     extra = sorted("/".join(p) for p in flat if p not in expected)
     if extra:
         raise ValueError(f"parameters {name_some(extra)} do not exist in the configured model")
@@ -202,7 +215,9 @@ def check_shapes(params: Mapping, cfg: OwlConfig) -> None:
 TORCH_DTYPES = ("float32", "bfloat16", "float16")  # what the released code loads
 
 
-def to_torch(params: Mapping, cfg: OwlConfig, out_dir: str, *, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
+def to_torch(
+    params: Mapping, cfg: OwlConfig, out_dir: str, *, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30
+) -> list[str]:
     """Writes the released HF layout (config.json + model.safetensors or shards + index) to out_dir.
     Params must fit cfg (check_shapes), and out_dir must hold no weights yet: shards of an earlier
     export left beside these would be read in their place."""
@@ -235,7 +250,17 @@ def _check_no_weights(out_dir: str) -> None:
     if os.path.isdir(out_dir):
         old = sorted(n for n in os.listdir(out_dir) if WEIGHT_FILE.fullmatch(n))
         if old:
-            raise ValueError(f"{out_dir}: already holds weights ({name_some(old)}); to_torch writes into a new or empty directory")
+            raise ValueError(
+                f"{out_dir}: already holds weights ({name_some(old)}); to_torch writes into a new or empty directory"
+            )
 
 
-__all__ = ["ConversionReport", "check_shapes", "from_torch", "to_torch", "param_shapes", "merged_kernels", "init_missing"]
+__all__ = [
+    "ConversionReport",
+    "check_shapes",
+    "from_torch",
+    "to_torch",
+    "param_shapes",
+    "merged_kernels",
+    "init_missing",
+]

@@ -53,7 +53,9 @@ def main(argv=None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m owl_jax.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m owl_jax.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     f = sub.add_parser("from-torch", help="torch checkpoint(s) -> owl_jax params dir")
     f.add_argument("--released", help="released mPLUG-Owl HF checkpoint dir")
@@ -61,7 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--llama", help="transformers LlamaForCausalLM dir (language model)")
     f.add_argument("--config", help="owl_jax config file (configs/*.py) giving the model shape; "
                    "default: from the released config.json, or CLIP + LLaMA config.json files")
-    f.add_argument("--dtype", default=None, choices=convert.TORCH_DTYPES, help="cast parameters; default keeps the checkpoint dtype")
+    f.add_argument(
+        "--dtype",
+        default=None,
+        choices=convert.TORCH_DTYPES,
+        help="cast parameters; default keeps the checkpoint dtype",
+    )
     f.add_argument("--adapter", help="PEFT LoRA adapter dir (the release's stage-2 output) to put on the weights")
     f.add_argument("--seed", type=int, default=0, help="seed for freshly initialised parameters")
     f.add_argument("--allow-unused-tensors", action="store_true",
@@ -70,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("to-torch", help="owl_jax params dir -> released HF layout")
     t.add_argument("--src", required=True)
     t.add_argument("--out", required=True, help="replaced whole; it may hold only an earlier export")
-    t.add_argument("--dtype", default=None, choices=convert.TORCH_DTYPES, help="cast tensors; default keeps their dtype")
+    t.add_argument(
+        "--dtype", default=None, choices=convert.TORCH_DTYPES, help="cast tensors; default keeps their dtype"
+    )
     t.add_argument("--max-shard-gb", type=float, default=5.0)
     t.add_argument("--adapter", action="store_true", help="write only the LoRA adapter, in PEFT's layout")
     return parser
@@ -91,7 +100,9 @@ def _to_torch(args) -> int:
         else:
             files = convert.to_torch(params, cfg, tmp, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
             copied = _copy_tokenizer(args.src, tmp)
-            what = f"{len(files)} safetensors file(s), config.json" + (f" and tokenizer files {copied}" if copied else "")
+            what = f"{len(files)} safetensors file(s), config.json" + (
+                f" and tokenizer files {copied}" if copied else ""
+            )
     print(f"wrote {what} to {args.out}")
     return 0
 
@@ -147,7 +158,11 @@ def _check_replaceable(path: str) -> None:
 
 def _is_output_file(path: str) -> bool:
     name = os.path.basename(path)
-    return os.path.isfile(path) and not os.path.islink(path) and (name in OUTPUT_FILES or bool(OUTPUT_WEIGHTS.fullmatch(name)))
+    return (
+        os.path.isfile(path)
+        and not os.path.islink(path)
+        and (name in OUTPUT_FILES or bool(OUTPUT_WEIGHTS.fullmatch(name)))
+    )
 
 
 def _from_torch(args) -> int:
@@ -161,7 +176,10 @@ def _from_torch(args) -> int:
                                         seed=args.seed, allow_unused=args.allow_unused_tensors)
     if args.adapter:
         params, cfg = peft.load_adapter(params, cfg, args.adapter, dtype=args.dtype)
-        print(f"put the LoRA adapter of {args.adapter} (r={cfg.lora.rank}, {', '.join(cfg.lora.target_modules)}) on the weights")
+        print(
+            f"put the LoRA adapter of {args.adapter} (r={cfg.lora.rank}, {', '.join(cfg.lora.target_modules)}) "
+            "on the weights"
+        )
     params_io.save_params(args.out, params, cfg)
     copied = _copy_tokenizer(args.released or args.llama, args.out)
     print(report)
@@ -201,7 +219,9 @@ def _config_from_parts(args):
     vision = hf_config.vision_from_hf(clip.get("vision_config", clip), default_eps=1e-5)
     llm = hf_config.llama_from_hf(hf_config.read_json(args.llama))
     # The abstractor concatenates queries and image features, so its width is the vision width.
-    abstractor = dataclasses.replace(AbstractorConfig(), hidden_size=vision.hidden_size, encoder_hidden_size=vision.hidden_size)
+    abstractor = dataclasses.replace(
+        AbstractorConfig(), hidden_size=vision.hidden_size, encoder_hidden_size=vision.hidden_size
+    )
     return OwlConfig(vision=vision, abstractor=abstractor, llm=llm)
 
 

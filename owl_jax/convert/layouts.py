@@ -122,7 +122,11 @@ def clip_vision_layout(shapes: Mapping[Path, tuple[int, ...]], num_heads: int) -
         key, torch_shape = m.sources[0]
         if key.endswith("embeddings.cls_token"):
             d = torch_shape[-1]
-            maps.append(TensorMap(m.path, None, (("vision_model.embeddings.class_embedding", (d,)),), lambda w: w.reshape(1, 1, -1)))
+            maps.append(
+                TensorMap(
+                    m.path, None, (("vision_model.embeddings.class_embedding", (d,)),), lambda w: w.reshape(1, 1, -1)
+                )
+            )
         elif key.endswith("embeddings.position_embedding"):
             s = (torch_shape[1], torch_shape[2])
             maps.append(

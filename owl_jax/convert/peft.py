@@ -40,7 +40,9 @@ def _torch_key(layer: int, module: str, factor: str) -> str:
 def _targets(spec: Any, num_layers: int, where: str) -> tuple[str, ...]:
     """PEFT's target_modules (a regex matched against whole module names, or names matched against
     their ends) -> the LLaMA projections it selects in every layer."""
-    names = {m: [f"language_model.model.layers.{i}.{MODULE_PARENT[m]}.{m}" for i in range(num_layers)] for m in MODULE_PARENT}
+    names = {
+        m: [f"language_model.model.layers.{i}.{MODULE_PARENT[m]}.{m}" for i in range(num_layers)] for m in MODULE_PARENT
+    }
     if isinstance(spec, str):
         hit = {m: [bool(re.fullmatch(spec, n)) for n in ns] for m, ns in names.items()}
     else:
@@ -51,7 +53,9 @@ def _targets(spec: Any, num_layers: int, where: str) -> tuple[str, ...]:
                          "on a projection in every layer")
     targets = tuple(m for m in MODULE_PARENT if all(hit[m]))
     if not targets:
-        raise ValueError(f"{where}: target_modules={spec!r} selects none of the LLM's projections {tuple(MODULE_PARENT)}")
+        raise ValueError(
+            f"{where}: target_modules={spec!r} selects none of the LLM's projections {tuple(MODULE_PARENT)}"
+        )
     return targets
 
 
@@ -78,7 +82,9 @@ def read_lora_config(directory: str, num_layers: int) -> LoraConfig:
         raise ValueError(f"{path}: r, lora_alpha and lora_dropout must be numbers ({e})") from e
     if rank < 1:
         raise ValueError(f"{path}: r={rank}; a LoRA rank is at least 1")
-    return LoraConfig(rank=rank, alpha=alpha, dropout=dropout, target_modules=_targets(c["target_modules"], num_layers, path))
+    return LoraConfig(
+        rank=rank, alpha=alpha, dropout=dropout, target_modules=_targets(c["target_modules"], num_layers, path)
+    )
 
 
 def load_adapter(params: Mapping, cfg: OwlConfig, directory: str, dtype: str | None = None) -> tuple[dict, OwlConfig]:
@@ -129,7 +135,9 @@ def save_adapter(params: Mapping, cfg: OwlConfig, out_dir: str, dtype: str | Non
         for leaf, factor in (("lora_a", "A"), ("lora_b", "B")):
             stacked = np.asarray(flat[block + (leaf,)])
             for i, value in enumerate(stacked):
-                tensors[_torch_key(i, module, factor)] = np.ascontiguousarray(value.T.astype(np.dtype(dtype) if dtype else value.dtype))
+                tensors[_torch_key(i, module, factor)] = np.ascontiguousarray(
+                    value.T.astype(np.dtype(dtype) if dtype else value.dtype)
+                )
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, ADAPTER_FILES[0]), metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,

@@ -158,7 +158,7 @@ def write_safetensors(
     weight_map = {}
     for name, shard in zip(names, shards):
         arrays = {}
-        for key, shape, dtype, make in shard:
+        for key, shape, _, make in shard:
             arr = np.ascontiguousarray(make())
             if arr.shape != tuple(shape):
                 raise ValueError(f"{key}: produced shape {arr.shape}, expected {tuple(shape)}")

@@ -2,15 +2,17 @@
 
 Training text and generation prompts are both built here so that they agree byte for byte::
 
-    The following is a conversation between a curious human and AI assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.
+    {SYSTEM_PROMPT}
     Human: <image>
     Human: {question}
     AI: {answer}
     Human: {next question}
     AI: {next answer}
 
-Several images give several ``Human: <image>`` lines (all before the first question). A prompt for
-generation ends with ``"AI: "``; the model continues with the answer and stops at EOS.
+SYSTEM_PROMPT is the release's one line ("The following is a conversation between a curious human
+and AI assistant. ..."). Several images give several ``Human: <image>`` lines (all before the first
+question). A prompt for generation ends with ``"AI: "``; the model continues with the answer and
+stops at EOS.
 """
 from __future__ import annotations
 

@@ -14,10 +14,11 @@ Graph (grain dataset API)::
 A batch (per process) is the training batch of owl_jax/batch.py (T = max_len), with fixed shapes.
 
 With text_only_ratio >= 0 and a finite num_epochs, iteration ends when either group (text-only or
-image) is exhausted at its weight. A sample whose images do not fit the batch's remaining image slots is deferred to the next batch;
-a sample with more than M images is dropped. Both are counted (`OwlDataIterator.stats`), as are
-truncated samples and samples left with no loss token. At the end of a finite run the last batch
-is filled with inert rows (a lone BOS, attention 1 at position 0, loss 0, no images).
+image) is exhausted at its weight. A sample whose images do not fit the batch's remaining image slots
+is deferred to the next batch; a sample with more than M images is dropped. Both are counted
+(`OwlDataIterator.stats`), as are truncated samples and samples left with no loss token. At the end
+of a finite run the last batch is filled with inert rows (a lone BOS, attention 1 at position 0,
+loss 0, no images).
 
 Multi-process: each process gets its own B rows and M image slots; a sample's images are always in
 its own process's slots, and its `image_start` counts from the process's first slot.
@@ -40,13 +41,14 @@ import grain
 import ml_collections
 import numpy as np
 
+from owl_jax.batch import BOS_ID, first_image_slots
 from owl_jax.cli import UserError
 from owl_jax.data import records
 from owl_jax.data.conversation import drop_images
 from owl_jax.data.image import load_and_preprocess
 from owl_jax.data.text import DEFAULT_IMAGE_TOKEN_COUNT, encode_conversation, pad_to
-from owl_jax.batch import BOS_ID, first_image_slots
 from owl_jax.data.tokenizer import load_tokenizer
+
 STAT_NAMES = ("samples", "truncated", "no_loss_tokens", "images_truncated", "deferred", "dropped_too_many_images",
               "filler_rows")
 _STATS = "_stats"
@@ -408,6 +410,9 @@ def make_iterator(config, process_index: int | None = None, process_count: int |
 
         if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside absl.app use defaults
             flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                         per_worker_buffer_size=int(_get(config, "worker_buffer_size"))))
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=workers, per_worker_buffer_size=int(_get(config, "worker_buffer_size"))
+            )
+        )
     return iter(_StatsDataset(ds, bool(_get(config, "return_index"))))

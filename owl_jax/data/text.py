@@ -27,9 +27,10 @@ import re
 
 import numpy as np
 
-from owl_jax.data.conversation import AI_DELIM, HUMAN_DELIM, IMAGE_TAG
 from owl_jax.batch import BOS_ID, EOS_ID, IMAGE_PLACEHOLDER_ID, PAD_ID
+from owl_jax.data.conversation import AI_DELIM, HUMAN_DELIM, IMAGE_TAG
 from owl_jax.data.tokenizer import encode_text
+
 DEFAULT_IMAGE_TOKEN_COUNT = 65  # 64 queries + vit_eos
 
 _SPLIT_RE = re.compile("(" + "|".join(map(re.escape, [IMAGE_TAG, AI_DELIM, HUMAN_DELIM])) + ")")

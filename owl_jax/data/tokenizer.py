@@ -53,7 +53,9 @@ def load_tokenizer(path: str):
             f"{(tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)}, expected (0, 1, 2, 0)"
         )
     if os.path.isfile(model_file):
-        tok.release_encode = ReleaseTextEncoder(model_file, {tok.unk_token: UNK_ID, tok.bos_token: BOS_ID, tok.eos_token: EOS_ID})
+        tok.release_encode = ReleaseTextEncoder(
+            model_file, {tok.unk_token: UNK_ID, tok.bos_token: BOS_ID, tok.eos_token: EOS_ID}
+        )
     return tok
 
 

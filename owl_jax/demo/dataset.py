@@ -63,8 +63,8 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
 
 def tokenizer_texts(sizes: dict, seed: int) -> Iterator[str]:
     """The text the ShapesWorld tokenizer is trained on: every train-split conversation."""
-    for split, gen in generate_all({s: n for s, n in sizes.items() if s.endswith("_train")}, seed,
-                                   render=False).items():
+    train_sizes = {s: n for s, n in sizes.items() if s.endswith("_train")}
+    for gen in generate_all(train_sizes, seed, render=False).values():
         for rec in gen:
             yield rec["text"]
 

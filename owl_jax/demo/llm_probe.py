@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from owl_jax.inference.api import _forward
 from owl_jax.configs import load_config_file
 from owl_jax.demo import TINY_CONFIG
+from owl_jax.inference.api import _forward
 from owl_jax.sharding import make_mesh
 from owl_jax.training.stages import merge_params
 from owl_jax.training.trainer import Trainer, global_batch, stack_micro_batches
@@ -164,9 +164,15 @@ def train_torch(c, batches) -> None:
         tie_word_embeddings=False))
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
     floor = o.end_lr / o.lr
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / o.warmup_steps if s < o.warmup_steps else
-                                              floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * (s - o.warmup_steps) /
-                                                                                       max(c.num_steps - o.warmup_steps, 1))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            (s + 1) / o.warmup_steps
+            if s < o.warmup_steps
+            else floor
+            + (1 - floor) * 0.5 * (1 + np.cos(np.pi * (s - o.warmup_steps) / max(c.num_steps - o.warmup_steps, 1)))
+        ),
+    )
     t0 = time.time()
     for i in range(1, c.num_steps + 1):
         ids, loss_mask = (torch.as_tensor(x, dtype=torch.long) for x in next(batches))
@@ -181,8 +187,10 @@ def train_torch(c, batches) -> None:
         sched.step()
         if i % 50 == 0:
             acc = ((logits.argmax(-1) == ids[:, 1:]).float() * weight).sum() / weight.sum()
-            print(f"step {i}: loss {loss.item():.3f} token accuracy {acc.item():.3f} ({time.time() - t0:.0f} s) [torch]",
-                  flush=True)
+            print(
+                f"step {i}: loss {loss.item():.3f} token accuracy {acc.item():.3f} ({time.time() - t0:.0f} s) [torch]",
+                flush=True,
+            )
 
 
 def main():
@@ -271,7 +279,8 @@ def main():
     t0 = time.time()
     for i in range(1, args.steps + 1):
         state, m = step(state, global_batch(as_batch(*next(batches)), step.batch_shardings))
-        line = f"step {i}: loss {float(m['loss']):.3f} token accuracy {float(m['accuracy']):.3f} ({time.time() - t0:.0f} s)"
+        line = (f"step {i}: loss {float(m['loss']):.3f} token accuracy {float(m['accuracy']):.3f} "
+                f"({time.time() - t0:.0f} s)")
         if args.task != "scene" and i % 50 == 0:
             print(line, flush=True)
         elif args.task == "scene" and i % 100 == 0:

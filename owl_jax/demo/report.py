@@ -37,7 +37,9 @@ def score(rows: Sequence[dict]) -> dict:
         for key in (r["category"], "all") + (("image_questions",) if r["category"] != "text_only" else ()):
             counts[key][0] += ok
             counts[key][1] += 1
-    order = [c for c in CATEGORY_ORDER if c in counts] + sorted(set(counts) - set(CATEGORY_ORDER) - {"all", "image_questions"})
+    order = [c for c in CATEGORY_ORDER if c in counts] + sorted(
+        set(counts) - set(CATEGORY_ORDER) - {"all", "image_questions"}
+    )
     order += [k for k in ("image_questions", "all") if k in counts]
     return {k: {"correct": counts[k][0], "total": counts[k][1], "accuracy": counts[k][0] / counts[k][1]} for k in order}
 
@@ -213,7 +215,9 @@ def plot_attention(images: Sequence[np.ndarray], maps: np.ndarray, captions: Seq
         size = img.shape[0]
         for j, qi in enumerate(most_focused_queries(m, k)):
             ax = axes[i, j + 1]
-            heat = np.asarray(Image.fromarray((m[qi] / m[qi].max() * 255).astype(np.uint8)).resize((size, size), Image.NEAREST))
+            heat = np.asarray(
+                Image.fromarray((m[qi] / m[qi].max() * 255).astype(np.uint8)).resize((size, size), Image.NEAREST)
+            )
             ax.imshow(img)
             ax.imshow(heat, cmap="inferno", alpha=0.55)
             ax.set_title(f"query {qi}: {100 * m[qi].sum():.0f}% on patches", fontsize=7)

@@ -257,12 +257,16 @@ def write_report(config, workdir: str, data_dir: str, timings: dict, stages: dic
     baselines = rp.blind_baselines(train_rows, test_rows)
     rp.plot_losses(metrics, STAGE_TITLES, os.path.join(plots, "loss.png"))
     labels = {n: n + (" (scenes told as text)" if evals[n].get("scenes_as_text") else "") for n in STAGES}
-    rp.plot_accuracy({labels[n]: evals[n]["accuracy"] for n in STAGES}, baselines, os.path.join(plots, "accuracy.png"),
-                     title="ShapesWorld held-out exact match" + (" (blank-image control)" if config.blank_images else ""))
+    rp.plot_accuracy(
+        {labels[n]: evals[n]["accuracy"] for n in STAGES},
+        baselines,
+        os.path.join(plots, "accuracy.png"),
+        title="ShapesWorld held-out exact match" + (" (blank-image control)" if config.blank_images else ""),
+    )
 
     # attention of the stage-2 abstractor on a few single-image test questions
-    from owl_jax.demo.scenes import describe, render_scene
     from owl_jax.demo.dataset import iter_test_questions
+    from owl_jax.demo.scenes import describe, render_scene
 
     params, cfg = load_params(os.path.join(workdir, "stage2", "params"))
     picked = []
@@ -282,8 +286,10 @@ def write_report(config, workdir: str, data_dir: str, timings: dict, stages: dic
         rp.plot_attention(images, maps, [describe(q["scene"][0]) for q in picked], config.eval.attention_queries,
                           os.path.join(plots, "attention.png"), layer)
         pixels = np.concatenate([q["pixel_values"] for q in picked])
-        attention_on_patches = {f"layer {i}": float(rp.abstractor_attention(params, cfg, pixels, i).sum((-1, -2)).mean())
-                                for i in range(cfg.abstractor.num_layers)}
+        attention_on_patches = {
+            f"layer {i}": float(rp.abstractor_attention(params, cfg, pixels, i).sum((-1, -2)).mean())
+            for i in range(cfg.abstractor.num_layers)
+        }
     timings["report_s"] = time.time() - t0
     report = {
         "job": "owl_jax.demo.run (ShapesWorld)",
@@ -379,13 +385,8 @@ def main(argv):
     sys.exit(_train.run_cli(lambda: run(resolve_config(FLAGS.config, FLAGS.quick, FLAGS.blank_images), FLAGS.workdir)))
 
 
-def console_main() -> None:
-    """`owl-demo`, the same program as `python -m owl_jax.demo.run`."""
+if __name__ == "__main__":
     from owl_jax.cli import parse_absl_flags
 
     _define_flags()
     app.run(main, flags_parser=parse_absl_flags)
-
-
-if __name__ == "__main__":
-    console_main()

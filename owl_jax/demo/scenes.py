@@ -366,7 +366,9 @@ def generate_all(sizes: dict, seed: int, render: bool = True) -> dict[str, Itera
     for split, n in sizes.items():
         exclude = None
         if split.endswith("_train"):
-            tests = ("captions_test", "instructions_test") if split == "text_train" else (split.replace("_train", "_test"),)
+            tests = (
+                ("captions_test", "instructions_test") if split == "text_train" else (split.replace("_train", "_test"),)
+            )
             for t in tests:  # each test split's keys drawn once, shared by the train splits that avoid it
                 if t not in test_keys:
                     test_keys[t] = split_keys(t, sizes.get(t, DEFAULT_SIZES[t]), seed)

@@ -26,9 +26,9 @@ import numpy as np
 import optax
 
 from owl_jax.configs import load_config_file
+from owl_jax.data.image import preprocess
 from owl_jax.demo import TINY_CONFIG
 from owl_jax.demo import scenes as sw
-from owl_jax.data.image import preprocess
 from owl_jax.models.config import owl_config_from_dict
 from owl_jax.models.owl import MplugOwl
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from owl_jax import params_io
 from owl_jax.cli import UserError
 from owl_jax.data import conversation
 from owl_jax.data.image import preprocess, to_rgb
@@ -40,7 +41,6 @@ from owl_jax.data.tokenizer import encode_text
 from owl_jax.inference.engine import Generator, Sampling, bucket_count, bucket_length, check_context, make_batch, trim
 from owl_jax.models.config import OwlConfig
 from owl_jax.models.owl import MplugOwl, init_params, is_decode_layout
-from owl_jax import params_io
 
 ImageLike = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray
 Messages = Any  # str | list[str] | list[dict(role, content)]
@@ -122,7 +122,9 @@ def normalize_messages(messages: Messages) -> tuple[list[tuple[str, str | None]]
 class Owl:
     """A loaded model: params, config, tokenizer and a `Generator` (see `load`)."""
 
-    def __init__(self, params: Any, cfg: OwlConfig, tokenizer, mesh=None, rules=None, prompt_tokenization: str = "release"):
+    def __init__(
+        self, params: Any, cfg: OwlConfig, tokenizer, mesh=None, rules=None, prompt_tokenization: str = "release"
+    ):
         if prompt_tokenization not in PROMPT_TOKENIZATIONS:
             raise ValueError(f"prompt_tokenization={prompt_tokenization!r}: expected one of {PROMPT_TOKENIZATIONS}")
         self.cfg = cfg
@@ -257,8 +259,14 @@ class Owl:
         if num_images is None:
             num_images = np.zeros((b,), np.int32)
         with self.generator._context():
-            out = _forward(self.params, jnp.asarray(input_ids), None if pixel_values is None else jnp.asarray(pixel_values),
-                           jnp.asarray(num_images, jnp.int32), jnp.asarray(mask), cfg=self.cfg)
+            out = _forward(
+                self.params,
+                jnp.asarray(input_ids),
+                None if pixel_values is None else jnp.asarray(pixel_values),
+                jnp.asarray(num_images, jnp.int32),
+                jnp.asarray(mask),
+                cfg=self.cfg,
+            )
         return np.asarray(out)
 
     def score(self, images: Sequence[ImageLike] | None, prompt: Messages, candidates: Sequence[str],
@@ -306,7 +314,11 @@ class Owl:
 def _forward(params, input_ids, pixel_values, num_images, mask, *, cfg: OwlConfig):
     """Logits float32[B, T, V]; params in the training or the decode layout."""
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-    return MplugOwl(cfg, decode_layout=is_decode_layout(params)).apply({"params": params}, input_ids, pixel_values, num_images, mask, positions).astype(jnp.float32)
+    return (
+        MplugOwl(cfg, decode_layout=is_decode_layout(params))
+        .apply({"params": params}, input_ids, pixel_values, num_images, mask, positions)
+        .astype(jnp.float32)
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -379,7 +391,9 @@ def from_params(params: Any, cfg: OwlConfig, tokenizer: Any, mesh=None, rules=No
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
         params = jax.tree_util.tree_map(
-            lambda x: np.asarray(x).astype(jnp.dtype(dtype)) if np.issubdtype(np.asarray(x).dtype, np.floating) else x, params)
+            lambda x: np.asarray(x).astype(jnp.dtype(dtype)) if np.issubdtype(np.asarray(x).dtype, np.floating) else x,
+            params,
+        )
     if mesh is not None:
         if rules is None:
             from owl_jax.sharding import DEFAULT_RULES as rules

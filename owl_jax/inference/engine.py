@@ -147,9 +147,26 @@ def _decoder(params, cfg: OwlConfig) -> MplugOwl:
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def prefill(params, input_ids, prompt_mask, pixel_values, num_images, num_rows, rng, eos_id, temperature, top_k, top_p, *,
-            cfg: OwlConfig, max_new_tokens: int, greedy: bool, pad_id: int,
-            vocab_limit: int | None, return_logits: bool) -> dict:
+def prefill(
+    params,
+    input_ids,
+    prompt_mask,
+    pixel_values,
+    num_images,
+    num_rows,
+    rng,
+    eos_id,
+    temperature,
+    top_k,
+    top_p,
+    *,
+    cfg: OwlConfig,
+    max_new_tokens: int,
+    greedy: bool,
+    pad_id: int,
+    vocab_limit: int | None,
+    return_logits: bool,
+) -> dict:
     """Left-padded prompts int[B, P] (mask int/bool[B, P]) -> decoding state with the first new token.
 
     The state holds the cache (P + max_new_tokens slots), `tokens` int[B, max_new_tokens] (pad_id
@@ -300,9 +317,11 @@ def check_context(prompt_tokens: int, max_new_tokens: int, cfg: OwlConfig, what:
     trained, and its answers there are noise."""
     limit = cfg.llm.max_position_embeddings
     if prompt_tokens + max_new_tokens > limit:
-        raise UserError(f"{what} has {prompt_tokens} tokens (images included) and max_new_tokens is {max_new_tokens}: "
-                        f"{prompt_tokens + max_new_tokens} > the model's max_position_embeddings {limit}; lower max_new_tokens "
-                        f"(--max-new-tokens) or shorten the prompt")
+        raise UserError(
+            f"{what} has {prompt_tokens} tokens (images included) and max_new_tokens is {max_new_tokens}: "
+            f"{prompt_tokens + max_new_tokens} > the model's max_position_embeddings {limit}; lower max_new_tokens "
+            f"(--max-new-tokens) or shorten the prompt"
+        )
 
 
 class Generator:
@@ -378,10 +397,10 @@ class Generator:
                  disable_eos: bool = False) -> dict:
         """Runs to the end. Returns numpy `tokens` int[n, max_new_tokens], `length` int[n] (EOS
         included), `done` bool[n] [, `logits` float[n, max_new_tokens, V]]."""
-        out = None
-        for out in self.stream(batch, sampling, None, return_logits, disable_eos):
+        last = None
+        for last in self.stream(batch, sampling, None, return_logits, disable_eos):  # noqa: B007 - the last state
             pass
-        return out
+        return last
 
 
 def trim(tokens: np.ndarray, length: int, eos_id: int) -> list[int]:

@@ -5,8 +5,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from owl_jax.models.config import AbstractorConfig, RunOptions
 from owl_jax.models.attention import attention
+from owl_jax.models.config import AbstractorConfig, RunOptions
 from owl_jax.models.layers import Dense, LayerNorm, Stack, constrain, partitioned
 
 

@@ -45,9 +45,13 @@ class VisionConfig:
 
     def __post_init__(self):
         if self.position_embedding_init not in ("normal", "sincos2d"):
-            raise UserError(f"vision.position_embedding_init={self.position_embedding_init!r}: expected 'normal' or 'sincos2d'")
+            raise UserError(
+                f"vision.position_embedding_init={self.position_embedding_init!r}: expected 'normal' or 'sincos2d'"
+            )
         if self.position_embedding_init == "sincos2d" and self.hidden_size % 4:
-            raise UserError(f"vision.position_embedding_init='sincos2d' needs hidden_size % 4 == 0, got {self.hidden_size}")
+            raise UserError(
+                f"vision.position_embedding_init='sincos2d' needs hidden_size % 4 == 0, got {self.hidden_size}"
+            )
 
     @property
     def num_positions(self) -> int:
@@ -190,7 +194,9 @@ def _build(cls, section: Mapping[str, Any] | None):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(section) - names
     if unknown:
-        raise UserError(f"{cls.__name__}: unknown config fields {sorted(unknown)}; expected a subset of {sorted(names)}")
+        raise UserError(
+            f"{cls.__name__}: unknown config fields {sorted(unknown)}; expected a subset of {sorted(names)}"
+        )
     if "target_modules" in section:
         section["target_modules"] = tuple(section["target_modules"])
     return cls(**section)

@@ -86,7 +86,9 @@ class Dense(nn.Module):
         y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dims, preferred_element_type=acc)
         y = y.astype(self.dtype)
         if self.use_bias:
-            bias = self.param("bias", partitioned(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype)
+            bias = self.param(
+                "bias", partitioned(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype
+            )
             y = y + bias.astype(self.dtype)
         if self.lora is not None and self.lora.rank > 0:
             lora_a = self.param(
@@ -98,7 +100,10 @@ class Dense(nn.Module):
                 self.param_dtype,
             )
             lora_b = self.param(
-                "lora_b", partitioned(nn.initializers.zeros, ("lora", self.axes[1])), (self.lora.rank, self.features), self.param_dtype
+                "lora_b",
+                partitioned(nn.initializers.zeros, ("lora", self.axes[1])),
+                (self.lora.rank, self.features),
+                self.param_dtype,
             )
             h = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
             h = jnp.dot(h.astype(self.dtype), lora_a.astype(self.dtype), preferred_element_type=acc).astype(self.dtype)
@@ -203,7 +208,8 @@ def run_stacked_layers(parent: nn.Module, name: str, layer_cls: Any, num_layers:
     dropout = parent.make_rng("dropout") if parent.has_rng("dropout") else None
     for i in range(num_layers):
         rngs = {} if dropout is None else {"dropout": jax.random.fold_in(dropout, i)}
-        x, _ = layer.apply({"params": jax.tree_util.tree_map(lambda p: p[i], stacked)}, x, *args, rngs=rngs)
+        layer_params = jax.tree_util.tree_map(lambda p, i=i: p[i], stacked)
+        x, _ = layer.apply({"params": layer_params}, x, *args, rngs=rngs)
     return x
 
 

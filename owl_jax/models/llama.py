@@ -8,10 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from owl_jax.models.config import LlamaConfig, LoraConfig, RunOptions
 from owl_jax.models.attention import attention
+from owl_jax.models.config import LlamaConfig, LoraConfig, RunOptions
 from owl_jax.models.layers import (
-    Dense, RMSNorm, constrain, partitioned, remat_layer, run_stacked_layers, runs_stacked_unrolled, scan_layers,
+    Dense,
+    RMSNorm,
+    constrain,
+    partitioned,
+    remat_layer,
+    run_stacked_layers,
+    runs_stacked_unrolled,
+    scan_layers,
 )
 
 
@@ -186,7 +193,7 @@ def unstack_layers(params: dict) -> dict:
     stacked = params.pop("layers")
     num_layers = jax.tree_util.tree_leaves(stacked)[0].shape[0]
     for i in range(num_layers):
-        params[f"layers_{i}"] = jax.tree_util.tree_map(lambda x: _layer_of(x, i), stacked)
+        params[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: _layer_of(x, i), stacked)
     return params
 
 

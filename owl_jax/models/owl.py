@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import flax.linen as nn
-import numpy as np
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from owl_jax.batch import IMAGE_PLACEHOLDER_ID
+from owl_jax.models import llama
 from owl_jax.models.abstractor import VisualAbstractor
 from owl_jax.models.config import OwlConfig, RunOptions
 from owl_jax.models.layers import partitioned, trace_platform
-from owl_jax.models import llama
 from owl_jax.models.llama import LlamaForCausalLM
 from owl_jax.models.vision import VisionEncoder
 

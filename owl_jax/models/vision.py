@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from owl_jax.models.config import RunOptions, VisionConfig
 from owl_jax.models.attention import attention
+from owl_jax.models.config import RunOptions, VisionConfig
 from owl_jax.models.layers import Dense, Dtype, LayerNorm, Stack, constrain, dot_accumulator, partitioned
 
 
@@ -85,8 +85,12 @@ class PatchEmbed(nn.Module):
         """float[N, H, W, C] -> float[N, (H/p) * (W/p), D], patches in row-major order."""
         p = self.patch_size
         n, h, w, c = pixels.shape
-        kernel = self.param("kernel", partitioned(nn.initializers.normal(self.initializer_range), (None, None, None, "embed")),
-                            (p, p, c, self.features), self.param_dtype)
+        kernel = self.param(
+            "kernel",
+            partitioned(nn.initializers.normal(self.initializer_range), (None, None, None, "embed")),
+            (p, p, c, self.features),
+            self.param_dtype,
+        )
         x = pixels.astype(self.dtype).reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(n, (h // p) * (w // p), p * p * c)
         kernel = kernel.astype(self.dtype).reshape(p * p * c, self.features)

@@ -124,7 +124,8 @@ def restore_newest_good(manager, abstract_state, skipped_dir: str) -> tuple[int,
         restored, why = None, ""
         try:
             restored = manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
             )
         except Exception as e:  # noqa: BLE001 - a step that does not restore is skipped, with its reason
             why = _cause(e)
@@ -174,8 +175,10 @@ def set_aside_unreadable_steps(ckpt_dir: str, skipped_dir: str) -> None:
                     break
     bad, steps = multihost.from_process_0([bad, steps])
     if bad and len(bad) == steps:
-        raise UserError(f"every checkpoint step in {ckpt_dir} is damaged ({'; '.join(f'step {k}: {v}' for k, v in bad.items())}): "
-                        f"move the checkpoints away to train from the start")
+        raise UserError(
+            f"every checkpoint step in {ckpt_dir} is damaged ({'; '.join(f'step {k}: {v}' for k, v in bad.items())}): "
+            f"move the checkpoints away to train from the start"
+        )
     for step, why in bad.items():
         logging.warning("checkpoint step %s in %s: %s: skipped, moved to %s", step, ckpt_dir, why, skipped_dir)
     _move_steps(ckpt_dir, [int(k) for k in bad], skipped_dir)

@@ -14,7 +14,9 @@ from owl_jax.models.config import OwlConfig
 from owl_jax.training.synthetic import RandomBatches
 
 
-def make_data_iterator(config: ml_collections.ConfigDict, model_cfg: OwlConfig, process_batch: int, process_images: int):
+def make_data_iterator(
+    config: ml_collections.ConfigDict, model_cfg: OwlConfig, process_batch: int, process_images: int
+):
     d = config.data
     if d.source == "synthetic":
         return RandomBatches(
@@ -33,7 +35,9 @@ def make_data_iterator(config: ml_collections.ConfigDict, model_cfg: OwlConfig, 
         from owl_jax.data.tokenizer import load_tokenizer
 
         if not d.dataset_dir:
-            raise UserError("config.data.dataset_dir is empty: build a dataset with `python -m owl_jax.data.prepare` first")
+            raise UserError(
+                "config.data.dataset_dir is empty: build a dataset with `python -m owl_jax.data.prepare` first"
+            )
         # An id past the embedding table reads a row of NaN (jnp.take's out-of-range fill), and a rerun
         # replays the same batches: refuse the pair before the first step.
         tokenizer_path = resolve_tokenizer_path(d)

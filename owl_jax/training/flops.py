@@ -40,7 +40,12 @@ def forward_flops(cfg: OwlConfig, shape: StepShape) -> dict[str, tuple[float, fl
     vis_w = 2 * n_img * s * v.num_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.mlp_size)
     vis_a = 4 * n_img * v.num_layers * s * s * v.hidden_size
     q, kv = a.num_queries, a.num_queries + s
-    abs_w = 2 * n_img * a.num_layers * (2 * q * a.hidden_size**2 + 2 * kv * a.hidden_size**2 + 3 * q * a.hidden_size * a.ffn_size)
+    abs_w = (
+        2
+        * n_img
+        * a.num_layers
+        * (2 * q * a.hidden_size**2 + 2 * kv * a.hidden_size**2 + 3 * q * a.hidden_size * a.ffn_size)
+    )
     abs_w += 2 * n_img * q * a.hidden_size * l.hidden_size  # visual_fc
     abs_a = 4 * n_img * a.num_layers * q * kv * a.hidden_size
     tokens = shape.batch * shape.seq_len
@@ -50,9 +55,15 @@ def forward_flops(cfg: OwlConfig, shape: StepShape) -> dict[str, tuple[float, fl
     llm_a = 4 * tokens * shape.seq_len * l.num_heads * hd * l.num_layers
     lora = 0.0
     if cfg.lora.rank:
-        widths = {"q_proj": (d, l.num_heads * hd), "k_proj": (d, l.num_kv_heads * hd), "v_proj": (d, l.num_kv_heads * hd),
-                  "o_proj": (l.num_heads * hd, d), "gate_proj": (d, l.mlp_size), "up_proj": (d, l.mlp_size),
-                  "down_proj": (l.mlp_size, d)}
+        widths = {
+            "q_proj": (d, l.num_heads * hd),
+            "k_proj": (d, l.num_kv_heads * hd),
+            "v_proj": (d, l.num_kv_heads * hd),
+            "o_proj": (l.num_heads * hd, d),
+            "gate_proj": (d, l.mlp_size),
+            "up_proj": (d, l.mlp_size),
+            "down_proj": (l.mlp_size, d),
+        }
         lora = 2 * tokens * l.num_layers * sum(cfg.lora.rank * sum(widths[m]) for m in cfg.lora.target_modules)
     return {"patch_embed": (patch, 0.0), "vision": (vis_w, vis_a), "abstractor": (abs_w, abs_a), "llm": (llm_w, llm_a),
             "lora": (lora, 0.0)}
@@ -91,8 +102,15 @@ def towers_of(trainable_paths: list[str]) -> set[str]:
 
 # Dense peak FLOP/s per chip (bf16), for the MFU estimate.
 PEAK_FLOPS = {
-    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v5": 459e12, "tpu v6 lite": 918e12,
-    "nvidia h100": 989e12, "nvidia h200": 989e12, "nvidia a100": 312e12,
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,
+    "nvidia h100": 989e12,
+    "nvidia h200": 989e12,
+    "nvidia a100": 312e12,
 }
 
 

@@ -14,7 +14,9 @@ class RandomBatches:
     def __init__(self, *, batch_size: int, seq_len: int, max_images: int, images_per_sample: int, vocab_size: int,
                  tokens_per_image: int, image_size: int, seed: int = 0, process_index: int = 0):
         if images_per_sample * batch_size > max_images:
-            raise ValueError(f"images_per_sample * batch_size = {images_per_sample * batch_size} > max_images={max_images}")
+            raise ValueError(
+                f"images_per_sample * batch_size = {images_per_sample * batch_size} > max_images={max_images}"
+            )
         if images_per_sample * (tokens_per_image + 1) + 8 > seq_len:
             raise ValueError(f"seq_len={seq_len} too short for {images_per_sample} images of {tokens_per_image} tokens")
         self.__dict__.update(batch_size=batch_size, seq_len=seq_len, max_images=max_images,

@@ -35,7 +35,6 @@ from owl_jax.training import stages
 from owl_jax.training.optim import make_optimizer, make_schedule
 
 
-
 @dataclasses.dataclass
 class Trainer:
     config: ml_collections.ConfigDict
@@ -153,7 +152,10 @@ class Trainer:
             stats = {"ce_sum": ce_sum, **{k: v.astype(jnp.float32) for k, v in metrics.items()}}
         else:
             zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state["trainable"])
-            stats0 = {k: jnp.zeros((), jnp.float32) for k in ("ce_sum", "loss_tokens", "correct_tokens", "samples_without_loss")}
+            stats0 = {
+                k: jnp.zeros((), jnp.float32)
+                for k in ("ce_sum", "loss_tokens", "correct_tokens", "samples_without_loss")
+            }
             unroll = num_micro if self.model_cfg.scan_unroll == 0 else 1
             (grads, stats), _ = jax.lax.scan(accumulate, (zeros, stats0), (batch, micro_rngs), unroll=unroll)
         denom = jnp.maximum(stats["loss_tokens"], 1.0)
@@ -168,7 +170,13 @@ class Trainer:
             "loss_tokens": stats["loss_tokens"],
             "samples_without_loss": stats["samples_without_loss"],
         }
-        new_state = {"step": state["step"] + 1, "trainable": trainable, "frozen": state["frozen"], "opt_state": opt_state, "rng": rng}
+        new_state = {
+            "step": state["step"] + 1,
+            "trainable": trainable,
+            "frozen": state["frozen"],
+            "opt_state": opt_state,
+            "rng": rng,
+        }
         return new_state, metrics
 
     def batch_shardings(self, batch_shapes: dict[str, tuple[int, ...]]) -> dict[str, NamedSharding]:
