@@ -25,8 +25,8 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from owl_jax import allocator, cli, distributed, params_io
 from owl_jax import batch as batch_format
-from owl_jax import cli, distributed, params_io
 from owl_jax.cli import UserError, absolute
 from owl_jax.sharding import make_mesh
 from owl_jax.training import checkpoints, data_source, multihost
@@ -301,6 +301,8 @@ def main(argv):
     cli.setup_logging(FLAGS["verbosity"].present)
     if not FLAGS.workdir:
         cli.fail("--workdir is required")
+    allocator.restart_with_tcmalloc()
+    logging.info("memory allocator: %s", "tcmalloc" if allocator.tcmalloc_loaded() else "the system malloc")
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     sys.exit(run_cli(lambda: train(FLAGS.config, FLAGS.workdir)))
 
