@@ -3,40 +3,57 @@
 Command line::
 
     python -m owl_jax.generate --checkpoint DIR --image a.jpg [--image b.jpg] --prompt "..."
-    python -m owl_jax.generate --checkpoint DIR --image a.jpg --interactive
+    python -m owl_jax.generate --checkpoint DIR --image a.jpg --interactive [--max_new_tokens 512]
+        [--sample --temperature 0.7 --top_k 50 --top_p 0.9 --seed 0]
 
 The checkpoint's config, the tokenizer, the images and the prompt are read and checked before the
 params load; a mistake is one line on stderr (`error: ...`, exit status 2).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Sequence
 
+from absl import flags
+
+from owl_jax import cli
 from owl_jax.cli import EXIT_USER_ERROR, UserError, absolute
 from owl_jax.data.text import PROMPT_TOKENIZATIONS, encode_prompt
 from owl_jax.inference.engine import Sampling, check_context, check_max_new_tokens
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m owl_jax.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="owl_jax params dir (owl_config.json + params)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer dir or .model file (default: in the checkpoint dir)")
-    p.add_argument("--image", action="append", default=[], help="image path (repeat for several images)")
-    p.add_argument("--prompt", default=None, help="the question (one turn)")
-    p.add_argument("--interactive", action="store_true", help="multi-turn chat on stdin")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--sample", action="store_true", help="sample (default: greedy)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chunk", type=int, default=8, help="tokens decoded between prints (streaming)")
-    p.add_argument("--prompt-tokenization", choices=PROMPT_TOKENIZATIONS, default="release",
-                   help="release: as the released processor (text split on <image> only); training: as in training")
-    return p
+def _flags() -> flags.FlagValues:
+    """This program's flags, on a FlagValues of their own (fresh for each main() call)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("checkpoint", None, "owl_jax params dir (owl_config.json + params)", flag_values=fv)
+    flags.DEFINE_string("tokenizer", None, "tokenizer dir or .model file (default: in the checkpoint dir)",
+                        flag_values=fv)
+    flags.DEFINE_multi_string("image", [], "image path, in the order the conversation shows them", flag_values=fv)
+    flags.DEFINE_string("prompt", None, "the question (one turn)", flag_values=fv)
+    flags.DEFINE_bool("interactive", False, "multi-turn chat on stdin", flag_values=fv)
+    flags.DEFINE_integer("chunk", 8, "tokens decoded between prints (streaming)", flag_values=fv)
+    define_decoding_flags(fv)
+    return fv
+
+
+def define_decoding_flags(fv: flags.FlagValues) -> None:
+    """The decoding flags, shared with `python -m owl_jax.evaluate owleval`; `sampling(fv)` reads them."""
+    flags.DEFINE_integer("max_new_tokens", 512, "most tokens generated per answer", flag_values=fv)
+    flags.DEFINE_bool("sample", False, "sample (default: greedy)", flag_values=fv)
+    flags.DEFINE_float("temperature", 1.0, "with --sample: the sampling temperature (<= 0: greedy)", flag_values=fv)
+    flags.DEFINE_integer("top_k", 0, "with --sample: keep the k likeliest tokens (0: all)", flag_values=fv)
+    flags.DEFINE_float("top_p", 1.0, "with --sample: keep the fewest likeliest tokens whose probabilities sum to p "
+                       "(1.0: all)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "with --sample: the sampling seed", flag_values=fv)
+    flags.DEFINE_enum("prompt_tokenization", "release", PROMPT_TOKENIZATIONS,
+                      "release: as the released processor (text split on <image> only); training: as in training",
+                      flag_values=fv)
+
+
+def sampling(fv: flags.FlagValues) -> Sampling:
+    """The Sampling the flags of define_decoding_flags give."""
+    return Sampling(max_new_tokens=fv.max_new_tokens, do_sample=fv.sample, temperature=fv.temperature,
+                    top_k=fv.top_k, top_p=fv.top_p, seed=fv.seed)
 
 
 def _check_question(text: str, what: str, num_images: int) -> None:
@@ -51,9 +68,10 @@ def _check_question(text: str, what: str, num_images: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
-    args = _parser().parse_args(argv)
+    """argv: the arguments after the program's name (None: sys.argv's)."""
+    args = cli.parse_flags(argv, _flags(), __doc__, required=("checkpoint",))
     if not args.interactive and args.prompt is None:
-        _parser().error("give --prompt or --interactive")
+        cli.fail("give --prompt or --interactive")
     try:
         return _chat(args, stdin or sys.stdin, stdout or sys.stdout)
     except (ValueError, OSError) as e:  # a bad argument or input file: one line, no traceback
@@ -61,7 +79,7 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
         return EXIT_USER_ERROR
 
 
-def _chat(args: argparse.Namespace, stdin, stdout) -> int:
+def _chat(args: flags.FlagValues, stdin, stdout) -> int:
     from owl_jax.data.conversation import build_prompt
     from owl_jax.inference.api import find_tokenizer, load, load_image, open_tokenizer
     from owl_jax.params_io import load_config
@@ -78,11 +96,9 @@ def _chat(args: argparse.Namespace, stdin, stdout) -> int:
                             args.prompt_tokenization)
         check_context(len(ids), args.max_new_tokens, cfg, "--prompt")
     owl = load(checkpoint, tokenizer=tokenizer, prompt_tokenization=args.prompt_tokenization)
-    sampling = Sampling(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
     def answer(messages):
-        pieces = owl.chat_stream(images=images, messages=messages, sampling=sampling, chunk=args.chunk)
+        pieces = owl.chat_stream(images=images, messages=messages, sampling=sampling(args), chunk=args.chunk)
         stdout.write("AI: ")
         stdout.flush()
         while True:

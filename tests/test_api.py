@@ -118,7 +118,7 @@ def test_score_ranks_like_summed_log_probs_of_a_full_forward(owl, image_files):
 
 def test_cli_streams_one_turn_and_chats_interactively(owl_dir, owl, image_files):
     jpg, png = image_files
-    base = ["--checkpoint", owl_dir, "--image", jpg, "--image", png, "--max-new-tokens", "6", "--chunk", "2"]
+    base = ["--checkpoint", owl_dir, "--image", jpg, "--image", png, "--max_new_tokens", "6", "--chunk", "2"]
     out = io.StringIO()
     assert generate_cli.main(base + ["--prompt", QUESTIONS[0]], stdout=out) == 0
     first = owl.chat(images=[jpg, png], messages=QUESTIONS[0], max_new_tokens=6)

@@ -92,7 +92,7 @@ def _rewrite(src, dst, edit):
 def test_to_torch_into_an_earlier_export_leaves_nothing_stale(owl, tmp_path, capsys):
     cfg, params, root = owl
     out = tmp_path / "out"
-    assert _run(capsys, "to-torch", "--src", root / "a", "--out", out, "--max-shard-gb", 0.0002)[0] == 0
+    assert _run(capsys, "to-torch", "--src", root / "a", "--out", out, "--max_shard_gb", 0.0002)[0] == 0
     assert (
         "model.safetensors.index.json" in os.listdir(out) and sum(n.startswith("model-") for n in os.listdir(out)) > 1
     )
@@ -354,10 +354,10 @@ def test_tensors_that_would_be_dropped_fail_unless_allowed(owl, tmp_path, capsys
         "temporal_query_tokens, temporal_visual_fc.bias, temporal_visual_fc.weight, vision_model.encoder.layers.0"
         in err
     )
-    assert "and 5 more" in err and "--allow-unused-tensors" in err and "inv_freq" not in err
+    assert "and 5 more" in err and "--allow_unused_tensors" in err and "inv_freq" not in err
     assert not os.path.exists(tmp_path / "owl")
     rc, out, _ = _run(capsys, "from-torch", "--released", tmp_path / "video", "--out", tmp_path / "owl",
-                      "--allow-unused-tensors")
+                      "--allow_unused_tensors")
     assert rc == 0 and "15 tensors in" in out and "temporal_query_tokens" in out
     _assert_params_equal(params_io.load_params(str(tmp_path / "owl"))[0], params["a"])
     with pytest.raises(ValueError, match="temporal_query_tokens"):

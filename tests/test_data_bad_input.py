@@ -150,7 +150,7 @@ def test_wrong_image_root_fails_and_removes_the_build(tmp_path, capsys, present,
     missing = 4 - present
     assert f"missing_image: {missing} (first at train.jsonl:" in captured.out  # the report is still shown
     err = captured.err.strip().splitlines()[-1]  # one line after TFDS's progress bars
-    assert err.startswith("python -m owl_jax.data.prepare: error: ")
+    assert err.startswith("error: ")
     assert (f"{missing} of 4 rows that name images were skipped (missing_image={missing}, outside_image_root=0) "
             f"with image root {images}; is --images the right directory?") in err
     assert f"removed the build {out / 'owl_jsonl' / '1.0.0'}" in err

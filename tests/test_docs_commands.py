@@ -4,14 +4,15 @@ The shell code blocks of README.md and docs/*.md are read, and each command in t
 `python -m owl_jax.<module>` or a launcher under launch/ is checked against the real entry point,
 without running the job:
 
-* absl programs (owl_jax.train, owl_jax.demo.run, owl_jax.aot): the module's own `_define_flags()` on a
+* absl.app programs (owl_jax.train, owl_jax.demo.run, owl_jax.aot): the module's own `_define_flags()` on a
   fresh FlagValues, then absl's parse of the arguments: the config file loaded with its `:arg`, and
   every `--config.x=y` override applied (a field the config lacks fails). Then what the program
   refuses before its first step: owl_jax.train's `validate_config`, the model config, the stage, and
   for a `tfds` dataset its tokenizer (`pipeline.resolve_tokenizer_path`) and split; for owl_jax.demo.run,
   the train config of each stage as the job builds it.
-* argparse programs (owl_jax.convert, .generate, .evaluate, .data.prepare, ...): `main(args)` with
-  `ArgumentParser.parse_args` stopping the program right after a successful parse.
+* programs with flags of their own (owl_jax.convert, .generate, .evaluate, .data.prepare, ...: an absl
+  FlagValues each, parsed by `owl_jax.cli.parse_flags` or `parse_command`): `main(args)`, stopped
+  right after that parse succeeds, so the required flags and a command's flags are checked too.
 * launchers: run with `--dry-run` (or `DRY_RUN=1`); every `python -m owl_jax...` command they print
   is checked as above.
 
@@ -24,7 +25,6 @@ To check other markdown, e.g. an older README::
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import glob
@@ -347,23 +347,32 @@ def check_absl(module, name: str, args: list[str]) -> None:
         raise CommandError("; ".join(problems))
 
 
-# --------------------------------------------------------------------------- argparse programs
+# ------------------------------------------------------------------ programs with their own flags
 
 
 class _Parsed(Exception):
     pass
 
 
-def check_argparse(module, name: str, args: list[str]) -> argparse.Namespace:
-    """`module.main(args)`, stopped right after its parser accepted them."""
-    parse_args = argparse.ArgumentParser.parse_args
+def check_own_flags(module, name: str, args: list[str]):
+    """`module.main(args)`, stopped right after owl_jax.cli parsed its flags: returns what the parse
+    returned (the FlagValues, or the command and its FlagValues)."""
+    from owl_jax import cli
 
-    def parse_then_stop(self, args=None, namespace=None):
-        raise _Parsed(parse_args(self, args, namespace))
+    def parse_then_stop(parse):
+        def wrapped(*a, **kw):
+            raise _Parsed(parse(*a, **kw))
+
+        return wrapped
 
     err = io.StringIO()
-    with mock.patch.object(argparse.ArgumentParser, "parse_args", parse_then_stop), \
-            contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.ExitStack() as stack:
+        for parse in (cli.parse_flags, cli.parse_command):  # also where a program imported it by name
+            for module_name, owner in list(sys.modules.items()):
+                if module_name.startswith("owl_jax") and getattr(owner, parse.__name__, None) is parse:
+                    stack.enter_context(mock.patch.object(owner, parse.__name__, parse_then_stop(parse)))
+        stack.enter_context(contextlib.redirect_stderr(err))
+        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
         try:
             module.main(list(args))
         except _Parsed as parsed:
@@ -385,9 +394,9 @@ def check_module(name: str, args: list[str]) -> None:
     if hasattr(module, "_define_flags"):
         check_absl(module, name, args)
     elif hasattr(module, "main"):
-        check_argparse(module, name, args)
+        check_own_flags(module, name, args)
     else:
-        raise CommandError(f"{name} has neither _define_flags() (absl) nor main(argv) (argparse)")
+        raise CommandError(f"{name} has neither _define_flags() (absl.app) nor main(argv) (its own flags)")
 
 
 # ---------------------------------------------------------------------------------- launchers
@@ -509,6 +518,15 @@ def test_an_owl_jsonl_command_without_tokenizer_is_refused():
     ("python -m owl_jax.aot --config=configs/tiny.py --topology=v9:2x2", "topology"),
     ("python -m owl_jax.convert from-torch --released R", "--out"),
     ("python -m owl_jax.generate --checkpoint c --prompt p --beams 4", "--beams"),
+    ("python -m owl_jax.generate --checkpoint c --prompt p --max-new-tokens 8", "--max-new-tokens"),
+    ("python -m owl_jax.generate --prompt p", "--checkpoint"),
+    ("python -m owl_jax.convert from-torch --src S --out O", "--src"),
+    ("python -m owl_jax.convert to-torch --src S --out O --adapter A", "'A'"),
+    ("python -m owl_jax.convert --src S --out O", "from-torch, to-torch"),
+    ("python -m owl_jax.evaluate owleval --checkpoint c --data d", "--out"),
+    ("python -m owl_jax.evaluate owleval --checkpoint c --data d --out o --top-k 5", "--top-k"),
+    ("python -m owl_jax.data.prepare --jsonl=a.jsonl --images=i", "--out"),
+    ("python -m owl_jax.data.prepare --jsonl=a.jsonl --images=i --out=o --image_root=i", "--image_root"),
     ("python -m owl_jax.nope --x", "no module"),
     ("sbatch --nodes=1 launch/gpu_slurm.sbatch --workdir=w", "--config"),
     ("launch/tpu_pod.sh --tpu=t --zone=z --accelerator-type=v4-8 --config=configs/tiny.py --workdir=gs://b/w "

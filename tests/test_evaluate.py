@@ -110,7 +110,7 @@ def test_owleval_answers_are_the_greedy_decoding_of_each_question_in_its_convers
     runner or the API."""
     out = tmp_path / "answers.jsonl"
     argv = ["owleval", "--checkpoint", tiny_checkpoint, "--data", owleval_dir, "--out", str(out),
-            "--max-new-tokens", "4", "--batch-size", "4", "--no-progress"]
+            "--max_new_tokens", "4", "--batch_size", "4", "--no_progress"]
     assert evaluate.main(argv) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [list(r) for r in rows] == [FIELDS] * len(QUESTIONS)  # the released answers' format
@@ -125,7 +125,7 @@ def test_owleval_answers_are_the_greedy_decoding_of_each_question_in_its_convers
     def greedy(image, turns, question):
         ids = encode_prompt(build_prompt(1, turns, question), tokenizer, cfg.tokens_per_image, "release")
         pixels = preprocess(to_rgb(Image.open(os.path.join(owleval_dir, "images", image))), cfg.vision.image_size)
-        # Four rows as the runner's batches (--batch-size 4): its compiled programs serve here too.
+        # Four rows as the runner's batches (--batch_size 4): its compiled programs serve here too.
         out = gen.generate(make_batch([ids], [pixels], [1], cfg, min_batch=4), Sampling(max_new_tokens=4))
         return trim(out["tokens"][0], int(out["length"][0]), cfg.llm.eos_token_id)
 
@@ -153,7 +153,7 @@ def test_owleval_runner_writes_82_answers_with_a_tiny_model(tmp_path):
     train_tokenizer([SYSTEM_PROMPT] + [q["question"] for q in questions], str(ckpt / "tokenizer"), vocab_size=1000)
     out = tmp_path / "answers.jsonl"
     argv = ["owleval", "--checkpoint", str(ckpt), "--data", OWLEVAL, "--out", str(out),
-            "--max-new-tokens", "4", "--batch-size", "64"]
+            "--max_new_tokens", "4", "--batch_size", "64"]
     assert evaluate.main(argv) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 82

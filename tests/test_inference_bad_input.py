@@ -40,7 +40,7 @@ def bare_ckpt(tmp_path, owl_dir, monkeypatch):
 def _cli(capsys, argv, **kw):
     """Runs the generate CLI (8 new tokens unless told: the default 512 is past the small model's
     positions): (exit code, stderr)."""
-    code = generate_cli.main(argv if "--max-new-tokens" in argv else argv + ["--max-new-tokens", "8"], **kw)
+    code = generate_cli.main(argv if "--max_new_tokens" in argv else argv + ["--max_new_tokens", "8"], **kw)
     return code, capsys.readouterr().err
 
 
@@ -89,9 +89,9 @@ def test_prompt_and_max_new_tokens_past_the_positions_are_refused(owl, image_fil
         Generator(owl.params, owl.cfg).generate(batch, Sampling(max_new_tokens=limit))
 
     base = ["--checkpoint", bare_ckpt, "--tokenizer", owl_dir, "--prompt", QUESTIONS[0]]
-    code, err = _cli(capsys, base + ["--max-new-tokens", str(limit)])
-    assert code == 2 and f"--max-new-tokens {limit}: expected 1 to {limit - 1}" in _one_error_line(err)
-    code, err = _cli(capsys, base + ["--image", jpg, "--max-new-tokens", str(limit - prompt + 1)])
+    code, err = _cli(capsys, base + ["--max_new_tokens", str(limit)])
+    assert code == 2 and f"--max_new_tokens {limit}: expected 1 to {limit - 1}" in _one_error_line(err)
+    code, err = _cli(capsys, base + ["--image", jpg, "--max_new_tokens", str(limit - prompt + 1)])
     assert code == 2 and f"--prompt has {prompt} tokens" in _one_error_line(err)
 
 
@@ -159,7 +159,7 @@ def test_image_tags_in_a_question_are_refused_in_user_terms(owl, owl_dir, image_
 def test_interactive_question_with_a_tag_is_refused_and_the_chat_goes_on(owl_dir, owl, image_files, capsys):
     jpg, _ = image_files
     out = io.StringIO()
-    code = generate_cli.main(["--checkpoint", owl_dir, "--image", jpg, "--interactive", "--max-new-tokens", "3"],
+    code = generate_cli.main(["--checkpoint", owl_dir, "--image", jpg, "--interactive", "--max_new_tokens", "3"],
                              stdin=io.StringIO(f"<image> {QUESTIONS[0]}\n{QUESTIONS[0]}\n"), stdout=out)
     assert code == 0
     assert "the question has 1 <image> tag(s)" in _one_error_line(capsys.readouterr().err)
@@ -329,12 +329,12 @@ def test_cli_paths_are_relative_to_the_current_directory(tmp_path, owl_dir, owl,
 
     out = io.StringIO()
     code = generate_cli.main(["--checkpoint", rel(owl_dir), "--tokenizer", rel(owl_dir), "--image", rel(jpg),
-                              "--prompt", QUESTIONS[0], "--max-new-tokens", "3"], stdout=out)
+                              "--prompt", QUESTIONS[0], "--max_new_tokens", "3"], stdout=out)
     assert code == 0, capsys.readouterr().err
     assert out.getvalue() == "AI: " + owl.chat(images=[jpg], messages=QUESTIONS[0], max_new_tokens=3) + "\n"
 
     code = evaluate.main(["owleval", "--checkpoint", rel(owl_dir), "--tokenizer", rel(owl_dir), "--data", rel(data),
-                          "--out", "answers/out.jsonl", "--max-new-tokens", "3", "--batch-size", "1", "--no-progress"])
+                          "--out", "answers/out.jsonl", "--max_new_tokens", "3", "--batch_size", "1", "--no_progress"])
     assert code == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (work / "answers" / "out.jsonl").read_text().splitlines()]
     assert [r["question_id"] for r in rows] == [1, 2]

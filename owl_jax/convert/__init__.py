@@ -110,7 +110,7 @@ def _check_nothing_dropped(directory: str, unused: list[str], expected: tuple[st
         raise ValueError(
             f"{directory}: {len(dropped)} tensors match no owl_jax parameter and would be dropped: "
             f"{name_some(dropped)}; "
-            "convert anyway with allow_unused=True (command line: --allow-unused-tensors)"
+            "convert anyway with allow_unused=True (command line: --allow_unused_tensors)"
         )
 
 

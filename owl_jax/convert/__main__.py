@@ -6,27 +6,29 @@
       stage-1 start: CLIP vision tower + LLaMA; abstractor and query tokens initialised fresh
   from-torch --released DIR --adapter PEFT_DIR --out OUT
       the released checkpoint with a stage-2 PEFT LoRA adapter on it (kept as LoRA, not merged)
-  to-torch --src OWL_DIR --out OUT [--dtype bfloat16] [--max-shard-gb 5]
+  to-torch --src OWL_DIR --out OUT [--dtype bfloat16] [--max_shard_gb 5]
       an owl_jax params dir -> the released HF layout (LoRA merged), with its tokenizer files
   to-torch --src OWL_DIR --out OUT --adapter
       only its LoRA, as a PEFT adapter dir (adapter_model.safetensors + adapter_config.json)
 
 Checkpoints are untrusted input: a tensor of the wrong shape or dtype, or one that maps to no
-owl_jax parameter (it would be dropped; --allow-unused-tensors converts anyway), ends the run with
+owl_jax parameter (it would be dropped; --allow_unused_tensors converts anyway), ends the run with
 a one-line error and exit status 2. to-torch writes OUT.tmp and puts it in OUT's place only when
 complete, so a failed run leaves OUT as it was.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import os
 import re
 import shutil
 import sys
+import types
 
-from owl_jax import convert, params_io
+from absl import flags
+
+from owl_jax import cli, convert, params_io
 from owl_jax.cli import absolute
 from owl_jax.convert import hf_config, peft
 from owl_jax.models.config import owl_config_from_dict
@@ -39,8 +41,10 @@ OUTPUT_WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensor
 PATH_ARGS = ("out", "src", "released", "clip", "llama", "adapter", "config")
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    """argv: the arguments after the program's name, the command first (None: sys.argv's)."""
+    command, fv = cli.parse_command(argv, _commands(), __doc__)
+    args = types.SimpleNamespace(command=command, **fv.flag_values_dict())
     for name in PATH_ARGS:
         if isinstance(getattr(args, name, None), str):  # to-torch's --adapter is a switch
             setattr(args, name, absolute(getattr(args, name)))
@@ -52,37 +56,32 @@ def main(argv=None) -> int:
         return 2
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m owl_jax.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("from-torch", help="torch checkpoint(s) -> owl_jax params dir")
-    f.add_argument("--released", help="released mPLUG-Owl HF checkpoint dir")
-    f.add_argument("--clip", help="transformers CLIPVisionModel / CLIPModel dir (vision tower)")
-    f.add_argument("--llama", help="transformers LlamaForCausalLM dir (language model)")
-    f.add_argument("--config", help="owl_jax config file (configs/*.py) giving the model shape; "
-                   "default: from the released config.json, or CLIP + LLaMA config.json files")
-    f.add_argument(
-        "--dtype",
-        default=None,
-        choices=convert.TORCH_DTYPES,
-        help="cast parameters; default keeps the checkpoint dtype",
-    )
-    f.add_argument("--adapter", help="PEFT LoRA adapter dir (the release's stage-2 output) to put on the weights")
-    f.add_argument("--seed", type=int, default=0, help="seed for freshly initialised parameters")
-    f.add_argument("--allow-unused-tensors", action="store_true",
-                   help="convert even when checkpoint tensors match no owl_jax parameter (they are dropped and listed)")
-    f.add_argument("--out", required=True)
-    t = sub.add_parser("to-torch", help="owl_jax params dir -> released HF layout")
-    t.add_argument("--src", required=True)
-    t.add_argument("--out", required=True, help="replaced whole; it may hold only an earlier export")
-    t.add_argument(
-        "--dtype", default=None, choices=convert.TORCH_DTYPES, help="cast tensors; default keeps their dtype"
-    )
-    t.add_argument("--max-shard-gb", type=float, default=5.0)
-    t.add_argument("--adapter", action="store_true", help="write only the LoRA adapter, in PEFT's layout")
-    return parser
+def _commands() -> dict[str, cli.Command]:
+    """Each command's flags, on FlagValues of their own (fresh for each main() call): --adapter is a
+    directory to from-torch and a switch to to-torch."""
+    f = flags.FlagValues()
+    flags.DEFINE_string("released", None, "released mPLUG-Owl HF checkpoint dir", flag_values=f)
+    flags.DEFINE_string("clip", None, "transformers CLIPVisionModel / CLIPModel dir (vision tower)", flag_values=f)
+    flags.DEFINE_string("llama", None, "transformers LlamaForCausalLM dir (language model)", flag_values=f)
+    flags.DEFINE_string("config", None, "owl_jax config file (configs/*.py) giving the model shape; "
+                        "default: from the released config.json, or CLIP + LLaMA config.json files", flag_values=f)
+    flags.DEFINE_enum("dtype", None, convert.TORCH_DTYPES, "cast parameters; default keeps the checkpoint dtype",
+                      flag_values=f)
+    flags.DEFINE_string("adapter", None, "PEFT LoRA adapter dir (the release's stage-2 output) to put on the weights",
+                        flag_values=f)
+    flags.DEFINE_integer("seed", 0, "seed for freshly initialised parameters", flag_values=f)
+    flags.DEFINE_bool("allow_unused_tensors", False, "convert even when checkpoint tensors match no owl_jax "
+                      "parameter (they are dropped and listed)", flag_values=f)
+    flags.DEFINE_string("out", None, "the owl_jax params dir to write", flag_values=f)
+    t = flags.FlagValues()
+    flags.DEFINE_string("src", None, "owl_jax params dir", flag_values=t)
+    flags.DEFINE_string("out", None, "the dir to write, replaced whole: it may hold only an earlier export",
+                        flag_values=t)
+    flags.DEFINE_enum("dtype", None, convert.TORCH_DTYPES, "cast tensors; default keeps their dtype", flag_values=t)
+    flags.DEFINE_float("max_shard_gb", 5.0, "largest safetensors file, in GiB", flag_values=t)
+    flags.DEFINE_bool("adapter", False, "write only the LoRA adapter, in PEFT's layout", flag_values=t)
+    return {"from-torch": cli.Command(f, "torch checkpoint(s) -> owl_jax params dir", required=("out",)),
+            "to-torch": cli.Command(t, "owl_jax params dir -> released HF layout", required=("src", "out"))}
 
 
 def _to_torch(args) -> int:

@@ -9,10 +9,14 @@ The first batches (start-up: tokenizer load, worker start) are excluded from the
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
+import sys
 import time
+
+from absl import flags
+
+from owl_jax.cli import parse_flags
 
 
 def measure(cfg, seconds: float, warmup_batches: int = 2) -> dict:
@@ -35,23 +39,33 @@ def measure(cfg, seconds: float, warmup_batches: int = 2) -> dict:
     return {"samples_per_s": samples / dt, "images_per_s": images / dt, "batches": batches, "startup_s": startup}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m owl_jax.data.benchmark", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset_dir", required=True)
-    p.add_argument("--dataset", default="owl_jsonl", help="the TFDS name under --dataset_dir (the demo's: shapesworld)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--tokenizer_path", default="")
-    p.add_argument("--image_size", type=int, default=224)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--max_len", type=int, default=512)
-    p.add_argument("--max_images_per_batch", type=int, default=48)
-    p.add_argument("--text_only_ratio", type=float, default=-1.0)
-    p.add_argument("--worker_count", default="0")
-    p.add_argument("--read_threads", default="2")
-    p.add_argument("--augment", default="0")
-    p.add_argument("--seconds", type=float, default=20.0)
-    args = p.parse_args(argv)
+def _flags() -> flags.FlagValues:
+    """This program's flags, on a FlagValues of their own (fresh for each main() call)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("dataset_dir", None, "where the dataset was built (config.data.dataset_dir)", flag_values=fv)
+    flags.DEFINE_string("dataset", "owl_jsonl", "the TFDS name under --dataset_dir (the demo's: shapesworld)",
+                        flag_values=fv)
+    flags.DEFINE_string("split", "train", "the split read", flag_values=fv)
+    flags.DEFINE_string("tokenizer_path", "", "tokenizer dir (empty: the dataset's own, in --dataset_dir/tokenizer)",
+                        flag_values=fv)
+    flags.DEFINE_integer("image_size", 224, "image side in pixels", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "samples per batch", flag_values=fv)
+    flags.DEFINE_integer("max_len", 512, "tokens per sample", flag_values=fv)
+    flags.DEFINE_integer("max_images_per_batch", 48, "image slots per batch", flag_values=fv)
+    flags.DEFINE_float("text_only_ratio", -1.0, "fraction of text-only samples (< 0: the records' order)",
+                       flag_values=fv)
+    flags.DEFINE_string("worker_count", "0", "worker processes; comma-separated values are measured in turn",
+                        flag_values=fv)
+    flags.DEFINE_string("read_threads", "2", "read threads; comma-separated values are measured in turn",
+                        flag_values=fv)
+    flags.DEFINE_string("augment", "0", "0 or 1; comma-separated values are measured in turn", flag_values=fv)
+    flags.DEFINE_float("seconds", 20.0, "measured seconds per setting", flag_values=fv)
+    return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """argv: the arguments after the program's name (None: sys.argv's)."""
+    args = parse_flags(argv, _flags(), __doc__, required=("dataset_dir",))
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     from owl_jax.data import pipeline
@@ -71,7 +85,8 @@ def main(argv=None):
         r = measure(cfg, args.seconds)
         print(f"{workers:>7} {threads:>7} {int(augment):>7} {r['samples_per_s']:>10.1f} {r['images_per_s']:>9.1f} "
               f"{r['startup_s']:>9.1f}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

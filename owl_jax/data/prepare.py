@@ -14,14 +14,15 @@ that name images were skipped as missing_image or outside_image_root: the image 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import sys
 import time
 
-from owl_jax.cli import absolute
+from absl import flags
+
+from owl_jax.cli import absolute, fail, parse_flags
 
 
 def _file_list(text: str) -> list[str]:
@@ -85,19 +86,19 @@ def _first_row_naming_images(files: list[str]) -> str | None:
     return None
 
 
-def _check_owl_jsonl_inputs(p: argparse.ArgumentParser, args) -> None:
+def _check_owl_jsonl_inputs(jsonl: list[str], val_jsonl: list[str], images: str) -> None:
     """Exits with a one-line error before any output exists when an input is missing."""
-    if not args.jsonl:
-        p.error("--jsonl is required")
-    for flag, files in (("--jsonl", args.jsonl), ("--val_jsonl", args.val_jsonl)):
+    if not jsonl:
+        fail("--jsonl is required")
+    for flag, files in (("--jsonl", jsonl), ("--val_jsonl", val_jsonl)):
         for path in files:
             if not os.path.isfile(path):
-                p.error(f"{flag}: {path} is not a file (expected a JSONL file in the released mPLUG-Owl format)")
-    if not os.path.isdir(args.images or ""):
-        row = _first_row_naming_images(args.jsonl + args.val_jsonl)
+                fail(f"{flag}: {path} is not a file (expected a JSONL file in the released mPLUG-Owl format)")
+    if not os.path.isdir(images or ""):
+        row = _first_row_naming_images(jsonl + val_jsonl)
         if row is not None:
-            p.error(f"--images={args.images or '(not given)'} is not a directory, but {row} names images "
-                    "(expected the image root the rows' image paths are relative to)")
+            fail(f"--images={images or '(not given)'} is not a directory, but {row} names images "
+                 "(expected the image root the rows' image paths are relative to)")
 
 
 def _image_root_problem(report, images: str) -> str | None:
@@ -116,35 +117,39 @@ def _image_root_problem(report, images: str) -> str | None:
             f"(missing_image={missing}, outside_image_root={outside}) with image root {images}; {hint}")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m owl_jax.data.prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output directory (config.data.dataset_dir)")
-    p.add_argument("--jsonl", default="", help="FILE[,FILE] for the train split")
-    p.add_argument("--val_jsonl", default="", help="FILE[,FILE] for the validation split")
-    p.add_argument("--images", default="", help="image root directory")
-    p.add_argument("--allow_images_outside_root", action="store_true",
-                   help="admit image paths outside --images (absolute paths used as they are)")
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    args.out, args.images = absolute(args.out), absolute(args.images)
-    args.jsonl, args.val_jsonl = _file_list(args.jsonl), _file_list(args.val_jsonl)
+def _flags() -> flags.FlagValues:
+    """This program's flags, on a FlagValues of their own (fresh for each main() call)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("out", None, "output directory (config.data.dataset_dir)", flag_values=fv)
+    flags.DEFINE_string("jsonl", "", "FILE[,FILE] for the train split", flag_values=fv)
+    flags.DEFINE_string("val_jsonl", "", "FILE[,FILE] for the validation split", flag_values=fv)
+    flags.DEFINE_string("images", "", "image root directory", flag_values=fv)
+    flags.DEFINE_bool("allow_images_outside_root", False,
+                      "admit image paths outside --images (absolute paths used as they are)", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "rebuild an existing build", flag_values=fv)
+    return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """argv: the arguments after the program's name (None: sys.argv's)."""
+    args = parse_flags(argv, _flags(), __doc__, required=("out",))
+    out, images = absolute(args.out), absolute(args.images)
+    jsonl, val_jsonl = _file_list(args.jsonl), _file_list(args.val_jsonl)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     t0 = time.time()
-    _check_owl_jsonl_inputs(p, args)
-    builder = prepare_owl_jsonl(args.out, args.jsonl, args.images, args.val_jsonl, args.overwrite,
-                                args.allow_images_outside_root)
+    _check_owl_jsonl_inputs(jsonl, val_jsonl, images)
+    builder = prepare_owl_jsonl(out, jsonl, images, val_jsonl, args.overwrite, args.allow_images_outside_root)
     print(f"\n== {builder.name} -> {builder.data_dir} ({time.time() - t0:.1f}s)")
     report_path = os.path.join(builder.data_dir, "report.json")
     if builder.report.written or builder.report.counts:
         print(builder.report.format())
     elif os.path.exists(report_path):
         print("(existing build) report:", open(report_path).read())
-    problem = _image_root_problem(builder.report, args.images)
+    problem = _image_root_problem(builder.report, images)
     if problem:
         shutil.rmtree(builder.data_dir)
-        p.exit(2, f"{p.prog}: error: {problem}; removed the build {builder.data_dir}\n")
+        fail(f"{problem}; removed the build {builder.data_dir}")
     return 0
 
 

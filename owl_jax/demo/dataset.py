@@ -11,7 +11,6 @@ pipeline looks for a dataset's tokenizer when config.data.tokenizer_path is empt
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -20,8 +19,9 @@ from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
 
-from owl_jax.cli import absolute
+from owl_jax.cli import absolute, fail, parse_flags
 from owl_jax.data import records
 from owl_jax.data.conversation import build_prompt, parse_turns
 from owl_jax.data.image import load_and_preprocess
@@ -132,29 +132,36 @@ def prepare(out: str, seed: int = 0, sizes: dict | None = None, vocab_size: int 
     return builder
 
 
-def _parse_sizes(p: argparse.ArgumentParser, text: str) -> dict:
+def _parse_sizes(text: str) -> dict:
     sizes = dict(DEFAULT_SIZES)
     for part in filter(None, text.split(",")):
         k, _, v = part.partition("=")
         if k.strip() not in sizes or not v.strip().isdigit():
-            p.error(f"--sizes: {part!r} is not split=N with a known split ({', '.join(sizes)})")
+            fail(f"--sizes: {part!r} is not split=N with a known split ({', '.join(sizes)})")
         sizes[k.strip()] = int(v)
     return {k: v for k, v in sizes.items() if v > 0}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m owl_jax.demo.dataset", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output directory (config.data.dataset_dir)")
-    p.add_argument("--seed", type=int, default=0, help="generation seed")
-    p.add_argument("--sizes", default="", help="split=N,... (unlisted splits keep their defaults; 0 skips a split)")
-    p.add_argument("--vocab_size", type=int, default=1024, help="tokenizer vocabulary (max)")
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
+def _flags() -> flags.FlagValues:
+    """This program's flags, on a FlagValues of their own (fresh for each main() call)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("out", None, "output directory (config.data.dataset_dir)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "generation seed", flag_values=fv)
+    flags.DEFINE_string("sizes", "", "split=N,... (unlisted splits keep their defaults; 0 skips a split)",
+                        flag_values=fv)
+    flags.DEFINE_integer("vocab_size", 1024, "tokenizer vocabulary (max)", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "rebuild an existing dataset and retrain its tokenizer", flag_values=fv)
+    return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """argv: the arguments after the program's name (None: sys.argv's)."""
+    args = parse_flags(argv, _flags(), __doc__, required=("out",))
+    sizes = _parse_sizes(args.sizes)
     out = absolute(args.out)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     t0 = time.time()
-    builder = prepare(out, args.seed, _parse_sizes(p, args.sizes), args.vocab_size, args.overwrite)
+    builder = prepare(out, args.seed, sizes, args.vocab_size, args.overwrite)
     print(f"\n== {builder.name} -> {builder.data_dir} ({time.time() - t0:.1f}s)")
     if builder.report.written:
         print(builder.report.format())

@@ -27,13 +27,15 @@ warmup + cosine, global-norm clipping) instead: the reference that tells a slow 
 The tokenizer is the one `python -m owl_jax.demo.dataset` trains (or the
 main job's WORKDIR/data/tokenizer).
 """
-import argparse
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
+from owl_jax.cli import fail, parse_flags
 from owl_jax.configs import load_config_file
 from owl_jax.demo import TINY_CONFIG
 from owl_jax.inference.api import _forward
@@ -193,25 +195,34 @@ def train_torch(c, batches) -> None:
             )
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=["copy", "recall", "induction", "repeat", "scene"], required=True)
-    p.add_argument("--tokenizer", default="", help="scene: the ShapesWorld tokenizer directory")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq_len", type=int, default=64, help="scene only (copy: 26)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--single_shape_share", type=float, default=0.0,
-                   help="scene: share of training scenes drawn with one shape (the held-out ones keep 1-4)")
-    p.add_argument("--qa_per_scene", type=int, default=0,
-                   help="scene: train on one scene followed by this many questions about it (0: the text_train mix)")
-    p.add_argument("--answers_only", action="store_true", help="scene with --qa_per_scene: loss on the answers only")
-    p.add_argument("--heads", type=int, default=0, help="LLM attention heads (0: configs/tiny.py's)")
-    p.add_argument("--layers", type=int, default=0, help="LLM layers (0: configs/tiny.py's)")
-    p.add_argument("--init_range", type=float, default=0.0,
-                   help="the LLM's initializer_range (0: configs/tiny.py's)")
-    p.add_argument("--torch", action="store_true", help="copy/repeat/induction: train the PyTorch reference instead")
-    args = p.parse_args()
+def _flags() -> flags.FlagValues:
+    """This program's flags, on a FlagValues of their own (fresh for each main() call)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_enum("task", None, ["copy", "recall", "induction", "repeat", "scene"], "what the LLM learns",
+                      flag_values=fv)
+    flags.DEFINE_string("tokenizer", "", "scene: the ShapesWorld tokenizer directory", flag_values=fv)
+    flags.DEFINE_integer("steps", 300, "training steps", flag_values=fv)
+    flags.DEFINE_integer("batch", 32, "sequences per step", flag_values=fv)
+    flags.DEFINE_integer("seq_len", 64, "scene only (copy: 26)", flag_values=fv)
+    flags.DEFINE_float("lr", 2e-3, "peak learning rate", flag_values=fv)
+    flags.DEFINE_float("single_shape_share", 0.0,
+                       "scene: share of training scenes drawn with one shape (the held-out ones keep 1-4)",
+                       flag_values=fv)
+    flags.DEFINE_integer("qa_per_scene", 0, "scene: train on one scene followed by this many questions about it "
+                         "(0: the text_train mix)", flag_values=fv)
+    flags.DEFINE_bool("answers_only", False, "scene with --qa_per_scene: loss on the answers only", flag_values=fv)
+    flags.DEFINE_integer("heads", 0, "LLM attention heads (0: configs/tiny.py's)", flag_values=fv)
+    flags.DEFINE_integer("layers", 0, "LLM layers (0: configs/tiny.py's)", flag_values=fv)
+    flags.DEFINE_float("init_range", 0.0, "the LLM's initializer_range (0: configs/tiny.py's)", flag_values=fv)
+    flags.DEFINE_bool("torch", False, "copy/repeat/induction: train the PyTorch reference instead", flag_values=fv)
+    return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """argv: the arguments after the program's name (None: sys.argv's)."""
+    args = parse_flags(argv, _flags(), __doc__, required=("task",))
+    if args.torch and args.task == "scene":
+        fail("--torch: copy, repeat or induction only")
 
     rng = np.random.default_rng(0)
     seq_len = {"copy": 26, "recall": 34, "induction": 34, "repeat": 48}.get(args.task, args.seq_len)
@@ -252,9 +263,8 @@ def main():
         c.model.llm.initializer_range = args.init_range
     c.optim.lr, c.optim.warmup_steps, c.optim.end_lr = args.lr, 30, args.lr / 20
     if args.torch:
-        if args.task == "scene":
-            raise SystemExit("--torch: copy, repeat or induction only")
-        return train_torch(c, batches)
+        train_torch(c, batches)
+        return 0
     trainer = Trainer(c, make_mesh({"fsdp": 1}, jax.devices()[:1]))
     size = c.model.vision.image_size
 
@@ -287,7 +297,8 @@ def main():
             ok = np.asarray(exact(merge_params(state["trainable"], state["frozen"])))
             per = {k: f"{100 * np.mean([o for o, cc in zip(ok, q_cats) if cc == k]):.0f}%" for k in sorted(set(q_cats))}
             print(line, f"held-out exact match {100 * ok.mean():.0f}%", per, flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

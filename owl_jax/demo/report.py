@@ -5,7 +5,6 @@ of a finished run (with --control, the accuracy plot also shows the blank-image 
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -13,6 +12,9 @@ import sys
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from absl import flags
+
+from owl_jax.cli import parse_flags
 
 CATEGORY_ORDER = ("colour", "shape", "count", "position", "two_image", "reading", "multi_turn", "text_only")
 # The demo's targets: held-out exact-match accuracy after stage 2.
@@ -241,11 +243,17 @@ def redraw(workdir: str, control: str | None = None) -> None:
                   os.path.join(workdir, "plots", "accuracy.png"), control=ctrl)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m owl_jax.demo.report", description=__doc__)
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--control", default=None, help="a --blank_images run's workdir")
-    args = p.parse_args(argv)
+def _flags() -> flags.FlagValues:
+    """This program's flags, on a FlagValues of their own (fresh for each main() call)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "the finished run's workdir", flag_values=fv)
+    flags.DEFINE_string("control", None, "a --blank_images run's workdir", flag_values=fv)
+    return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """argv: the arguments after the program's name (None: sys.argv's)."""
+    args = parse_flags(argv, _flags(), __doc__, required=("workdir",))
     redraw(args.workdir, args.control)
     return 0
 

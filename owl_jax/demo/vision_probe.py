@@ -15,8 +15,8 @@ keeps them frozen: only the read-out trains, so it measures what the towers' out
 --readout abstractor reads the abstractor's 17 output tokens, each RMS-normalised first as the LLM's
 pre-norm layers see them. The gap between the two is what the abstractor loses at initialisation.
 """
-import argparse
 import dataclasses
+import sys
 import time
 
 import flax.linen as nn
@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 
+from owl_jax.cli import parse_flags
 from owl_jax.configs import load_config_file
 from owl_jax.data.image import preprocess
 from owl_jax.demo import TINY_CONFIG
@@ -73,17 +75,24 @@ def accuracy(logits, labels, empty):
     return ((jnp.argmax(logits, -1) == labels) & occupied).sum() / occupied.sum()
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--readout", choices=["abstractor", "vit"], default="abstractor")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--abstractor_init", type=float, default=0.0, help="abstractor initializer_range (0: the config's)")
-    p.add_argument("--vision_init", type=float, default=0.0, help="vision initializer_range (0: the config's)")
-    p.add_argument("--position_init", default="", help="normal | sincos2d (empty: the config's)")
-    p.add_argument("--params", default="", help="a trained owl's params dir: its towers, frozen")
-    args = p.parse_args()
+def _flags() -> flags.FlagValues:
+    """This program's flags, on a FlagValues of their own (fresh for each main() call)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_enum("readout", "abstractor", ["abstractor", "vit"], "what the linear read-out reads",
+                      flag_values=fv)
+    flags.DEFINE_integer("steps", 200, "training steps", flag_values=fv)
+    flags.DEFINE_integer("batch", 32, "scenes per step", flag_values=fv)
+    flags.DEFINE_float("lr", 1e-3, "peak learning rate", flag_values=fv)
+    flags.DEFINE_float("abstractor_init", 0.0, "abstractor initializer_range (0: the config's)", flag_values=fv)
+    flags.DEFINE_float("vision_init", 0.0, "vision initializer_range (0: the config's)", flag_values=fv)
+    flags.DEFINE_string("position_init", "", "normal | sincos2d (empty: the config's)", flag_values=fv)
+    flags.DEFINE_string("params", "", "a trained owl's params dir: its towers, frozen", flag_values=fv)
+    return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """argv: the arguments after the program's name (None: sys.argv's)."""
+    args = parse_flags(argv, _flags(), __doc__)
 
     trained = None
     if args.params:
@@ -144,7 +153,8 @@ def main():
             colour, shape = test_accuracy(params)
             print(f"step {step}: loss {float(loss):.3f}, held-out colour {100 * float(colour):.0f}%, "
                   f"shape {100 * float(shape):.0f}% ({time.time() - t0:.0f} s)", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -320,7 +320,7 @@ def check_context(prompt_tokens: int, max_new_tokens: int, cfg: OwlConfig, what:
         raise UserError(
             f"{what} has {prompt_tokens} tokens (images included) and max_new_tokens is {max_new_tokens}: "
             f"{prompt_tokens + max_new_tokens} > the model's max_position_embeddings {limit}; lower max_new_tokens "
-            f"(--max-new-tokens) or shorten the prompt"
+            f"(--max_new_tokens) or shorten the prompt"
         )
 
 
@@ -412,8 +412,8 @@ def trim(tokens: np.ndarray, length: int, eos_id: int) -> list[int]:
 
 
 def check_max_new_tokens(max_new_tokens: int, cfg: OwlConfig, checkpoint: str) -> None:
-    """--max-new-tokens against the checkpoint's config, before its params load (minutes for 7B)."""
+    """--max_new_tokens against the checkpoint's config, before its params load (minutes for 7B)."""
     limit = cfg.llm.max_position_embeddings
     if not 1 <= max_new_tokens < limit:
-        raise UserError(f"--max-new-tokens {max_new_tokens}: expected 1 to {limit - 1} (the model in {checkpoint} "
+        raise UserError(f"--max_new_tokens {max_new_tokens}: expected 1 to {limit - 1} (the model in {checkpoint} "
                         f"has max_position_embeddings {limit}, which must hold the prompt too)")
