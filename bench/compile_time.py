@@ -1,24 +1,51 @@
 """Compile time of the 7B training step against depth: with nn.scan it stays flat.
 
-    JAX_PLATFORMS=cpu python bench/compile_time.py [--topology v5e:4x4] [--layers 8 16 32]
+    JAX_PLATFORMS=cpu python bench/compile_time.py [--topology v5e:4x4] [--layers 8,16,32]
 
 Compiles configs/mplug_owl_llama7b.py:stage2_lora for a TPU topology (AOT, abstract inputs; needs the
 `tpu` extra) with the LLM cut to each depth, and prints lowering + compile seconds.
 """
-import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+from absl import flags  # noqa: E402
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--config", default="configs/mplug_owl_llama7b.py:stage2_lora")
-    p.add_argument("--topology", default="v5e:4x4")
-    p.add_argument("--layers", type=int, nargs="+", default=[8, 16, 32])
-    args = p.parse_args()
+from owl_jax import cli  # noqa: E402
+
+
+def _depths(text: str) -> list[int]:
+    """`8,16,32` -> [8, 16, 32]; ValueError unless each is a positive integer."""
+    depths = [int(x) for x in text.split(",")]
+    if min(depths) < 1:
+        raise ValueError(text)
+    return depths
+
+
+def _is_depths(text: str) -> bool:
+    try:
+        return bool(_depths(text))
+    except ValueError:
+        return False
+
+
+def _flags() -> flags.FlagValues:
+    """This program's flags, on a FlagValues of their own (fresh for each main() call)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("config", "configs/mplug_owl_llama7b.py:stage2_lora", "the training config compiled",
+                        flag_values=fv)
+    flags.DEFINE_string("topology", "v5e:4x4", "the TPU topology compiled for", flag_values=fv)
+    flags.DEFINE_string("layers", "8,16,32", "LLM depths compiled in turn, comma-separated", flag_values=fv)
+    flags.register_validator("layers", _is_depths, "expected positive integers, comma-separated", flag_values=fv)
+    return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """argv: the arguments after the program's name (None: sys.argv's)."""
+    args = cli.parse_flags(argv, _flags(), __doc__)
 
     from owl_jax.aot import compile_step, tpu_devices
     from owl_jax.configs import load_config_file
@@ -27,14 +54,15 @@ def main():
 
     devices = tpu_devices(args.topology)
     print(f"| LLM layers | lower + compile s ({args.config}, {args.topology}) |\n|---|---|")
-    for layers in args.layers:
+    for layers in _depths(args.layers):
         config = load_config_file(args.config)
         config.model.llm.num_layers = layers
         trainer = Trainer(config, make_mesh(config.mesh.to_dict(), devices))
         start = time.time()
         compile_step(trainer)
         print(f"| {layers} | {time.time() - start:.1f} |", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,14 +16,17 @@ round so that load on the machine hits them alike.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+from absl import flags  # noqa: E402
+
+from owl_jax import cli  # noqa: E402
 
 VARIANTS = {
     "main job": {},
@@ -74,11 +77,18 @@ def step_runner(config, overrides: dict):
     return run
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--stages", default="stage0,stage1,stage2")
-    args = p.parse_args()
+def _flags() -> flags.FlagValues:
+    """This program's flags, on a FlagValues of their own (fresh for each main() call)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_integer("steps", 10, "timed steps per variant (after two warm-up steps)", flag_values=fv)
+    flags.DEFINE_string("stages", "stage0,stage1,stage2", "the main job's stages timed, comma-separated",
+                        flag_values=fv)
+    return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """argv: the arguments after the program's name (None: sys.argv's)."""
+    args = cli.parse_flags(argv, _flags(), __doc__)
     print(f"jax {jax.__version__}, {os.cpu_count()} CPU cores; median ms per step of {args.steps} (2 warm-up)")
     for name in args.stages.split(","):
         config = stage_train_config(name)
@@ -98,7 +108,8 @@ def main() -> None:
         for variant, ts in times.items():
             ms = statistics.median(ts) * 1e3
             print(f"  {variant:<22} {ms:8.1f} ms   x{ms / (base * 1e3):.2f} of the main job's step", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,22 +3,22 @@
 sides in bf16: --dtype bfloat16, weights and compute, as `owl_jax.load(path, dtype=...)` and
 `model.to(torch.bfloat16)` give them).
 
-    python bench/decode_throughput.py [--batch 1 8] [--prompt-len 64] [--new-tokens 128] [--dtype bfloat16]
+    python bench/decode_throughput.py [--batch 1,8] [--prompt_len 64] [--new_tokens 128] [--dtype bfloat16]
 
 One random LLaMA (default: 4 layers x 512, 8 heads, MLP 1376, vocab 32000 — the small config of
 docs/design.md, 5) is built in transformers, saved, and converted into an owl_jax model (tiny vision side,
-text-only prompts), so both sides run the same weights. Each side generates exactly --new-tokens
+text-only prompts), so both sides run the same weights. Each side generates exactly --new_tokens
 tokens per sample (EOS off); tokens/s = batch x new tokens / wall time of the whole call (prefill
 included), best of --repeats interleaved calls after one warm-up call each (compilation on the JAX
-side). Also reports whether the greedy tokens agree. --also-training-layout adds decoding with the
+side). Also reports whether the greedy tokens agree. --also_training_layout adds decoding with the
 params as trained (layers under nn.scan), timed in the same interleaved loop.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import platform
+import sys
 import tempfile
 import time
 
@@ -27,29 +27,54 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import numpy as np
 import torch
+from absl import flags
+
+from owl_jax import cli
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--mlp", type=int, default=1376)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--torch-threads", type=int, default=None, help="default: torch's own")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weights and compute on both sides (bf16 reads half the bytes a decode step)")
-    p.add_argument("--training-layout", action="store_true",
-                   help="decode with the params as trained (LLM layers under nn.scan, LM head [D, V]) instead of "
-                        "the decode layout (layers unrolled, LM head [V, D])")
-    p.add_argument("--also-training-layout", action="store_true",
-                   help="also time decoding with the training layout, interleaved in the same loop (the "
-                        "before/after of the decode layout under the same load)")
-    args = p.parse_args()
+def _batches(text: str) -> list[int]:
+    """`1,8` -> [1, 8]; ValueError unless each is a positive integer."""
+    sizes = [int(x) for x in text.split(",")]
+    if min(sizes) < 1:
+        raise ValueError(text)
+    return sizes
+
+
+def _is_batches(text: str) -> bool:
+    try:
+        return bool(_batches(text))
+    except ValueError:
+        return False
+
+
+def _flags() -> flags.FlagValues:
+    """This program's flags, on a FlagValues of their own (fresh for each main() call)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("batch", "1,8", "batch sizes timed in turn, comma-separated", flag_values=fv)
+    flags.register_validator("batch", _is_batches, "expected positive integers, comma-separated", flag_values=fv)
+    flags.DEFINE_integer("prompt_len", 64, "tokens per prompt", flag_values=fv)
+    flags.DEFINE_integer("new_tokens", 128, "tokens generated per sample (EOS off)", flag_values=fv)
+    flags.DEFINE_integer("layers", 4, "LLaMA layers", flag_values=fv)
+    flags.DEFINE_integer("hidden", 512, "LLaMA hidden size", flag_values=fv)
+    flags.DEFINE_integer("heads", 8, "LLaMA attention heads", flag_values=fv)
+    flags.DEFINE_integer("mlp", 1376, "LLaMA MLP size", flag_values=fv)
+    flags.DEFINE_integer("vocab", 32000, "vocabulary size", flag_values=fv)
+    flags.DEFINE_integer("repeats", 3, "timed calls per side (the best counts)", flag_values=fv)
+    flags.DEFINE_integer("torch_threads", None, "default: torch's own", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                      "weights and compute on both sides (bf16 reads half the bytes a decode step)", flag_values=fv)
+    flags.DEFINE_bool("training_layout", False,
+                      "decode with the params as trained (LLM layers under nn.scan, LM head [D, V]) instead of "
+                      "the decode layout (layers unrolled, LM head [V, D])", flag_values=fv)
+    flags.DEFINE_bool("also_training_layout", False,
+                      "also time decoding with the training layout, interleaved in the same loop (the "
+                      "before/after of the decode layout under the same load)", flag_values=fv)
+    return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """argv: the arguments after the program's name (None: sys.argv's)."""
+    args = cli.parse_flags(argv, _flags(), __doc__)
 
     from transformers import LlamaConfig as HFLlamaConfig
     from transformers import LlamaForCausalLM
@@ -109,7 +134,7 @@ def main() -> None:
     print(f"| batch | owl_jax tok/s | transformers tok/s | speed-up | tokens agree | owl_jax compile s |{extra}")
     print("|---|---|---|---|---|---|" + ("---|" if old else ""))
     rng = np.random.default_rng(0)
-    for b in args.batch:
+    for b in _batches(args.batch):
         prompts = rng.integers(3, args.vocab, size=(b, args.prompt_len)).astype(np.int32)
         prompts[:, 0] = 1
         batch = make_batch(list(prompts), None, [0] * b, cfg, buckets=False)
@@ -145,7 +170,8 @@ def main() -> None:
         extra = f" {b * args.new_tokens / min(old_s):.0f} |" if old else ""
         print(f"| {b} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.1f}x | {agree:.0%} | {compile_s:.1f} |{extra}",
               flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

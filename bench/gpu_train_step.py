@@ -3,7 +3,7 @@
     python bench/gpu_train_step.py [--out DIR] [--budget_s 500]   # every variant, each in its own process;
                                                                   # DIR/results.jsonl, DIR/variants.log
     python bench/gpu_train_step.py --variant stage2_lora_cudnn     # one
-    python bench/gpu_train_step.py --variants full_ft8_cudnn_dots --profile full_ft8_cudnn_dots
+    python bench/gpu_train_step.py --variants=full_ft8_cudnn_dots --profile=full_ft8_cudnn_dots
         # also one step under jax.profiler: DIR/NAME.xplane.pb.gz and the compiled HLO DIR/NAME.hlo.txt.gz,
         # summarised by bench/profile_summary.py
 
@@ -37,7 +37,6 @@ weight in fp32 before the frozen ones are cast, ~38 GiB at 7B).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -45,6 +44,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from absl import flags
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 VARIANTS = {
@@ -247,7 +248,7 @@ def run_child(cmd: list[str], timeout: float, env: dict, out: str, name: str) ->
     return log
 
 
-def drive(args) -> None:
+def drive(args: flags.FlagValues) -> None:
     """Each measurement in its own process: the allocator's peak is then the variant's own, and the
     driver holds no device memory."""
     os.makedirs(args.out, exist_ok=True)
@@ -261,7 +262,7 @@ def drive(args) -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {machine['device']} jax {machine['jax']}; "
           f"bf16 8192^3 matmul {rate:.0f} TFLOP/s", flush=True)
     start, rows = time.time(), []
-    for name in args.variants:
+    for name in _names(args.variants):
         left = args.budget_s - (time.time() - start)
         if left < 60:
             print(f"{name}: skipped, {left:.0f} s of the budget left", flush=True)
@@ -280,7 +281,7 @@ def drive(args) -> None:
             args.config,
         ]
         cmd += [f"--{k}={v}" for k, v in overrides(args).items() if v]
-        if name in args.profile:
+        if name in _names(args.profile):
             cmd += ["--profile_dir", args.out]
         t = time.time()
         extra = VARIANT_ENV.get(name, {})
@@ -327,28 +328,57 @@ def drive(args) -> None:
         )
 
 
-def overrides(args) -> dict:
+def overrides(args: flags.FlagValues) -> dict:
     return {k: getattr(args, k) for k in ("attention", "batch", "seq_len", "llm_layers")}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", choices=sorted(VARIANTS))
-    p.add_argument("--matmul", action="store_true", help="only print the device and its bf16 matmul rate")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "mplug_owl_llama7b.py"))
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--json")
-    p.add_argument("--profile", nargs="*", default=[], help="variants to profile one extra step of")
-    p.add_argument("--profile_dir", help="(per variant) where the profile of one step goes")
-    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_bench"))
-    p.add_argument("--budget_s", type=float, default=500)
-    p.add_argument("--variant_timeout_s", type=float, default=170)
-    p.add_argument("--attention", choices=["xla", "cudnn", "splash", "jax", "auto"])
-    p.add_argument("--batch", type=int)
-    p.add_argument("--seq_len", type=int)
-    p.add_argument("--llm_layers", type=int)
-    args = p.parse_args()
+def _names(text: str) -> list[str]:
+    """`a,b` -> ["a", "b"]; "" -> []."""
+    return [x for x in text.split(",") if x]
+
+
+def _flags() -> flags.FlagValues:
+    """This program's flags, on a FlagValues of their own (fresh for each main() call)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_enum("variant", None, sorted(VARIANTS), "run this one variant here (the driver runs each so)",
+                      flag_values=fv)
+    flags.DEFINE_bool("matmul", False, "only print the device and its bf16 matmul rate", flag_values=fv)
+    flags.DEFINE_string("variants", ",".join(VARIANTS), "variants run in turn, each in its own process, "
+                        "comma-separated", flag_values=fv)
+    flags.DEFINE_string("config", os.path.join(ROOT, "configs", "mplug_owl_llama7b.py"), "the 7B recipes' config",
+                        flag_values=fv)
+    flags.DEFINE_integer("steps", 5, "timed steps per variant (after one warm-up step)", flag_values=fv)
+    flags.DEFINE_string("json", None, "(per variant) where its result goes", flag_values=fv)
+    flags.DEFINE_string("profile", "", "variants to profile one extra step of, comma-separated", flag_values=fv)
+    flags.DEFINE_string("profile_dir", None, "(per variant) where the profile of one step goes", flag_values=fv)
+    flags.DEFINE_string("out", os.environ.get("OUT", "/tmp/gpu_bench"), "where results.jsonl and variants.log go",
+                        flag_values=fv)
+    flags.DEFINE_float("budget_s", 500, "seconds for all the variants together", flag_values=fv)
+    flags.DEFINE_float("variant_timeout_s", 170, "seconds for one variant's process", flag_values=fv)
+    flags.DEFINE_enum("attention", None, ["xla", "cudnn", "splash", "jax", "auto"],
+                      "attention implementation, for every variant (default: each variant's own)", flag_values=fv)
+    flags.DEFINE_integer("batch", None, "batch size, for every variant (default: each variant's own)", flag_values=fv)
+    flags.DEFINE_integer("seq_len", None, "tokens per sample, for every variant (default: each variant's own)",
+                         flag_values=fv)
+    flags.DEFINE_integer("llm_layers", None, "LLM layers, for every variant (default: each variant's own)",
+                         flag_values=fv)
+    for name in ("variants", "profile"):  # a misspelt variant is refused before any process starts
+        flags.register_validator(name, _known_variants, flag_values=fv)
+    return fv
+
+
+def _known_variants(text: str) -> bool:
+    unknown = [x for x in _names(text) if x not in VARIANTS]
+    if unknown:
+        raise flags.ValidationError(f"no variant {', '.join(unknown)}")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """argv: the arguments after the program's name (None: sys.argv's)."""
+    from owl_jax import cli  # after __main__ has put the repository on sys.path
+
+    args = cli.parse_flags(argv, _flags(), __doc__)
     if args.matmul:
         import jax
 
@@ -364,8 +394,9 @@ def main() -> None:
         print(json.dumps(result))
     else:
         drive(args)
+    return 0
 
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    main()
+    sys.exit(main())

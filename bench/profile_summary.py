@@ -2,7 +2,7 @@
 compiled HLO beside it (NAME.hlo.txt.gz, both written by `bench/gpu_train_step.py --profile`) and
 prints the device time by kind of op, by the Python source that emitted it, and the top ops.
 
-    python bench/profile_summary.py DIR/full_ft8_cudnn_dots.xplane.pb.gz [--top 30]
+    python bench/profile_summary.py --trace=DIR/full_ft8_cudnn_dots.xplane.pb.gz [--top 30]
 
 Kernels are matched to HLO instructions by the `hlo_op` stat XLA attaches to each of them (or, in
 a CUDA graph, by the kernel's name, which for XLA's own fusions is the fusion's with "." made "_");
@@ -14,11 +14,15 @@ this runs on a CPU machine over a GPU's trace.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import gzip
 import os
 import re
+import sys
+
+from absl import flags
+
+from owl_jax import cli
 
 INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 
@@ -144,15 +148,22 @@ def summarise(xplane: str, hlo: str | None, top: int) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("xplane")
-    p.add_argument("--hlo", help="default: NAME.hlo.txt.gz beside NAME.xplane.pb[.gz]")
-    p.add_argument("--top", type=int, default=30)
-    args = p.parse_args()
-    hlo = args.hlo or re.sub(r"\.xplane\.pb(\.gz)?$", ".hlo.txt.gz", args.xplane)
-    print(summarise(args.xplane, hlo, args.top))
+def _flags() -> flags.FlagValues:
+    """This program's flags, on a FlagValues of their own (fresh for each main() call)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("trace", None, "the profiled step's device trace, NAME.xplane.pb[.gz]", flag_values=fv)
+    flags.DEFINE_string("hlo", None, "default: NAME.hlo.txt.gz beside NAME.xplane.pb[.gz]", flag_values=fv)
+    flags.DEFINE_integer("top", 30, "ops listed, longest first", flag_values=fv)
+    return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """argv: the arguments after the program's name (None: sys.argv's)."""
+    args = cli.parse_flags(argv, _flags(), __doc__, required=("trace",))
+    hlo = args.hlo or re.sub(r"\.xplane\.pb(\.gz)?$", ".hlo.txt.gz", args.trace)
+    print(summarise(args.trace, hlo, args.top))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

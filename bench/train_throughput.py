@@ -1,7 +1,7 @@
 """Training-step throughput on the `bench_small` shape: owl_jax vs PyTorch (and, optionally, the release).
 
     JAX_PLATFORMS=cpu python bench/train_throughput.py [--steps 5] [--stage all|stage1|stage2_lora] [--scan]
-        [--release-src DIR]
+        [--release_src DIR]
 
 bench_small (docs/design.md, 5): ViT 4 x 256 on 224 x 224 (patch 14), abstractor 2 x 256 (FFN 704, 64
 queries), LLaMA 4 x 512 (FFN 1376, 8 heads, vocab 32000), batch 4 x 513 tokens with one image each,
@@ -13,7 +13,7 @@ first-step (pre-update, same weights) loss of each implementation.
 owl_jax runs its 4 + 2 + 4 layers unrolled over the stacked params (`scan_unroll=0`), the faster
 choice on CPU at this depth; `--scan` keeps the layer scans the 7B recipes use.
 
---release-src DIR also times the released PyTorch code (X-PLUG/mPLUG-Owl, `MplugOwlForConditionalGeneration`
+--release_src DIR also times the released PyTorch code (X-PLUG/mPLUG-Owl, `MplugOwlForConditionalGeneration`
 of mplug_owl/modeling_mplug_owl.py). DIR is a checkout of that repository, or of its `mPLUG-Owl/` folder,
 outside this repository: the package is imported from there, nothing of it is copied here. It gets the same
 weights (owl_jax.convert.to_torch's export, loaded with load_state_dict(strict=True)), the same batch, the same
@@ -30,7 +30,6 @@ name is missing: `find_pruneable_heads_and_indices` / `prune_linear_layer` in tr
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -48,6 +47,10 @@ import jax  # noqa: E402 - after JAX_PLATFORMS is set
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from absl import flags  # noqa: E402
+
+from owl_jax import cli  # noqa: E402
+from owl_jax.training.stages import STAGE_PATTERNS  # noqa: E402
 
 LOSS_TOLERANCE = 1e-4  # |release - owl_jax| first-step loss (fp32, ~10.4): beyond it they compute different things
 
@@ -81,18 +84,18 @@ def bench_config(stage: str):
     return c
 
 
-# ------------------------------------------------------------------ the released code (--release-src)
+# ------------------------------------------------------------------ the released code (--release_src)
 
 
 def release_dir(src: str) -> str:
     """The folder holding the release's `mplug_owl` package: DIR or DIR/mPLUG-Owl, outside this repository."""
     src = os.path.realpath(src)
     if os.path.commonpath([src, REPO]) == REPO:
-        raise SystemExit(f"--release-src {src}: inside this repository; give a checkout outside it")
+        cli.fail(f"--release_src {src}: inside this repository; give a checkout outside it")
     for d in (src, os.path.join(src, "mPLUG-Owl")):
         if os.path.isfile(os.path.join(d, "mplug_owl", "modeling_mplug_owl.py")):
             return d
-    raise SystemExit(f"--release-src {src}: neither it nor its mPLUG-Owl/ holds mplug_owl/modeling_mplug_owl.py")
+    cli.fail(f"--release_src {src}: neither it nor its mPLUG-Owl/ holds mplug_owl/modeling_mplug_owl.py")
 
 
 def _no_head_pruning(*args, **kwargs):
@@ -125,7 +128,7 @@ def import_release(src: str) -> tuple[object, list[str]]:
     sys.path.append(root)
     modeling = importlib.import_module("mplug_owl.modeling_mplug_owl")
     if os.path.commonpath([os.path.realpath(modeling.__file__), root]) != root:
-        raise SystemExit(f"--release-src: `mplug_owl` resolves to {modeling.__file__}, not the checkout in {root}")
+        cli.fail(f"--release_src: `mplug_owl` resolves to {modeling.__file__}, not the checkout in {root}")
     abstractor = modeling.MplugOwlVisualAbstractorModel
     for name, fn in (("get_head_mask", _get_head_mask), ("invert_attention_mask", _invert_attention_mask)):
         if not hasattr(abstractor, name):
@@ -151,14 +154,22 @@ def release_model(modeling, weights_dir: str) -> torch.nn.Module:
     return model.train()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--stage", default="all")
-    p.add_argument("--scan", action="store_true", help="keep the layer scans (scan_unroll=1; default: 0, unrolled)")
-    p.add_argument("--release-src", metavar="DIR",
-                   help="also time the released mPLUG-Owl code from this checkout (outside the repo); see above")
-    args = p.parse_args()
+def _flags() -> flags.FlagValues:
+    """This program's flags, on a FlagValues of their own (fresh for each main() call)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_integer("steps", 5, "timed steps per implementation (after one warm-up step)", flag_values=fv)
+    flags.DEFINE_enum("stage", "all", list(STAGE_PATTERNS), "what trains (owl_jax/training/stages.py)",
+                      flag_values=fv)
+    flags.DEFINE_bool("scan", False, "keep the layer scans (scan_unroll=1; default: 0, unrolled)", flag_values=fv)
+    flags.DEFINE_string("release_src", None,
+                        "also time the released mPLUG-Owl code from this checkout DIR (outside the repo); see above",
+                        flag_values=fv)
+    return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """argv: the arguments after the program's name (None: sys.argv's)."""
+    args = cli.parse_flags(argv, _flags(), __doc__)
 
     from torch_oracle import OwlOracle
 
@@ -274,7 +285,8 @@ def main() -> None:
     print(f"owl_jax speed-up: {median['PyTorch'] / median['owl_jax']:.2f}x")
     if release is not None:
         print(f"owl_jax speed-up vs the release: {median['release'] / median['owl_jax']:.2f}x")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
