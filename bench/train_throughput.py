@@ -171,13 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     """argv: the arguments after the program's name (None: sys.argv's)."""
     args = cli.parse_flags(argv, _flags(), __doc__)
 
-    from torch_oracle import OwlOracle
-
     from owl_jax.convert import to_torch
     from owl_jax.sharding import make_mesh
     from owl_jax.training.flops import StepShape, towers_of, train_step_flops
     from owl_jax.training.synthetic import RandomBatches
     from owl_jax.training.trainer import Trainer, global_batch, stack_micro_batches
+
+    from torch_oracle import OwlOracle
 
     release_modeling, shims = import_release(args.release_src) if args.release_src else (None, [])
     config = bench_config(args.stage)

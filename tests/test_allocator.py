@@ -3,9 +3,9 @@ the same process (pid), the same arguments, once; OWL_JAX_ALLOCATOR=system opts 
 import subprocess
 import sys
 
-from conftest import subprocess_env
-
 from owl_jax import allocator
+
+from conftest import subprocess_env
 
 # Prints a line at each start, then (after the restart) the allocator it runs with.
 SCRIPT = """

@@ -3,9 +3,9 @@ import os
 import subprocess
 import sys
 
-from conftest import tiny_train_config
-
 from owl_jax.aot import analyse
+
+from conftest import tiny_train_config
 
 
 def test_tiny_step_fits_a_v5e_2x2_and_counts_flops():

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ANSWERS, QUESTIONS
 from PIL import Image
 
 import owl_jax
@@ -19,6 +18,8 @@ from owl_jax.data.text import encode_conversation, encode_prompt
 from owl_jax.data.tokenizer import load_tokenizer
 from owl_jax.inference.engine import Generator, Sampling, make_batch, trim
 from owl_jax.params_io import load_params
+
+from conftest import ANSWERS, QUESTIONS
 
 
 @pytest.fixture(scope="module")

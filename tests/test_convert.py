@@ -5,13 +5,14 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import random_owl_params, small_owl_config
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from owl_jax import params_io
 from owl_jax.convert import from_torch, to_torch
 from owl_jax.convert.__main__ import main as convert_main
+
+from conftest import random_owl_params, small_owl_config
 
 
 @pytest.fixture(scope="module")

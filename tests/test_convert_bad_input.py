@@ -11,7 +11,6 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import small_owl_config
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
@@ -21,6 +20,8 @@ from owl_jax.convert.__main__ import main as convert_main
 from owl_jax.convert.peft import save_adapter
 from owl_jax.models.config import LoraConfig, owl_config_to_dict
 from owl_jax.models.owl import param_shapes
+
+from conftest import small_owl_config
 
 TOKENIZER = {"tokenizer.model": b"sentencepiece", "tokenizer_config.json": b'{"bos_token": "<s>"}'}
 

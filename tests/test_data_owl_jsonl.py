@@ -7,11 +7,12 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import subprocess_env
 from PIL import Image
 
 from owl_jax.data import conversation as conv
 from owl_jax.data import records
+
+from conftest import subprocess_env
 
 
 def _img(path, mode="RGB", fmt="JPEG", size=(40, 30)):

@@ -3,11 +3,12 @@ import json
 import os
 
 import numpy as np
-from conftest import SHAPESWORLD_SIZES
 
 from owl_jax import batch as batch_format
 from owl_jax.data import pipeline, records
 from owl_jax.data.tokenizer import load_tokenizer
+
+from conftest import SHAPESWORLD_SIZES
 
 K = 5  # placeholders per image in these tests (tiny); the default is 65
 def cfg_for(dataset_dir, **kw):

@@ -5,11 +5,12 @@ import re
 
 import numpy as np
 import pytest
-from conftest import CharTokenizer
 
 from owl_jax.data import conversation as conv
 from owl_jax.data.text import encode_conversation, encode_prompt, pad_to, split_chunks
 from owl_jax.data.tokenizer import load_tokenizer, train_tokenizer
+
+from conftest import CharTokenizer
 
 SYS = conv.SYSTEM_PROMPT
 P = -1  # placeholder id

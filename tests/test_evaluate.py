@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-from conftest import REPO, peaked_params, small_owl_config
 from PIL import Image
 
 from owl_jax import evaluate
@@ -18,6 +17,8 @@ from owl_jax.inference import owleval
 from owl_jax.inference.engine import Generator, Sampling, make_batch, trim
 from owl_jax.models.config import LoraConfig
 from owl_jax.params_io import load_params, save_params
+
+from conftest import REPO, peaked_params, small_owl_config
 
 OWLEVAL = os.environ.get("OWLEVAL_DIR", os.path.join(REPO, "..", "shared", "data", "owleval"))
 FIELDS = ["image", "question_id", "question", "answer", "model_id"]

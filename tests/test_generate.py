@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import peaked_params, small_owl_config
 
 from owl_jax.batch import IMAGE_PLACEHOLDER_ID
 from owl_jax.inference.api import shard_params
@@ -14,6 +13,8 @@ from owl_jax.inference.engine import Generator, Sampling, bucket_length, decode,
 from owl_jax.models.config import LoraConfig
 from owl_jax.models.owl import MplugOwl, is_decode_layout
 from owl_jax.sharding import DEFAULT_RULES, make_mesh
+
+from conftest import peaked_params, small_owl_config
 
 
 @pytest.fixture(scope="module")

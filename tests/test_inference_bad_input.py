@@ -10,7 +10,6 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import QUESTIONS, small_owl_config
 from PIL import Image
 
 import owl_jax
@@ -20,6 +19,8 @@ from owl_jax.data.tokenizer import load_tokenizer
 from owl_jax.inference import owleval
 from owl_jax.inference.engine import Generator, Sampling, make_batch
 from owl_jax.models.config import owl_config_to_dict
+
+from conftest import QUESTIONS, small_owl_config
 
 
 @pytest.fixture

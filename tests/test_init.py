@@ -3,11 +3,12 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import random_owl_params, small_owl_config
 from flax import traverse_util
 
 from owl_jax.models.config import VisionConfig
 from owl_jax.models.vision import sincos2d_position_code
+
+from conftest import random_owl_params, small_owl_config
 
 TOWERS = {"vision_model": "vision", "abstractor": "abstractor", "language_model": "llm"}
 

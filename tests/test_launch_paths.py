@@ -130,10 +130,11 @@ def test_params_dir_config_on_gs(fake_gcs):
 def gcs_emulator(monkeypatch):
     """A local GCS server (gcp-storage-emulator, in memory, bucket "bucket"): orbax's arrays go to it
     through tensorstore's GCS driver, and everything else through gcsfs, as on Cloud Storage."""
-    from conftest import free_port
     from etils.epath import backend
     from gcp_storage_emulator import server as emulator
     from gcp_storage_emulator.handlers import objects
+
+    from conftest import free_port
 
     download = objects.download
 
@@ -170,10 +171,11 @@ def gcs_emulator(monkeypatch):
 def test_checkpoints_and_params_on_a_gs_workdir(gcs_emulator, tmp_path):
     """A run on gs:// saves its checkpoints there, resumes from them, and exports params there that load
     back; the parameters equal those of the same run on a local disk."""
-    from conftest import tiny_train_config
     from flax import traverse_util
 
     from owl_jax.train import train
+
+    from conftest import tiny_train_config
 
     run = epath.Path("gs://bucket/owl/run")
     train(tiny_train_config(num_steps=2), str(run))

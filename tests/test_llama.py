@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_torch_, small_owl_config
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
 from owl_jax.convert import from_torch
 from owl_jax.models.llama import LlamaForCausalLM, from_decode_layout, to_decode_layout
+
+from conftest import randomize_torch_, small_owl_config
 
 
 @pytest.fixture(scope="module", params=[4, 2], ids=["mha", "gqa"])

@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_owl_params, small_owl_config
 
 from owl_jax.batch import IMAGE_PLACEHOLDER_ID
 from owl_jax.losses import answer_loss
 from owl_jax.models.owl import MplugOwl
+
+from conftest import random_owl_params, small_owl_config
 
 
 @pytest.fixture(scope="module")

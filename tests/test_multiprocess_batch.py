@@ -7,6 +7,7 @@ import sys
 
 import jax
 import pytest
+
 from conftest import REPO, free_port, subprocess_env
 
 WORKER = r"""
@@ -82,10 +83,10 @@ def test_per_process_values_are_gathered_whole(reports):
 
 
 def test_unshardable_batch_is_refused_with_several_processes(monkeypatch):
-    from conftest import tiny_train_config
-
     from owl_jax.sharding import make_mesh
     from owl_jax.training.trainer import Trainer
+
+    from conftest import tiny_train_config
 
     trainer = Trainer(tiny_train_config(**{"mesh.data": 2}), make_mesh({"data": 2, "fsdp": 4}))
     shapes = {"input_ids": (1, 8, 24), "pixel_values": (1, 6, 28, 28, 3)}

@@ -19,9 +19,10 @@ import sys
 
 import jax
 import pytest
-from conftest import REPO, TINY_TRAIN_FLAGS, damage_checkpoint, free_port, subprocess_env, tiny_train_config
 from flax import traverse_util
 from test_resume import assert_same_params, flat_params, start_preemptible, wait_for_file
+
+from conftest import REPO, TINY_TRAIN_FLAGS, damage_checkpoint, free_port, subprocess_env, tiny_train_config
 
 STEPS = ["--config.num_steps=4", "--config.checkpoint.every_steps=2", "--config.checkpoint.async_save=False"]
 

@@ -10,15 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import CharTokenizer, random_owl_params, small_owl_config
 from flax import traverse_util
-from torch_oracle import OwlOracle
 
 from owl_jax.batch import IMAGE_PLACEHOLDER_ID
 from owl_jax.convert import from_torch, to_torch
 from owl_jax.data.text import encode_prompt
 from owl_jax.models.config import LoraConfig
 from owl_jax.models.owl import MplugOwl
+
+from conftest import CharTokenizer, random_owl_params, small_owl_config
+from torch_oracle import OwlOracle
 
 
 def _mixed_batch(cfg, rng):

@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-from conftest import random_owl_params, small_owl_config
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
@@ -17,6 +16,8 @@ from owl_jax.convert.peft import load_adapter, save_adapter
 from owl_jax.models.config import LoraConfig
 from owl_jax.models.owl import MplugOwl
 from owl_jax.training.synthetic import RandomBatches
+
+from conftest import random_owl_params, small_owl_config
 
 RANK, ALPHA = 4, 16.0
 PREFIX = "base_model.model.language_model.model.layers"

@@ -10,11 +10,12 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY_TRAIN_FLAGS, subprocess_env, tiny_train_config
 from flax import traverse_util
 
 from owl_jax import params_io
 from owl_jax.train import train
+
+from conftest import REPO, TINY_TRAIN_FLAGS, subprocess_env, tiny_train_config
 
 
 def flat_params(workdir):

@@ -13,8 +13,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import random_owl_params, small_owl_config, subprocess_env
 from flax import traverse_util
+
+from conftest import random_owl_params, small_owl_config, subprocess_env
 
 
 def _run_quick(workdir):

@@ -7,7 +7,6 @@ import re
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_train_config
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
@@ -15,6 +14,8 @@ from owl_jax import batch as batch_format
 from owl_jax.sharding import make_mesh
 from owl_jax.training.synthetic import RandomBatches
 from owl_jax.training.trainer import Trainer, global_batch, stack_micro_batches
+
+from conftest import tiny_train_config
 
 # Tiny config on mesh (data 1, fsdp 4, tensor 2), default rules. Every parameter but the norms
 # (replicated) matches exactly one row.

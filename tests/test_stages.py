@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_train_config
 from flax import traverse_util
 
 from owl_jax.models.owl import MplugOwl
@@ -12,6 +11,8 @@ from owl_jax.sharding import make_mesh
 from owl_jax.training.flops import StepShape, towers_of, train_step_flops
 from owl_jax.training.synthetic import RandomBatches
 from owl_jax.training.trainer import Trainer, global_batch, stack_micro_batches
+
+from conftest import tiny_train_config
 
 
 def _batches(trainer):

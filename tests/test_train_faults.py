@@ -9,11 +9,12 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, damage_checkpoint, subprocess_env, tiny_train_config
 
 from owl_jax.cli import UserError
 from owl_jax.train import train
 from owl_jax.training import checkpoints
+
+from conftest import REPO, damage_checkpoint, subprocess_env, tiny_train_config
 
 
 def _metric_steps(workdir):

@@ -5,9 +5,10 @@ import json
 import os
 
 import pytest
-from conftest import tiny_train_config
 
 from owl_jax.train import train
+
+from conftest import tiny_train_config
 
 
 def _config(dataset_dir, **overrides):

@@ -4,12 +4,13 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import torch
-from conftest import randomize_torch_, small_owl_config
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from owl_jax.convert import from_torch
 from owl_jax.convert.layouts import interleave_qkv
 from owl_jax.models.vision import VisionEncoder
+
+from conftest import randomize_torch_, small_owl_config
 
 
 def test_vision_encoder_matches_clip(tmp_path, rng):
