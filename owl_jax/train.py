@@ -296,13 +296,19 @@ def _fully_replicated(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def main(argv):
-    del argv
+def start_program() -> None:
+    """What a training program does before its job: logging, the --workdir it needs, and tcmalloc
+    (owl_jax/allocator.py: the process may start again here, once)."""
     cli.setup_logging(FLAGS["verbosity"].present)
     if not FLAGS.workdir:
         cli.fail("--workdir is required")
     allocator.restart_with_tcmalloc()
     logging.info("memory allocator: %s", "tcmalloc" if allocator.tcmalloc_loaded() else "the system malloc")
+
+
+def main(argv):
+    del argv
+    start_program()
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     sys.exit(run_cli(lambda: train(FLAGS.config, FLAGS.workdir)))
 

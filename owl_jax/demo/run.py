@@ -377,13 +377,7 @@ def _run(config, workdir: str) -> dict:
 
 def main(argv):
     del argv
-    from owl_jax import allocator, cli
-
-    cli.setup_logging(FLAGS["verbosity"].present)
-    if not FLAGS.workdir:
-        cli.fail("--workdir is required")
-    allocator.restart_with_tcmalloc()
-    print(f"memory allocator: {'tcmalloc' if allocator.tcmalloc_loaded() else 'the system malloc'}", flush=True)
+    _train.start_program()
     sys.exit(_train.run_cli(lambda: run(resolve_config(FLAGS.config, FLAGS.quick, FLAGS.blank_images), FLAGS.workdir)))
 
 
