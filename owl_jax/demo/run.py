@@ -1,6 +1,6 @@
 r"""The main job: a tiny owl learns ShapesWorld on CPU, end to end, in one command.
 
-  python -m owl_jax.demo.run --workdir=/tmp/owl                  # the tiny owl, ~25 min on 2 CPU cores
+  python -m owl_jax.demo.run --workdir=/tmp/owl                  # the tiny owl: 19 min on 2 CPU cores (tcmalloc)
   python -m owl_jax.demo.run --workdir=/tmp/owl_blank --blank_images   # the control: every image blank
   python -m owl_jax.demo.run --workdir=/tmp/owl_ci --quick       # CI-sized smoke run (seconds a stage)
   [--config=owl_jax/demo/config.py] [--config.stages.stage1.num_steps=600 ...]
