@@ -39,9 +39,9 @@ VARIANTS = {
 
 def stage_train_config(name: str):
     from owl_jax.configs import load_config_file
-    from owl_jax.demo.run import _DEFAULT_CONFIG, stage_config
+    from owl_jax.demo.run import DEFAULT_CONFIG, stage_config
 
-    return stage_config(load_config_file(_DEFAULT_CONFIG), name, data_dir="unused", init_dir="")
+    return stage_config(load_config_file(DEFAULT_CONFIG), name, data_dir="unused", init_dir="")
 
 
 def step_runner(config, overrides: dict):

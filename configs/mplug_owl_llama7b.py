@@ -27,16 +27,7 @@ def recipe(stage: str, llm: LlamaConfig = LlamaConfig()) -> ml_collections.Confi
         # BENCHMARKS.md); AdamW (0.9, 0.98) eps 1e-6, lr 1e-4, wd 0.1, warmup 2k
         config.num_steps, config.batch_size, config.seq_len, config.max_images_per_batch = 50_000, 1024, 512, 1024
         o.grad_accum_steps = 4
-        o.lr, o.end_lr, o.warmup_steps, o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm = (
-            1e-4,
-            0.0,
-            2000,
-            0.9,
-            0.98,
-            1e-6,
-            0.1,
-            1.0,
-        )
+        o.update(lr=1e-4, end_lr=0.0, warmup_steps=2000, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, clip_norm=1.0)
         config.mesh.update({"data": 1, "fsdp": -1, "tensor": 1})
     else:
         # 2k steps x 256 (128 text + 128 image); AdamW (0.9, 0.999) eps 1e-6, lr 2e-5 -> 1e-6, wd 1e-4,
@@ -45,16 +36,7 @@ def recipe(stage: str, llm: LlamaConfig = LlamaConfig()) -> ml_collections.Confi
         config.num_steps, config.batch_size, config.seq_len, config.max_images_per_batch = 2000, 16, 2048, 16
         o.grad_accum_steps = 16
         config.model.remat_policy = "full"
-        o.lr, o.end_lr, o.warmup_steps, o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm = (
-            2e-5,
-            1e-6,
-            50,
-            0.9,
-            0.999,
-            1e-6,
-            1e-4,
-            1.0,
-        )
+        o.update(lr=2e-5, end_lr=1e-6, warmup_steps=50, b1=0.9, b2=0.999, eps=1e-6, weight_decay=1e-4, clip_norm=1.0)
         config.train_abstractor = True  # paper; the release froze it (set False to match the release)
         if stage == "full_ft":
             o.lr = 1e-5

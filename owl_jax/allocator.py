@@ -6,8 +6,8 @@ time in the kernel (the main job on 2 cores: 554 s of system time in a 1632 s ru
 minor page faults). tcmalloc keeps freed memory for reuse: the same run takes 1110 s with 15 s of
 system time and the same results (BENCHMARKS.md, "The memory allocator"). A preloaded allocator
 has to be in place before the process starts, so the program starts itself again with LD_PRELOAD
-set, once, before it does any work. Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`.
-OWL_JAX_ALLOCATOR=system keeps the system's malloc.
+set, once, before its job starts. Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`.
+OWL_JAX_ALLOCATOR=system keeps the system's malloc; a LD_PRELOAD of the user's is left as it is.
 """
 from __future__ import annotations
 
@@ -39,17 +39,21 @@ def tcmalloc_loaded() -> bool:
 
 def restart_with_tcmalloc() -> None:
     """Replaces this process by the same command with tcmalloc preloaded, when the system has it, it
-    is not loaded yet and OWL_JAX_ALLOCATOR is not "system"; otherwise returns. Call it first thing in
-    a program's main (before threads or files matter): the process is the same (pid, environment,
-    arguments), so launchers and signals see no difference."""
+    is not loaded yet, nothing else is preloaded and OWL_JAX_ALLOCATOR is not "system"; otherwise
+    returns. Call it in a program's main before its job starts (flags parsed, no checkpoint or data
+    opened yet): the process stays the same (pid, environment, arguments), so launchers and signals
+    see no difference."""
     # "restarted" marks the second start: no loop if the preload did not take.
     if os.environ.get(_OPT_OUT, "").lower() in ("system", "restarted") or sys.platform != "linux":
+        return
+    if os.environ.get("LD_PRELOAD", "").strip():  # the user's own preload (another allocator, a profiler)
         return
     library = tcmalloc_library()
     if library is None or tcmalloc_loaded():
         return
-    preload = " ".join(filter(None, [os.environ.get("LD_PRELOAD", ""), library]))
-    env = {**os.environ, "LD_PRELOAD": preload, _OPT_OUT: "restarted"}
+    # gperftools reports every host allocation over 1 GiB on stderr (a 7B restore makes many).
+    env = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40), **os.environ, "LD_PRELOAD": library,
+           _OPT_OUT: "restarted"}
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)

@@ -154,7 +154,7 @@ def _check_parsed(fv: flags.FlagValues, rest: list[str], required: Sequence[str]
 
 def _print_help(doc: str, sections: list[tuple[str, flags.FlagValues, Sequence[str]]]) -> None:
     """`doc`, then each section's flags as `--name: help (default: ...)`; exits 0."""
-    lines = [doc.strip(), ""]
+    lines = [(doc or "").strip(), ""]  # no docstrings under python -OO
     for title, fv, required in sections:
         lines.append(f"{title}:")
         for name in fv:

@@ -29,7 +29,7 @@ def _owleval_flags() -> flags.FlagValues:
     flags.DEFINE_integer("batch_size", 16, "questions decoded together", flag_values=fv)
     define_decoding_flags(fv)
     flags.DEFINE_string("model_id", None, "model_id field (default: owl_jax:<checkpoint dir name>)", flag_values=fv)
-    flags.DEFINE_bool("no_progress", False, "no progress bar", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "a progress bar (--noprogress: none)", flag_values=fv)
     return fv
 
 
@@ -63,7 +63,7 @@ def _owleval(args: flags.FlagValues) -> int:
     pixels = {name: load_image(path, cfg.vision.image_size) for name, path in image_files.items()}
     owl = load(checkpoint, tokenizer=tokenizer, prompt_tokenization=args.prompt_tokenization)
     rows = answer_owleval(owl, questions, pixels, out, args.batch_size, sampling(args), model_id, saved,
-                          progress=not args.no_progress)
+                          progress=args.progress)
     print(f"wrote {len(rows)} answers to {out}", file=sys.stderr)
     return 0
 

@@ -19,7 +19,8 @@ print("tcmalloc" if allocator.tcmalloc_loaded() else "system", flush=True)
 
 def _run(**env) -> list[str]:
     child_env = subprocess_env(**env)
-    child_env.pop("LD_PRELOAD", None)  # as a user's shell starts it
+    if "LD_PRELOAD" not in env:
+        child_env.pop("LD_PRELOAD", None)  # as a user's shell starts it
     if "OWL_JAX_ALLOCATOR" not in env:
         child_env.pop("OWL_JAX_ALLOCATOR", None)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, "--flag=1", "x"], env=child_env, capture_output=True,
@@ -47,4 +48,9 @@ def test_opt_out_keeps_the_system_malloc():
 def test_a_preload_that_does_not_take_does_not_loop():
     # The second start is marked; a marked process never restarts, whatever it runs with.
     lines = _run(OWL_JAX_ALLOCATOR="restarted")
+    assert [line.split()[0] for line in lines] == ["start", "system"]
+
+
+def test_a_preload_of_the_users_is_left_alone():
+    lines = _run(LD_PRELOAD="libm.so.6")
     assert [line.split()[0] for line in lines] == ["start", "system"]

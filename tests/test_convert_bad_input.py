@@ -492,3 +492,20 @@ def test_missing_or_unreadable_input_is_named(owl, tmp_path, capsys, case):
     argv, names = _bad_inputs(root, tmp_path)[case]
     assert names in _error(capsys, *argv, "--out", tmp_path / "out")
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.tmp")
+
+
+def test_a_params_dir_saved_before_the_retired_fields_still_loads(tmp_path):
+    """owl_config.json files written by earlier versions hold llm.attention_init, mimetic_noise,
+    mimetic_identity (fresh-weight choices that no longer exist) and could hold scan_unroll > 1."""
+    from owl_jax.models.config import owl_config_to_dict
+
+    cfg = small_owl_config()
+    old = owl_config_to_dict(cfg)
+    old["llm"].update(attention_init="normal", mimetic_noise=0.4, mimetic_identity=0.3)
+    old["scan_unroll"] = 2
+    (tmp_path / "owl_config.json").write_text(json.dumps(old))
+    assert params_io.load_config(str(tmp_path)) == cfg
+    old["llm"]["attention_init"] = "mimetic"
+    (tmp_path / "owl_config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="attention_init='mimetic': no longer offered"):
+        params_io.load_config(str(tmp_path))

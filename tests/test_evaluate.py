@@ -111,7 +111,7 @@ def test_owleval_answers_are_the_greedy_decoding_of_each_question_in_its_convers
     runner or the API."""
     out = tmp_path / "answers.jsonl"
     argv = ["owleval", "--checkpoint", tiny_checkpoint, "--data", owleval_dir, "--out", str(out),
-            "--max_new_tokens", "4", "--batch_size", "4", "--no_progress"]
+            "--max_new_tokens", "4", "--batch_size", "4", "--noprogress"]
     assert evaluate.main(argv) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [list(r) for r in rows] == [FIELDS] * len(QUESTIONS)  # the released answers' format

@@ -335,7 +335,7 @@ def test_cli_paths_are_relative_to_the_current_directory(tmp_path, owl_dir, owl,
     assert out.getvalue() == "AI: " + owl.chat(images=[jpg], messages=QUESTIONS[0], max_new_tokens=3) + "\n"
 
     code = evaluate.main(["owleval", "--checkpoint", rel(owl_dir), "--tokenizer", rel(owl_dir), "--data", rel(data),
-                          "--out", "answers/out.jsonl", "--max_new_tokens", "3", "--batch_size", "1", "--no_progress"])
+                          "--out", "answers/out.jsonl", "--max_new_tokens", "3", "--batch_size", "1", "--noprogress"])
     assert code == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (work / "answers" / "out.jsonl").read_text().splitlines()]
     assert [r["question_id"] for r in rows] == [1, 2]

@@ -2,6 +2,7 @@
 
 It uses the library the way a user does and the library never imports it:
 
+  tiny          the tiny owl (also configs/tiny.py): the model every stage trains
   scenes        draws the scenes and writes their captions, questions and answers
   dataset       the scenes as a TFDS dataset (+ its tokenizer): `python -m owl_jax.demo.dataset`
   config        the main job's stages, data sizes and evaluation (an ml_collections config file)
@@ -9,8 +10,3 @@ It uses the library the way a user does and the library never imports it:
   report        scores, blind baselines and plots of a finished run
   vision_probe, llm_probe   research probes of the tiny towers (what each can learn, how fast)
 """
-import os
-
-# The tiny owl's recipe file in the repository (configs/tiny.py): the demo's model.
-TINY_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                           "configs", "tiny.py")

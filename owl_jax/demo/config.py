@@ -1,9 +1,9 @@
-"""The main job: the tiny owl (configs/tiny.py) learns ShapesWorld, stage by stage, on CPU.
+"""The main job: the tiny owl (owl_jax/demo/tiny.py) learns ShapesWorld, stage by stage, on CPU.
 
     python -m owl_jax.demo.run --workdir=/tmp/owl [--quick] [--blank_images] [--config.stages.stage1.num_steps=...]
 
 Sections:
-  model      the tiny owl (configs/tiny.py), shared by every stage; stage 2 adds LoRA
+  model      the tiny owl (owl_jax/demo/tiny.py), shared by every stage; stage 2 adds LoRA
   prepare    the ShapesWorld build (owl_jax.demo.dataset): seed and split sizes
   stages     stage0 | stage1 | stage2: each is a set of overrides of owl_jax.train's config
              (owl_jax/configs.py:base_config), applied in order; data.dataset_dir and
@@ -13,12 +13,11 @@ Sections:
 """
 import ml_collections
 
-from owl_jax.configs import load_config_file
-from owl_jax.demo import TINY_CONFIG
+from owl_jax.demo import tiny
 
 
 def _tiny_model() -> ml_collections.ConfigDict:
-    return load_config_file(f"{TINY_CONFIG}:stage1").model
+    return tiny.get_config("stage1").model
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

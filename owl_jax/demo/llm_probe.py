@@ -36,8 +36,7 @@ import numpy as np
 from absl import flags
 
 from owl_jax.cli import fail, parse_flags
-from owl_jax.configs import load_config_file
-from owl_jax.demo import TINY_CONFIG
+from owl_jax.demo import tiny
 from owl_jax.inference.api import _forward
 from owl_jax.sharding import make_mesh
 from owl_jax.training.stages import merge_params
@@ -253,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             sw.sample_scene = sample_scene
         batches = scene_batches(rng, args.batch, seq_len, encode, args.qa_per_scene, args.answers_only)
 
-    c = load_config_file(f"{TINY_CONFIG}:full_ft")
+    c = tiny.get_config("full_ft")
     c.batch_size, c.seq_len, c.max_images_per_batch, c.num_steps = args.batch, seq_len, 1, args.steps
     if args.heads:
         c.model.llm.update(num_heads=args.heads, num_kv_heads=args.heads)

@@ -33,7 +33,7 @@ import time
 
 from absl import app, flags
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
 STAGES = ("stage0", "stage1", "stage2")
 STAGE_TITLES = {
     "stage0": "stage 0: text-only LLM pretraining",
@@ -51,7 +51,7 @@ def _define_flags() -> None:
     owl_jax/demo/config.py) and --workdir receives everything (data, stages, export, report)."""
     _train._define_flags()
     flags.adopt_module_key_flags(_train)  # --help lists --workdir and --config with this program's flags
-    FLAGS.set_default("config", _DEFAULT_CONFIG)
+    FLAGS.set_default("config", DEFAULT_CONFIG)
     flags.DEFINE_bool("quick", False, "CI-sized smoke run: merge the config's `quick` section.")
     flags.DEFINE_bool("blank_images", False, "The control run: every image (training and evaluation) blank.")
 

@@ -27,10 +27,9 @@ import optax
 from absl import flags
 
 from owl_jax.cli import parse_flags
-from owl_jax.configs import load_config_file
 from owl_jax.data.image import preprocess
-from owl_jax.demo import TINY_CONFIG
 from owl_jax.demo import scenes as sw
+from owl_jax.demo import tiny
 from owl_jax.models.config import owl_config_from_dict
 from owl_jax.models.owl import MplugOwl
 
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
         trained, cfg = load_params(args.params)
     else:
-        cfg = owl_config_from_dict(load_config_file(f"{TINY_CONFIG}:stage1").model.to_dict())
+        cfg = owl_config_from_dict(tiny.get_config("stage1").model.to_dict())
     vision, abstractor = cfg.vision, cfg.abstractor
     if args.vision_init:
         vision = dataclasses.replace(vision, initializer_range=args.vision_init)

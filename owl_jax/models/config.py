@@ -148,6 +148,8 @@ class OwlConfig:
     causal_query_block: int = 0
 
     def __post_init__(self):
+        if self.attention_impl not in (*ATTENTION_IMPLS, "auto"):
+            raise UserError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS} or 'auto'")
         if self.scan_unroll not in (0, 1):
             raise UserError(f"scan_unroll={self.scan_unroll}: expected 1 (the layers scanned) or 0 (a Python loop)")
         if self.vision.hidden_size != self.abstractor.encoder_hidden_size:
@@ -183,8 +185,8 @@ class RunOptions:
     causal_query_block: int = 0
 
     def __post_init__(self):
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS} or 'auto'")
+        if self.attention_impl not in ATTENTION_IMPLS:  # "auto" is resolved before (OwlConfig.run_options)
+            raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
 
 
 def _build(cls, section: Mapping[str, Any] | None):
@@ -205,9 +207,21 @@ def _build(cls, section: Mapping[str, Any] | None):
 _SUBCONFIGS = {"vision": VisionConfig, "abstractor": AbstractorConfig, "llm": LlamaConfig, "lora": LoraConfig}
 
 
+# Fields that configs saved by earlier versions (a params dir's owl_config.json) hold and that no
+# longer exist: each only chose how fresh weights were drawn, so a saved model is the same without it.
+_RETIRED_LLM_FIELDS = ("attention_init", "mimetic_noise", "mimetic_identity")
+
+
 def owl_config_from_dict(model: Mapping[str, Any]) -> OwlConfig:
     """Builds an OwlConfig from a (ml_collections or plain) mapping like `config.model`."""
     model = dict(model)
+    if isinstance(model.get("llm"), Mapping):
+        if model["llm"].get("attention_init", "normal") != "normal":
+            raise UserError(f"llm.attention_init={model['llm']['attention_init']!r}: no longer offered (fresh q/k "
+                            "kernels are normal(initializer_range)); remove the field")
+        model["llm"] = {k: v for k, v in model["llm"].items() if k not in _RETIRED_LLM_FIELDS}
+    if isinstance(model.get("scan_unroll"), int) and model["scan_unroll"] > 1:
+        model["scan_unroll"] = 1  # a partly unrolled scan (no longer offered) computes what the scan does
     subs = {name: _build(cls, model.pop(name, None)) for name, cls in _SUBCONFIGS.items()}
     return _build(OwlConfig, {**model, **subs})
 
