@@ -17,21 +17,6 @@ from absl import flags  # noqa: E402
 from owl_jax import cli  # noqa: E402
 
 
-def _depths(text: str) -> list[int]:
-    """`8,16,32` -> [8, 16, 32]; ValueError unless each is a positive integer."""
-    depths = [int(x) for x in text.split(",")]
-    if min(depths) < 1:
-        raise ValueError(text)
-    return depths
-
-
-def _is_depths(text: str) -> bool:
-    try:
-        return bool(_depths(text))
-    except ValueError:
-        return False
-
-
 def _flags() -> flags.FlagValues:
     """This program's flags, on a FlagValues of their own (fresh for each main() call)."""
     fv = flags.FlagValues()
@@ -39,7 +24,7 @@ def _flags() -> flags.FlagValues:
                         flag_values=fv)
     flags.DEFINE_string("topology", "v5e:4x4", "the TPU topology compiled for", flag_values=fv)
     flags.DEFINE_string("layers", "8,16,32", "LLM depths compiled in turn, comma-separated", flag_values=fv)
-    flags.register_validator("layers", _is_depths, "expected positive integers, comma-separated", flag_values=fv)
+    cli.register_positive_ints("layers", fv)
     return fv
 
 
@@ -54,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     devices = tpu_devices(args.topology)
     print(f"| LLM layers | lower + compile s ({args.config}, {args.topology}) |\n|---|---|")
-    for layers in _depths(args.layers):
+    for layers in cli.positive_ints(args.layers):
         config = load_config_file(args.config)
         config.model.llm.num_layers = layers
         trainer = Trainer(config, make_mesh(config.mesh.to_dict(), devices))

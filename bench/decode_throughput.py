@@ -32,26 +32,11 @@ from absl import flags
 from owl_jax import cli
 
 
-def _batches(text: str) -> list[int]:
-    """`1,8` -> [1, 8]; ValueError unless each is a positive integer."""
-    sizes = [int(x) for x in text.split(",")]
-    if min(sizes) < 1:
-        raise ValueError(text)
-    return sizes
-
-
-def _is_batches(text: str) -> bool:
-    try:
-        return bool(_batches(text))
-    except ValueError:
-        return False
-
-
 def _flags() -> flags.FlagValues:
     """This program's flags, on a FlagValues of their own (fresh for each main() call)."""
     fv = flags.FlagValues()
     flags.DEFINE_string("batch", "1,8", "batch sizes timed in turn, comma-separated", flag_values=fv)
-    flags.register_validator("batch", _is_batches, "expected positive integers, comma-separated", flag_values=fv)
+    cli.register_positive_ints("batch", fv)
     flags.DEFINE_integer("prompt_len", 64, "tokens per prompt", flag_values=fv)
     flags.DEFINE_integer("new_tokens", 128, "tokens generated per sample (EOS off)", flag_values=fv)
     flags.DEFINE_integer("layers", 4, "LLaMA layers", flag_values=fv)
@@ -134,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| batch | owl_jax tok/s | transformers tok/s | speed-up | tokens agree | owl_jax compile s |{extra}")
     print("|---|---|---|---|---|---|" + ("---|" if old else ""))
     rng = np.random.default_rng(0)
-    for b in _batches(args.batch):
+    for b in cli.positive_ints(args.batch):
         prompts = rng.integers(3, args.vocab, size=(b, args.prompt_len)).astype(np.int32)
         prompts[:, 0] = 1
         batch = make_batch(list(prompts), None, [0] * b, cfg, buckets=False)

@@ -117,6 +117,27 @@ def parse_flags(argv: Sequence[str] | None, fv: flags.FlagValues, doc: str, *,
     return fv
 
 
+def positive_ints(text: str) -> list[int]:
+    """`8,16,32` -> [8, 16, 32]: a comma-separated flag value; ValueError unless each is a positive integer."""
+    values = [int(x) for x in text.split(",")]
+    if min(values) < 1:
+        raise ValueError(text)
+    return values
+
+
+def register_positive_ints(name: str, fv: flags.FlagValues) -> None:
+    """Refuses a value of flag `name` that `positive_ints` cannot read, when the flags are parsed."""
+    from absl import flags
+
+    def valid(text: str) -> bool:
+        try:
+            return bool(positive_ints(text))
+        except ValueError:
+            return False
+
+    flags.register_validator(name, valid, "expected positive integers, comma-separated", flag_values=fv)
+
+
 class Command(NamedTuple):
     """One command of a program that takes a command first (`python -m owl_jax.convert to-torch ...`)."""
 
