@@ -2,6 +2,7 @@
 import glob
 import os
 import socket
+import subprocess
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -30,6 +31,20 @@ def subprocess_env(**extra) -> dict:
     """The environment of a test's child process: this checkout importable, CPU only, then `extra`."""
     path = os.pathsep.join(p for p in (REPO, os.path.dirname(__file__), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path, "JAX_PLATFORMS": "cpu", **extra}
+
+
+class LoggedProcess(subprocess.Popen):
+    """A child process whose stderr goes to a temporary file, not a pipe: a pipe holds 64 KiB, and a
+    training process blocked writing its log to a full one never reaches the barrier its peer
+    process waits at, so a test that reads the pipes only after both exit waits for ever."""
+
+    def __init__(self, args, **kwargs):
+        self._log = tempfile.TemporaryFile()
+        super().__init__(args, stderr=self._log, **kwargs)
+
+    def stderr_text(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
 
 
 def free_port() -> int:

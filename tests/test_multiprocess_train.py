@@ -22,7 +22,15 @@ import pytest
 from flax import traverse_util
 from test_resume import assert_same_params, flat_params, start_preemptible, wait_for_file
 
-from conftest import REPO, TINY_TRAIN_FLAGS, damage_checkpoint, free_port, subprocess_env, tiny_train_config
+from conftest import (
+    REPO,
+    TINY_TRAIN_FLAGS,
+    LoggedProcess,
+    damage_checkpoint,
+    free_port,
+    subprocess_env,
+    tiny_train_config,
+)
 
 STEPS = ["--config.num_steps=4", "--config.checkpoint.every_steps=2", "--config.checkpoint.async_save=False"]
 
@@ -50,8 +58,8 @@ def two_processes(args, preemptible_marker=None, hang_before_step=0):
         if preemptible_marker:
             procs.append(start_preemptible(full, hang_before_step, preemptible_marker, env=env))
         else:
-            procs.append(subprocess.Popen([sys.executable, "-m", "owl_jax.train", *full], cwd=REPO,
-                                          env=subprocess_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            procs.append(LoggedProcess([sys.executable, "-m", "owl_jax.train", *full], cwd=REPO,
+                                       env=subprocess_env(**env), stdout=subprocess.DEVNULL))
     return procs
 
 
@@ -65,7 +73,7 @@ def wait_all(procs, timeout=600):
             for p in procs:
                 p.kill()
             raise
-        results.append((proc.returncode, proc.stderr.read().decode()))
+        results.append((proc.returncode, proc.stderr_text()))
     return results
 
 

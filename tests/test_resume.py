@@ -15,7 +15,7 @@ from flax import traverse_util
 from owl_jax import params_io
 from owl_jax.train import train
 
-from conftest import REPO, TINY_TRAIN_FLAGS, subprocess_env, tiny_train_config
+from conftest import REPO, TINY_TRAIN_FLAGS, LoggedProcess, subprocess_env, tiny_train_config
 
 
 def flat_params(workdir):
@@ -33,8 +33,8 @@ def start_preemptible(args, hang_before_step, marker, env=None):
     """`python -m owl_jax.train ARGS` whose process 0 waits for a signal before the batches of step
     `hang_before_step + 1` (tests/preemptible_train.py); it writes `marker` when it gets there."""
     env = subprocess_env(OWL_TEST_HANG_BEFORE_STEP=str(hang_before_step), OWL_TEST_HANG_MARKER=marker, **(env or {}))
-    return subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "preemptible_train.py"), *args], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return LoggedProcess([sys.executable, os.path.join(REPO, "tests", "preemptible_train.py"), *args], cwd=REPO,
+                         env=env, stdout=subprocess.DEVNULL)
 
 
 def wait_for_file(path, procs, timeout=300):
@@ -43,7 +43,7 @@ def wait_for_file(path, procs, timeout=300):
         for proc in procs:
             if proc.poll() is not None:
                 raise AssertionError(
-                    f"training exited early ({proc.returncode}): {proc.stderr.read().decode()[-3000:]}"
+                    f"training exited early ({proc.returncode}): {proc.stderr_text()[-3000:]}"
                 )
         if time.time() > deadline:
             for proc in procs:
@@ -70,7 +70,7 @@ def test_interrupted_run_resumes_to_identical_parameters(straight, tmp_path, sig
     code = proc.wait(timeout=120)
     checkpoints = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
     if sig == signal.SIGTERM:
-        stderr = proc.stderr.read().decode()
+        stderr = proc.stderr_text()
         assert code == 75, stderr[-3000:]  # saved and stopped: not 0 (done), so a scheduler can tell
         assert "stopped by SIGTERM at step 4" in stderr and "Traceback" not in stderr, stderr[-3000:]
         assert checkpoints == ["3", "4"]  # the SIGTERM save
