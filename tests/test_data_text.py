@@ -145,6 +145,26 @@ def test_tokenizer_llama_ids(sp_tokenizer, tmp_path):
         tok("red circle", add_special_tokens=False)["input_ids"]
 
 
+def test_dropped_pieces_never_form_and_a_retrained_tokenizer_replaces_the_old_files(tmp_path):
+    """`drop_pieces`: no token of the vocabulary matches it, so a word of capitals is one token a
+    letter, and ids and pieces agree between SentencePiece and the transformers files. Training again
+    into the same directory leaves none of the first tokenizer's files behind to be read instead."""
+    from owl_jax.data.tokenizer import encode_text
+
+    texts = [f"Spell the word {w} backwards. {w[::-1]}" for w in ("KEPLO", "ZANTH", "QUIRB", "KEPLO")] * 30
+    out = str(tmp_path / "tok")
+    train_tokenizer(texts, out, vocab_size=400)
+    merged = load_tokenizer(out)
+    assert any(len(p.strip("\u2581")) > 1 and p.strip("\u2581").isupper() for p in merged.get_vocab())
+    train_tokenizer(texts, out, vocab_size=400, drop_pieces=r"[A-Z]{2}|\u2581[A-Z]")
+    tok = load_tokenizer(out)
+    assert not [p for p in tok.get_vocab() if re.search(r"[A-Z]{2}|\u2581[A-Z]", p) and not p.startswith("<")]
+    ids = encode_text(tok, "Spell the word KEPLO backwards.")
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert pieces[pieces.index("\u2581word") + 1:][:7] == ["\u2581", "K", "E", "P", "L", "O", "\u2581backwards"], pieces
+    assert tok.decode(ids) == "Spell the word KEPLO backwards."
+
+
 RELEASE = os.environ.get("OWL_RELEASE_SRC", "/work/owl_release_src/mPLUG-Owl")
 
 

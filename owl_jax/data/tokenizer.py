@@ -110,17 +110,40 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 1024) -> str:
+def _drop_pieces(model_file: str, pattern: re.Pattern) -> None:
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    with open(model_file, "rb") as f:
+        model.ParseFromString(f.read())
+    normal = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+    kept = [p for p in model.pieces if p.type != normal or not pattern.search(p.piece)]
+    del model.pieces[:]
+    model.pieces.extend(kept)
+    with open(model_file, "wb") as f:
+        f.write(model.SerializeToString())
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 1024, drop_pieces: str = "") -> str:
     """Train a byte-fallback BPE SentencePiece model on `texts` (LLaMA ids) into `out_dir`.
 
     Writes ``tokenizer.model`` plus the transformers files (``tokenizer.json``,
     ``tokenizer_config.json``) so `load_tokenizer(out_dir)` is fast. The vocabulary holds at most
     `vocab_size` pieces (fewer if the text is too small to fill it); digits are split one per
-    token. Deterministic for the same texts (single-threaded training).
+    token. Learnt pieces that match the regex `drop_pieces` are removed from the vocabulary, so
+    the merges that make them never happen (e.g. every piece holding two capital letters: a word of
+    capitals is then one token a letter, and spelling it backwards is reversing tokens).
+    SentencePiece's own ``user_defined_symbols`` would do it, but transformers' conversion of such
+    a model to tokenizer.json numbers its vocabulary differently from the model.
+    Deterministic for the same texts (single-threaded training).
     """
     import sentencepiece as spm
 
     os.makedirs(out_dir, exist_ok=True)
+    for stale in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        # an earlier tokenizer's files would be read instead of the new model's
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
     prefix = os.path.join(out_dir, "tokenizer")
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(list(texts)),
@@ -144,6 +167,8 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 1024) 
         minloglevel=2,
     )
     os.remove(prefix + ".vocab")
+    if drop_pieces:
+        _drop_pieces(prefix + ".model", re.compile(drop_pieces))
     tok = load_tokenizer(prefix + ".model")
     tok.save_pretrained(out_dir)
     return out_dir
