@@ -8,11 +8,16 @@ process_count image slots, S = image_size:
 ===============  ==================  =========================================================
 input_ids        int32[B, T]         BOS, text ids, IMAGE_PLACEHOLDER_ID x tokens_per_image per
                                      image, EOS after each answer, PAD (right padding)
-attention_mask   int32[B, T]         1 on real tokens (placeholders included), 0 on padding
+attention_mask   int32[B, T]         the sample each token belongs to in its row: 1 on every real
+                                     token (placeholders included) of an unpacked row, 1, 2, ... in
+                                     a packed one (data.packing); 0 on padding. A token attends to
+                                     the earlier tokens of its own sample, and its RoPE position
+                                     counts from its sample's first token
 loss_mask        int32[B, T]         1 where the token is part of an answer (its EOS included)
 pixel_values     float32[M, S, S, 3] the images in sample order, CLIP-normalised, unused slots 0
-num_images       int32[B]            images per sample (sum <= M)
-image_start      int32[B]            each sample's first image slot among this process's M
+num_images       int32[B]            images per row (sum <= M)
+image_start      int32[B]            each row's first image slot among this process's M (a row's
+                                     images follow its samples' order)
 ===============  ==================  =========================================================
 
 The trainer stacks `grad_accum_steps` micro-batches on a leading axis ([K, ...]) and makes global

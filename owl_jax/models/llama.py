@@ -41,6 +41,25 @@ def projection(module: nn.Module, features: int, axes, name: str) -> Dense:
                  kernel_init=nn.initializers.normal(module.cfg.initializer_range), name=name)
 
 
+def segment_mask(segments: jax.Array) -> jax.Array:
+    """bool[B, 1, T, T] causal attention within each sample of a row: segments int/bool[B, T] (1, 2, ...
+    per sample, 0 on padding). Padding keys are never seen; a padding query sees the row's earlier
+    real tokens (as with an unpacked padded row: its output is never read, and no row is empty)."""
+    seg = segments.astype(jnp.int32)
+    t = seg.shape[1]
+    q, k = seg[:, None, :, None], seg[:, None, None, :]
+    return jnp.tril(jnp.ones((t, t), bool))[None, None] & (k > 0) & ((q == k) | (q == 0))
+
+
+def segment_positions(segments: jax.Array) -> jax.Array:
+    """int32[B, T] RoPE positions that restart at 0 at each sample of a row (segments int/bool[B, T]:
+    a new sample wherever the id changes; an unpacked right-padded row gets 0..T-1 on its tokens)."""
+    seg = segments.astype(jnp.int32)
+    t = jnp.arange(seg.shape[1], dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+
+
 class LlamaAttention(nn.Module):
     cfg: LlamaConfig
     lora: LoraConfig
@@ -49,9 +68,10 @@ class LlamaAttention(nn.Module):
     name_attention_residuals: bool = False  # see attention.attention(name_residuals=...)
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, key_valid: jax.Array, deterministic: bool) -> jax.Array:
-        """x float[B, T, D], positions int[B, T], key_valid bool[B, T] (bool[B, S] over the cache when
-        decoding) -> float[B, T, D]."""
+    def __call__(self, x: jax.Array, positions: jax.Array, segments: jax.Array, deterministic: bool) -> jax.Array:
+        """x float[B, T, D], positions int[B, T], segments int/bool[B, T]: the sample of each token in
+        its row (1, 2, ... in a packed row), 0 on padding (bool[B, S], the valid keys, over the cache
+        when decoding) -> float[B, T, D]. A token sees the earlier tokens of its own sample."""
         cfg = self.cfg
         b, t, _ = x.shape
         h, k, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -63,12 +83,12 @@ class LlamaAttention(nn.Module):
         if self.decode:
             key, value, query_slots = self._update_cache(key, value)  # [B, K, S, Dh]
             causal = jnp.arange(key.shape[2])[None, :] <= query_slots[:, None]  # [T, S]
+            mask, segment_ids = causal[None, None] & segments[:, None, None, :].astype(bool), None
         else:
-            causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-        mask = causal[None, None] & key_valid[:, None, None, :].astype(bool)
+            mask, segment_ids = segment_mask(segments), segments.astype(jnp.int32)
         out = attention(q, key, value, mask, impl=self.run.attention_impl, kv_heads_first=self.decode,
                         causal_query_block=0 if self.decode else self.run.causal_query_block, causal=not self.decode,
-                        name_residuals=self.name_attention_residuals)
+                        name_residuals=self.name_attention_residuals, segment_ids=segment_ids)
         return projection(self, cfg.hidden_size, ("heads", "embed"), "o_proj")(out.reshape(b, t, h * dh), deterministic)
 
     def _update_cache(self, key: jax.Array, value: jax.Array):
@@ -114,11 +134,11 @@ class LlamaLayer(nn.Module):
     name_attention_residuals: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, key_valid, deterministic: bool):
+    def __call__(self, x, positions, segments, deterministic: bool):
         norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.run.param_dtype, name=name)
         attn = LlamaAttention(self.cfg, self.lora, self.run, self.decode, self.name_attention_residuals,
                               name="self_attn")
-        x = x + attn(norm("input_layernorm")(x), positions, key_valid, deterministic)
+        x = x + attn(norm("input_layernorm")(x), positions, segments, deterministic)
         x = x + LlamaMLP(self.cfg, self.lora, self.run, name="mlp")(
             norm("post_attention_layernorm")(x), deterministic
         )
@@ -170,8 +190,9 @@ class LlamaModel(nn.Module):
         return self.embed_tokens(input_ids)
 
     def __call__(self, inputs_embeds, positions, attention_mask, deterministic: bool = True) -> jax.Array:
-        """inputs_embeds float[B, T, D], positions int[B, T], attention_mask bool[B, T] (bool[B, S] over
-        the cache when decoding) -> final hidden states float[B, T, D]."""
+        """inputs_embeds float[B, T, D], positions int[B, T], attention_mask int/bool[B, T]: each
+        token's sample in its row, 0 on padding (owl_jax/batch.py; bool[B, S] over the cache when
+        decoding) -> final hidden states float[B, T, D]."""
         x = constrain(inputs_embeds.astype(self.run.dtype), ("batch", "length", "embed"))
         if self.scan_layers and runs_stacked_unrolled(self, self.run.scan_unroll):
             x = run_stacked_layers(self, "layers", LlamaLayer, self.cfg.num_layers, self.run.remat_policy,
@@ -282,8 +303,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> jax.Array:
         """Token ids int[B, T] or embeddings float[B, T, D] -> logits float[B, T, V].
 
-        attention_mask defaults to all-valid; positions default to 0..T-1 (pass explicit positions with
-        left padding or when decoding with the cache)."""
+        attention_mask (each token's sample in its row, 0 on padding; owl_jax/batch.py) defaults to
+        all-valid; positions default to 0..T-1 within each sample (`segment_positions`; pass explicit
+        positions with left padding or when decoding with the cache)."""
         hidden = self.hidden_states(
             input_ids, inputs_embeds=inputs_embeds, positions=positions, attention_mask=attention_mask,
             deterministic=deterministic,
@@ -307,5 +329,5 @@ class LlamaForCausalLM(nn.Module):
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            positions = segment_positions(attention_mask)
         return self.model(inputs_embeds, positions, attention_mask, deterministic)

@@ -108,8 +108,9 @@ class MplugOwl(nn.Module):
 
         input_ids int[B, T] with `IMAGE_PLACEHOLDER_ID` (65 per image), pixel_values float[M, H, W, 3]
         (M fixed per batch; unused slots are ignored), num_images int[B] (sum <= M), attention_mask
-        int/bool[B, T] (1 = real token; bool[B, S] over the cache when decoding), positions int[B, T]
-        (default 0..T-1), image_start int[B] (see splice_images)."""
+        int/bool[B, T] (each token's sample in its row: 1 in an unpacked row, 1, 2, ... in a packed one,
+        0 on padding; bool[B, S] over the cache when decoding), positions int[B, T] (default 0..T-1 within
+        each sample), image_start int[B] (see splice_images)."""
         return self._llm(self.language_model, input_ids, pixel_values, num_images, attention_mask, positions,
                          deterministic, image_start)
 
@@ -135,7 +136,7 @@ class MplugOwl(nn.Module):
         return llm_fn(
             inputs_embeds=embeds,
             positions=positions,
-            attention_mask=None if attention_mask is None else attention_mask.astype(bool),
+            attention_mask=attention_mask,
             deterministic=deterministic,
         )
 

@@ -44,11 +44,12 @@ def supports(b: int, t: int, h: int, head_dim: int) -> bool:
     return b % size(spec[0]) == 0 and h % size(spec[1]) == 0
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array) -> jax.Array:
-    """q float[B, T, H, Dh], k/v float[B, T, K, Dh] (H % K == 0), key_valid bool[B, T] -> float[B, T, H, Dh].
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array) -> jax.Array:
+    """q float[B, T, H, Dh], k/v float[B, T, K, Dh] (H % K == 0), segments int/bool[B, T] -> float[B, T, H, Dh].
 
-    Padding becomes segment ids (valid tokens 1, padding 0): a valid query sees exactly the valid
-    keys up to itself, wherever the padding is. Padded queries see padded keys (never an empty row).
+    segments are the kernel's segment ids: each token's sample in its row (1, 2, ... packed; a bool
+    validity is one sample), 0 on padding. A real query sees exactly the earlier keys of its own
+    sample, wherever the padding is; padded queries see padded keys (never an empty row).
     """
     b, t, h, dh = q.shape
     groups = h // k.shape[2]
@@ -56,7 +57,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     q = q * jnp.asarray(dh**-0.5, q.dtype)  # the kernel does not scale
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, H, T, Dh]
-    segments = key_valid.astype(jnp.int32)
+    segments = segments.astype(jnp.int32)
     block = next(x for x in BLOCKS if t % x == 0)
     sizes = kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                                   block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)

@@ -1,0 +1,131 @@
+"""Packed rows: several samples in one row, each seeing only itself (attention, RoPE positions, images)."""
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from owl_jax.batch import BOS_ID, IMAGE_PLACEHOLDER_ID
+from owl_jax.losses import answer_loss
+from owl_jax.models.llama import segment_positions
+from owl_jax.models.owl import MplugOwl
+from tests.conftest import random_owl_params, small_owl_config
+
+
+def _sample(rng, cfg, length: int, num_images: int):
+    """(ids, loss mask, images): BOS, text, `num_images` placeholder runs, an answer (loss) at the end."""
+    p = cfg.tokens_per_image
+    ids = [BOS_ID] + rng.integers(3, cfg.llm.vocab_size, 3).tolist()
+    for _ in range(num_images):
+        ids += [IMAGE_PLACEHOLDER_ID] * p + rng.integers(3, cfg.llm.vocab_size, 2).tolist()
+    ids += rng.integers(3, cfg.llm.vocab_size, length - len(ids)).tolist()
+    loss = [0] * (length - 5) + [1] * 5
+    size = cfg.vision.image_size
+    images = rng.normal(size=(num_images, size, size, 3)).astype(np.float32)
+    return np.asarray(ids, np.int32), np.asarray(loss, np.int32), images
+
+
+def _packed(samples, seq_len: int, max_images: int, size: int):
+    """One row holding every sample (attention_mask 1, 2, ...), right-padded."""
+    ids, seg, loss = (np.zeros((1, seq_len), np.int32) for _ in range(3))
+    pos, images = 0, []
+    for i, (x, lm, im) in enumerate(samples):
+        ids[0, pos:pos + len(x)], seg[0, pos:pos + len(x)], loss[0, pos:pos + len(x)] = x, i + 1, lm
+        pos += len(x)
+        images += list(im)
+    pixels = np.zeros((max_images, size, size, 3), np.float32)
+    if images:
+        pixels[:len(images)] = np.stack(images)
+    return dict(input_ids=ids, attention_mask=seg, pixel_values=pixels, num_images=np.asarray([len(images)], np.int32),
+                image_start=np.zeros((1,), np.int32)), loss
+
+
+def _alone(sample, seq_len: int, max_images: int, size: int):
+    return _packed([sample], seq_len, max_images, size)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = small_owl_config()
+    params = random_owl_params(cfg, seed=1, perturb_seed=2)
+    rng = np.random.default_rng(0)
+    p = cfg.tokens_per_image
+    samples = [_sample(rng, cfg, 9 + p, 1), _sample(rng, cfg, 12, 0), _sample(rng, cfg, 14 + 2 * p, 2)]
+    return cfg, params, samples
+
+
+def _per_sample_logits(cfg, params, samples, seq_len=96, max_images=4):
+    size = cfg.vision.image_size
+    batch, _ = _packed(samples, seq_len, max_images, size)
+    logits = np.asarray(MplugOwl(cfg).apply({"params": params}, **batch))[0]
+    out, pos = [], 0
+    for x, _, _ in samples:
+        out.append(logits[pos:pos + len(x)])
+        pos += len(x)
+    return out
+
+
+@pytest.mark.parametrize("run", [{}, {"causal_query_block": 32}, {"attention_impl": "jax"}])
+def test_packed_logits_and_losses_equal_each_sample_alone(setup, run):
+    cfg, params, samples = setup
+    cfg = dataclasses.replace(cfg, **run)
+    size = cfg.vision.image_size
+    packed = _per_sample_logits(cfg, params, samples)
+    batch, loss_mask = _packed(samples, 96, 4, size)
+    logits = MplugOwl(cfg).apply({"params": params}, **batch)
+    for i, (sample, got) in enumerate(zip(samples, packed)):
+        alone_batch, alone_loss_mask = _alone(sample, 96, 4, size)
+        want = np.asarray(MplugOwl(cfg).apply({"params": params}, **alone_batch))[0, :len(sample[0])]
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"sample {i}")
+        # the sample's answer loss, read from the packed row, is its loss alone
+        only_i = loss_mask * (batch["attention_mask"] == i + 1)
+        got_loss, _ = answer_loss(logits, jnp.asarray(batch["input_ids"]), jnp.asarray(only_i))
+        want_loss, _ = answer_loss(MplugOwl(cfg).apply({"params": params}, **alone_batch),
+                                   jnp.asarray(alone_batch["input_ids"]), jnp.asarray(alone_loss_mask))
+        np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
+
+
+def test_changing_one_sample_changes_no_other(setup):
+    cfg, params, samples = setup
+    before = _per_sample_logits(cfg, params, samples)
+    rng = np.random.default_rng(5)
+    for changed in range(3):
+        x, lm, im = samples[changed]
+        x = x.copy()
+        x[-3:] = rng.integers(3, cfg.llm.vocab_size, 3)
+        im = im + 1.0  # a different image too, where it has one
+        edited = list(samples)
+        edited[changed] = (x, lm, im)
+        after = _per_sample_logits(cfg, params, edited)
+        for i in range(3):
+            if i == changed:
+                assert np.abs(after[i] - before[i]).max() > 1e-3  # the edit is visible where it belongs
+            else:
+                np.testing.assert_array_equal(after[i], before[i])
+
+
+def test_positions_restart_at_each_sample():
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(segment_positions(seg), [[0, 1, 2, 0, 1, 0, 0, 1], [0, 1, 2, 3, 4, 0, 1, 2]])
+
+
+def test_splash_kernel_keeps_samples_apart():
+    """The TPU kernel (Pallas' interpreter here) on a packed row: the einsum path's outputs."""
+    from owl_jax.models.attention import attention
+    from owl_jax.models.llama import segment_mask
+
+    rng = np.random.default_rng(3)
+    b, t, h, dh = 2, 256, 2, 128
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, dh)), jnp.float32) for _ in range(3))
+    seg = np.zeros((b, t), np.int32)
+    seg[0, :100], seg[0, 100:130], seg[0, 130:250] = 1, 2, 3
+    seg[1, :256] = 1
+    seg = jnp.asarray(seg)
+    want = attention(q, k, v, segment_mask(seg), causal=True, segment_ids=seg)
+    got = attention(q, k, v, segment_mask(seg), impl="splash", causal=True, segment_ids=seg)
+    real = np.asarray(seg) > 0
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5)
+    # and the einsum path keeps them apart: sample 2's outputs do not move with sample 1's keys
+    k2 = k.at[0, :100].add(1.0)
+    moved = attention(q, k2, v, segment_mask(seg), causal=True)
+    np.testing.assert_array_equal(np.asarray(moved)[0, 100:250], np.asarray(want)[0, 100:250])
