@@ -8,7 +8,7 @@ Graph (grain dataset API)::
       -> mix(text-only, image; weights ratio, 1 - ratio)            (only when text_only_ratio >= 0)
       -> random_map(read + tokenise + image preprocessing)          (per-index rng: deterministic)
       -> to_iter_dataset(read_threads)
-      -> image-aware batching (`make_batch`)                        (fixed shapes, see below)
+      -> image-aware batching (`make_batch`), or packing            (fixed shapes, see below)
       -> mp_prefetch(worker_count)                                  (optional worker processes)
 
 A batch (per process) is the training batch of owl_jax/batch.py (T = max_len), with fixed shapes.
@@ -16,7 +16,14 @@ A batch (per process) is the training batch of owl_jax/batch.py (T = max_len), w
 With text_only_ratio >= 0 and a finite num_epochs, iteration ends when either group (text-only or
 image) is exhausted at its weight. A sample whose images do not fit the batch's remaining image slots
 is deferred to the next batch; a sample with more than M images is dropped. Both are counted
-(`OwlDataIterator.stats`), as are truncated samples and samples left with no loss token. At the end
+(`OwlDataIterator.stats`), as are truncated samples and samples left with no loss token.
+
+With `packing`, a row holds as many samples as fit its max_len tokens: each sample goes to the first
+row of the batch with room for it (first fit, in stream order), and the first sample that fits no
+row, or whose images overflow the batch's M slots, waits for the next batch. A packed row's
+attention_mask numbers its samples 1, 2, ... (owl_jax/batch.py), its images follow its samples' order,
+and `index` is per token (int32[B, T], -1 on padding). Nothing is cut to fit: a sample is truncated
+to max_len exactly as without packing. At the end
 of a finite run the last batch is filled with inert rows (a lone BOS, attention 1 at position 0,
 loss 0, no images).
 
@@ -50,7 +57,7 @@ from owl_jax.data.text import DEFAULT_IMAGE_TOKEN_COUNT, encode_conversation, pa
 from owl_jax.data.tokenizer import load_tokenizer
 
 STAT_NAMES = ("samples", "truncated", "no_loss_tokens", "images_truncated", "deferred", "dropped_too_many_images",
-              "filler_rows")
+              "filler_rows", "tokens")
 _STATS = "_stats"
 _INDEX = "_index"
 
@@ -76,7 +83,8 @@ def default_config() -> ml_collections.ConfigDict:
         seed=0,
         blank_images=False,  # replace every image by zeros (the mean colour): the "no image" control
         text_only=False,  # drop every image and its "Human: <image>" line (text-only pretraining)
-        return_index=False,  # add "index": int32[B] record index of each row (-1 for filler rows)
+        packing=False,  # several samples a row (first fit); see the module docstring
+        return_index=False,  # add "index": int32[B] record index of each row (-1 for filler rows; packing: [B, T])
         read_threads=2,  # grain ReadOptions.num_threads
         read_buffer_size=32,  # grain ReadOptions.prefetch_buffer_size (samples)
         worker_count=0,  # grain mp_prefetch worker processes (0: none)
@@ -135,6 +143,7 @@ def encode_sample(text: str, images: Sequence[bytes], tokenizer, opts: SampleOpt
     stats[1] = enc.truncated
     stats[2] = enc.num_loss_tokens == 0
     stats[3] = min(len(images), enc.num_image_tags) - enc.num_images
+    stats[STAT_NAMES.index("tokens")] = len(enc.ids)
     out[_STATS] = stats
     return out
 
@@ -184,9 +193,30 @@ def _filler_row(max_len: int, s: int) -> dict:
             "images": np.zeros((0, s, s, 3), np.float32), "num_images": 0}
 
 
+def pack_row(samples: Sequence[dict], max_len: int, image_size: int) -> dict:
+    """Encoded samples (padded to max_len, lengths summing to <= max_len) as one row: their tokens in
+    order, attention_mask 1, 2, ... by sample, their images in order, the per-token record index."""
+    ids, seg, loss, index = (np.zeros((max_len,), np.int32) for _ in range(4))
+    index[:] = -1
+    stats, pos = np.zeros(len(STAT_NAMES), np.int64), 0
+    for i, sample in enumerate(samples):
+        n = int(np.count_nonzero(sample["attention_mask"]))
+        if pos + n > max_len:
+            raise ValueError(f"samples of {pos + n} tokens > max_len {max_len}")
+        ids[pos:pos + n], loss[pos:pos + n] = sample["input_ids"][:n], sample["loss_mask"][:n]
+        seg[pos:pos + n], index[pos:pos + n] = i + 1, int(sample.get(_INDEX, -1))
+        pos += n
+        stats += sample.get(_STATS, 0)
+    images = [x for sample in samples for x in sample["images"]]
+    pixels = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.float32)
+    return {"input_ids": ids, "attention_mask": seg, "loss_mask": loss, "images": pixels, "num_images": len(images),
+            _STATS: stats, _INDEX: index}
+
+
 def make_batch(samples: Sequence[dict], batch_size: int, max_images: int, max_len: int, image_size: int,
-               extra_stats: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Stacks <= batch_size encoded samples (images sum <= max_images) into one fixed-shape batch.
+               extra_stats: np.ndarray | None = None, packed: bool = False) -> dict[str, np.ndarray]:
+    """Stacks <= batch_size encoded samples, or rows of them (`pack_row`, with `packed`), whose images
+    sum to <= max_images into one fixed-shape batch.
 
     Missing rows are filled with inert rows (counted in the stats as filler_rows).
     """
@@ -216,16 +246,19 @@ def make_batch(samples: Sequence[dict], batch_size: int, max_images: int, max_le
         "pixel_values": pixel_values,
         "num_images": np.asarray([int(r["num_images"]) for r in rows], np.int32),
         _STATS: stats,
-        _INDEX: np.asarray([int(r.get(_INDEX, -1)) for r in rows], np.int32),
+        # int32[B], or int32[B, T] for packed rows (a record index per token)
+        _INDEX: np.stack([np.broadcast_to(np.asarray(r.get(_INDEX, -1), np.int32), (max_len,) if packed else ())
+                          for r in rows]),
     }
     batch["image_start"] = first_image_slots(batch["num_images"])
     return batch
 
 
 class _ImageAwareBatchDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, batch_size: int, max_images: int, max_len: int, image_size: int):
+    def __init__(self, parent: grain.IterDataset, batch_size: int, max_images: int, max_len: int, image_size: int,
+                 packing: bool = False):
         super().__init__(parent)
-        self._args = (batch_size, max_images, max_len, image_size)
+        self._args = (batch_size, max_images, max_len, image_size, packing)
 
     def __iter__(self):
         return _ImageAwareBatchIterator(self._parent.__iter__(), *self._args)
@@ -235,48 +268,73 @@ class _ImageAwareBatchDataset(grain.IterDataset):
 
 
 class _ImageAwareBatchIterator(grain.DatasetIterator):
-    """Fills batches in order; a sample whose images overflow waits (one at most) for the next batch.
+    """Fills batches in order, one sample a row or (packing) first fit into the rows' tokens; the
+    first sample that does not fit (rows or image slots) waits for the next batch (one at most).
 
     State = the parent's state before the waiting sample was read (or the current parent state if
     none waits), so restoring re-reads that sample: exact resumption without storing samples.
     """
 
-    def __init__(self, parent, batch_size, max_images, max_len, image_size):
+    def __init__(self, parent, batch_size, max_images, max_len, image_size, packing=False):
         super().__init__(parent)
-        self._batch_size, self._max_images, self._max_len, self._image_size = (
-            batch_size, max_images, max_len, image_size)
+        self._batch_size, self._max_images, self._max_len, self._image_size, self._packing = (
+            batch_size, max_images, max_len, image_size, packing)
         self._pending = None
         self._pending_state = None
         self._exhausted = False
 
+    def _row_for(self, rows: list[list[dict]], free: list[int], n: int) -> int | None:
+        """The row a sample of n tokens goes to (len(rows) for a new one), or None if none has room."""
+        if self._packing:
+            fits = next((r for r, room in enumerate(free) if room >= n), None)
+            if fits is not None:
+                return fits
+        return len(rows) if len(rows) < self._batch_size else None
+
     def __next__(self):
         self._assert_not_closed()
-        rows, n_images = [], 0
+        rows: list[list[dict]] = []
+        free: list[int] = []  # tokens left in each row
+        n_images = 0
         extra = np.zeros(len(STAT_NAMES), np.int64)
-        if self._pending is not None:
-            rows.append(self._pending)
-            n_images += int(self._pending["num_images"])
-            self._pending = self._pending_state = None
-        while len(rows) < self._batch_size and not self._exhausted:
-            state_before = self._parent.get_state()
-            try:
-                sample = next(self._parent)
-            except StopIteration:
-                self._exhausted = True
+        while not self._exhausted:
+            if self._pending is not None:
+                sample, state_before = self._pending, self._pending_state
+                self._pending = self._pending_state = None
+            elif not self._packing and len(rows) == self._batch_size:
                 break
+            else:
+                state_before = self._parent.get_state()
+                try:
+                    sample = next(self._parent)
+                except StopIteration:
+                    self._exhausted = True
+                    break
             k = int(sample["num_images"])
             if k > self._max_images:
                 extra[STAT_NAMES.index("dropped_too_many_images")] += 1
                 continue
-            if n_images + k > self._max_images:
-                extra[STAT_NAMES.index("deferred")] += 1
+            n = int(np.count_nonzero(sample["attention_mask"]))
+            row = self._row_for(rows, free, n)
+            if row is None or n_images + k > self._max_images:
+                if n_images + k > self._max_images:
+                    extra[STAT_NAMES.index("deferred")] += 1
                 self._pending, self._pending_state = sample, state_before
                 break
-            rows.append(sample)
+            if row == len(rows):
+                rows.append([])
+                free.append(self._max_len)
+            rows[row].append(sample)
+            free[row] -= n
             n_images += k
         if not rows:
             raise StopIteration
-        return make_batch(rows, self._batch_size, self._max_images, self._max_len, self._image_size, extra)
+        if self._packing:
+            packed = [pack_row(r, self._max_len, self._image_size) for r in rows]
+            return make_batch(packed, self._batch_size, self._max_images, self._max_len, self._image_size, extra,
+                              packed=True)
+        return make_batch([r[0] for r in rows], self._batch_size, self._max_images, self._max_len, self._image_size,
+                          extra)
 
     def get_state(self):
         parent = self._pending_state if self._pending is not None else self._parent.get_state()
@@ -403,7 +461,7 @@ def make_iterator(config, process_index: int | None = None, process_count: int |
     ds = ds.random_map(_Preprocess(source, resolve_tokenizer_path(config), opts), seed=(seed + 1 + 7877 * pi) % 2**32)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(_get(config, "read_threads")),
                                               prefetch_buffer_size=int(_get(config, "read_buffer_size"))))
-    ds = _ImageAwareBatchDataset(ds, b_local, m_local, opts.max_len, opts.image_size)
+    ds = _ImageAwareBatchDataset(ds, b_local, m_local, opts.max_len, opts.image_size, bool(_get(config, "packing")))
     workers = int(_get(config, "worker_count"))
     if workers > 0:
         from absl import flags
