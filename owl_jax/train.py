@@ -200,7 +200,10 @@ def _save(manager, step: int, state, data_position: dict, loss: float, force: bo
 
 class MetricsWindow:
     """The console bar and the metrics log: every config.log_every_steps steps, the step's metrics with
-    throughput (steps, tokens and model TFLOP/s, MFU) over the steps since the last log."""
+    throughput over the steps since the last log: steps, tokens (all B x T positions) and real tokens
+    (not padding: what packing raises) per second, model TFLOP/s and MFU of the B x T step, and
+    `useful_mfu`, MFU counting only the real tokens' share of it (the step's FLOPs scaled by the real
+    tokens' fraction: linear in tokens, which the matmuls are)."""
 
     def __init__(self, config, trainer: Trainer, workdir: str, step: int):
         self.config, self.step, self.resumed_at = config, step, step
@@ -214,6 +217,7 @@ class MetricsWindow:
         self.last: dict = {}
         self.latest = None  # the device metrics of the newest step, not yet fetched
         self.start, self.steps, self.compile_start = time.time(), 0, None
+        self.real_tokens = 0.0  # a device scalar between logs: summed without waiting for the steps
 
     def before_step(self) -> None:
         if self.step == self.resumed_at and self.compile_start is None:
@@ -226,6 +230,7 @@ class MetricsWindow:
             logging.info("compiled and dispatched the first step in %.1f s", time.time() - self.compile_start)
         self.step, self.latest = step, metrics
         self.steps += 1
+        self.real_tokens = self.real_tokens + metrics["real_tokens"]
         self.bar.update(1)
         if step % self.config.log_every_steps and step != self.config.num_steps:
             return
@@ -234,15 +239,18 @@ class MetricsWindow:
         elapsed = time.time() - self.start
         values["steps_per_s"] = self.steps / elapsed
         values["tokens_per_s"] = self.steps * self.step_tokens / elapsed
+        real = float(self.real_tokens)
+        values["real_tokens_per_s"] = real / elapsed
         values["model_tflops_per_s"] = self.steps * self.step_flops / elapsed / 1e12
         if self.peak:
             values["mfu"] = values["model_tflops_per_s"] * 1e12 / (self.peak * jax.device_count())
+            values["useful_mfu"] = values["mfu"] * real / (self.steps * self.step_tokens)
         if values["loss_tokens"] == 0:
             logging.log_first_n(logging.WARNING, "step %d: no answer token in the batch, so loss 0 and nothing "
                                 "learns: does config.seq_len=%d cut every answer?", 5, step, self.config.seq_len)
         self.writer.write(step, values)
         self.bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}")
-        self.last, self.start, self.steps = values, time.time(), 0
+        self.last, self.start, self.steps, self.real_tokens = values, time.time(), 0, 0.0
 
     def checked_loss(self, step: int, manager) -> float:
         """The loss of the step just taken, to rank its checkpoint by (inf before any step ran); a

@@ -169,6 +169,7 @@ class Trainer:
             "learning_rate": self.schedule(state["step"]),
             "loss_tokens": stats["loss_tokens"],
             "samples_without_loss": stats["samples_without_loss"],
+            "real_tokens": jnp.sum(batch["attention_mask"] > 0).astype(jnp.float32),  # not padding
         }
         new_state = {
             "step": state["step"] + 1,
