@@ -247,3 +247,21 @@ def test_packed_training_takes_an_epoch_in_fewer_steps_and_logs_real_tokens(shap
     assert all(np.isfinite(r["loss"]) for r in plain + packed)
     fill = lambda rows: sum(r["real_tokens_per_s"] for r in rows) / sum(r["tokens_per_s"] for r in rows)  # noqa: E731
     assert fill(packed) > 1.8 * fill(plain)
+
+
+def test_packing_benchmark_smoke():
+    """bench/packing.py --quick: both stages measured, each ending with its ratio line."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": repo}
+    out = subprocess.run([sys.executable, os.path.join(repo, "bench", "packing.py"), "--quick"], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()[-2:]
+    for line, stage in zip(lines, ("stage1", "stage2")):
+        m = re.fullmatch(rf"{stage} useful tokens/s packed/padded = (\d+\.\d\d)x \(samples/s (\d+\.\d\d)x\)", line)
+        assert m and float(m[1]) > 1.0, line  # packed rows carry more real tokens than padded ones

@@ -26,7 +26,7 @@ split                  'train'                owl_jsonl: train, validation; shap
 tokenizer_path         ''                     '' -> <dataset_dir>/tokenizer if it exists (the
                                               demo's); else a LLaMA tokenizer dir or .model file
 batch_size             8                      global; per process batch_size // process_count
-max_len                256                    tokens per sample (BOS, placeholders included)
+max_len                256                    tokens per row (BOS, placeholders included)
 max_images_per_batch   8                      global image slots M; per process M // count
 image_size             224                    images are resized to this at load
 image_token_count      65                     placeholders per <image> (num queries + 1)
@@ -43,7 +43,11 @@ blank_images           False                  every image replaced by zeros (the
                                               the "does it use the image" control
 text_only              False                  drop every image and its "Human: <image>" line:
                                               text-only conversations (language pretraining)
-return_index           False                  add "index" int32[B]: record index (-1: filler)
+packing                False                  several samples a row, first fit (pipeline.py):
+                                              batch_size counts rows; give the images slots
+                                              for the samples a row holds
+return_index           False                  add "index" int32[B]: record index (-1: filler;
+                                              packing: int32[B, T], per token)
 read_threads           2                      grain ReadOptions.num_threads
 read_buffer_size       32                     grain ReadOptions.prefetch_buffer_size
 worker_count           0                      grain mp_prefetch processes (0: in-process)

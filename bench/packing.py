@@ -1,0 +1,197 @@
+r"""Packed against padded training steps on `bench_small`, on length profiles like the paper's data.
+
+    JAX_PLATFORMS=cpu python bench/packing.py [--steps 4] [--quick]
+
+Each stage draws conversations from its length profile (below), batches them with the input
+pipeline's own batcher twice, one sample a row (padded) and first-fit packed (`data.packing`), and
+times bench_small training steps (bench/train_throughput.py's shapes: batch 4, LLaMA 4 x 512, ViT
+4 x 256 on 224 px, 65 tokens an image) on both, alternating, medians after a warm-up step each. It
+reports samples/s and useful (non-padding) tokens/s and ends with one line per stage:
+
+    stage1 useful tokens/s packed/padded = X.XXx
+
+Length profiles (token counts in LLaMA tokens; the release's conversation template, ~38 tokens of
+system prompt and turn prefixes, is added to each sample, and each image is 65 tokens):
+  stage1  one image and one web caption, as CC3M / LAION: words drawn log-normally with a mean of
+          ~11 (CC3M's captions average 10.3 words, Sharma et al. 2018), 1.3 tokens a word. Rows of
+          512 tokens (the release's stage-1 max_length).
+  stage2  the release's instruction mix (mPLUG-Owl, section 4.1): half text-only (Alpaca: one
+          instruction and answer, ~40 + 120 tokens; Vicuna / ShareGPT: long multi-turn chats, a
+          mean of ~1000 tokens, capped by the row; Baize: 3-6 turns of ~60 tokens each), half
+          LLaVA-Instruct conversations with one image (3 parts in 5 conversations of 2-6 turns of
+          ~50 tokens, 1 in 5 detailed descriptions of ~150 tokens, the rest one complex-reasoning
+          answer of ~200). Rows of 1024 tokens (bench_small's positions; the release trains at 2048).
+The profiles are models of the datasets' published statistics, not samples of them: the data is not
+downloaded here.
+
+--quick: tiny shapes and two steps (the CI smoke); its ratios are not the benchmark's.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import grain  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+from owl_jax import cli  # noqa: E402
+from owl_jax.batch import BOS_ID, EOS_ID, IMAGE_PLACEHOLDER_ID  # noqa: E402
+from owl_jax.data import pipeline  # noqa: E402
+
+TEMPLATE_TOKENS = 38  # the release's system prompt and "Human: " / "AI: " prefixes, LLaMA tokens
+STAGES = {"stage1": ("stage1", 512), "stage2": ("stage2_lora", 1024)}
+
+
+def _lognormal(rng, mean: float, sigma: float = 0.5) -> float:
+    return float(rng.lognormal(np.log(mean) - sigma**2 / 2, sigma))
+
+
+def stage1_sample(rng) -> tuple[list[int], list[int]]:
+    """(prompt tokens, answer tokens) lengths: one image, one caption."""
+    words = max(2, round(_lognormal(rng, 11.0)))
+    return [TEMPLATE_TOKENS], [round(1.3 * words) + 1]
+
+
+def stage2_sample(rng) -> tuple[list[int], list[int], int]:
+    """Turn lengths (prompt tokens per turn, answer tokens per turn) and the image count."""
+    if rng.random() < 0.5:  # text only
+        kind = rng.choice(["alpaca", "vicuna", "baize"], p=[0.4, 0.3, 0.3])
+        if kind == "alpaca":
+            return [TEMPLATE_TOKENS + round(_lognormal(rng, 40))], [round(_lognormal(rng, 120))], 0
+        if kind == "vicuna":
+            total, prompts, answers = _lognormal(rng, 1000, 0.7), [], []
+            while TEMPLATE_TOKENS + sum(prompts) + sum(answers) < total:
+                prompts.append(round(_lognormal(rng, 60)))
+                answers.append(round(_lognormal(rng, 200)))
+            prompts[0] += TEMPLATE_TOKENS
+            return prompts, answers, 0
+        turns = int(rng.integers(3, 7))
+        prompts = [round(_lognormal(rng, 30)) for _ in range(turns)]
+        prompts[0] += TEMPLATE_TOKENS
+        return prompts, [round(_lognormal(rng, 60)) for _ in range(turns)], 0
+    u = rng.random()
+    if u < 0.6:
+        turns = int(rng.integers(2, 7))
+        prompts = [round(_lognormal(rng, 15)) for _ in range(turns)]
+        answers = [round(_lognormal(rng, 50)) for _ in range(turns)]
+    elif u < 0.8:
+        prompts, answers = [round(_lognormal(rng, 15))], [round(_lognormal(rng, 150))]
+    else:
+        prompts, answers = [round(_lognormal(rng, 25))], [round(_lognormal(rng, 200))]
+    prompts[0] += TEMPLATE_TOKENS
+    return prompts, answers, 1
+
+
+def encode(prompts, answers, images: int, seq_len: int, image_tokens: int, vocab: int, pixels: np.ndarray, rng,
+           ) -> tuple[dict, bool]:
+    """One encoded sample as the pipeline's (padded to seq_len, truncated there) and whether it was cut."""
+    ids, loss = [BOS_ID] + [IMAGE_PLACEHOLDER_ID] * image_tokens * images, [0] * (1 + image_tokens * images)
+    for p, a in zip(prompts, answers):
+        ids += rng.integers(3, vocab, p).tolist() + rng.integers(3, vocab, a).tolist() + [EOS_ID]
+        loss += [0] * p + [1] * (a + 1)
+    cut = len(ids) > seq_len
+    ids, loss = ids[:seq_len], loss[:seq_len]
+    out = {k: np.zeros((seq_len,), np.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
+    out["input_ids"][:len(ids)], out["attention_mask"][:len(ids)], out["loss_mask"][:len(ids)] = ids, 1, loss
+    out["images"] = pixels[:images]  # one shared array: what the pixels are does not change the step's time
+    out["num_images"] = images
+    return out, cut
+
+
+def batches(samples: list[dict], batch: int, max_images: int, seq_len: int, image_size: int, packing: bool):
+    """The pipeline's batcher over `samples` (in order): padded or packed batches."""
+    source = grain.MapDataset.source(samples).to_iter_dataset()
+    return iter(pipeline._ImageAwareBatchDataset(source, batch, max_images, seq_len, image_size, packing))
+
+
+def _flags() -> flags.FlagValues:
+    fv = flags.FlagValues()
+    flags.DEFINE_integer("steps", 4, "timed steps per layout (after one warm-up step)", flag_values=fv)
+    flags.DEFINE_bool("quick", False, "tiny shapes, two steps: a smoke run", flag_values=fv)
+    return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = cli.parse_flags(argv, _flags(), __doc__)
+    from train_throughput import bench_config
+
+    from owl_jax.sharding import make_mesh
+    from owl_jax.training.trainer import Trainer, global_batch, stack_micro_batches
+
+    steps = 2 if args.quick else args.steps
+    lines = []
+    for name, (stage, seq_len) in STAGES.items():
+        config = bench_config(stage)
+        if args.quick:
+            config.model.vision.update(image_size=28, hidden_size=32, num_layers=1, num_heads=2, mlp_size=64)
+            config.model.abstractor.update(hidden_size=32, num_layers=1, num_heads=2, ffn_size=48, num_queries=4,
+                                           encoder_hidden_size=32)
+            config.model.llm.update(vocab_size=256, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
+                                    mlp_size=64)
+            seq_len //= 4
+        image_tokens = config.model.abstractor.num_queries + 1
+        size, vocab, b = config.model.vision.image_size, config.model.llm.vocab_size, config.batch_size
+        rng = np.random.default_rng(0)
+        pixels = rng.normal(size=(1, size, size, 3)).astype(np.float32)
+        samples, cut = [], 0
+        for _ in range(16 * b * (steps + 1)):
+            if name == "stage1":
+                (prompts, answers), images = stage1_sample(rng), 1
+            else:
+                prompts, answers, images = stage2_sample(rng)
+            if args.quick:
+                prompts, answers = [max(1, p // 4) for p in prompts], [max(1, a // 4) for a in answers]
+            sample, was_cut = encode(prompts, answers, images, seq_len, image_tokens, vocab, pixels, rng)
+            samples.append(sample)
+            cut += was_cut
+        real = [int(s["attention_mask"].sum()) for s in samples]
+        # image slots: one a row padded; packed, as many as the rows' samples bring on average (x 1.5)
+        per_row = max(1, round(seq_len / np.mean(real)))
+        mean_images = np.mean([s["num_images"] for s in samples])
+        layouts = {"padded": (False, b), "packed": (True, max(b, int(np.ceil(1.5 * b * per_row * mean_images))))}
+        results = {}
+        prepared = {}
+        for layout, (packing, max_images) in layouts.items():
+            config.update(seq_len=seq_len, max_images_per_batch=max_images)
+            trainer = Trainer(config, make_mesh({"fsdp": 1}, jax.devices()[:1]))
+            it = batches(samples, b, max_images, seq_len, size, packing)
+            host = [stack_micro_batches([{k: v for k, v in next(it).items() if not k.startswith("_")}])
+                    for _ in range(steps + 1)]
+            step = trainer.jit_train_step({k: v.shape for k, v in host[0].items()})
+            state = trainer.init_state(jax.random.PRNGKey(0))
+            prepared[layout] = (step, state, host)
+        times = {layout: [] for layout in layouts}
+        for i in range(steps + 1):  # alternate the layouts, so both see the same machine state
+            for layout, (step, state, host) in prepared.items():
+                batch = global_batch(host[i], step.batch_shardings)
+                t = time.perf_counter()
+                state, metrics = step(state, batch)
+                jax.block_until_ready(metrics)
+                if i:
+                    times[layout].append(time.perf_counter() - t)
+                prepared[layout] = (step, state, host)
+        for layout, (_, _, host) in prepared.items():
+            seconds = statistics.median(times[layout])
+            tokens = np.mean([np.count_nonzero(h["attention_mask"]) for h in host[1:]])
+            count = np.mean([len({(r, s) for r, row in enumerate(h["attention_mask"][0]) for s in row if s})
+                             for h in host[1:]])
+            results[layout] = (tokens / seconds, count / seconds)
+            print(f"{name} {layout}: {seconds * 1e3:.0f} ms/step, {tokens:.0f} of {b * seq_len} tokens real "
+                  f"({tokens / (b * seq_len):.0%}), {count:.1f} samples a step; {tokens / seconds:.0f} useful "
+                  f"tokens/s, {count / seconds:.2f} samples/s", flush=True)
+        print(f"{name}: {len(samples)} samples drawn, mean {np.mean(real):.0f} tokens, {cut} cut at {seq_len}")
+        lines.append(f"{name} useful tokens/s packed/padded = {results['packed'][0] / results['padded'][0]:.2f}x "
+                     f"(samples/s {results['packed'][1] / results['padded'][1]:.2f}x)")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
