@@ -43,7 +43,7 @@ from absl import flags  # noqa: E402
 
 from owl_jax import cli  # noqa: E402
 from owl_jax.batch import BOS_ID, EOS_ID, IMAGE_PLACEHOLDER_ID  # noqa: E402
-from owl_jax.data import pipeline  # noqa: E402
+from owl_jax.data.batching import BatchDataset  # noqa: E402
 
 TEMPLATE_TOKENS = 38  # the release's system prompt and "Human: " / "AI: " prefixes, LLaMA tokens
 STAGES = {"stage1": ("stage1", 512), "stage2": ("stage2_lora", 1024)}
@@ -108,7 +108,7 @@ def encode(prompts, answers, images: int, seq_len: int, image_tokens: int, vocab
 def batches(samples: list[dict], batch: int, max_images: int, seq_len: int, image_size: int, packing: bool):
     """The pipeline's batcher over `samples` (in order): padded or packed batches."""
     source = grain.MapDataset.source(samples).to_iter_dataset()
-    return iter(pipeline._ImageAwareBatchDataset(source, batch, max_images, seq_len, image_size, packing))
+    return iter(BatchDataset(source, batch, max_images, seq_len, image_size, packing))
 
 
 def _flags() -> flags.FlagValues:

@@ -56,13 +56,14 @@ worker_buffer_size     2                      batches buffered per worker
 
 Modules: `conversation` (template, prompts), `tokenizer` (load/train), `text` (token layout and
 loss masks), `image` (decode, repair, CLIP preprocessing), `records` (record layout, reading),
-`owl_jsonl` (the TFDS builder of the released JSONL format), `pipeline` (batches), `prepare`
-(command line). The demo's ShapesWorld builder lives in `owl_jax.demo.dataset`.
+`owl_jsonl` (the TFDS builder of the released JSONL format), `pipeline` (the iterator),
+`batching` (samples into rows and batches, packing), `prepare` (command line). The demo's
+ShapesWorld builder lives in `owl_jax.demo.dataset`.
 """
 
 _LAZY = {
     "make_iterator": "owl_jax.data.pipeline",
-    "make_batch": "owl_jax.data.pipeline",
+    "make_batch": "owl_jax.data.batching",
     "default_config": "owl_jax.data.pipeline",
     "OwlDataIterator": "owl_jax.data.pipeline",
     "load_tokenizer": "owl_jax.data.tokenizer",

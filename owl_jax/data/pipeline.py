@@ -8,7 +8,7 @@ Graph (grain dataset API)::
       -> mix(text-only, image; weights ratio, 1 - ratio)            (only when text_only_ratio >= 0)
       -> random_map(read + tokenise + image preprocessing)          (per-index rng: deterministic)
       -> to_iter_dataset(read_threads)
-      -> image-aware batching (`make_batch`), or packing            (fixed shapes, see below)
+      -> image-aware batching or packing (batching.py)              (fixed shapes, see below)
       -> mp_prefetch(worker_count)                                  (optional worker processes)
 
 A batch (per process) is the training batch of owl_jax/batch.py (T = max_len), with fixed shapes.
@@ -48,18 +48,15 @@ import grain
 import ml_collections
 import numpy as np
 
-from owl_jax.batch import BOS_ID, first_image_slots
 from owl_jax.cli import UserError
 from owl_jax.data import records
+from owl_jax.data.batching import INDEX as _INDEX
+from owl_jax.data.batching import STAT_NAMES, BatchDataset
+from owl_jax.data.batching import STATS as _STATS
 from owl_jax.data.conversation import drop_images
 from owl_jax.data.image import load_and_preprocess
 from owl_jax.data.text import DEFAULT_IMAGE_TOKEN_COUNT, encode_conversation, pad_to
 from owl_jax.data.tokenizer import load_tokenizer
-
-STAT_NAMES = ("samples", "truncated", "no_loss_tokens", "images_truncated", "deferred", "dropped_too_many_images",
-              "filler_rows", "tokens")
-_STATS = "_stats"
-_INDEX = "_index"
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -181,171 +178,6 @@ class _Preprocess(grain.transforms.RandomMap):
         return out
 
 
-# ---------------------------------------------------------------- batching
-
-
-def _filler_row(max_len: int, s: int) -> dict:
-    ids = np.zeros((max_len,), np.int32)
-    ids[0] = BOS_ID
-    att = np.zeros((max_len,), np.int32)
-    att[0] = 1
-    return {"input_ids": ids, "attention_mask": att, "loss_mask": np.zeros((max_len,), np.int32),
-            "images": np.zeros((0, s, s, 3), np.float32), "num_images": 0}
-
-
-def pack_row(samples: Sequence[dict], max_len: int, image_size: int) -> dict:
-    """Encoded samples (padded to max_len, lengths summing to <= max_len) as one row: their tokens in
-    order, attention_mask 1, 2, ... by sample, their images in order, the per-token record index."""
-    ids, seg, loss, index = (np.zeros((max_len,), np.int32) for _ in range(4))
-    index[:] = -1
-    stats, pos = np.zeros(len(STAT_NAMES), np.int64), 0
-    for i, sample in enumerate(samples):
-        n = int(np.count_nonzero(sample["attention_mask"]))
-        if pos + n > max_len:
-            raise ValueError(f"samples of {pos + n} tokens > max_len {max_len}")
-        ids[pos:pos + n], loss[pos:pos + n] = sample["input_ids"][:n], sample["loss_mask"][:n]
-        seg[pos:pos + n], index[pos:pos + n] = i + 1, int(sample.get(_INDEX, -1))
-        pos += n
-        stats += sample.get(_STATS, 0)
-    images = [x for sample in samples for x in sample["images"]]
-    pixels = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.float32)
-    return {"input_ids": ids, "attention_mask": seg, "loss_mask": loss, "images": pixels, "num_images": len(images),
-            _STATS: stats, _INDEX: index}
-
-
-def make_batch(samples: Sequence[dict], batch_size: int, max_images: int, max_len: int, image_size: int,
-               extra_stats: np.ndarray | None = None, packed: bool = False) -> dict[str, np.ndarray]:
-    """Stacks <= batch_size encoded samples, or rows of them (`pack_row`, with `packed`), whose images
-    sum to <= max_images into one fixed-shape batch.
-
-    Missing rows are filled with inert rows (counted in the stats as filler_rows).
-    """
-    if len(samples) > batch_size:
-        raise ValueError(f"{len(samples)} samples > batch_size {batch_size}")
-    s = image_size
-    stats = np.zeros(len(STAT_NAMES), np.int64) if extra_stats is None else extra_stats.astype(np.int64).copy()
-    rows = list(samples)
-    n_fill = batch_size - len(rows)
-    rows += [_filler_row(max_len, s) for _ in range(n_fill)]
-    stats[STAT_NAMES.index("filler_rows")] += n_fill
-    pixel_values = np.zeros((max_images, s, s, 3), np.float32)
-    slot = 0
-    for r in rows:
-        k = int(r["num_images"])
-        if slot + k > max_images:
-            raise ValueError("images exceed max_images")
-        if k:
-            pixel_values[slot:slot + k] = r["images"]
-        slot += k
-        if _STATS in r:
-            stats += r[_STATS]
-    batch = {
-        "input_ids": np.stack([r["input_ids"] for r in rows]).astype(np.int32),
-        "attention_mask": np.stack([r["attention_mask"] for r in rows]).astype(np.int32),
-        "loss_mask": np.stack([r["loss_mask"] for r in rows]).astype(np.int32),
-        "pixel_values": pixel_values,
-        "num_images": np.asarray([int(r["num_images"]) for r in rows], np.int32),
-        _STATS: stats,
-        # int32[B], or int32[B, T] for packed rows (a record index per token)
-        _INDEX: np.stack([np.broadcast_to(np.asarray(r.get(_INDEX, -1), np.int32), (max_len,) if packed else ())
-                          for r in rows]),
-    }
-    batch["image_start"] = first_image_slots(batch["num_images"])
-    return batch
-
-
-class _ImageAwareBatchDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, batch_size: int, max_images: int, max_len: int, image_size: int,
-                 packing: bool = False):
-        super().__init__(parent)
-        self._args = (batch_size, max_images, max_len, image_size, packing)
-
-    def __iter__(self):
-        return _ImageAwareBatchIterator(self._parent.__iter__(), *self._args)
-
-    def __str__(self):
-        return f"ImageAwareBatch{self._args}"
-
-
-class _ImageAwareBatchIterator(grain.DatasetIterator):
-    """Fills batches in order, one sample a row or (packing) first fit into the rows' tokens; the
-    first sample that does not fit (rows or image slots) waits for the next batch (one at most).
-
-    State = the parent's state before the waiting sample was read (or the current parent state if
-    none waits), so restoring re-reads that sample: exact resumption without storing samples.
-    """
-
-    def __init__(self, parent, batch_size, max_images, max_len, image_size, packing=False):
-        super().__init__(parent)
-        self._batch_size, self._max_images, self._max_len, self._image_size, self._packing = (
-            batch_size, max_images, max_len, image_size, packing)
-        self._pending = None
-        self._pending_state = None
-        self._exhausted = False
-
-    def _row_for(self, rows: list[list[dict]], free: list[int], n: int) -> int | None:
-        """The row a sample of n tokens goes to (len(rows) for a new one), or None if none has room."""
-        if self._packing:
-            fits = next((r for r, room in enumerate(free) if room >= n), None)
-            if fits is not None:
-                return fits
-        return len(rows) if len(rows) < self._batch_size else None
-
-    def __next__(self):
-        self._assert_not_closed()
-        rows: list[list[dict]] = []
-        free: list[int] = []  # tokens left in each row
-        n_images = 0
-        extra = np.zeros(len(STAT_NAMES), np.int64)
-        while not self._exhausted:
-            if self._pending is not None:
-                sample, state_before = self._pending, self._pending_state
-                self._pending = self._pending_state = None
-            elif not self._packing and len(rows) == self._batch_size:
-                break
-            else:
-                state_before = self._parent.get_state()
-                try:
-                    sample = next(self._parent)
-                except StopIteration:
-                    self._exhausted = True
-                    break
-            k = int(sample["num_images"])
-            if k > self._max_images:
-                extra[STAT_NAMES.index("dropped_too_many_images")] += 1
-                continue
-            n = int(np.count_nonzero(sample["attention_mask"]))
-            row = self._row_for(rows, free, n)
-            if row is None or n_images + k > self._max_images:
-                if n_images + k > self._max_images:
-                    extra[STAT_NAMES.index("deferred")] += 1
-                self._pending, self._pending_state = sample, state_before
-                break
-            if row == len(rows):
-                rows.append([])
-                free.append(self._max_len)
-            rows[row].append(sample)
-            free[row] -= n
-            n_images += k
-        if not rows:
-            raise StopIteration
-        if self._packing:
-            packed = [pack_row(r, self._max_len, self._image_size) for r in rows]
-            return make_batch(packed, self._batch_size, self._max_images, self._max_len, self._image_size, extra,
-                              packed=True)
-        return make_batch([r[0] for r in rows], self._batch_size, self._max_images, self._max_len, self._image_size,
-                          extra)
-
-    def get_state(self):
-        parent = self._pending_state if self._pending is not None else self._parent.get_state()
-        return {"parent": parent}
-
-    def set_state(self, state):
-        self._parent.set_state(state["parent"])
-        self._pending = self._pending_state = None
-        self._exhausted = False
-
-
 class _StatsDataset(grain.IterDataset):
     def __init__(self, parent, return_index: bool):
         super().__init__(parent)
@@ -461,7 +293,7 @@ def make_iterator(config, process_index: int | None = None, process_count: int |
     ds = ds.random_map(_Preprocess(source, resolve_tokenizer_path(config), opts), seed=(seed + 1 + 7877 * pi) % 2**32)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(_get(config, "read_threads")),
                                               prefetch_buffer_size=int(_get(config, "read_buffer_size"))))
-    ds = _ImageAwareBatchDataset(ds, b_local, m_local, opts.max_len, opts.image_size, bool(_get(config, "packing")))
+    ds = BatchDataset(ds, b_local, m_local, opts.max_len, opts.image_size, bool(_get(config, "packing")))
     workers = int(_get(config, "worker_count"))
     if workers > 0:
         from absl import flags
