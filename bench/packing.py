@@ -152,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             samples.append(sample)
             cut += was_cut
         real = [int(s["attention_mask"].sum()) for s in samples]
-        # image slots: one a row padded; packed, as many as the rows' samples bring on average (x 1.5)
-        per_row = max(1, round(seq_len / np.mean(real)))
+        # Image slots: one a row padded; packed, as many as a batch's samples bring on average. The
+        # vision tower encodes every slot, used or not, so spare slots cost as much as images.
+        per_row = seq_len / np.mean(real)
         mean_images = np.mean([s["num_images"] for s in samples])
-        layouts = {"padded": (False, b), "packed": (True, max(b, int(np.ceil(1.5 * b * per_row * mean_images))))}
+        layouts = {"padded": (False, b), "packed": (True, max(b, int(round(b * per_row * mean_images))))}
         results = {}
         prepared = {}
         for layout, (packing, max_images) in layouts.items():
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             count = np.mean([len({(r, s) for r, row in enumerate(h["attention_mask"][0]) for s in row if s})
                              for h in host[1:]])
             results[layout] = (tokens / seconds, count / seconds)
-            print(f"{name} {layout}: {seconds * 1e3:.0f} ms/step, {tokens:.0f} of {b * seq_len} tokens real "
+            print(f"{name} {layout}: {seconds * 1e3:.0f} ms/step, {layouts[layout][1]} image slots, "
+                  f"{tokens:.0f} of {b * seq_len} tokens real "
                   f"({tokens / (b * seq_len):.0%}), {count:.1f} samples a step; {tokens / seconds:.0f} useful "
                   f"tokens/s, {count / seconds:.2f} samples/s", flush=True)
         print(f"{name}: {len(samples)} samples drawn, mean {np.mean(real):.0f} tokens, {cut} cut at {seq_len}")
