@@ -25,23 +25,25 @@ def _sample(rng, cfg, length: int, num_images: int):
     return np.asarray(ids, np.int32), np.asarray(loss, np.int32), images
 
 
-def _packed(samples, seq_len: int, max_images: int, size: int):
-    """One row holding every sample (attention_mask 1, 2, ...), right-padded."""
-    ids, seg, loss = (np.zeros((1, seq_len), np.int32) for _ in range(3))
-    pos, images = 0, []
-    for i, (x, lm, im) in enumerate(samples):
-        ids[0, pos:pos + len(x)], seg[0, pos:pos + len(x)], loss[0, pos:pos + len(x)] = x, i + 1, lm
-        pos += len(x)
-        images += list(im)
+def _rows(rows, seq_len: int, max_images: int, size: int):
+    """A batch whose b-th row holds the samples rows[b] in order (attention_mask 1, 2, ...),
+    right-padded; the images in row order. Returns (batch, loss_mask int32[B, T])."""
+    b = len(rows)
+    ids, seg, loss = (np.zeros((b, seq_len), np.int32) for _ in range(3))
+    images, counts = [], []
+    for r, samples in enumerate(rows):
+        pos = 0
+        for i, (x, lm, im) in enumerate(samples):
+            ids[r, pos:pos + len(x)], seg[r, pos:pos + len(x)], loss[r, pos:pos + len(x)] = x, i + 1, lm
+            pos += len(x)
+            images += list(im)
+        counts.append(sum(len(im) for _, _, im in samples))
     pixels = np.zeros((max_images, size, size, 3), np.float32)
     if images:
         pixels[:len(images)] = np.stack(images)
-    return dict(input_ids=ids, attention_mask=seg, pixel_values=pixels, num_images=np.asarray([len(images)], np.int32),
-                image_start=np.zeros((1,), np.int32)), loss
-
-
-def _alone(sample, seq_len: int, max_images: int, size: int):
-    return _packed([sample], seq_len, max_images, size)
+    counts = np.asarray(counts, np.int32)
+    return dict(input_ids=ids, attention_mask=seg, pixel_values=pixels, num_images=counts,
+                image_start=(np.cumsum(counts) - counts).astype(np.int32)), loss
 
 
 @pytest.fixture(scope="module")
@@ -54,35 +56,39 @@ def setup():
     return cfg, params, samples
 
 
-def _per_sample_logits(cfg, params, samples, seq_len=96, max_images=4):
-    size = cfg.vision.image_size
-    batch, _ = _packed(samples, seq_len, max_images, size)
-    logits = np.asarray(MplugOwl(cfg).apply({"params": params}, **batch))[0]
-    out, pos = [], 0
-    for x, _, _ in samples:
-        out.append(logits[pos:pos + len(x)])
+def _packed_and_alone(cfg, params, samples, seq_len=96):
+    """Row 0 packs every sample; row 1 + i holds sample i alone. Returns (batch, loss mask, logits,
+    [the packed row's logits of sample i], [sample i's logits alone])."""
+    batch, loss = _rows([samples] + [[s] for s in samples], seq_len, 8, cfg.vision.image_size)
+    logits = MplugOwl(cfg).apply({"params": params}, **batch)
+    packed, alone, pos = [], [], 0
+    for i, (x, _, _) in enumerate(samples):
+        packed.append(np.asarray(logits[0, pos:pos + len(x)]))
+        alone.append(np.asarray(logits[1 + i, :len(x)]))
         pos += len(x)
-    return out
+    return batch, loss, logits, packed, alone
 
 
 @pytest.mark.parametrize("run", [{}, {"causal_query_block": 32}, {"attention_impl": "jax"}])
 def test_packed_logits_and_losses_equal_each_sample_alone(setup, run):
     cfg, params, samples = setup
     cfg = dataclasses.replace(cfg, **run)
-    size = cfg.vision.image_size
-    packed = _per_sample_logits(cfg, params, samples)
-    batch, loss_mask = _packed(samples, 96, 4, size)
-    logits = MplugOwl(cfg).apply({"params": params}, **batch)
-    for i, (sample, got) in enumerate(zip(samples, packed)):
-        alone_batch, alone_loss_mask = _alone(sample, 96, 4, size)
-        want = np.asarray(MplugOwl(cfg).apply({"params": params}, **alone_batch))[0, :len(sample[0])]
-        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"sample {i}")
+    batch, loss_mask, logits, packed, alone = _packed_and_alone(cfg, params, samples)
+    ids = jnp.asarray(batch["input_ids"])
+    for i in range(len(samples)):
+        np.testing.assert_allclose(packed[i], alone[i], atol=1e-5, err_msg=f"sample {i}")
         # the sample's answer loss, read from the packed row, is its loss alone
-        only_i = loss_mask * (batch["attention_mask"] == i + 1)
-        got_loss, _ = answer_loss(logits, jnp.asarray(batch["input_ids"]), jnp.asarray(only_i))
-        want_loss, _ = answer_loss(MplugOwl(cfg).apply({"params": params}, **alone_batch),
-                                   jnp.asarray(alone_batch["input_ids"]), jnp.asarray(alone_loss_mask))
-        np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
+        in_row0 = np.zeros_like(loss_mask)
+        in_row0[0] = batch["attention_mask"][0] == i + 1
+        alone_row = np.zeros_like(loss_mask)
+        alone_row[1 + i] = 1
+        got, _ = answer_loss(logits, ids, jnp.asarray(loss_mask * in_row0))
+        want, _ = answer_loss(logits, ids, jnp.asarray(loss_mask * alone_row))
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
+
+def _per_sample_logits(cfg, params, samples, seq_len=96):
+    return _packed_and_alone(cfg, params, samples, seq_len)[3]
 
 
 def test_changing_one_sample_changes_no_other(setup):
