@@ -24,6 +24,9 @@ system prompt and turn prefixes, is added to each sample, and each image is 65 t
 The profiles are models of the datasets' published statistics, not samples of them: the data is not
 downloaded here.
 
+Last, without a model, how full the 7B recipes' packed micro-batches are on the same profiles
+(configs/mplug_owl_llama7b.py: rows, seq_len and image slots as there): the --fill of bench/aot_7b.sh.
+
 --quick: tiny shapes and two steps (the CI smoke); its ratios are not the benchmark's.
 """
 from __future__ import annotations
@@ -111,6 +114,44 @@ def batches(samples: list[dict], batch: int, max_images: int, seq_len: int, imag
     return iter(BatchDataset(source, batch, max_images, seq_len, image_size, packing))
 
 
+def draw(stage: str, n: int, seq_len: int, image_tokens: int, vocab: int, pixels: np.ndarray, rng,
+         shrink: int = 1) -> tuple[list[dict], int]:
+    """n encoded samples of a stage's profile (lengths divided by `shrink`) and how many were cut."""
+    samples, cut = [], 0
+    for _ in range(n):
+        if stage == "stage1":
+            (prompts, answers), images = stage1_sample(rng), 1
+        else:
+            prompts, answers, images = stage2_sample(rng)
+        if shrink > 1:
+            prompts, answers = [max(1, p // shrink) for p in prompts], [max(1, a // shrink) for a in answers]
+        sample, was_cut = encode(prompts, answers, images, seq_len, image_tokens, vocab, pixels, rng)
+        samples.append(sample)
+        cut += was_cut
+    return samples, cut
+
+
+def recipe_fill(stage: str, batches_measured: int) -> str:
+    """How full the 7B recipe's packed micro-batches are on the stage's profile (no model runs)."""
+    from owl_jax.configs import load_config_file
+
+    recipe = load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", f"mplug_owl_llama7b.py:{stage}"))
+    rows, seq_len, slots = recipe.batch_size, recipe.seq_len, recipe.max_images_per_batch
+    rng = np.random.default_rng(1)
+    pixels = np.zeros((1, 1, 1, 3), np.float32)
+    name = "stage1" if stage == "stage1" else "stage2"
+    samples, _ = draw(name, int(rows * seq_len / 100 * (batches_measured + 1)), seq_len, 65, 32000, pixels, rng)
+    it = batches(samples, rows, slots, seq_len, 1, True)
+    fill, count, images = [], [], []
+    for _ in range(batches_measured):
+        b = next(it)
+        fill.append(np.mean(b["attention_mask"] > 0))
+        count.append(len({(r, s) for r, row in enumerate(b["attention_mask"]) for s in row if s}))
+        images.append(int(b["num_images"].sum()))
+    return (f"7B recipe {stage}: packed micro-batch of {rows} x {seq_len} with {slots} image slots: rows "
+            f"{np.mean(fill):.1%} full, {np.mean(count):.1f} samples and {np.mean(images):.1f} images a micro-batch")
+
+
 def _flags() -> flags.FlagValues:
     fv = flags.FlagValues()
     flags.DEFINE_integer("steps", 4, "timed steps per layout (after one warm-up step)", flag_values=fv)
@@ -140,17 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         size, vocab, b = config.model.vision.image_size, config.model.llm.vocab_size, config.batch_size
         rng = np.random.default_rng(0)
         pixels = rng.normal(size=(1, size, size, 3)).astype(np.float32)
-        samples, cut = [], 0
-        for _ in range(16 * b * (steps + 1)):
-            if name == "stage1":
-                (prompts, answers), images = stage1_sample(rng), 1
-            else:
-                prompts, answers, images = stage2_sample(rng)
-            if args.quick:
-                prompts, answers = [max(1, p // 4) for p in prompts], [max(1, a // 4) for a in answers]
-            sample, was_cut = encode(prompts, answers, images, seq_len, image_tokens, vocab, pixels, rng)
-            samples.append(sample)
-            cut += was_cut
+        samples, cut = draw(name, 16 * b * (steps + 1), seq_len, image_tokens, vocab, pixels, rng,
+                            shrink=4 if args.quick else 1)
         real = [int(s["attention_mask"].sum()) for s in samples]
         # Image slots: one a row padded; packed, as many as a batch's samples bring on average. The
         # vision tower encodes every slot, used or not, so spare slots cost as much as images.
@@ -191,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {len(samples)} samples drawn, mean {np.mean(real):.0f} tokens, {cut} cut at {seq_len}")
         lines.append(f"{name} useful tokens/s packed/padded = {results['packed'][0] / results['padded'][0]:.2f}x "
                      f"(samples/s {results['packed'][1] / results['padded'][1]:.2f}x)")
+    for stage in ("stage1", "stage2_lora"):
+        print(recipe_fill(stage, 1 if args.quick else 8), flush=True)
     print("\n".join(lines))
     return 0
 

@@ -23,18 +23,25 @@ def recipe(stage: str, llm: LlamaConfig = LlamaConfig()) -> ml_collections.Confi
     config.lm_head_rows = "all"
     o = config.optim
     if stage == "stage1":
-        # 50k steps x 4096 pairs x 512 tokens (4 micro-batches of 1024: fits v5e-256 and v5p-128, see
-        # BENCHMARKS.md); AdamW (0.9, 0.98) eps 1e-6, lr 1e-4, wd 0.1, warmup 2k
-        config.num_steps, config.batch_size, config.seq_len, config.max_images_per_batch = 50_000, 1024, 512, 1024
+        # 50k steps x ~4096 pairs; AdamW (0.9, 0.98) eps 1e-6, lr 1e-4, wd 0.1, warmup 2k. A pair (65
+        # image tokens, the template and a web caption) is ~120 tokens: packed, a 512-token row holds
+        # about four, so 4 micro-batches of 256 rows and 1024 images carry the paper's 4096 pairs a
+        # step in a quarter of the padded rows (fits v5e-256 and v5p-128, see BENCHMARKS.md).
+        config.num_steps, config.batch_size, config.seq_len, config.max_images_per_batch = 50_000, 256, 512, 1024
+        config.data.packing = True
         o.grad_accum_steps = 4
         o.update(lr=1e-4, end_lr=0.0, warmup_steps=2000, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, clip_norm=1.0)
         config.mesh.update({"data": 1, "fsdp": -1, "tensor": 1})
     else:
         # 2k steps x 256 (128 text + 128 image); AdamW (0.9, 0.999) eps 1e-6, lr 2e-5 -> 1e-6, wd 1e-4,
         # warmup 50, clip 1.0, bf16, max len 2048 (release; paper 1024). Half the samples carry an image.
-        # 16 micro-batches of 16 with full remat: fits v4-8 and v5e-16 (BENCHMARKS.md)
-        config.num_steps, config.batch_size, config.seq_len, config.max_images_per_batch = 2000, 16, 2048, 16
-        o.grad_accum_steps = 16
+        # Packed, a 2048-token row holds ~4 of the mix's conversations (~440 tokens on average): 4
+        # micro-batches of 16 rows carry ~270 samples a step, with 40 image slots each (~30 used; 32
+        # slots would leave the rows 87% full instead of 92%). Full remat: fits v4-8 and v5e-16
+        # (BENCHMARKS.md).
+        config.num_steps, config.batch_size, config.seq_len, config.max_images_per_batch = 2000, 16, 2048, 40
+        config.data.packing = True
+        o.grad_accum_steps = 4
         config.model.remat_policy = "full"
         o.update(lr=2e-5, end_lr=1e-6, warmup_steps=50, b1=0.9, b2=0.999, eps=1e-6, weight_decay=1e-4, clip_norm=1.0)
         config.train_abstractor = True  # paper; the release froze it (set False to match the release)

@@ -1,12 +1,15 @@
 r"""Compile the training step for a TPU slice on this (CPU) machine and report whether it fits.
 
   python -m owl_jax.aot --config=configs/mplug_owl_llama7b.py:stage1 --topology=v5e:16x16 \
-      [--config.mesh.fsdp=-1 ...] [--count_flops]
+      [--config.mesh.fsdp=-1 ...] [--count_flops] [--fill=0.93]
 
 Prints per-device argument / temporary / output bytes against the device's HBM and, with
 --count_flops, XLA's FLOPs per device against the analytic model FLOPs: a second compile of one
 micro-batch with every scan unrolled (XLA's cost analysis counts a loop body once), times the
-number of micro-batches. Exits 1 when the step does not fit.
+number of micro-batches. The step's token positions (rows x seq_len) are counted whole; --fill, the
+share of them that hold data (packed rows ~0.9, see data.packing; a run logs it as
+real_tokens_per_s / tokens_per_s), turns them into useful tokens and FLOPs per useful token.
+Exits 1 when the step does not fit.
 Needs the `tpu` extra (libtpu); nothing runs on a TPU.
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("chips_per_host", "2,2,1", "Chips per host (x,y,z).")
     flags.DEFINE_integer("num_slices", 1, "Number of slices.")
     flags.DEFINE_bool("count_flops", False, "Also compile unrolled and compare XLA's FLOPs with the analytic count.")
+    flags.DEFINE_float("fill", 1.0, "Share of the step's token positions that hold data (not padding), in (0, 1].")
 
 GiB = 2**30
 # HBM per JAX device of each generation's default chip config (v4 exposes each 32 GiB chip as two
@@ -50,6 +54,8 @@ class AotReport:
     hbm_bytes: int
     xla_flops_per_chip: float | None
     analytic_flops_per_chip: float
+    token_positions_per_chip: float  # rows x seq_len a step, per device
+    fill: float = 1.0  # the share of the positions that hold data
     compile_error: str | None = None  # the TPU compiler's own out-of-memory verdict
 
     @property
@@ -62,10 +68,14 @@ class AotReport:
 
     def table(self) -> str:
         g = lambda b: f"{b / GiB:8.2f} GiB"
+        useful = self.fill * self.token_positions_per_chip
+        tokens = (f"  token positions per device per step {self.token_positions_per_chip:.6g}, useful at fill "
+                  f"{self.fill:g}: {useful:.6g} ({self.analytic_flops_per_chip / useful:.4g} analytic FLOPs each)")
         if self.compile_error:
             return (
                 f"topology {self.topology}: {self.chips} devices, mesh {self.mesh}\n  DOES NOT FIT: "
-                f"{self.compile_error}\n  analytic model FLOPs per device per step {self.analytic_flops_per_chip:.4g}"
+                f"{self.compile_error}\n  analytic model FLOPs per device per step {self.analytic_flops_per_chip:.4g}\n"
+                + tokens
             )
         lines = [
             f"topology {self.topology}: {self.chips} devices, mesh {self.mesh}",
@@ -75,6 +85,7 @@ class AotReport:
             f"  total       {g(self.peak_bytes)}   of {g(self.hbm_bytes)} HBM -> "
             f"{'fits' if self.fits else 'DOES NOT FIT'}",
             f"  analytic model FLOPs per device per step {self.analytic_flops_per_chip:.4g}",
+            tokens,
         ]
         if self.xla_flops_per_chip is not None:
             lines.append(f"  XLA FLOPs per device per step {self.xla_flops_per_chip:.4g}  "
@@ -112,8 +123,11 @@ def compile_step(trainer):
 
 
 def analyse(
-    config, topology: str, chips_per_host=(2, 2, 1), num_slices: int = 1, count_flops: bool = False
+    config, topology: str, chips_per_host=(2, 2, 1), num_slices: int = 1, count_flops: bool = False,
+    fill: float = 1.0,
 ) -> AotReport:
+    if not 0.0 < fill <= 1.0:
+        raise ValueError(f"fill={fill}: expected the share of token positions holding data, in (0, 1]")
     from owl_jax.sharding import make_mesh
     from owl_jax.training.flops import StepShape, towers_of, train_step_flops
     from owl_jax.training.trainer import Trainer
@@ -123,6 +137,7 @@ def analyse(
     shape = StepShape(config.batch_size * config.optim.grad_accum_steps, config.seq_len,
                       config.max_images_per_batch * config.optim.grad_accum_steps)
     analytic = train_step_flops(trainer.model_cfg, shape, towers_of(trainer.trainable_paths)) / len(devices)
+    positions = shape.batch * shape.seq_len / len(devices)
     generation = topology.split(":")[0].lower()
     hbm = HBM_BYTES.get(generation, 16 * GiB)
     try:
@@ -132,7 +147,8 @@ def analyse(
             raise
         message = next((line for line in str(e).splitlines() if "memory" in line.lower()), str(e))
         return AotReport(
-            topology, len(devices), dict(trainer.mesh.shape), 0, 0, 0, 0, hbm, None, analytic, message.strip()
+            topology, len(devices), dict(trainer.mesh.shape), 0, 0, 0, 0, hbm, None, analytic, positions, fill,
+            message.strip(),
         )
     mem = compiled.memory_analysis()
     xla_flops = None
@@ -148,13 +164,14 @@ def analyse(
         argument_bytes=mem.argument_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
         output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
         hbm_bytes=hbm, xla_flops_per_chip=xla_flops, analytic_flops_per_chip=analytic,
+        token_positions_per_chip=positions, fill=fill,
     )
 
 
 def main(argv):
     del argv
     chips_per_host = tuple(int(x) for x in FLAGS.chips_per_host.split(","))
-    report = analyse(FLAGS.config, FLAGS.topology, chips_per_host, FLAGS.num_slices, FLAGS.count_flops)
+    report = analyse(FLAGS.config, FLAGS.topology, chips_per_host, FLAGS.num_slices, FLAGS.count_flops, FLAGS.fill)
     print(report.table())
     sys.exit(0 if report.fits else 1)
 

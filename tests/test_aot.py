@@ -3,19 +3,29 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from owl_jax.aot import analyse
 
 from conftest import tiny_train_config
 
 
 def test_tiny_step_fits_a_v5e_2x2_and_counts_flops():
-    report = analyse(tiny_train_config("stage1"), "v5e:2x2", count_flops=True)
+    config = tiny_train_config("stage1")
+    report = analyse(config, "v5e:2x2", count_flops=True, fill=0.5)
     assert report.chips == 4 and report.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
     assert report.fits and 0 < report.peak_bytes < 2**30
     assert report.argument_bytes > report.output_bytes > 0  # the batch is an argument, not an output
     # XLA's count includes elementwise work and the optimiser: a little above the matmul-only model.
     assert 0.9 < report.xla_flops_per_chip / report.analytic_flops_per_chip < 1.5
     assert "fits" in report.table()
+    # Useful tokens: the step's positions (rows x seq_len per device) times the fill.
+    positions = config.batch_size * config.optim.grad_accum_steps * config.seq_len / 4
+    assert report.token_positions_per_chip == positions
+    assert f"useful at fill 0.5: {positions / 2:.6g} ({report.analytic_flops_per_chip * 2 / positions:.4g}" in \
+        report.table()
+    with pytest.raises(ValueError, match="fill=0"):
+        analyse(config, "v5e:2x2", fill=0.0)
 
 
 def test_command_line_exits_nonzero_when_the_step_does_not_fit():

@@ -271,3 +271,8 @@ def test_packing_benchmark_smoke():
     for line, stage in zip(lines, ("stage1", "stage2")):
         m = re.fullmatch(rf"{stage} useful tokens/s packed/padded = (\d+\.\d\d)x \(samples/s (\d+\.\d\d)x\)", line)
         assert m and float(m[1]) > 1.0, line  # packed rows carry more real tokens than padded ones
+    # The 7B recipes' packed micro-batches (the AOT script's --fill): mostly full rows.
+    fills = re.findall(r"7B recipe (\w+): packed micro-batch of \d+ x \d+ with \d+ image slots: rows ([\d.]+)% full",
+                       out.stdout)
+    assert [stage for stage, _ in fills] == ["stage1", "stage2_lora"], out.stdout[-2000:]
+    assert all(float(f) > 80 for _, f in fills), fills
