@@ -131,12 +131,14 @@ def draw(stage: str, n: int, seq_len: int, image_tokens: int, vocab: int, pixels
     return samples, cut
 
 
-def recipe_fill(stage: str, batches_measured: int) -> str:
-    """How full the 7B recipe's packed micro-batches are on the stage's profile (no model runs)."""
+def recipe_fill(stage: str, rows_measured: int) -> str:
+    """How full the 7B recipe's packed micro-batches are on the stage's profile, over about
+    `rows_measured` rows (no model runs)."""
     from owl_jax.configs import load_config_file
 
     recipe = load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", f"mplug_owl_llama7b.py:{stage}"))
     rows, seq_len, slots = recipe.batch_size, recipe.seq_len, recipe.max_images_per_batch
+    batches_measured = max(1, rows_measured // rows)
     rng = np.random.default_rng(1)
     pixels = np.zeros((1, 1, 1, 3), np.float32)
     name = "stage1" if stage == "stage1" else "stage2"
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"{name} useful tokens/s packed/padded = {results['packed'][0] / results['padded'][0]:.2f}x "
                      f"(samples/s {results['packed'][1] / results['padded'][1]:.2f}x)")
     for stage in ("stage1", "stage2_lora"):
-        print(recipe_fill(stage, 1 if args.quick else 8), flush=True)
+        print(recipe_fill(stage, 256 if args.quick else 2048), flush=True)
     print("\n".join(lines))
     return 0
 

@@ -36,8 +36,8 @@ def recipe(stage: str, llm: LlamaConfig = LlamaConfig()) -> ml_collections.Confi
         # 2k steps x 256 (128 text + 128 image); AdamW (0.9, 0.999) eps 1e-6, lr 2e-5 -> 1e-6, wd 1e-4,
         # warmup 50, clip 1.0, bf16, max len 2048 (release; paper 1024). Half the samples carry an image.
         # Packed, a 2048-token row holds ~4 of the mix's conversations (~440 tokens on average): 4
-        # micro-batches of 16 rows carry ~270 samples a step, with 40 image slots each (~30 used; 32
-        # slots would leave the rows 87% full instead of 92%). Full remat: fits v4-8 and v5e-16
+        # micro-batches of 16 rows carry ~280 samples a step, with 40 image slots each (~35 used; 32
+        # slots would leave the rows 84% full instead of 94%). Full remat: fits v4-8 and v5e-16
         # (BENCHMARKS.md).
         config.num_steps, config.batch_size, config.seq_len, config.max_images_per_batch = 2000, 16, 2048, 40
         config.data.packing = True
