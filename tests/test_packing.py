@@ -269,8 +269,11 @@ def test_packing_benchmark_smoke():
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()[-2:]
     for line, stage in zip(lines, ("stage1", "stage2")):
-        m = re.fullmatch(rf"{stage} useful tokens/s packed/padded = (\d+\.\d\d)x \(samples/s (\d+\.\d\d)x\)", line)
-        assert m and float(m[1]) > 1.0, line  # packed rows carry more real tokens than padded ones
+        # The ratio's value is a timing (two tiny steps, on cores the other tests share): format only.
+        assert re.fullmatch(rf"{stage} useful tokens/s packed/padded = \d+\.\d\dx \(samples/s \d+\.\d\dx\)", line), line
+        real = {layout: int(n) for layout, n in re.findall(rf"{stage} (padded|packed): .*?, (\d+) of \d+ tokens real",
+                                                          out.stdout)}
+        assert real["packed"] > 1.5 * real["padded"], (stage, real)  # packed rows carry more real tokens
     # The 7B recipes' packed micro-batches (the AOT script's --fill): mostly full rows.
     fills = re.findall(r"7B recipe (\w+): packed micro-batch of \d+ x \d+ with \d+ image slots: rows ([\d.]+)% full",
                        out.stdout)
