@@ -131,6 +131,11 @@ def draw(stage: str, n: int, seq_len: int, image_tokens: int, vocab: int, pixels
     return samples, cut
 
 
+def samples_in(attention_mask: np.ndarray) -> int:
+    """Samples in a batch's rows: the distinct sample ids (1, 2, ...) of each row, summed."""
+    return sum(len(np.unique(row[row > 0])) for row in attention_mask.reshape(-1, attention_mask.shape[-1]))
+
+
 def recipe_fill(stage: str, rows_measured: int) -> str:
     """How full the 7B recipe's packed micro-batches are on the stage's profile, over about
     `rows_measured` rows (no model runs)."""
@@ -142,13 +147,15 @@ def recipe_fill(stage: str, rows_measured: int) -> str:
     rng = np.random.default_rng(1)
     pixels = np.zeros((1, 1, 1, 3), np.float32)
     name = "stage1" if stage == "stage1" else "stage2"
-    samples, _ = draw(name, int(rows * seq_len / 100 * (batches_measured + 1)), seq_len, 65, 32000, pixels, rng)
+    image_tokens, vocab = recipe.model.abstractor.num_queries + 1, recipe.model.llm.vocab_size
+    samples, _ = draw(name, int(rows * seq_len / 100 * (batches_measured + 1)), seq_len, image_tokens, vocab, pixels,
+                      rng)
     it = batches(samples, rows, slots, seq_len, 1, True)
     fill, count, images = [], [], []
     for _ in range(batches_measured):
         b = next(it)
         fill.append(np.mean(b["attention_mask"] > 0))
-        count.append(len({(r, s) for r, row in enumerate(b["attention_mask"]) for s in row if s}))
+        count.append(samples_in(b["attention_mask"]))
         images.append(int(b["num_images"].sum()))
     return (f"7B recipe {stage}: packed micro-batch of {rows} x {seq_len} with {slots} image slots: rows "
             f"{np.mean(fill):.1%} full, {np.mean(count):.1f} samples and {np.mean(images):.1f} images a micro-batch")
@@ -215,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         for layout, (_, _, host) in prepared.items():
             seconds = statistics.median(times[layout])
             tokens = np.mean([np.count_nonzero(h["attention_mask"]) for h in host[1:]])
-            count = np.mean([len({(r, s) for r, row in enumerate(h["attention_mask"][0]) for s in row if s})
-                             for h in host[1:]])
+            count = np.mean([samples_in(h["attention_mask"]) for h in host[1:]])
             results[layout] = (tokens / seconds, count / seconds)
             print(f"{name} {layout}: {seconds * 1e3:.0f} ms/step, {layouts[layout][1]} image slots, "
                   f"{tokens:.0f} of {b * seq_len} tokens real "
