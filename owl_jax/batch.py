@@ -30,6 +30,7 @@ import numpy as np
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 0  # the LLaMA tokenizer's, which the release uses
 IMAGE_PLACEHOLDER_ID = -1  # the release marks every image-token slot in input_ids with -1
+VIDEO_PLACEHOLDER_ID = -2  # and every video-token slot with -2 (its video model)
 
 KEYS = ("input_ids", "attention_mask", "loss_mask", "pixel_values", "num_images", "image_start")
 DTYPES = {"input_ids": np.int32, "attention_mask": np.int32, "loss_mask": np.int32, "pixel_values": np.float32,

@@ -11,6 +11,14 @@ Splicing follows owl_jax's rule, not the release's, where they differ: every P p
 sample's next image, so adjacent `<image><image>` tags (one run of 2P) get two images; the release
 would read that run as one image (see owl_jax.models.owl.splice_images and
 test_owl.py::test_adjacent_image_tags_each_get_their_own_image).
+
+The video model (a checkpoint with `temporal_query_tokens`) follows the release's
+mplug_owl_video modules: a local temporal module ahead of each vision layer for clips of more than
+one frame (which doubles the class token, as the release's does), temporal queries beside the
+queries, and the abstractor FFN width rule. Each clip is encoded alone, at its own frame count (the
+release takes one count a batch); a clip of one frame is encoded as an image (the release's 5-D
+path fails there). The k-th run of -2 placeholders of a sample takes its k-th clip (the release's
+`forward` never splices clips and its `generate` reuses a sample's first one).
 """
 from __future__ import annotations
 
@@ -54,10 +62,36 @@ class VisionMLP(nn.Module):
         return self.fc2(h * torch.sigmoid(1.702 * h))
 
 
-class VisionLayer(nn.Module):
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+class VisionLocalTemporal(nn.Module):
+    """The release's MplugOwlVisionLocalTemporal: x [b, t, s, c] -> the same, CLS passed through."""
+
     def __init__(self, c):
         super().__init__()
         d = c["hidden_size"]
+        self.grid = c["image_size"] // c["patch_size"]
+        self.ln = nn.LayerNorm(d)  # torch's eps 1e-5, as the release
+        self.down_proj = nn.Conv3d(d, d // 2, kernel_size=1)
+        self.conv = nn.Conv3d(d // 2, d // 2, kernel_size=(3, 1, 1), padding=(1, 0, 0), groups=d // 2)
+        self.up_proj = nn.Conv3d(d // 2, d, kernel_size=1)
+
+    def forward(self, x):
+        cls, x = x[:, :, :1], x[:, :, 1:]
+        b, t, p, c = x.shape
+        x = _ln(x, self.ln).permute(0, 3, 1, 2).reshape(b, c, t, self.grid, self.grid)  # b c t h w
+        x = self.up_proj(quick_gelu(self.conv(self.down_proj(x))))
+        return torch.cat([cls, x.reshape(b, c, t, p).permute(0, 2, 3, 1)], dim=2)
+
+
+class VisionLayer(nn.Module):
+    def __init__(self, c, video=False):
+        super().__init__()
+        d = c["hidden_size"]
+        if video:
+            self.temporal = VisionLocalTemporal(c)
         self.input_layernorm = nn.LayerNorm(d, eps=c["layer_norm_eps"])
         self.self_attn = VisionAttention(d, c["num_attention_heads"])
         self.post_attention_layernorm = nn.LayerNorm(d, eps=c["layer_norm_eps"])
@@ -85,22 +119,32 @@ class VisionEmbeddings(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, video=False):
         super().__init__()
-        self.layers = nn.ModuleList([VisionLayer(c) for _ in range(c["num_hidden_layers"])])
+        self.layers = nn.ModuleList([VisionLayer(c, video) for _ in range(c["num_hidden_layers"])])
 
 
 class VisionModel(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, video=False):
         super().__init__()
         self.embeddings = VisionEmbeddings(c)
-        self.encoder = VisionEncoder(c)
+        self.encoder = VisionEncoder(c, video)
         self.post_layernorm = nn.LayerNorm(c["hidden_size"], eps=c["layer_norm_eps"])
 
     def forward(self, pixels_nchw):
         x = self.embeddings(pixels_nchw)
         for layer in self.encoder.layers:
             x = layer(x)
+        return _ln(x, self.post_layernorm)
+
+    def forward_clip(self, pixels_nctchw):
+        """[B, 3, T, H, W] (T > 1, the release's video layout) -> [B, T, S, D]."""
+        b, c, t, h, w = pixels_nctchw.shape
+        x = self.embeddings(pixels_nctchw.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
+        x = x.reshape(b, t, *x.shape[1:])
+        for layer in self.encoder.layers:
+            x = x + layer.temporal(x)
+            x = layer(x.reshape(b * t, *x.shape[2:])).reshape(b, t, *x.shape[2:])
         return _ln(x, self.post_layernorm)
 
 
@@ -167,58 +211,86 @@ class AbstractorEncoder(nn.Module):
 
 
 class Abstractor(nn.Module):
-    def __init__(self, c, llm_width):
+    def __init__(self, c, llm_width, video=False):
         super().__init__()
+        if video:  # the release's video model derives its FFN width from intermediate_size
+            i = c["intermediate_size"]
+            c = {**c, "intermediate_size": i if i == 2816 else 256 * ((int(2 * i / 3) + 255) // 256)}
+            self.temporal_visual_fc = nn.Linear(c["hidden_size"], llm_width)
         self.encoder = AbstractorEncoder(c)
         self.visual_fc = nn.Linear(c["hidden_size"], llm_width)
         self.vit_eos = nn.Parameter(torch.zeros(1, 1, llm_width))
 
-    def forward(self, queries, img):
-        h = queries
+    def forward(self, queries, img, temporal_queries=None):
+        """img [B, S, D]; or a clip's [B, T, S, D] with temporal_queries: both sets of queries read all
+        frames' tokens, and the output is visual_fc(first) + temporal_visual_fc(second)."""
+        h, q = queries, queries.shape[1]
+        if temporal_queries is not None:
+            h, img = torch.cat([queries, temporal_queries], dim=1), img.reshape(img.shape[0], -1, img.shape[-1])
         for layer in self.encoder.layers:
             h = layer.crossattention(h, img)
-        h = self.visual_fc(h)
-        return torch.cat([h, self.vit_eos.expand(h.shape[0], 1, -1)], dim=1)
+        out = self.visual_fc(h[:, :q])
+        if temporal_queries is not None:
+            out = out + self.temporal_visual_fc(h[:, q:])
+        return torch.cat([out, self.vit_eos.expand(out.shape[0], 1, -1)], dim=1)
 
 
 class OwlOracle(nn.Module):
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, video: bool = False):
         super().__init__()
         v, a, t = config["vision_config"], config["visual_abstractor_config"], config["text_config"]
-        self.vision_model = VisionModel(v)
+        self.vision_model = VisionModel(v, video)
         self.query_tokens = nn.Parameter(torch.zeros(1, config["num_query_tokens"], a["hidden_size"]))
-        self.abstractor = Abstractor(a, t["hidden_size"])
+        if video:
+            self.temporal_query_tokens = nn.Parameter(torch.zeros(1, config["num_query_tokens"], a["hidden_size"]))
+        self.abstractor = Abstractor(a, t["hidden_size"], video)
         llama_cfg = {k: v for k, v in t.items() if k not in ("model_type", "architectures", "torch_dtype")}
         self.language_model = LlamaForCausalLM(LlamaConfig(**llama_cfg, attn_implementation="eager"))
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "OwlOracle":
-        with open(os.path.join(directory, "config.json")) as f:
-            model = cls(json.load(f))
         state = load_file(os.path.join(directory, "model.safetensors"))
+        with open(os.path.join(directory, "config.json")) as f:
+            model = cls(json.load(f), video="temporal_query_tokens" in state)
         missing, unexpected = model.load_state_dict(state, strict=True)
         assert not missing and not unexpected
         return model.eval()
 
-    def forward(self, input_ids, pixels_nhwc, num_images, attention_mask):
-        """input_ids long[B, T] with -1 placeholders; pixels float[M, H, W, 3]; num_images long[B]."""
+    def clip_tokens(self, clip_nhwc):
+        """One clip [T, H, W, 3] -> its tokens [1, P, D_llm]; one frame is an image."""
+        q = self.query_tokens
+        if clip_nhwc.shape[0] == 1:
+            return self.abstractor(q, self.vision_model(clip_nhwc.permute(0, 3, 1, 2)))
+        features = self.vision_model.forward_clip(clip_nhwc.permute(3, 0, 1, 2)[None])
+        return self.abstractor(q, features, self.temporal_query_tokens)
+
+    def forward(self, input_ids, pixels_nhwc, num_images, attention_mask, clips=(), num_videos=None):
+        """input_ids long[B, T] with -1 (image) and -2 (clip) placeholders; pixels float[M, H, W, 3];
+        num_images long[B]; clips: the batch's clips in sample order, each float[T_k, H, W, 3];
+        num_videos long[B]."""
         embeds = self.language_model.get_input_embeddings()(input_ids.clamp(min=0))
+        media = {-1: (None, num_images), -2: (None, num_videos)}
         if pixels_nhwc.shape[0]:
             img = self.vision_model(pixels_nhwc.permute(0, 3, 1, 2))
-            tokens = self.abstractor(self.query_tokens.expand(img.shape[0], -1, -1), img)
-            p = tokens.shape[1]
-            rows, first = [], 0
+            media[-1] = (self.abstractor(self.query_tokens.expand(img.shape[0], -1, -1), img), num_images)
+        if len(clips):
+            media[-2] = (torch.cat([self.clip_tokens(c) for c in clips]), num_videos)
+        if media[-1][0] is not None or media[-2][0] is not None:
+            p = next(m[0] for m in media.values() if m[0] is not None).shape[1]
+            rows, first = [], {-1: 0, -2: 0}
             for b in range(input_ids.shape[0]):
-                ids, row, k = input_ids[b].tolist(), embeds[b].clone(), 0
+                ids, row, k = input_ids[b].tolist(), embeds[b].clone(), {-1: 0, -2: 0}
                 t = 0
                 while t < len(ids):
-                    if ids[t] < 0:  # a run of p placeholders takes the sample's next image
-                        row[t : t + p] = tokens[first + k]
-                        k += 1
+                    if ids[t] < 0:  # a run of p placeholders takes the sample's next image or clip
+                        kind = ids[t]
+                        row[t : t + p] = media[kind][0][first[kind] + k[kind]]
+                        k[kind] += 1
                         t += p
                     else:
                         t += 1
-                first += int(num_images[b])
+                for kind, (_, counts) in media.items():
+                    first[kind] += int(counts[b]) if counts is not None else 0
                 rows.append(row)
             embeds = torch.stack(rows)
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask)

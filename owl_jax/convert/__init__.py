@@ -130,6 +130,12 @@ def _strip_missing_prefix(maps: list[TensorMap], reader: TorchCheckpointReader, 
     ]
 
 
+def released_is_video(directory: str) -> bool:
+    """Whether a released-layout checkpoint is the release's video model: its config.json is an image
+    model's, and only its weights (`temporal_query_tokens`, the vision layers' `temporal.*`) differ."""
+    return "temporal_query_tokens" in TorchCheckpointReader(directory)
+
+
 def from_torch(
     cfg: OwlConfig,
     *,
@@ -263,4 +269,5 @@ __all__ = [
     "param_shapes",
     "merged_kernels",
     "init_missing",
+    "released_is_video",
 ]

@@ -168,7 +168,7 @@ def _from_torch(args) -> int:
     if args.config:
         cfg = _config_from_file(args.config)
     elif args.released:
-        cfg = hf_config.owl_from_released(hf_config.read_json(args.released))
+        cfg = hf_config.owl_from_released(hf_config.read_json(args.released), convert.released_is_video(args.released))
     else:
         cfg = _config_from_parts(args)
     params, report = convert.from_torch(cfg, released=args.released, clip=args.clip, llama=args.llama, dtype=args.dtype,

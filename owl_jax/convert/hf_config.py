@@ -40,22 +40,45 @@ def load_json(path: str) -> dict[str, Any]:
     return d
 
 
-def vision_from_hf(d: dict[str, Any], default_eps: float) -> VisionConfig:
+def vision_from_hf(d: dict[str, Any], default_eps: float, video: bool = False) -> VisionConfig:
     d = {**_RELEASED_VISION_DEFAULTS, "layer_norm_eps": default_eps, **d}
     return VisionConfig(
         image_size=d["image_size"], patch_size=d["patch_size"], hidden_size=d["hidden_size"],
         num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"], mlp_size=d["intermediate_size"],
-        layer_norm_eps=d["layer_norm_eps"], initializer_range=d.get("initializer_range", 0.02),
+        layer_norm_eps=d["layer_norm_eps"], initializer_range=d.get("initializer_range", 0.02), temporal=video,
     )
 
 
-def abstractor_from_hf(d: dict[str, Any], num_queries: int) -> AbstractorConfig:
+# The release's video model sizes its abstractor FFN from `intermediate_size` as LLaMA does (its image
+# model takes it as the width): 2816 as it is, else 2I/3 rounded up to a multiple of 256 (4096 -> 2816).
+VIDEO_FFN_MULTIPLE, VIDEO_FFN_KEPT = 256, 2816
+
+
+def video_ffn_width(intermediate_size: int) -> int:
+    if intermediate_size == VIDEO_FFN_KEPT:
+        return intermediate_size
+    m = VIDEO_FFN_MULTIPLE
+    return m * ((int(2 * intermediate_size / 3) + m - 1) // m)
+
+
+def video_intermediate_size(ffn_size: int) -> int:
+    """The `intermediate_size` that the release's video model turns into `ffn_size` (video_ffn_width)."""
+    if ffn_size == VIDEO_FFN_KEPT:
+        return ffn_size
+    if ffn_size % VIDEO_FFN_MULTIPLE:
+        raise ValueError(f"abstractor.ffn_size={ffn_size}: the released video model's abstractor FFN is 2816 or a "
+                         f"multiple of {VIDEO_FFN_MULTIPLE} wide (it derives the width from intermediate_size)")
+    return 3 * ffn_size // 2
+
+
+def abstractor_from_hf(d: dict[str, Any], num_queries: int, video: bool = False) -> AbstractorConfig:
     d = {**_RELEASED_ABSTRACTOR_DEFAULTS, **d}
+    ffn = video_ffn_width(d["intermediate_size"]) if video else d["intermediate_size"]
     return AbstractorConfig(
         hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
-        ffn_size=d["intermediate_size"], num_queries=num_queries, encoder_hidden_size=d["encoder_hidden_size"],
+        ffn_size=ffn, num_queries=num_queries, encoder_hidden_size=d["encoder_hidden_size"],
         attention_dropout=d["attention_probs_dropout_prob"], ffn_layer_norm_eps=d["layer_norm_eps"],
-        initializer_range=d.get("initializer_range", 0.02),
+        initializer_range=d.get("initializer_range", 0.02), temporal_queries=video,
     )
 
 
@@ -76,11 +99,13 @@ def llama_from_hf(d: dict[str, Any]) -> LlamaConfig:
     )
 
 
-def owl_from_released(d: dict[str, Any]) -> OwlConfig:
+def owl_from_released(d: dict[str, Any], video: bool = False) -> OwlConfig:
+    """video: the release's video model, whose config.json is that of an image model (its weights tell
+    them apart: `convert.released_is_video`)."""
     num_queries = d.get("num_query_tokens", 64)
     return OwlConfig(
-        vision=vision_from_hf(d.get("vision_config") or {}, default_eps=1e-6),
-        abstractor=abstractor_from_hf(d.get("visual_abstractor_config") or {}, num_queries),
+        vision=vision_from_hf(d.get("vision_config") or {}, default_eps=1e-6, video=video),
+        abstractor=abstractor_from_hf(d.get("visual_abstractor_config") or {}, num_queries, video),
         llm=llama_from_hf(d.get("text_config") or {}),
     )
 
@@ -124,7 +149,8 @@ def owl_to_released(cfg: OwlConfig, dtype: str) -> dict[str, Any]:
         },
         "visual_abstractor_config": {
             "model_type": "mplug_owl_visual_abstract", "hidden_size": a.hidden_size, "num_hidden_layers": a.num_layers,
-            "num_attention_heads": a.num_heads, "intermediate_size": a.ffn_size,
+            "num_attention_heads": a.num_heads,
+            "intermediate_size": video_intermediate_size(a.ffn_size) if cfg.video else a.ffn_size,
             "attention_probs_dropout_prob": a.attention_dropout, "layer_norm_eps": a.ffn_layer_norm_eps,
             "encoder_hidden_size": a.encoder_hidden_size, "initializer_range": a.initializer_range,
         },

@@ -47,6 +47,22 @@ def _conv_to_torch(w: np.ndarray) -> np.ndarray:
     return w.transpose(3, 2, 0, 1)
 
 
+def _pointwise_from_torch(w: np.ndarray) -> np.ndarray:  # Conv3d [out, in, 1, 1, 1] -> [in, out]
+    return w[:, :, 0, 0, 0].T
+
+
+def _pointwise_to_torch(w: np.ndarray) -> np.ndarray:
+    return w.T[:, :, None, None, None]
+
+
+def _time_conv_from_torch(w: np.ndarray) -> np.ndarray:  # depthwise Conv3d [C, 1, 3, 1, 1] -> [3, C]
+    return w[:, 0, :, 0, 0].T
+
+
+def _time_conv_to_torch(w: np.ndarray) -> np.ndarray:
+    return w.T[:, None, :, None, None]
+
+
 def _released_key(path: Path, layer: int | None) -> str:
     parts = list(path)
     if parts[-1] in ("kernel", "scale", "embedding"):
@@ -73,7 +89,10 @@ def released_layout(shapes: Mapping[Path, tuple[int, ...]]) -> list[TensorMap]:
     for path, layer, shape in _leaves(shapes):
         if path[-1] in LORA_LEAVES:
             continue
-        if path[-1] == "kernel" and len(shape) == 4:
+        if path[-1] == "kernel" and "temporal" in path:  # the video model's Conv3d modules
+            frm, to = ((_time_conv_from_torch, _time_conv_to_torch) if path[-2] == "conv"
+                       else (_pointwise_from_torch, _pointwise_to_torch))
+        elif path[-1] == "kernel" and len(shape) == 4:
             frm, to = _conv_from_torch, _conv_to_torch
         elif path[-1] == "kernel":
             frm, to = _linear, _linear

@@ -40,14 +40,15 @@ class CrossAttentionOutput(nn.Module):
 
 
 class AbstractorAttention(nn.Module):
-    """Multi-head attention with separate query/key/value projections (bias), no mask."""
+    """Multi-head attention with separate query/key/value projections (bias)."""
 
     cfg: AbstractorConfig
     run: RunOptions
 
     @nn.compact
-    def __call__(self, q: jax.Array, kv: jax.Array, deterministic: bool) -> jax.Array:
-        """q float[N, Q, D], kv float[N, Q + S, D] -> float[N, Q, D]. With `intermediates` mutable, sows
+    def __call__(self, q: jax.Array, kv: jax.Array, key_valid: jax.Array | None, deterministic: bool) -> jax.Array:
+        """q float[N, Q, D], kv float[N, Q + S, D], key_valid bool[N, Q + S] or None (every key) ->
+        float[N, Q, D]. With `intermediates` mutable, sows
         the attention probabilities (keys: the Q queries, then the S image tokens) as `attention_probs`."""
         d, heads = self.cfg.hidden_size, self.cfg.num_heads
         kw = dict(dtype=self.run.dtype, param_dtype=self.run.param_dtype,
@@ -63,7 +64,7 @@ class AbstractorAttention(nn.Module):
             qh,
             kh,
             split(Dense(d, ("embed", "heads"), name="value", **kw)(kv)),
-            None,
+            None if key_valid is None else key_valid[:, None, None, :],
             impl=self.run.attention_impl,
             dropout_rate=dropout,
             dropout_rng=self.make_rng("dropout") if dropout > 0 else None,
@@ -78,12 +79,12 @@ class CrossAttention(nn.Module):
     run: RunOptions
 
     @nn.compact
-    def __call__(self, h: jax.Array, img: jax.Array, deterministic: bool) -> jax.Array:
-        """h float[N, Q, D], img float[N, S, E] -> float[N, Q, D]."""
+    def __call__(self, h: jax.Array, img: jax.Array, key_valid: jax.Array | None, deterministic: bool) -> jax.Array:
+        """h float[N, Q, D], img float[N, S, E], key_valid bool[N, Q + S] or None -> float[N, Q, D]."""
         cfg = self.cfg
         q = LayerNorm(cfg.layer_norm_eps, self.run.param_dtype, name="norm1")(h)
         kv = jnp.concatenate([q, LayerNorm(cfg.layer_norm_eps, self.run.param_dtype, name="normk")(img)], axis=1)
-        a = AbstractorAttention(cfg, self.run, name="attention")(q, kv, deterministic)
+        a = AbstractorAttention(cfg, self.run, name="attention")(q, kv, key_valid, deterministic)
         return CrossAttentionOutput(cfg, self.run, name="output")(a, q)
 
 
@@ -92,33 +93,58 @@ class AbstractorLayer(nn.Module):
     run: RunOptions
 
     @nn.compact
-    def __call__(self, h: jax.Array, img: jax.Array, deterministic: bool) -> tuple[jax.Array, None]:
-        h = CrossAttention(self.cfg, self.run, name="crossattention")(h, img, deterministic)
+    def __call__(self, h: jax.Array, img: jax.Array, key_valid: jax.Array | None,
+                 deterministic: bool) -> tuple[jax.Array, None]:
+        h = CrossAttention(self.cfg, self.run, name="crossattention")(h, img, key_valid, deterministic)
         return constrain(h, ("batch", "length", "embed")), None
 
 
 class VisualAbstractor(nn.Module):
-    """Owns the `abstractor.*` weights: the layer stack, visual_fc and vit_eos. The query tokens live
-    one level up (`query_tokens`), as in the released checkpoint."""
+    """Owns the `abstractor.*` weights: the layer stack, visual_fc and vit_eos (and the video model's
+    temporal_visual_fc). The query tokens live one level up (`query_tokens`, `temporal_query_tokens`),
+    as in the released checkpoint."""
 
     cfg: AbstractorConfig
     llm_hidden_size: int
     run: RunOptions = RunOptions()
 
     @nn.compact
-    def __call__(self, queries: jax.Array, img: jax.Array, deterministic: bool = True) -> jax.Array:
-        """queries float[N, Q, D], img float[N, S, E] -> float[N, Q + 1, llm_hidden] (vit_eos appended)."""
+    def __call__(self, queries: jax.Array, img: jax.Array, deterministic: bool = True,
+                 temporal_queries: jax.Array | None = None, frame_valid: jax.Array | None = None) -> jax.Array:
+        """queries float[N, Q, D] and images img float[N, S, E], or clips img float[N, T, S, E] with
+        frame_valid bool[N, T] (default all) -> float[N, Q + 1, llm_hidden] (vit_eos appended).
+
+        A clip's queries attend to all its frames' tokens, frame after frame. With temporal_queries
+        float[N, Q, D] (the video model), a clip of more than one frame is read by both sets of queries at
+        once (each attending to the other too) and gives visual_fc(first) + temporal_visual_fc(second); a
+        clip of one frame is read as an image."""
         dtype, param_dtype = self.run.dtype, self.run.param_dtype
+        q, key_valid, several = queries.shape[1], None, None
+        if img.ndim == 4:
+            n, t, s, e = img.shape
+            valid = jnp.ones((n, t), bool) if frame_valid is None else frame_valid
+            img = img.reshape(n, t * s, e)
+            query_keys = jnp.ones((n, q), bool)
+            if temporal_queries is not None and t > 1:
+                several = jnp.sum(valid, axis=1) > 1  # [N]
+                queries = jnp.concatenate([queries, temporal_queries], axis=1)
+                query_keys = jnp.concatenate([query_keys, jnp.broadcast_to(several[:, None], (n, q))], axis=1)
+            key_valid = jnp.concatenate([query_keys, jnp.repeat(valid, s, axis=1)], axis=1)
         h = Stack(AbstractorLayer, self.cfg.num_layers, self.run, dict(cfg=self.cfg, run=self.run), name="encoder")(
-            queries.astype(dtype), img.astype(dtype), deterministic
+            queries.astype(dtype), img.astype(dtype), key_valid, deterministic
         )
-        h = Dense(self.llm_hidden_size, (None, "embed"), dtype=dtype, param_dtype=param_dtype,
-                  kernel_init=nn.initializers.normal(self.cfg.initializer_range), name="visual_fc")(h)
+        fc = lambda name: Dense(self.llm_hidden_size, (None, "embed"), dtype=dtype, param_dtype=param_dtype,
+                                kernel_init=nn.initializers.normal(self.cfg.initializer_range), name=name)
+        out = fc("visual_fc")(h[:, :q])
+        if self.cfg.temporal_queries and (several is not None or self.is_initializing()):
+            temporal = fc("temporal_visual_fc")(h[:, q:] if several is not None else h)
+            if several is not None:
+                out = out + jnp.where(several[:, None, None], temporal, 0)
         vit_eos = self.param(
             "vit_eos",
             partitioned(nn.initializers.truncated_normal(self.cfg.initializer_range), (None, None, "embed")),
             (1, 1, self.llm_hidden_size),
             param_dtype,
         )
-        eos = jnp.broadcast_to(vit_eos.astype(h.dtype), (h.shape[0], 1, self.llm_hidden_size))
-        return jnp.concatenate([h, eos], axis=1)
+        eos = jnp.broadcast_to(vit_eos.astype(out.dtype), (out.shape[0], 1, self.llm_hidden_size))
+        return jnp.concatenate([out, eos], axis=1)

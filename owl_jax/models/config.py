@@ -42,6 +42,9 @@ class VisionConfig:
     # (the patch grid's 2-D sine-cosine code, big_vision's from-scratch default; the class token's row
     # zero); either way a learned parameter in the released layout.
     position_embedding_init: str = "normal"
+    # The release's video model: a local temporal module in every layer (a depthwise convolution over
+    # a clip's frames at each patch position, before the layer's attention; vision.LocalTemporal).
+    temporal: bool = False
 
     def __post_init__(self):
         if self.position_embedding_init not in ("normal", "sincos2d"):
@@ -72,6 +75,9 @@ class AbstractorConfig:
     layer_norm_eps: float = 1e-5  # norm1, normk, norm2
     ffn_layer_norm_eps: float = 1e-6  # ffn_ln
     initializer_range: float = 0.02  # fresh kernels, query tokens and vit_eos: normal(initializer_range)
+    # The release's video model: a second set of queries (`temporal_query_tokens`) read a clip's frames
+    # beside the first, and `temporal_visual_fc` adds their summary to the first set's.
+    temporal_queries: bool = False
 
     def __post_init__(self):
         if self.encoder_hidden_size != self.hidden_size:
@@ -157,6 +163,16 @@ class OwlConfig:
                 f"vision.hidden_size={self.vision.hidden_size} != abstractor.encoder_hidden_size="
                 f"{self.abstractor.encoder_hidden_size}: the abstractor reads the vision features as they are"
             )
+        if self.vision.temporal != self.abstractor.temporal_queries:
+            raise UserError(
+                f"vision.temporal={self.vision.temporal} and abstractor.temporal_queries="
+                f"{self.abstractor.temporal_queries}: the video model has both (set both True), the image model neither"
+            )
+
+    @property
+    def video(self) -> bool:
+        """Whether this is the release's video model (it reads clips beside images)."""
+        return self.vision.temporal
 
     @property
     def tokens_per_image(self) -> int:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from owl_jax.batch import IMAGE_PLACEHOLDER_ID
+from owl_jax.batch import IMAGE_PLACEHOLDER_ID, VIDEO_PLACEHOLDER_ID
 from owl_jax.models import llama
 from owl_jax.models.abstractor import VisualAbstractor
 from owl_jax.models.config import OwlConfig, RunOptions
@@ -50,9 +51,24 @@ def splice_images(
     return jnp.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
+@flax.struct.dataclass
+class Videos:
+    """A batch's clips (the video model), beside its images: each sample's k-th `<|video|>` run of
+    placeholders (VIDEO_PLACEHOLDER_ID) takes its k-th clip, as images do (`splice_images`).
+
+    pixel_values float[V, F, H, W, 3]: V clip slots of F frames, CLIP-normalised; frames int[V]: how many
+    of the F are the clip's (the rest, and unused slots (0), are ignored); num_videos int[B] (sum <= V);
+    video_start int[B] or None: each sample's first clip slot (default: packed, as for images)."""
+
+    pixel_values: jax.Array
+    frames: jax.Array
+    num_videos: jax.Array
+    video_start: jax.Array | None = None
+
+
 class MplugOwl(nn.Module):
     """Parameters (top level, as in the released checkpoint): vision_model, query_tokens,
-    abstractor, language_model.
+    abstractor, language_model; the video model (cfg.video) adds temporal_query_tokens.
 
     decode_layout=True builds the LLM for decoding: layers unrolled (see `LlamaModel`) and the LM head
     kernel float[V, D] (see `LlamaForCausalLM`). Its params are `to_decode_layout` of the usual ones.
@@ -75,6 +91,12 @@ class MplugOwl(nn.Module):
             (1, cfg.abstractor.num_queries, cfg.abstractor.hidden_size),
             run.param_dtype,
         )
+        if cfg.abstractor.temporal_queries:
+            # The release initialises them at zero; it never trains them from nothing, so neither do we.
+            self.temporal_query_tokens = self.param(
+                "temporal_query_tokens", partitioned(nn.initializers.zeros, (None, None, "embed")),
+                (1, cfg.abstractor.num_queries, cfg.abstractor.hidden_size), run.param_dtype,
+            )
         self.abstractor = VisualAbstractor(cfg.abstractor, cfg.llm.hidden_size, run)
         self.language_model = LlamaForCausalLM(cfg.llm, cfg.lora, run, decode=self.decode,
                                                scan_layers=not self.decode_layout,
@@ -86,13 +108,30 @@ class MplugOwl(nn.Module):
         queries = jnp.broadcast_to(self.query_tokens, (features.shape[0],) + self.query_tokens.shape[1:])
         return self.abstractor(queries, features, deterministic)
 
-    def embed(self, input_ids, pixel_values, num_images, deterministic: bool = True, image_start=None):
-        """Text embeddings with the images spliced in: int[B, T] -> float[B, T, D_llm]."""
+    def encode_videos(self, pixel_values: jax.Array, frames: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Clips float[V, F, H, W, 3] CLIP-normalised, frames int[V] (see `Videos`) -> float[V, Q + 1, D_llm],
+        as many tokens as an image. Needs the video model (cfg.video)."""
+        if not self.cfg.video:
+            raise ValueError("videos need the video model (vision.temporal and abstractor.temporal_queries)")
+        valid = jnp.arange(pixel_values.shape[1])[None, :] < frames[:, None]
+        features = self.vision_model(pixel_values, deterministic, frames)  # [V, F, S, D_vision]
+        expand = lambda tokens: jnp.broadcast_to(tokens, (features.shape[0],) + tokens.shape[1:])
+        return self.abstractor(expand(self.query_tokens), features, deterministic,
+                               expand(self.temporal_query_tokens), valid)
+
+    def embed(self, input_ids, pixel_values, num_images, deterministic: bool = True, image_start=None,
+              videos: Videos | None = None):
+        """Text embeddings with the images (and clips) spliced in: int[B, T] -> float[B, T, D_llm]."""
         is_image = input_ids == IMAGE_PLACEHOLDER_ID
-        text = self.language_model.embed(jnp.where(is_image, 0, input_ids))
-        if pixel_values is None or pixel_values.shape[0] == 0:
-            return text
-        return splice_images(text, self.encode_images(pixel_values, deterministic), is_image, num_images, image_start)
+        is_video = input_ids == VIDEO_PLACEHOLDER_ID
+        text = self.language_model.embed(jnp.where(is_image | is_video, 0, input_ids))
+        if pixel_values is not None and pixel_values.shape[0]:
+            text = splice_images(text, self.encode_images(pixel_values, deterministic), is_image, num_images,
+                                 image_start)
+        if videos is not None and videos.pixel_values.shape[0]:
+            clips = self.encode_videos(videos.pixel_values, videos.frames, deterministic)
+            text = splice_images(text, clips, is_video, videos.num_videos, videos.video_start)
+        return text
 
     def __call__(
         self,
@@ -103,6 +142,7 @@ class MplugOwl(nn.Module):
         positions: jax.Array | None = None,
         deterministic: bool = True,
         image_start: jax.Array | None = None,
+        videos: Videos | None = None,
     ) -> jax.Array:
         """Logits float[B, T, V].
 
@@ -110,9 +150,10 @@ class MplugOwl(nn.Module):
         (M fixed per batch; unused slots are ignored), num_images int[B] (sum <= M), attention_mask
         int/bool[B, T] (each token's sample in its row: 1 in an unpacked row, 1, 2, ... in a packed one,
         0 on padding; bool[B, S] over the cache when decoding), positions int[B, T] (default 0..T-1 within
-        each sample), image_start int[B] (see splice_images)."""
+        each sample), image_start int[B] (see splice_images), videos: the clips of the video model (`Videos`;
+        their placeholders VIDEO_PLACEHOLDER_ID)."""
         return self._llm(self.language_model, input_ids, pixel_values, num_images, attention_mask, positions,
-                         deterministic, image_start)
+                         deterministic, image_start, videos)
 
     def hidden_states(
         self,
@@ -123,16 +164,18 @@ class MplugOwl(nn.Module):
         positions: jax.Array | None = None,
         deterministic: bool = True,
         image_start: jax.Array | None = None,
+        videos: Videos | None = None,
     ) -> jax.Array:
         """The LLM's final hidden states float[B, T, D_llm], before the LM head (for
         `losses.answer_loss_from_hidden`, which applies the head to the answer tokens only); arguments
         as for `__call__`."""
         return self._llm(self.language_model.hidden_states, input_ids, pixel_values, num_images, attention_mask,
-                         positions, deterministic, image_start)
+                         positions, deterministic, image_start, videos)
 
-    def _llm(self, llm_fn, input_ids, pixel_values, num_images, attention_mask, positions, deterministic, image_start):
+    def _llm(self, llm_fn, input_ids, pixel_values, num_images, attention_mask, positions, deterministic, image_start,
+             videos=None):
         """llm_fn (the LLM or its `hidden_states`) on the embedded text with the images spliced in."""
-        embeds = self.embed(input_ids, pixel_values, num_images, deterministic, image_start)
+        embeds = self.embed(input_ids, pixel_values, num_images, deterministic, image_start, videos)
         return llm_fn(
             inputs_embeds=embeds,
             positions=positions,

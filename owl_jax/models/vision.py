@@ -55,15 +55,72 @@ class VisionMLP(nn.Module):
         return Dense(self.cfg.hidden_size, ("mlp", "embed"), name="fc2", **kw)(x)
 
 
-class VisionLayer(nn.Module):
-    """Pre-LN block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+class TimeConv(nn.Module):
+    """Depthwise convolution over frames, kernel 3, zero padding (the release's Conv3d with kernel
+    (3, 1, 1) and groups = channels): out[t] = k[0] x[t-1] + k[1] x[t] + k[2] x[t+1] + b, per channel.
+    kernel float[3, C] ≙ torch weight [C, 1, 3, 1, 1]."""
+
+    run: RunOptions
+    initializer_range: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """float[V, T, P, C] -> float[V, T, P, C]."""
+        c = x.shape[-1]
+        init = nn.initializers.normal(self.initializer_range)
+        kernel = self.param("kernel", partitioned(init, (None, "mlp")), (3, c), self.run.param_dtype).astype(x.dtype)
+        bias = self.param("bias", partitioned(nn.initializers.zeros, ("mlp",)), (c,), self.run.param_dtype)
+        padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0)))
+        out = kernel[0] * padded[:, :-2] + kernel[1] * padded[:, 1:-1] + kernel[2] * padded[:, 2:]
+        return out + bias.astype(x.dtype)
+
+
+class LocalTemporal(nn.Module):
+    """The release's video-model module in each vision layer (`temporal`): every patch position of a
+    clip mixes with the same position in the neighbouring frames through a bottleneck of half the width,
+    up_proj(quick_gelu(conv(down_proj(ln(x))))); LayerNorm eps 1e-5 (torch's default, which the release
+    leaves). Fresh up_proj weights are zero, as the release's."""
 
     cfg: VisionConfig
     run: RunOptions
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> tuple[jax.Array, None]:
+    def __call__(self, x: jax.Array, frame_valid: jax.Array) -> jax.Array:
+        """x float[V, T, S, D], frame_valid bool[V, T] -> float[V, T, S, D]: the patches' update and, at the
+        class token, the class token itself. The release returns it so (and adds the result to x), which
+        doubles each frame's class token in every layer of a clip; kept, for the released weights."""
+        d, run = self.cfg.hidden_size, self.run
+        kw = dict(dtype=run.dtype, param_dtype=run.param_dtype)
+        init = nn.initializers.normal(self.cfg.initializer_range)
+        u = LayerNorm(1e-5, run.param_dtype, name="ln")(x[:, :, 1:])
+        u = Dense(d // 2, ("embed", "mlp"), kernel_init=init, name="down_proj", **kw)(u)
+        # Frames past a clip's end are the convolution's zero padding, as they are in the release.
+        u = jnp.where(frame_valid[:, :, None, None], u, 0)
+        u = quick_gelu(TimeConv(run, self.cfg.initializer_range, name="conv")(u))
+        u = Dense(d, ("mlp", "embed"), kernel_init=nn.initializers.zeros, name="up_proj", **kw)(u)
+        return jnp.concatenate([x[:, :, :1], u.astype(x.dtype)], axis=2)
+
+
+class VisionLayer(nn.Module):
+    """Pre-LN block: x + attn(ln1(x)); x + mlp(ln2(x)). The video model first adds its temporal
+    module's output for clips of more than one frame (a clip of one frame computes as an image)."""
+
+    cfg: VisionConfig
+    run: RunOptions
+
+    @nn.compact
+    def __call__(self, x: jax.Array, frame_valid: jax.Array | None, deterministic: bool) -> tuple[jax.Array, None]:
+        """x float[N, S, D]: N images (frame_valid None) or the frames of V clips (frame_valid bool[V, T],
+        N = V * T, clip-major)."""
         ln = lambda name: LayerNorm(self.cfg.layer_norm_eps, self.run.param_dtype, name=name)
+        clips = frame_valid is not None and frame_valid.shape[1] > 1
+        if self.cfg.temporal and (clips or self.is_initializing()):  # init creates the module's params
+            valid = frame_valid if clips else jnp.ones((x.shape[0], 1), bool)
+            frames = x.reshape(valid.shape + x.shape[1:])
+            update = LocalTemporal(self.cfg, self.run, name="temporal")(frames, valid)
+            if clips:
+                several = (jnp.sum(valid, axis=1) > 1)[:, None, None, None]
+                x = (frames + jnp.where(several, update, 0)).reshape(x.shape)
         x = x + VisionAttention(self.cfg, self.run, name="self_attn")(ln("input_layernorm")(x))
         x = x + VisionMLP(self.cfg, self.run, name="mlp")(ln("post_attention_layernorm")(x))
         return constrain(x, ("batch", "length", "embed")), None
@@ -127,11 +184,20 @@ class VisionEncoder(nn.Module):
     run: RunOptions = RunOptions()
 
     @nn.compact
-    def __call__(self, pixels: jax.Array, deterministic: bool = True) -> jax.Array:
-        """float[N, H, W, 3] -> float[N, S, D]: every token post-LayerNormed (S = 257 for ViT-L/14 @ 224)."""
+    def __call__(self, pixels: jax.Array, deterministic: bool = True, frames: jax.Array | None = None) -> jax.Array:
+        """Images float[N, H, W, 3] -> float[N, S, D], or clips float[V, T, H, W, 3] with frames int[V] (how
+        many of the T are the clip's; default all) -> float[V, T, S, D]: every token post-LayerNormed
+        (S = 257 for ViT-L/14 @ 224). Frames are embedded one by one (no temporal position); only the
+        video model's temporal modules mix them."""
+        frame_valid = None
+        if pixels.ndim == 5:
+            v, t = pixels.shape[:2]
+            frame_valid = jnp.ones((v, t), bool) if frames is None else jnp.arange(t)[None, :] < frames[:, None]
+            pixels = pixels.reshape((v * t,) + pixels.shape[2:])
         x = VisionEmbeddings(self.cfg, self.run, name="embeddings")(pixels)
         x = constrain(x, ("batch", "length", "embed"))
         x = Stack(VisionLayer, self.cfg.num_layers, self.run, dict(cfg=self.cfg, run=self.run), name="encoder")(
-            x, deterministic
+            x, frame_valid, deterministic
         )
-        return LayerNorm(self.cfg.layer_norm_eps, self.run.param_dtype, name="post_layernorm")(x)
+        x = LayerNorm(self.cfg.layer_norm_eps, self.run.param_dtype, name="post_layernorm")(x)
+        return x if frame_valid is None else x.reshape(frame_valid.shape + x.shape[1:])

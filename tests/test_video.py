@@ -1,0 +1,145 @@
+"""The release's video model: logits against a PyTorch oracle of its mplug_owl_video modules (clips of
+different frame counts, mixed with images and text), conversion both ways, and a one-frame clip read
+as an image."""
+import dataclasses
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+
+from owl_jax.batch import IMAGE_PLACEHOLDER_ID, VIDEO_PLACEHOLDER_ID
+from owl_jax.convert import from_torch, released_is_video, to_torch
+from owl_jax.convert.hf_config import owl_from_released, video_ffn_width, video_intermediate_size
+from owl_jax.models.owl import MplugOwl, Videos
+
+from conftest import random_owl_params, small_owl_config
+from torch_oracle import OwlOracle
+
+
+def video_config(**overrides):
+    cfg = small_owl_config(**overrides)
+    return dataclasses.replace(
+        cfg,
+        vision=dataclasses.replace(cfg.vision, temporal=True),
+        # the released video model's FFN widths are 2816 or multiples of 256 (hf_config.video_ffn_width)
+        abstractor=dataclasses.replace(cfg.abstractor, temporal_queries=True, ffn_size=256),
+    )
+
+
+@pytest.fixture(scope="module")
+def video_owl():
+    cfg = video_config()
+    return cfg, random_owl_params(cfg, seed=0, perturb_seed=5)  # up_proj, temporal queries non-zero
+
+
+def _batch(cfg, rng):
+    """Sample 0 text only; sample 1 an image and a 3-frame clip; sample 2 clips of 2 and 4 frames with
+    an image between. Clip slots of 4 frames (one slot unused), right padding."""
+    p, t = cfg.tokens_per_image, 4 * cfg.tokens_per_image + 12
+    ids = rng.integers(3, cfg.llm.vocab_size, size=(3, t))
+    ids[:, 0] = 1
+    ids[1, 2 : 2 + p] = IMAGE_PLACEHOLDER_ID
+    ids[1, 4 + p : 4 + 2 * p] = VIDEO_PLACEHOLDER_ID
+    ids[2, 1 : 1 + p] = VIDEO_PLACEHOLDER_ID
+    ids[2, 3 + p : 3 + 2 * p] = IMAGE_PLACEHOLDER_ID
+    ids[2, 5 + 2 * p : 5 + 3 * p] = VIDEO_PLACEHOLDER_ID
+    mask = np.ones((3, t), np.int64)
+    mask[0, 20:] = 0
+    ids = np.where(mask == 1, ids, 0)
+    size = cfg.vision.image_size
+    images = rng.normal(size=(3, size, size, 3)).astype(np.float32)  # one unused slot
+    frames = np.array([3, 2, 4, 0])
+    clips = rng.normal(size=(4, 4, size, size, 3)).astype(np.float32)
+    return ids, mask, images, np.array([0, 1, 1]), clips, frames, np.array([0, 1, 2])
+
+
+def test_logits_match_the_released_video_modules(video_owl, tmp_path, rng):
+    cfg, params = video_owl
+    to_torch(params, cfg, str(tmp_path))
+    oracle = OwlOracle.from_pretrained(str(tmp_path))
+    ids, mask, images, num_images, clips, frames, num_videos = _batch(cfg, rng)
+    with torch.no_grad():
+        expected = oracle(torch.tensor(ids), torch.tensor(images[:2]), torch.tensor(num_images), torch.tensor(mask),
+                          clips=[torch.tensor(c[:f]) for c, f in zip(clips, frames) if f],
+                          num_videos=torch.tensor(num_videos)).numpy()
+    videos = Videos(jnp.asarray(clips), jnp.asarray(frames), jnp.asarray(num_videos))
+    ours = MplugOwl(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(images), jnp.asarray(num_images),
+                               jnp.asarray(mask), videos=videos)
+    diff = np.abs(np.asarray(ours) - expected)[mask.astype(bool)]
+    assert diff.max() <= 1e-4, diff.max()
+    # The clips matter: another frame in the 3-frame clip moves sample 1 (and no other).
+    moved = clips.copy()
+    moved[0, 1] += 1.0
+    videos2 = Videos(jnp.asarray(moved), jnp.asarray(frames), jnp.asarray(num_videos))
+    other = MplugOwl(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(images), jnp.asarray(num_images),
+                                jnp.asarray(mask), videos=videos2)
+    change = np.abs(np.asarray(other) - np.asarray(ours)).max(axis=(1, 2))
+    assert change[1] > 1e-3 and change[0] == 0 and change[2] == 0, change
+    # Frames past a clip's end are not the clip's: changing them changes nothing.
+    moved = clips.copy()
+    moved[1, 3] += 1.0  # the 2-frame clip's padding
+    videos3 = Videos(jnp.asarray(moved), jnp.asarray(frames), jnp.asarray(num_videos))
+    same = MplugOwl(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(images), jnp.asarray(num_images),
+                               jnp.asarray(mask), videos=videos3)
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(ours))
+
+
+def test_a_one_frame_clip_is_read_as_an_image(video_owl, rng):
+    cfg, params = video_owl
+    size = cfg.vision.image_size
+    frame = rng.normal(size=(2, size, size, 3)).astype(np.float32)
+    model = MplugOwl(cfg)
+    as_images = model.apply({"params": params}, jnp.asarray(frame), method=MplugOwl.encode_images)
+    clips = np.zeros((2, 3, size, size, 3), np.float32)
+    clips[:, 0] = frame
+    as_clips = model.apply({"params": params}, jnp.asarray(clips), jnp.array([1, 1]), method=MplugOwl.encode_videos)
+    np.testing.assert_allclose(np.asarray(as_clips), np.asarray(as_images), atol=1e-5)
+
+
+def test_video_checkpoint_round_trip_is_bit_exact(video_owl, tmp_path):
+    cfg, params = video_owl
+    to_torch(params, cfg, str(tmp_path))
+    assert released_is_video(str(tmp_path))
+    with open(tmp_path / "config.json") as f:
+        written = json.load(f)
+    # The released config.json has no video field: the weights say it, and the FFN width rule applies.
+    assert written["visual_abstractor_config"]["intermediate_size"] == 384
+    assert owl_from_released(written, video=True) == cfg
+    back, report = from_torch(cfg, released=str(tmp_path))
+    assert report.initialised == [] and report.unused[str(tmp_path)] == []
+    a, b = traverse_util.flatten_dict(params), traverse_util.flatten_dict(back)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+
+
+def test_the_video_tensors_in_the_released_layout(video_owl, tmp_path):
+    """8 per vision layer and 3 more, in the release's Conv3d shapes; an image model refuses them."""
+    from safetensors.numpy import load_file
+
+    cfg, params = video_owl
+    to_torch(params, cfg, str(tmp_path))
+    state = load_file(str(tmp_path / "model.safetensors"))
+    video_keys = {k: v.shape for k, v in state.items() if "temporal" in k}
+    d = cfg.vision.hidden_size
+    assert len(video_keys) == 8 * cfg.vision.num_layers + 3 == 19
+    assert video_keys["vision_model.encoder.layers.1.temporal.down_proj.weight"] == (d // 2, d, 1, 1, 1)
+    assert video_keys["vision_model.encoder.layers.0.temporal.conv.weight"] == (d // 2, 1, 3, 1, 1)
+    assert video_keys["vision_model.encoder.layers.0.temporal.up_proj.weight"] == (d, d // 2, 1, 1, 1)
+    assert video_keys["temporal_query_tokens"] == (1, cfg.abstractor.num_queries, cfg.abstractor.hidden_size)
+    assert video_keys["abstractor.temporal_visual_fc.weight"] == (cfg.llm.hidden_size, cfg.abstractor.hidden_size)
+    image_cfg = dataclasses.replace(small_owl_config(), abstractor=dataclasses.replace(
+        small_owl_config().abstractor, ffn_size=256))
+    with pytest.raises(ValueError, match="temporal"):
+        from_torch(image_cfg, released=str(tmp_path))
+
+
+def test_video_ffn_width_rule():
+    assert [video_ffn_width(i) for i in (4096, 2816, 3072, 1024, 384, 88)] == [2816, 2816, 2048, 768, 256, 256]
+    for f in (2816, 256, 768, 2048):
+        assert video_ffn_width(video_intermediate_size(f)) == f
+    with pytest.raises(ValueError, match="ffn_size=88"):
+        video_intermediate_size(88)
