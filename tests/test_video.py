@@ -143,3 +143,50 @@ def test_video_ffn_width_rule():
         assert video_ffn_width(video_intermediate_size(f)) == f
     with pytest.raises(ValueError, match="ffn_size=88"):
         video_intermediate_size(88)
+
+
+def test_video_parameters_are_sharded_by_the_rules():
+    """The video model's new parameters on mesh (data 1, fsdp 4, tensor 2) under the default rules:
+    kernels over fsdp x tensor like the vision MLP's, the bottleneck on tensor, norms replicated."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from owl_jax.sharding import make_mesh
+    from owl_jax.training.trainer import Trainer
+
+    from conftest import tiny_train_config
+
+    config = tiny_train_config("all", **{"model.vision.temporal": True, "model.abstractor.temporal_queries": True})
+    trainer = Trainer(config, make_mesh({"data": 1, "fsdp": 4, "tensor": 2}))
+    params = traverse_util.flatten_dict(trainer.params(trainer.init_state(jax.random.PRNGKey(0))), sep="/")
+    layer = "vision_model/encoder/layers/temporal/"
+    expected = {
+        layer + "ln/scale": P(), layer + "ln/bias": P(),
+        layer + "down_proj/kernel": P(None, "fsdp", "tensor"), layer + "down_proj/bias": P(None, "tensor"),
+        layer + "conv/kernel": P(None, None, "tensor"), layer + "conv/bias": P(None, "tensor"),
+        layer + "up_proj/kernel": P(None, "tensor", "fsdp"), layer + "up_proj/bias": P(None, "fsdp"),
+        "temporal_query_tokens": P(None, None, "fsdp"),
+        "abstractor/temporal_visual_fc/kernel": P(None, "fsdp"), "abstractor/temporal_visual_fc/bias": P("fsdp"),
+    }
+    def trim(spec):  # P(None, 'x') and P(None, 'x', None) alike
+        parts = list(spec)
+        while parts and parts[-1] is None:
+            parts.pop()
+        return tuple(parts)
+
+    assert sorted(p for p in params if "temporal" in p) == sorted(expected)
+    for path, spec in expected.items():
+        assert trim(params[path].sharding.spec) == trim(spec), (path, params[path].sharding.spec)
+
+
+def test_command_line_converts_a_video_checkpoint_as_one(video_owl, tmp_path):
+    """from-torch --released on the release's video layout makes the video model (told by its weights)."""
+    from owl_jax import params_io
+    from owl_jax.convert.__main__ import main as convert_main
+
+    cfg, params = video_owl
+    to_torch(params, cfg, str(tmp_path / "released"))
+    assert convert_main(["from-torch", "--released", str(tmp_path / "released"), "--out", str(tmp_path / "owl")]) == 0
+    loaded, loaded_cfg = params_io.load_params(str(tmp_path / "owl"))
+    assert loaded_cfg == cfg and loaded_cfg.video
+    assert np.array_equal(loaded["temporal_query_tokens"], params["temporal_query_tokens"])
