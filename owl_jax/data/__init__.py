@@ -55,7 +55,8 @@ worker_buffer_size     2                      batches buffered per worker
 ====================== ====================== ===============================================
 
 Modules: `conversation` (template, prompts), `tokenizer` (load/train), `text` (token layout and
-loss masks), `image` (decode, repair, CLIP preprocessing), `records` (record layout, reading),
+loss masks), `image` (decode, repair, CLIP preprocessing), `video` (the video model's clips: the
+release's frame sampling, decoded by PyAV, the `video` extra), `records` (record layout, reading),
 `owl_jsonl` (the TFDS builder of the released JSONL format), `pipeline` (the iterator),
 `batching` (samples into rows and batches, packing), `prepare` (command line). The demo's
 ShapesWorld builder lives in `owl_jax.demo.dataset`.
