@@ -153,8 +153,9 @@ def test_wrong_image_root_fails_and_removes_the_build(tmp_path, capsys, present,
     assert err.startswith("error: ")
     assert (f"{missing} of 4 rows that name images were skipped (missing_image={missing}, outside_image_root=0) "
             f"with image root {images}; is --images the right directory?") in err
-    assert f"removed the build {out / 'owl_jsonl' / '1.0.0'}" in err
-    assert not (out / "owl_jsonl" / "1.0.0").exists()
+    version = str(owl_jsonl.OwlJsonl.VERSION)
+    assert f"removed the build {out / 'owl_jsonl' / version}" in err
+    assert not (out / "owl_jsonl" / version).exists()
 
 
 def test_build_prints_no_download_lines(tmp_path, capfd):
@@ -163,7 +164,8 @@ def test_build_prints_no_download_lines(tmp_path, capfd):
     out = tmp_path / "out"
     assert _main(f"--jsonl={jsonl}", f"--val_jsonl={val}", f"--out={out}") == 0
     printed = capfd.readouterr()
-    assert f"building owl_jsonl from 2 file(s) into {out / 'owl_jsonl' / '1.0.0'}\n" in printed.out
+    built = out / "owl_jsonl" / str(owl_jsonl.OwlJsonl.VERSION)
+    assert f"building owl_jsonl from 2 file(s) into {built}\n" in printed.out
     assert "records written: train=1, validation=1" in printed.out
     for text in (printed.out, printed.err):
         assert "Downloading and preparing" not in text and "downloaded and prepared" not in text
@@ -177,7 +179,7 @@ def test_relative_paths_are_taken_from_the_current_directory(tmp_path, monkeypat
     _jsonl(data / "val.jsonl", [["a.jpg"]])
     monkeypatch.chdir(tmp_path)
     assert _main("--jsonl=data/train.jsonl", "--val_jsonl=data/val.jsonl", "--images=data/images", "--out=out") == 0
-    assert f"into {tmp_path / 'out' / 'owl_jsonl' / '1.0.0'}" in capsys.readouterr().out
+    assert f"into {tmp_path / 'out' / 'owl_jsonl' / str(owl_jsonl.OwlJsonl.VERSION)}" in capsys.readouterr().out
     monkeypatch.chdir(data)  # the build does not depend on the directory it was made from
     report = _report(tmp_path / "out")
     assert report["written"] == {"train": 2, "validation": 1} and report["counts"] == {}

@@ -80,3 +80,73 @@ def test_bad_videos_are_refused_with_their_reason(tmp_path):
     assert reason(data[: len(data) * 2 // 3]) == "unreadable"
     # over the frame limit: refused while counting, before any frame is kept
     assert reason(str(tmp_path / "long.mkv"), max_frames=20) == "too_many_frames"
+
+
+def _video_text(num_videos: int, num_images: int = 0) -> str:
+    from owl_jax.data import conversation as conv
+
+    lines = [conv.SYSTEM_PROMPT] + [conv.HUMAN_PREFIX + conv.IMAGE_TAG] * num_images
+    lines += [conv.HUMAN_PREFIX + conv.VIDEO_TAG] * num_videos
+    return "\n".join(lines + [conv.HUMAN_PREFIX + "What happens?", "AI: it fades"])
+
+
+def test_jsonl_rows_with_videos_are_built_and_bad_ones_counted(tmp_path):
+    """The `video` field of released-format rows: the sampled frames stored per clip (PNG, the release's
+    224 x 224 by default, here 16), and every bad row skipped with its reason and line."""
+    import json
+    import os
+
+    from PIL import Image
+
+    from owl_jax.data import prepare, records
+
+    root, outside = tmp_path / "media", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    levels = write_video(root / "a.mkv", 12, container="matroska")
+    write_video(root / "b.mkv", 2, container="matroska")
+    write_video(outside / "secret.mkv", 5, container="matroska")
+    os.symlink(outside / "secret.mkv", root / "link.mkv")
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(root / "i.jpg")
+    write_video(root / "long.mkv", 30, container="matroska")
+    data = (root / "long.mkv").read_bytes()
+    (root / "cut.mkv").write_bytes(data[: len(data) // 2])
+    (root / "junk.mp4").write_bytes(b"junk" * 100)
+    rows = [
+        {"video": ["a.mkv"], "text": _video_text(1)},  # 1: kept
+        {"video": ["a.mkv", "b.mkv"], "image": ["i.jpg"], "text": _video_text(2, 1)},  # 2: kept
+        {"video": ["a.mkv"], "text": _video_text(2)},  # 3: more tags than videos
+        {"video": ["b.mkv", "a.mkv"], "text": _video_text(1)},  # 4: kept, the second video dropped
+        {"video": ["gone.mkv"], "text": _video_text(1)},  # 5: missing
+        {"video": ["../outside/secret.mkv"], "text": _video_text(1)},  # 6: outside the root
+        {"video": ["link.mkv"], "text": _video_text(1)},  # 7: a symlink out
+        {"video": ["cut.mkv"], "text": _video_text(1)},  # 8: cut
+        {"video": ["junk.mp4"], "text": _video_text(1)},  # 9: not a video
+        {"video": 7, "text": _video_text(1)},  # 10: not a path
+    ]
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from owl_jax.data.owl_jsonl import OwlJsonl
+
+    builder = OwlJsonl(data_dir=str(tmp_path / "out"), file_format="array_record", split_files={"train": [str(jsonl)]},
+                       image_root=str(root), video_frame_size=16)
+    prepare.build(builder, False, "")
+    report = builder.report
+    assert report.written == {"train": 3}
+    assert report.counts == {"more_tags_than_videos": 1, "more_videos_than_tags": 1, "missing_video": 1,
+                             "outside_image_root": 2, "video_truncated": 1, "video_unreadable": 1,
+                             "bad_video_field": 1}
+    assert report.examples["outside_image_root"] == ["train.jsonl:6 (../outside/secret.mkv)",
+                                                     "train.jsonl:7 (link.mkv)"]
+    assert report.examples["video_truncated"] == ["train.jsonl:8 (cut.mkv)"]
+
+    src = records.data_source(str(tmp_path / "out"), "owl_jsonl", "train")
+    got = sorted((records.as_str(src[i]["source"]), records.clips_of(src[i]), len(src[i]["images"]))
+                 for i in range(len(src)))
+    assert [(where, [len(c) for c in clips], n) for where, clips, n in got] == [
+        ("train.jsonl:1", [4], 0), ("train.jsonl:2", [4, 4], 1), ("train.jsonl:4", [4], 0)]
+    import io
+
+    frames = [np.asarray(Image.open(io.BytesIO(f))) for f in got[0][1][0]]
+    assert all(f.shape == (16, 16, 3) for f in frames)
+    np.testing.assert_allclose([f.mean() for f in frames], [levels[i] for i in frame_indices(12)], atol=6)

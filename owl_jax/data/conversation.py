@@ -24,6 +24,7 @@ SYSTEM_PROMPT = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 IMAGE_TAG = "<image>"
+VIDEO_TAG = "<|video|>"  # the release's video model: one clip's frames
 HUMAN_PREFIX = "Human: "
 AI_PREFIX = "AI: "
 # The delimiters the released tokeniser splits on (pipeline/data_utils/xgpt3_dataset.py).
@@ -83,6 +84,10 @@ def drop_images(text: str) -> str:
 
 def count_image_tags(text: str) -> int:
     return text.count(IMAGE_TAG)
+
+
+def count_video_tags(text: str) -> int:
+    return text.count(VIDEO_TAG)
 
 
 _TURN_RE = re.compile(r"\nHuman: |\nAI: ")

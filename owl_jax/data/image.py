@@ -50,6 +50,13 @@ def decode(data: bytes, draft_size: int | None = None) -> Image.Image:
     return to_rgb(img)
 
 
+def encode_png(pixels: np.ndarray) -> bytes:
+    """uint8[H, W, 3] RGB -> PNG bytes (lossless: how clip frames are stored)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, np.uint8), "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def normalize(img: Image.Image) -> np.ndarray:
     """RGB uint8 PIL image -> CLIP-normalised float32 [H, W, 3]."""
     u8 = np.asarray(img)

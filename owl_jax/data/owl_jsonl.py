@@ -14,6 +14,10 @@ One row per line::
   ``"caption"`` field instead of ``text``; such a row becomes
   ``<system prompt>\\nHuman: <image>\\nAI: {caption}`` (one tag per image).
 * ``task_type`` is kept as is (default ``""``).
+* ``video`` (the video model): list of video paths (or one path) under the same root and the same
+  containment rule as images, one ``<|video|>`` tag per clip. Each file's frames are sampled as the
+  release samples them (`owl_jax.data.video`: ``video_frames`` of them, 4 by default, resized to
+  ``video_frame_size`` x ``video_frame_size``, 224, while decoding) and stored as PNG.
 
 Bad rows never stop the build; each is skipped or repaired and counted in the `BuildReport`:
 
@@ -31,7 +35,16 @@ converted_image           non-RGB (CMYK, grey, palette, alpha, 16-bit) or non-JP
                           file, converted to RGB and re-encoded (repaired)
 wrong_extension           file content does not match its extension, e.g. a PNG named
                           ``.jpg`` (stored by content; counted)
+bad_video_field           ``video`` is not a path or list of paths (skipped)
+more_tags_than_videos     more ``<|video|>`` tags than videos (skipped)
+more_videos_than_tags     videos beyond the number of tags are dropped (repaired)
+missing_video             a video file does not exist (skipped)
+video_<reason>            a video FFmpeg cannot use, by `video.REASONS`: video_unreadable,
+                          video_no_video_stream, video_no_frames, video_truncated,
+                          video_too_many_frames, video_too_large (skipped)
 ========================= ===========================================================
+
+Paths that lead outside the root count as ``outside_image_root`` whether they name images or videos.
 """
 from __future__ import annotations
 
@@ -41,8 +54,8 @@ import os
 import tensorflow_datasets as tfds
 
 from owl_jax.data import records
-from owl_jax.data.conversation import caption_conversation, count_image_tags
-from owl_jax.data.image import repair_image
+from owl_jax.data.conversation import caption_conversation, count_image_tags, count_video_tags
+from owl_jax.data.image import encode_png, repair_image
 
 _EXT_FORMAT = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".webp": "WEBP",
                ".tif": "TIFF", ".tiff": "TIFF"}
@@ -61,8 +74,50 @@ def resolve_image(path: str, image_root: str, allow_outside: bool = False) -> st
     return full if os.path.commonpath([root, full]) == root else None
 
 
+def _paths(value) -> list[str] | None:
+    """A row's `image` / `video` field as a list of paths; None when it is not one."""
+    paths = [] if value is None else [value] if isinstance(value, str) else value
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p and "\0" not in p for p in paths):
+        return None
+    return paths
+
+
+def _files(paths: list[str], kind: str, where: str, image_root: str, report: records.BuildReport,
+           allow_outside: bool) -> list[str] | None:
+    """The files that `paths` name, each checked before any is read; None (counted) when one is not."""
+    files = []
+    for path in paths:
+        full = resolve_image(path, image_root, allow_outside)
+        if full is None:
+            report.add("outside_image_root", f"{where} ({path})")
+            return None
+        if not os.path.isfile(full):
+            report.add(f"missing_{kind}", f"{where} ({path})")
+            return None
+        files.append(full)
+    return files
+
+
+def _clips(videos: list[str], files: list[str], where: str, report: records.BuildReport, frames: int,
+           frame_size: int) -> tuple[list[bytes], list[int]] | None:
+    """The clips' sampled frames as PNG, clip after clip, and their counts; None (counted) on a bad video."""
+    from owl_jax.data import video as video_lib
+
+    encoded, lengths = [], []
+    for path, full in zip(videos, files):
+        try:
+            clip = video_lib.read_clip(full, frames, frame_size, name=f"{where} ({path})")
+        except video_lib.VideoError as e:
+            report.add(f"video_{e.reason}", f"{where} ({path})")
+            return None
+        encoded += [encode_png(frame) for frame in clip]
+        lengths.append(len(clip))
+    return encoded, lengths
+
+
 def parse_row(line: str, where: str, image_root: str, report: records.BuildReport,
-              allow_images_outside_root: bool = False) -> dict | None:
+              allow_images_outside_root: bool = False, video_frames: int = 4,
+              video_frame_size: int = 224) -> dict | None:
     """One JSONL line -> a record dict (see `records`), or None (skipped and counted in `report`)."""
     try:
         row = json.loads(line)
@@ -72,13 +127,13 @@ def parse_row(line: str, where: str, image_root: str, report: records.BuildRepor
         report.add("bad_json", where)
         return None
 
-    images = row.get("image")
+    images = _paths(row.get("image"))
     if images is None:
-        images = []
-    elif isinstance(images, str):
-        images = [images]
-    if not isinstance(images, list) or not all(isinstance(p, str) and p and "\0" not in p for p in images):
         report.add("bad_image_field", where)
+        return None
+    videos = _paths(row.get("video"))
+    if videos is None:
+        report.add("bad_video_field", where)
         return None
 
     text = row.get("text")
@@ -98,18 +153,20 @@ def parse_row(line: str, where: str, image_root: str, report: records.BuildRepor
         report.add("more_images_than_tags", where)
         images = images[:tags]
 
-    if images:
+    tags = count_video_tags(text)
+    if tags > len(videos):
+        report.add("more_tags_than_videos", where)
+        return None
+    if len(videos) > tags:
+        report.add("more_videos_than_tags", where)
+        videos = videos[:tags]
+
+    if images or videos:  # rows whose files are looked up: a wrong root shows as most of them missing
         report.image_rows += 1
-    files = []
-    for path in images:  # every path is checked before any file is read
-        full = resolve_image(path, image_root, allow_images_outside_root)
-        if full is None:
-            report.add("outside_image_root", f"{where} ({path})")
-            return None
-        if not os.path.isfile(full):
-            report.add("missing_image", f"{where} ({path})")
-            return None
-        files.append(full)
+    files = _files(images, "image", where, image_root, report, allow_images_outside_root)
+    video_files = _files(videos, "video", where, image_root, report, allow_images_outside_root)
+    if files is None or video_files is None:
+        return None
 
     encoded = []
     for path, full in zip(images, files):
@@ -127,23 +184,29 @@ def parse_row(line: str, where: str, image_root: str, report: records.BuildRepor
             report.add("wrong_extension", f"{where} ({path} is {fmt})")
         encoded.append(data)
 
+    clips = _clips(videos, video_files, where, report, video_frames, video_frame_size) if videos else ([], [])
+    if clips is None:
+        return None
     task_type = row.get("task_type", "")
     return records.empty_record(text=text, images=encoded, task_type=task_type if isinstance(task_type, str) else "",
-                                source=where)
+                                source=where, video_frames=clips[0], video_lengths=clips[1])
 
 
 class OwlJsonl(tfds.core.GeneratorBasedBuilder):
     """Released-format JSONL + image root -> ArrayRecord shards. Splits are given by the caller."""
 
     name = "owl_jsonl"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Released mPLUG-Owl JSONL format, images stored encoded."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Released mPLUG-Owl JSONL format, images stored encoded.",
+                     "1.1.0": "Videos (the video model): each clip's sampled frames, PNG."}
 
     def __init__(self, *, split_files: dict[str, list[str]] | None = None, image_root: str = "",
-                 allow_images_outside_root: bool = False, **kwargs):
+                 allow_images_outside_root: bool = False, video_frames: int = 4, video_frame_size: int = 224,
+                 **kwargs):
         self._split_files = dict(split_files or {})
         self._image_root = image_root
         self._allow_outside = allow_images_outside_root
+        self._video = (video_frames, video_frame_size)
         self.report = records.BuildReport()
         super().__init__(**kwargs)
 
@@ -168,7 +231,7 @@ class OwlJsonl(tfds.core.GeneratorBasedBuilder):
                     except UnicodeDecodeError:
                         self.report.add("bad_json", where)
                         continue
-                    rec = parse_row(line, where, self._image_root, self.report, self._allow_outside)
+                    rec = parse_row(line, where, self._image_root, self.report, self._allow_outside, *self._video)
                     if rec is not None:
                         self.report.written[split] += 1
                         yield f"{file_index}:{lineno}", rec

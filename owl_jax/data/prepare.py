@@ -81,7 +81,7 @@ def _first_row_naming_images(files: list[str]) -> str | None:
                     row = json.loads(raw)
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     continue
-                if isinstance(row, dict) and row.get("image"):
+                if isinstance(row, dict) and (row.get("image") or row.get("video")):
                     return f"{os.path.basename(path)}:{lineno}"
     return None
 
@@ -107,14 +107,16 @@ def _image_root_problem(report, images: str) -> str | None:
     A wrong --images does not stop the build: nearly every row is skipped as missing_image (or
     outside_image_root), and a training run would then pick up the nearly empty dataset.
     """
-    missing, outside = report.counts["missing_image"], report.counts["outside_image_root"]
+    missing_images, missing_videos = report.counts["missing_image"], report.counts["missing_video"]
+    missing, outside = missing_images + missing_videos, report.counts["outside_image_root"]
     if 2 * (missing + outside) <= report.image_rows:
         return None
     hint = "is --images the right directory?"
     if outside:
         hint += " (--allow_images_outside_root admits image paths outside it)"
+    videos = f", missing_video={missing_videos}" if missing_videos else ""
     return (f"{missing + outside} of {report.image_rows} rows that name images were skipped "
-            f"(missing_image={missing}, outside_image_root={outside}) with image root {images}; {hint}")
+            f"(missing_image={missing_images}{videos}, outside_image_root={outside}) with image root {images}; {hint}")
 
 
 def _flags() -> flags.FlagValues:

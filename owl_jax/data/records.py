@@ -6,6 +6,9 @@ both datasets:
 =========== ============================================================================
 text        the whole conversation in the released template (raw text, not tokenised)
 images      list of encoded image bytes (JPEG or PNG, RGB), k-th image <-> k-th ``<image>``
+video_frames  the clips' frames (the video model), PNG, clip after clip, the k-th clip <-> the
+            k-th ``<|video|>``; absent from datasets built before videos (read as none)
+video_lengths  frames in each clip (int32), summing to len(video_frames)
 task_type   the row's ``task_type`` (released format), e.g. ``llava_sft``; ShapesWorld: split
 source      where the row came from: ``file.jsonl:LINE`` or ``shapesworld/<split>/<i>``
 category    ShapesWorld ability (colour, shape, count, position, two_image, reading,
@@ -36,14 +39,23 @@ def features():
 
     feats = {name: tfds.features.Text() for name in TEXT_FIELDS}
     feats["images"] = tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_))
+    feats["video_frames"] = tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_))
+    feats["video_lengths"] = tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.int32))
     return tfds.features.FeaturesDict(feats)
 
 
 def empty_record(**kw) -> dict:
     rec = {name: "" for name in TEXT_FIELDS}
-    rec["images"] = []
+    rec["images"], rec["video_frames"], rec["video_lengths"] = [], [], []
     rec.update(kw)
     return rec
+
+
+def clips_of(record) -> list[list[bytes]]:
+    """A record's clips, each its list of encoded frames (none for a dataset built before videos)."""
+    frames, lengths = list(record.get("video_frames", [])), [int(n) for n in record.get("video_lengths", [])]
+    starts = np.cumsum([0] + lengths)
+    return [frames[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
 
 @dataclasses.dataclass
