@@ -150,3 +150,29 @@ def test_jsonl_rows_with_videos_are_built_and_bad_ones_counted(tmp_path):
     frames = [np.asarray(Image.open(io.BytesIO(f))) for f in got[0][1][0]]
     assert all(f.shape == (16, 16, 3) for f in frames)
     np.testing.assert_allclose([f.mean() for f in frames], [levels[i] for i in frame_indices(12)], atol=6)
+
+
+def test_video_tags_become_runs_of_video_placeholders():
+    """<|video|> -> P ids of -2 (as the release's processor), beside <image> -> P of -1; a clip whose
+    placeholders do not fit is dropped with everything after it, as an image is."""
+    from owl_jax.batch import IMAGE_PLACEHOLDER_ID, VIDEO_PLACEHOLDER_ID
+    from owl_jax.data.text import encode_conversation, encode_prompt
+
+    from conftest import CharTokenizer
+
+    text = "sys\nHuman: <|video|>\nHuman: <image>\nHuman: <|video|>\nHuman: q\nAI: ab"
+    enc = encode_conversation(text, CharTokenizer(), max_len=100, image_token_count=3)
+    ids = enc.ids.tolist()
+    assert (enc.num_images, enc.num_image_tags, enc.num_videos, enc.num_video_tags) == (1, 1, 2, 2)
+    runs = [(v, ids.count(v)) for v in (VIDEO_PLACEHOLDER_ID, IMAGE_PLACEHOLDER_ID)]
+    assert runs == [(VIDEO_PLACEHOLDER_ID, 6), (IMAGE_PLACEHOLDER_ID, 3)]
+    first_video, image = ids.index(VIDEO_PLACEHOLDER_ID), ids.index(IMAGE_PLACEHOLDER_ID)
+    assert first_video < image and ids[first_video:first_video + 3] == [VIDEO_PLACEHOLDER_ID] * 3
+    assert enc.loss_mask[ids.index(VIDEO_PLACEHOLDER_ID)] == 0 and enc.num_loss_tokens == 3  # "ab" + EOS
+    # cut inside the second clip's placeholders: it and the rest go
+    second_clip = [i for i, v in enumerate(ids) if v == VIDEO_PLACEHOLDER_ID][3]
+    cut = encode_conversation(text, CharTokenizer(), max_len=second_clip + 2, image_token_count=3)
+    assert (cut.num_images, cut.num_videos, cut.truncated) == (1, 1, True)
+    assert cut.ids.tolist().count(VIDEO_PLACEHOLDER_ID) == 3
+    prompt = encode_prompt("sys\nHuman: <|video|>\nHuman: <image>\nAI: ", CharTokenizer(), image_token_count=2)
+    assert prompt.tolist().count(VIDEO_PLACEHOLDER_ID) == 2 and prompt.tolist().count(IMAGE_PLACEHOLDER_ID) == 2

@@ -2,10 +2,12 @@
 
 Matches the released `MultiModalDataset._extract_text_token_from_conversation`:
 
-* The text is split on ``<image>``, ``"AI: "`` and ``"\\nHuman: "`` (the delimiters are kept as
+* The text is split on ``<image>``, ``<|video|>``, ``"AI: "`` and ``"\\nHuman: "`` (the delimiters are kept as
   chunks) and every non-empty chunk is tokenised on its own (`encode_text`: SentencePiece as the
   release's tokenizer ran it), so each chunk gets the dummy-prefix space exactly as in the release.
-* BOS (1) starts the sample; each ``<image>`` becomes `image_token_count` placeholders of id -1.
+* BOS (1) starts the sample; each ``<image>`` becomes `image_token_count` placeholders of id -1, each
+  ``<|video|>`` (the video model; the release has no video training code, its processor encodes
+  prompts so) as many of id -2.
 * A chunk that directly follows an ``"AI: "`` chunk is an answer: its tokens plus EOS (2) have
   loss_mask 1. Everything else (system prompt, human turns, the ``"AI: "`` prefix, placeholders)
   has loss_mask 0.
@@ -15,7 +17,7 @@ ids[t+1] with weight loss_mask[t+1] (the release's ``prompt_mask = label_chunk[1
 
 Truncation to `max_len` tokens (BOS included) is left to right: a text chunk is cut at the limit;
 an image whose placeholders do not all fit is dropped together with everything after it (so the
-sample keeps only the images whose tags survived); an answer cut by the limit keeps the tokens that
+sample keeps only the images whose tags survived; clips alike); an answer cut by the limit keeps the tokens that
 fit and gets no EOS. (Deliberate deviation: the release appends EOS to a truncated answer, which
 teaches the model to stop mid-sentence.) A sample may end with no loss token at all; it is
 reported (``num_loss_tokens == 0``), never divided by.
@@ -27,13 +29,14 @@ import re
 
 import numpy as np
 
-from owl_jax.batch import BOS_ID, EOS_ID, IMAGE_PLACEHOLDER_ID, PAD_ID
-from owl_jax.data.conversation import AI_DELIM, HUMAN_DELIM, IMAGE_TAG
+from owl_jax.batch import BOS_ID, EOS_ID, IMAGE_PLACEHOLDER_ID, PAD_ID, VIDEO_PLACEHOLDER_ID
+from owl_jax.data.conversation import AI_DELIM, HUMAN_DELIM, IMAGE_TAG, VIDEO_TAG
 from owl_jax.data.tokenizer import encode_text
 
 DEFAULT_IMAGE_TOKEN_COUNT = 65  # 64 queries + vit_eos
 
-_SPLIT_RE = re.compile("(" + "|".join(map(re.escape, [IMAGE_TAG, AI_DELIM, HUMAN_DELIM])) + ")")
+_SPLIT_RE = re.compile("(" + "|".join(map(re.escape, [IMAGE_TAG, VIDEO_TAG, AI_DELIM, HUMAN_DELIM])) + ")")
+_PLACEHOLDERS = {IMAGE_TAG: IMAGE_PLACEHOLDER_ID, VIDEO_TAG: VIDEO_PLACEHOLDER_ID}
 
 
 @dataclasses.dataclass
@@ -43,6 +46,8 @@ class Encoded:
     num_images: int  # images whose placeholders were kept (a prefix of the sample's images)
     num_image_tags: int  # <image> tags in the text
     truncated: bool  # the max_len limit cut something off
+    num_videos: int = 0  # clips whose placeholders were kept (a prefix of the sample's clips)
+    num_video_tags: int = 0  # <|video|> tags in the text
 
     @property
     def num_loss_tokens(self) -> int:
@@ -61,7 +66,7 @@ def encode_conversation(text: str, tokenizer, max_len: int, image_token_count: i
     loss: list[int] = [0] * len(ids)
     chunks = split_chunks(text)
     num_tags = sum(c == IMAGE_TAG for c in chunks)
-    num_images = 0
+    kept = {IMAGE_TAG: 0, VIDEO_TAG: 0}
     truncated = len(ids) > max_len
     ids, loss = ids[:max_len], loss[:max_len]
     prev = None
@@ -69,13 +74,13 @@ def encode_conversation(text: str, tokenizer, max_len: int, image_token_count: i
         if truncated:
             break
         room = max_len - len(ids)
-        if chunk == IMAGE_TAG:
+        if chunk in _PLACEHOLDERS:
             if image_token_count > room:
                 truncated = True
                 break
-            ids += [IMAGE_PLACEHOLDER_ID] * image_token_count
+            ids += [_PLACEHOLDERS[chunk]] * image_token_count
             loss += [0] * image_token_count
-            num_images += 1
+            kept[chunk] += 1
         else:
             is_answer = prev == AI_DELIM
             toks = encode_text(tokenizer, chunk)
@@ -87,7 +92,8 @@ def encode_conversation(text: str, tokenizer, max_len: int, image_token_count: i
             ids += toks
             loss += [1 if is_answer else 0] * len(toks)
         prev = chunk
-    return Encoded(np.asarray(ids, np.int32), np.asarray(loss, np.int32), num_images, num_tags, truncated)
+    return Encoded(np.asarray(ids, np.int32), np.asarray(loss, np.int32), kept[IMAGE_TAG], num_tags, truncated,
+                   kept[VIDEO_TAG], sum(c == VIDEO_TAG for c in chunks))
 
 
 PROMPT_TOKENIZATIONS = ("release", "training")
@@ -98,21 +104,21 @@ def encode_prompt(text: str, tokenizer, image_token_count: int = DEFAULT_IMAGE_T
     """Token ids of a generation prompt (ending in ``"AI: "``).
 
     "release": as the released processor tokenises prompts (``processing_mplug_owl._tokenize_prompt``):
-    the text is split on ``<image>`` only and each piece tokenised whole, so ``"\nAI: "`` gets no
+    the text is split on ``<image>`` (and ``<|video|>``) only and each piece tokenised whole, so ``"\nAI: "`` gets no
     dummy-prefix space of its own. The release trained on "training" chunks and generates from these;
     its weights answer as in the release only from these ids. "training": chunked exactly as in
     training (`encode_conversation`), for a model evaluated in its own training format.
 
-    Returns int32[n] starting with BOS, with -1 placeholders per image and no EOS.
+    Returns int32[n] starting with BOS, with -1 placeholders per image (-2 per clip) and no EOS.
     """
     if tokenization == "training":
         return encode_conversation(text, tokenizer, max_len=1 << 30, image_token_count=image_token_count).ids
     if tokenization != "release":
         raise ValueError(f"prompt tokenization {tokenization!r}: expected one of {PROMPT_TOKENIZATIONS}")
     ids = [BOS_ID]
-    for piece in re.split(f"({re.escape(IMAGE_TAG)})", text):
-        if piece == IMAGE_TAG:
-            ids += [IMAGE_PLACEHOLDER_ID] * image_token_count
+    for piece in re.split(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})", text):
+        if piece in _PLACEHOLDERS:
+            ids += [_PLACEHOLDERS[piece]] * image_token_count
         elif piece:
             ids += encode_text(tokenizer, piece)
     return np.asarray(ids, np.int32)
