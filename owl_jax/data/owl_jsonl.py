@@ -82,6 +82,17 @@ def _paths(value) -> list[str] | None:
     return paths
 
 
+def _match_tags(paths: list[str], tags: int, kind: str, where: str, report: records.BuildReport) -> list[str] | None:
+    """A row's `kind` ("images" / "videos") against its tags: paths beyond the tags dropped (counted);
+    None (counted) when tags outnumber them."""
+    if tags > len(paths):
+        report.add(f"more_tags_than_{kind}", where)
+        return None
+    if len(paths) > tags:
+        report.add(f"more_{kind}_than_tags", where)
+    return paths[:tags]
+
+
 def _files(paths: list[str], kind: str, where: str, image_root: str, report: records.BuildReport,
            allow_outside: bool) -> list[str] | None:
     """The files that `paths` name, each checked before any is read; None (counted) when one is not."""
@@ -145,21 +156,12 @@ def parse_row(line: str, where: str, image_root: str, report: records.BuildRepor
             report.add("no_text", where)
             return None
 
-    tags = count_image_tags(text)
-    if tags > len(images):
-        report.add("more_tags_than_images", where)
+    images = _match_tags(images, count_image_tags(text), "images", where, report)
+    if images is None:
         return None
-    if len(images) > tags:
-        report.add("more_images_than_tags", where)
-        images = images[:tags]
-
-    tags = count_video_tags(text)
-    if tags > len(videos):
-        report.add("more_tags_than_videos", where)
+    videos = _match_tags(videos, count_video_tags(text), "videos", where, report)
+    if videos is None:
         return None
-    if len(videos) > tags:
-        report.add("more_videos_than_tags", where)
-        videos = videos[:tags]
 
     if images or videos:  # rows whose files are looked up: a wrong root shows as most of them missing
         report.image_rows += 1
