@@ -59,15 +59,22 @@ def test_bad_videos_are_refused_with_their_reason(tmp_path):
     assert reason(b"not a video at all") == "unreadable"
     (tmp_path / "x.png").write_bytes(b"")
     assert reason(str(tmp_path / "x.png")) == "unreadable"
-    # an audio-only file: no video stream
-    out = av.open(str(tmp_path / "a.wav"), "w")
-    stream = out.add_stream("pcm_s16le", rate=8000)
-    frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
-    frame.sample_rate = 8000
-    for packet in stream.encode(frame):
-        out.mux(packet)
-    out.close()
-    assert reason(str(tmp_path / "a.wav")) == "no_video_stream"
+    # an audio-only file: no video stream (in a media container); a WAV file is not a video container
+    for path in (tmp_path / "a.mkv", tmp_path / "a.wav"):
+        out = av.open(str(path), "w")
+        stream = out.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        out.close()
+    assert reason(str(tmp_path / "a.mkv")) == "no_video_stream"
+    assert reason(str(tmp_path / "a.wav")) == "unsupported_container"
+    # a playlist naming a file outside: refused before FFmpeg reads it
+    (tmp_path / "list.m3u8").write_text(f"#EXTM3U\n#EXTINF:1,\n{tmp_path / 'a.mkv'}\n#EXT-X-ENDLIST\n")
+    assert reason(str(tmp_path / "list.m3u8")) == "unsupported_container"
+    (tmp_path / "list.ffconcat").write_text(f"ffconcat version 1.0\nfile '{tmp_path / 'a.mkv'}'\n")
+    assert reason(str(tmp_path / "list.ffconcat")) == "unsupported_container"
     # a video stream with no frames
     write_video(tmp_path / "empty.avi", 0, container="avi")
     assert reason(str(tmp_path / "empty.avi")) == "no_frames"
@@ -126,19 +133,17 @@ def test_jsonl_rows_with_videos_are_built_and_bad_ones_counted(tmp_path):
     ]
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from owl_jax.data.owl_jsonl import OwlJsonl
-
-    builder = OwlJsonl(data_dir=str(tmp_path / "out"), file_format="array_record", split_files={"train": [str(jsonl)]},
-                       image_root=str(root), video_frame_size=16)
-    prepare.build(builder, False, "")
-    report = builder.report
-    assert report.written == {"train": 3}
-    assert report.counts == {"more_tags_than_videos": 1, "more_videos_than_tags": 1, "missing_video": 1,
-                             "outside_image_root": 2, "video_truncated": 1, "video_unreadable": 1,
-                             "bad_video_field": 1}
-    assert report.examples["outside_image_root"] == ["train.jsonl:6 (../outside/secret.mkv)",
-                                                     "train.jsonl:7 (link.mkv)"]
-    assert report.examples["video_truncated"] == ["train.jsonl:8 (cut.mkv)"]
+    assert prepare.main([f"--jsonl={jsonl}", f"--images={root}", f"--out={tmp_path / 'out'}",
+                         "--video_frame_size=16"]) == 0
+    with open(os.path.join(records.builder_dir(str(tmp_path / "out"), "owl_jsonl"), "report.json")) as f:
+        report = json.load(f)
+    assert report["written"] == {"train": 3}
+    assert report["counts"] == {"more_tags_than_videos": 1, "more_videos_than_tags": 1, "missing_video": 1,
+                                "outside_image_root": 2, "video_truncated": 1, "video_unreadable": 1,
+                                "bad_video_field": 1}
+    assert report["examples"]["outside_image_root"] == ["train.jsonl:6 (../outside/secret.mkv)",
+                                                        "train.jsonl:7 (link.mkv)"]
+    assert report["examples"]["video_truncated"] == ["train.jsonl:8 (cut.mkv)"]
 
     src = records.data_source(str(tmp_path / "out"), "owl_jsonl", "train")
     got = sorted((records.as_str(src[i]["source"]), records.clips_of(src[i]), len(src[i]["images"]))
@@ -161,7 +166,7 @@ def test_video_tags_become_runs_of_video_placeholders():
     from conftest import CharTokenizer
 
     text = "sys\nHuman: <|video|>\nHuman: <image>\nHuman: <|video|>\nHuman: q\nAI: ab"
-    enc = encode_conversation(text, CharTokenizer(), max_len=100, image_token_count=3)
+    enc = encode_conversation(text, CharTokenizer(), max_len=100, image_token_count=3, video_tags=True)
     ids = enc.ids.tolist()
     assert (enc.num_images, enc.num_image_tags, enc.num_videos, enc.num_video_tags) == (1, 1, 2, 2)
     runs = [(v, ids.count(v)) for v in (VIDEO_PLACEHOLDER_ID, IMAGE_PLACEHOLDER_ID)]
@@ -171,8 +176,13 @@ def test_video_tags_become_runs_of_video_placeholders():
     assert enc.loss_mask[ids.index(VIDEO_PLACEHOLDER_ID)] == 0 and enc.num_loss_tokens == 3  # "ab" + EOS
     # cut inside the second clip's placeholders: it and the rest go
     second_clip = [i for i, v in enumerate(ids) if v == VIDEO_PLACEHOLDER_ID][3]
-    cut = encode_conversation(text, CharTokenizer(), max_len=second_clip + 2, image_token_count=3)
+    cut = encode_conversation(text, CharTokenizer(), max_len=second_clip + 2, image_token_count=3, video_tags=True)
     assert (cut.num_images, cut.num_videos, cut.truncated) == (1, 1, True)
     assert cut.ids.tolist().count(VIDEO_PLACEHOLDER_ID) == 3
-    prompt = encode_prompt("sys\nHuman: <|video|>\nHuman: <image>\nAI: ", CharTokenizer(), image_token_count=2)
-    assert prompt.tolist().count(VIDEO_PLACEHOLDER_ID) == 2 and prompt.tolist().count(IMAGE_PLACEHOLDER_ID) == 2
+    prompt = "sys\nHuman: <|video|>\nHuman: <image>\nAI: "
+    ids = encode_prompt(prompt, CharTokenizer(), image_token_count=2, video_tags=True).tolist()
+    assert ids.count(VIDEO_PLACEHOLDER_ID) == 2 and ids.count(IMAGE_PLACEHOLDER_ID) == 2
+    # For the image model the tag is text, as before the video model existed.
+    image_model = encode_conversation(text, CharTokenizer(), max_len=100, image_token_count=3)
+    assert VIDEO_PLACEHOLDER_ID not in image_model.ids and image_model.num_videos == 0
+    assert [t - 3 for t in image_model.ids[1:14]] == [ord(c) for c in "sys\nHuman: <|"]

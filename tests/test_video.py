@@ -36,11 +36,12 @@ def video_owl():
 
 
 def _batch(cfg, rng):
-    """Sample 0 text only; sample 1 an image and a 3-frame clip; sample 2 clips of 2 and 4 frames with
-    an image between. Clip slots of 4 frames (one slot unused), right padding."""
+    """Sample 0 a one-frame clip; sample 1 an image and a 3-frame clip; sample 2 clips of 2 and 4
+    frames with an image between. Clip slots of 4 frames, one image slot unused, right padding."""
     p, t = cfg.tokens_per_image, 4 * cfg.tokens_per_image + 12
     ids = rng.integers(3, cfg.llm.vocab_size, size=(3, t))
     ids[:, 0] = 1
+    ids[0, 1 : 1 + p] = VIDEO_PLACEHOLDER_ID
     ids[1, 2 : 2 + p] = IMAGE_PLACEHOLDER_ID
     ids[1, 4 + p : 4 + 2 * p] = VIDEO_PLACEHOLDER_ID
     ids[2, 1 : 1 + p] = VIDEO_PLACEHOLDER_ID
@@ -51,9 +52,9 @@ def _batch(cfg, rng):
     ids = np.where(mask == 1, ids, 0)
     size = cfg.vision.image_size
     images = rng.normal(size=(3, size, size, 3)).astype(np.float32)  # one unused slot
-    frames = np.array([3, 2, 4, 0])
+    frames = np.array([1, 3, 2, 4])
     clips = rng.normal(size=(4, 4, size, size, 3)).astype(np.float32)
-    return ids, mask, images, np.array([0, 1, 1]), clips, frames, np.array([0, 1, 2])
+    return ids, mask, images, np.array([0, 1, 1]), clips, frames, np.array([1, 1, 2])
 
 
 def test_logits_match_the_released_video_modules(video_owl, tmp_path, rng):
@@ -72,7 +73,7 @@ def test_logits_match_the_released_video_modules(video_owl, tmp_path, rng):
     assert diff.max() <= 1e-4, diff.max()
     # The clips matter: another frame in the 3-frame clip moves sample 1 (and no other).
     moved = clips.copy()
-    moved[0, 1] += 1.0
+    moved[1, 1] += 1.0
     videos2 = Videos(jnp.asarray(moved), jnp.asarray(frames), jnp.asarray(num_videos))
     other = MplugOwl(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(images), jnp.asarray(num_images),
                                 jnp.asarray(mask), videos=videos2)
@@ -80,11 +81,41 @@ def test_logits_match_the_released_video_modules(video_owl, tmp_path, rng):
     assert change[1] > 1e-3 and change[0] == 0 and change[2] == 0, change
     # Frames past a clip's end are not the clip's: changing them changes nothing.
     moved = clips.copy()
-    moved[1, 3] += 1.0  # the 2-frame clip's padding
+    moved[2, 3] += 1.0  # the 2-frame clip's padding
+    moved[0, 1:] += 1.0  # the 1-frame clip's
     videos3 = Videos(jnp.asarray(moved), jnp.asarray(frames), jnp.asarray(num_videos))
     same = MplugOwl(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(images), jnp.asarray(num_images),
                                jnp.asarray(mask), videos=videos3)
     np.testing.assert_array_equal(np.asarray(same), np.asarray(ours))
+
+
+def test_clips_on_the_fused_attention_path(video_owl, rng):
+    """attention_impl "jax" (jax.nn.dot_product_attention, the call cuDNN gets): the abstractor's key
+    mask spelt out per query row, the same tokens as the einsums."""
+    cfg, params = video_owl
+    size = cfg.vision.image_size
+    clips = jnp.asarray(rng.normal(size=(2, 3, size, size, 3)).astype(np.float32))
+    frames = jnp.array([3, 2])
+    einsums = MplugOwl(cfg).apply({"params": params}, clips, frames, method=MplugOwl.encode_videos)
+    fused = MplugOwl(dataclasses.replace(cfg, attention_impl="jax")).apply(
+        {"params": params}, clips, frames, method=MplugOwl.encode_videos)
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(einsums), atol=1e-4)
+
+
+def test_a_video_model_starts_from_image_weights(video_owl, tmp_path):
+    """from_torch of an image checkpoint into the video model: its 19 video tensors initialised fresh
+    and reported, everything else loaded."""
+    cfg, _ = video_owl
+    image_cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, temporal=False),
+                                    abstractor=dataclasses.replace(cfg.abstractor, temporal_queries=False))
+    to_torch(random_owl_params(image_cfg, seed=2), image_cfg, str(tmp_path))
+    params, report = from_torch(cfg, released=str(tmp_path))
+    assert sorted(report.initialised) == sorted(
+        ["temporal_query_tokens", "abstractor/temporal_visual_fc/kernel", "abstractor/temporal_visual_fc/bias"]
+        + [f"vision_model/encoder/layers/temporal/{m}/{leaf}" for m, leaf in
+           [("ln", "scale"), ("ln", "bias"), ("down_proj", "kernel"), ("down_proj", "bias"), ("conv", "kernel"),
+            ("conv", "bias"), ("up_proj", "kernel"), ("up_proj", "bias")]])
+    assert not np.any(params["vision_model"]["encoder"]["layers"]["temporal"]["up_proj"]["kernel"])  # zero, fresh
 
 
 def test_a_one_frame_clip_is_read_as_an_image(video_owl, rng):

@@ -130,6 +130,20 @@ def _strip_missing_prefix(maps: list[TensorMap], reader: TorchCheckpointReader, 
     ]
 
 
+def _is_video_path(path: Path) -> bool:
+    return "temporal" in path or path[0] == "temporal_query_tokens" or path[-2:-1] == ("temporal_visual_fc",)
+
+
+def _without_absent_video_maps(maps: list[TensorMap], reader: TorchCheckpointReader) -> list[TensorMap]:
+    """A video model started from an image model or CLIP: when the source holds none of the video
+    model's own tensors, they are left to fresh initialisation (all or none: a source with some of
+    them is read whole, and a missing one is an error)."""
+    video = [m for m in maps if _is_video_path(m.path)]
+    if video and not any(key in reader for m in video for key, _ in m.sources):
+        return [m for m in maps if not _is_video_path(m.path)]
+    return maps
+
+
 def released_is_video(directory: str) -> bool:
     """Whether a released-layout checkpoint is the release's video model: its config.json is an image
     model's, and only its weights (`temporal_query_tokens`, the vision layers' `temporal.*`) differ."""
@@ -169,7 +183,7 @@ def from_torch(
     readers = []
     for directory, maps, expected in sources:  # every source checked before any tensor is read
         reader = TorchCheckpointReader(directory)
-        maps = _strip_missing_prefix(maps, reader, "vision_model.")
+        maps = _without_absent_video_maps(_strip_missing_prefix(maps, reader, "vision_model."), reader)
         report.unused[directory] = _unused(reader, maps)
         if not allow_unused:
             _check_nothing_dropped(directory, report.unused[directory], expected)

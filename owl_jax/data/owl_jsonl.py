@@ -166,8 +166,10 @@ def parse_row(line: str, where: str, image_root: str, report: records.BuildRepor
     if images or videos:  # rows whose files are looked up: a wrong root shows as most of them missing
         report.image_rows += 1
     files = _files(images, "image", where, image_root, report, allow_images_outside_root)
+    if files is None:
+        return None
     video_files = _files(videos, "video", where, image_root, report, allow_images_outside_root)
-    if files is None or video_files is None:
+    if video_files is None:
         return None
 
     encoded = []

@@ -55,7 +55,8 @@ def write_metadata(builder, splits) -> None:
 
 
 def prepare_owl_jsonl(out: str, jsonl: list[str], images: str, val_jsonl: list[str] | None = None,
-                      overwrite: bool = False, allow_images_outside_root: bool = False):
+                      overwrite: bool = False, allow_images_outside_root: bool = False, video_frames: int = 4,
+                      video_frame_size: int = 224):
     """Builds released-format JSONL files (+ image root `images`) into `out`/owl_jsonl."""
     from owl_jax.data.owl_jsonl import OwlJsonl
 
@@ -63,7 +64,8 @@ def prepare_owl_jsonl(out: str, jsonl: list[str], images: str, val_jsonl: list[s
     if val_jsonl:
         split_files["validation"] = val_jsonl
     builder = OwlJsonl(data_dir=out, file_format="array_record", split_files=split_files, image_root=images,
-                       allow_images_outside_root=allow_images_outside_root)
+                       allow_images_outside_root=allow_images_outside_root, video_frames=video_frames,
+                       video_frame_size=video_frame_size)
     num_files = sum(len(files) for files in split_files.values())
     if build(builder, overwrite, f" from {num_files} file(s)"):
         write_metadata(builder, list(split_files))
@@ -129,6 +131,10 @@ def _flags() -> flags.FlagValues:
     flags.DEFINE_bool("allow_images_outside_root", False,
                       "admit image paths outside --images (absolute paths used as they are)", flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "rebuild an existing build", flag_values=fv)
+    flags.DEFINE_integer("video_frames", 4, "frames sampled from each video (the release's 4)", flag_values=fv,
+                         lower_bound=1)
+    flags.DEFINE_integer("video_frame_size", 224, "side the sampled frames are resized to (the release's 224)",
+                         flag_values=fv, lower_bound=1)
     return fv
 
 
@@ -141,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     t0 = time.time()
     _check_owl_jsonl_inputs(jsonl, val_jsonl, images)
-    builder = prepare_owl_jsonl(out, jsonl, images, val_jsonl, args.overwrite, args.allow_images_outside_root)
+    builder = prepare_owl_jsonl(out, jsonl, images, val_jsonl, args.overwrite, args.allow_images_outside_root,
+                                args.video_frames, args.video_frame_size)
     print(f"\n== {builder.name} -> {builder.data_dir} ({time.time() - t0:.1f}s)")
     report_path = os.path.join(builder.data_dir, "report.json")
     if builder.report.written or builder.report.counts:

@@ -2,12 +2,12 @@
 
 Matches the released `MultiModalDataset._extract_text_token_from_conversation`:
 
-* The text is split on ``<image>``, ``<|video|>``, ``"AI: "`` and ``"\\nHuman: "`` (the delimiters are kept as
+* The text is split on ``<image>`` (and ``<|video|>``), ``"AI: "`` and ``"\\nHuman: "`` (the delimiters are kept as
   chunks) and every non-empty chunk is tokenised on its own (`encode_text`: SentencePiece as the
   release's tokenizer ran it), so each chunk gets the dummy-prefix space exactly as in the release.
-* BOS (1) starts the sample; each ``<image>`` becomes `image_token_count` placeholders of id -1, each
-  ``<|video|>`` (the video model; the release has no video training code, its processor encodes
-  prompts so) as many of id -2.
+* BOS (1) starts the sample; each ``<image>`` becomes `image_token_count` placeholders of id -1; for
+  the video model (`video_tags`) each ``<|video|>`` as many of id -2 (the release has no video
+  training code; its processor encodes prompts so). For the image model it is text.
 * A chunk that directly follows an ``"AI: "`` chunk is an answer: its tokens plus EOS (2) have
   loss_mask 1. Everything else (system prompt, human turns, the ``"AI: "`` prefix, placeholders)
   has loss_mask 0.
@@ -35,8 +35,14 @@ from owl_jax.data.tokenizer import encode_text
 
 DEFAULT_IMAGE_TOKEN_COUNT = 65  # 64 queries + vit_eos
 
-_SPLIT_RE = re.compile("(" + "|".join(map(re.escape, [IMAGE_TAG, VIDEO_TAG, AI_DELIM, HUMAN_DELIM])) + ")")
-_PLACEHOLDERS = {IMAGE_TAG: IMAGE_PLACEHOLDER_ID, VIDEO_TAG: VIDEO_PLACEHOLDER_ID}
+def _placeholders(video_tags: bool) -> dict[str, int]:
+    """Each media tag's placeholder id: `<|video|>` only for the video model (else it is text)."""
+    return {IMAGE_TAG: IMAGE_PLACEHOLDER_ID} | ({VIDEO_TAG: VIDEO_PLACEHOLDER_ID} if video_tags else {})
+
+
+def _split_re(delimiters: list[str], video_tags: bool) -> re.Pattern:
+    """Splits on the media tags and `delimiters`, keeping them."""
+    return re.compile("(" + "|".join(map(re.escape, list(_placeholders(video_tags)) + delimiters)) + ")")
 
 
 @dataclasses.dataclass
@@ -54,17 +60,19 @@ class Encoded:
         return int(self.loss_mask.sum())
 
 
-def split_chunks(text: str) -> list[str]:
+def split_chunks(text: str, video_tags: bool = False) -> list[str]:
     """The release's chunking: delimiters kept, empty chunks dropped."""
-    return [c for c in _SPLIT_RE.split(text) if c]
+    return [c for c in _split_re([AI_DELIM, HUMAN_DELIM], video_tags).split(text) if c]
 
 
 def encode_conversation(text: str, tokenizer, max_len: int, image_token_count: int = DEFAULT_IMAGE_TOKEN_COUNT,
-                        add_bos: bool = True, answer_eos: bool = True) -> Encoded:
-    """Token ids and loss mask of one conversation (see module docstring)."""
+                        add_bos: bool = True, answer_eos: bool = True, video_tags: bool = False) -> Encoded:
+    """Token ids and loss mask of one conversation (see module docstring); `video_tags`: the video
+    model's, whose `<|video|>` tags are clips."""
     ids: list[int] = [BOS_ID] if add_bos else []
     loss: list[int] = [0] * len(ids)
-    chunks = split_chunks(text)
+    chunks = split_chunks(text, video_tags)
+    placeholders = _placeholders(video_tags)
     num_tags = sum(c == IMAGE_TAG for c in chunks)
     kept = {IMAGE_TAG: 0, VIDEO_TAG: 0}
     truncated = len(ids) > max_len
@@ -74,11 +82,11 @@ def encode_conversation(text: str, tokenizer, max_len: int, image_token_count: i
         if truncated:
             break
         room = max_len - len(ids)
-        if chunk in _PLACEHOLDERS:
+        if chunk in placeholders:
             if image_token_count > room:
                 truncated = True
                 break
-            ids += [_PLACEHOLDERS[chunk]] * image_token_count
+            ids += [placeholders[chunk]] * image_token_count
             loss += [0] * image_token_count
             kept[chunk] += 1
         else:
@@ -100,7 +108,7 @@ PROMPT_TOKENIZATIONS = ("release", "training")
 
 
 def encode_prompt(text: str, tokenizer, image_token_count: int = DEFAULT_IMAGE_TOKEN_COUNT,
-                  tokenization: str = "release") -> np.ndarray:
+                  tokenization: str = "release", video_tags: bool = False) -> np.ndarray:
     """Token ids of a generation prompt (ending in ``"AI: "``).
 
     "release": as the released processor tokenises prompts (``processing_mplug_owl._tokenize_prompt``):
@@ -112,13 +120,15 @@ def encode_prompt(text: str, tokenizer, image_token_count: int = DEFAULT_IMAGE_T
     Returns int32[n] starting with BOS, with -1 placeholders per image (-2 per clip) and no EOS.
     """
     if tokenization == "training":
-        return encode_conversation(text, tokenizer, max_len=1 << 30, image_token_count=image_token_count).ids
+        return encode_conversation(text, tokenizer, max_len=1 << 30, image_token_count=image_token_count,
+                                   video_tags=video_tags).ids
     if tokenization != "release":
         raise ValueError(f"prompt tokenization {tokenization!r}: expected one of {PROMPT_TOKENIZATIONS}")
     ids = [BOS_ID]
-    for piece in re.split(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})", text):
-        if piece in _PLACEHOLDERS:
-            ids += [_PLACEHOLDERS[piece]] * image_token_count
+    placeholders = _placeholders(video_tags)
+    for piece in _split_re([], video_tags).split(text):
+        if piece in placeholders:
+            ids += [placeholders[piece]] * image_token_count
         elif piece:
             ids += encode_text(tokenizer, piece)
     return np.asarray(ids, np.int32)

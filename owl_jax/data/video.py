@@ -8,8 +8,9 @@ them and Pillow resizes them bicubically to size x size, so pixels differ from d
 only.
 
 A video is untrusted input: `read_clip` raises `VideoError` (its `reason` one of REASONS) for a file
-FFmpeg cannot open, one without a video stream or frames, one whose stream breaks off, and one over
-the frame or pixel limits; the data builder counts each as a skip of its row.
+FFmpeg cannot open, a container that is not a plain media file (a playlist or concat list could name
+files anywhere, outside the data root), one without a video stream or frames, one whose stream
+breaks off, and one over the frame or pixel limits; the data builder counts each as a skip of its row.
 """
 from __future__ import annotations
 
@@ -18,7 +19,12 @@ import io
 import numpy as np
 from PIL import Image
 
-REASONS = ("unreadable", "no_video_stream", "no_frames", "truncated", "too_many_frames", "too_large")
+REASONS = ("unreadable", "unsupported_container", "no_video_stream", "no_frames", "truncated", "too_many_frames",
+           "too_large")
+# FFmpeg's demuxers of self-contained media files. Others (hls, concat, dash, image2, ...) read further
+# files that the container names, which the data root's containment check never sees.
+CONTAINERS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "mpegts", "mpeg", "flv", "asf", "ogg", "gif")
+_PLAYLIST_MAGIC = (b"#EXTM3U", b"ffconcat", b"<?xml", b"<MPD")
 DEFAULT_FRAMES = 4  # the release's num_frames
 MAX_FRAMES = 36_000  # 20 minutes at 30 fps: a longer file is refused before any frame is kept
 MAX_PIXELS = 4096 * 4096  # per frame
@@ -42,12 +48,32 @@ def _open(source: str | bytes, name: str):
     import av  # the `video` extra
 
     try:
-        container = av.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    except (av.error.FFmpegError, OSError) as e:
+        if isinstance(source, bytes):
+            head = source[:64]
+        else:
+            with open(source, "rb") as f:
+                head = f.read(64)
+    except OSError as e:
+        raise VideoError("unreadable", f"{name}: cannot read it ({e})") from e
+    if head.lstrip().startswith(_PLAYLIST_MAGIC):  # refused before FFmpeg would follow what it names
+        raise VideoError("unsupported_container", f"{name}: a playlist or list of files, not a video file")
+    try:
+        container = av.open(io.BytesIO(source) if isinstance(source, bytes) else source, metadata_errors="replace")
+    except (av.error.FFmpegError, OSError, ValueError, MemoryError) as e:
         raise VideoError("unreadable", f"{name}: not a video FFmpeg can open ({e})") from e
-    if not container.streams.video:
+    try:
+        if container.format.name not in CONTAINERS:
+            raise VideoError("unsupported_container", f"{name}: container {container.format.name!r} is not one of "
+                                                      f"{', '.join(CONTAINERS)}")
+        if not container.streams.video:
+            raise VideoError("no_video_stream", f"{name}: holds no video stream")
+        context = container.streams.video[0].codec_context
+        if context.width * context.height > MAX_PIXELS:
+            raise VideoError("too_large", f"{name}: frames of {context.width} x {context.height} pixels, over "
+                                          f"{MAX_PIXELS}")
+    except VideoError:
         container.close()
-        raise VideoError("no_video_stream", f"{name}: holds no video stream")
+        raise
     return container
 
 
@@ -60,20 +86,27 @@ def _frames(container, name: str, max_frames: int):
         for i, frame in enumerate(container.decode(stream)):
             if i >= max_frames:
                 raise VideoError("too_many_frames", f"{name}: more than {max_frames} frames")
-            if frame.width * frame.height > MAX_PIXELS:
+            if frame.width * frame.height > MAX_PIXELS:  # a stream may change size midway
                 raise VideoError("too_large", f"{name}: frames of {frame.width} x {frame.height} pixels, over "
                                               f"{MAX_PIXELS}")
             yield frame
-    except av.error.FFmpegError as e:
+    except VideoError:
+        raise
+    except (av.error.FFmpegError, ValueError, MemoryError) as e:
         raise VideoError("truncated", f"{name}: the video stream breaks off ({e})") from e
 
 
 def _declared_frames(container) -> int | None:
-    """The frame count the container states: the stream's own, else its duration x frame rate."""
+    """The frame count the container states: the video stream's own, else its duration x frame rate
+    (the stream's, not the container's: an audio track may run longer)."""
     stream = container.streams.video[0]
     if stream.frames:
         return int(stream.frames)
-    if container.duration and stream.average_rate:
+    if not stream.average_rate:
+        return None
+    if stream.duration and stream.time_base:
+        return round(float(stream.duration * stream.time_base) * float(stream.average_rate))
+    if container.duration and len(container.streams) == 1:  # Matroska states only the file's duration
         return round(container.duration / 1e6 * float(stream.average_rate))
     return None
 
@@ -106,7 +139,10 @@ def read_clip(source: str | bytes, count: int = DEFAULT_FRAMES, size: int = 224,
     try:
         for i, frame in enumerate(_frames(container, name, max_frames)):
             if i in wanted:
-                img = frame.to_image().convert("RGB").resize((size, size), Image.BICUBIC)
+                try:
+                    img = frame.to_image().convert("RGB").resize((size, size), Image.BICUBIC)
+                except (ValueError, MemoryError) as e:  # a pixel format PIL cannot take
+                    raise VideoError("unreadable", f"{name}: frame {i} does not convert to RGB ({e})") from e
                 kept[i] = np.asarray(img, np.uint8)
             if i >= wanted[-1]:
                 break

@@ -57,14 +57,19 @@ class AbstractorAttention(nn.Module):
         dropout = 0.0 if deterministic else self.cfg.attention_dropout
         qh = split(Dense(d, ("embed", "heads"), name="query", **kw)(q))
         kh = split(Dense(d, ("embed", "heads"), name="key", **kw)(kv))
+        # Every query's row of the mask spelt out: cuDNN's fused kernel takes no broadcast query axis.
+        mask = None if key_valid is None else jnp.broadcast_to(
+            key_valid[:, None, None, :], (q.shape[0], 1, q.shape[1], kv.shape[1]))
         if self.is_mutable_collection("intermediates"):  # inspection only (plots): float32[N, H, Q, Q + S]
             scores = jnp.einsum("nqhd,nkhd->nhqk", qh, kh, preferred_element_type=jnp.float32) * (d // heads) ** -0.5
+            if mask is not None:
+                scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
             self.sow("intermediates", "attention_probs", jax.nn.softmax(scores, axis=-1))
         out = attention(
             qh,
             kh,
             split(Dense(d, ("embed", "heads"), name="value", **kw)(kv)),
-            None if key_valid is None else key_valid[:, None, None, :],
+            mask,
             impl=self.run.attention_impl,
             dropout_rate=dropout,
             dropout_rng=self.make_rng("dropout") if dropout > 0 else None,
@@ -119,16 +124,16 @@ class VisualAbstractor(nn.Module):
         once (each attending to the other too) and gives visual_fc(first) + temporal_visual_fc(second); a
         clip of one frame is read as an image."""
         dtype, param_dtype = self.run.dtype, self.run.param_dtype
-        q, key_valid, several = queries.shape[1], None, None
+        q, key_valid, multi_frame = queries.shape[1], None, None
         if img.ndim == 4:
             n, t, s, e = img.shape
             valid = jnp.ones((n, t), bool) if frame_valid is None else frame_valid
             img = img.reshape(n, t * s, e)
             query_keys = jnp.ones((n, q), bool)
             if temporal_queries is not None and t > 1:
-                several = jnp.sum(valid, axis=1) > 1  # [N]
+                multi_frame = jnp.sum(valid, axis=1) > 1  # [N]
                 queries = jnp.concatenate([queries, temporal_queries], axis=1)
-                query_keys = jnp.concatenate([query_keys, jnp.broadcast_to(several[:, None], (n, q))], axis=1)
+                query_keys = jnp.concatenate([query_keys, jnp.broadcast_to(multi_frame[:, None], (n, q))], axis=1)
             key_valid = jnp.concatenate([query_keys, jnp.repeat(valid, s, axis=1)], axis=1)
         h = Stack(AbstractorLayer, self.cfg.num_layers, self.run, dict(cfg=self.cfg, run=self.run), name="encoder")(
             queries.astype(dtype), img.astype(dtype), key_valid, deterministic
@@ -136,10 +141,10 @@ class VisualAbstractor(nn.Module):
         fc = lambda name: Dense(self.llm_hidden_size, (None, "embed"), dtype=dtype, param_dtype=param_dtype,
                                 kernel_init=nn.initializers.normal(self.cfg.initializer_range), name=name)
         out = fc("visual_fc")(h[:, :q])
-        if self.cfg.temporal_queries and (several is not None or self.is_initializing()):
-            temporal = fc("temporal_visual_fc")(h[:, q:] if several is not None else h)
-            if several is not None:
-                out = out + jnp.where(several[:, None, None], temporal, 0)
+        if self.cfg.temporal_queries and (multi_frame is not None or self.is_initializing()):
+            temporal = fc("temporal_visual_fc")(h[:, q:] if multi_frame is not None else h)
+            if multi_frame is not None:
+                out = out + jnp.where(multi_frame[:, None, None], temporal, 0)
         vit_eos = self.param(
             "vit_eos",
             partitioned(nn.initializers.truncated_normal(self.cfg.initializer_range), (None, None, "embed")),

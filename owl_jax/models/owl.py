@@ -114,7 +114,7 @@ class MplugOwl(nn.Module):
         if not self.cfg.video:
             raise ValueError("videos need the video model (vision.temporal and abstractor.temporal_queries)")
         valid = jnp.arange(pixel_values.shape[1])[None, :] < frames[:, None]
-        features = self.vision_model(pixel_values, deterministic, frames)  # [V, F, S, D_vision]
+        features = self.vision_model(pixel_values, deterministic, valid)  # [V, F, S, D_vision]
         expand = lambda tokens: jnp.broadcast_to(tokens, (features.shape[0],) + tokens.shape[1:])
         return self.abstractor(expand(self.query_tokens), features, deterministic,
                                expand(self.temporal_query_tokens), valid)

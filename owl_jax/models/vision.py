@@ -116,11 +116,11 @@ class VisionLayer(nn.Module):
         clips = frame_valid is not None and frame_valid.shape[1] > 1
         if self.cfg.temporal and (clips or self.is_initializing()):  # init creates the module's params
             valid = frame_valid if clips else jnp.ones((x.shape[0], 1), bool)
-            frames = x.reshape(valid.shape + x.shape[1:])
-            update = LocalTemporal(self.cfg, self.run, name="temporal")(frames, valid)
+            clip_tokens = x.reshape(valid.shape + x.shape[1:])  # [V, T, S, D]
+            update = LocalTemporal(self.cfg, self.run, name="temporal")(clip_tokens, valid)
             if clips:
-                several = (jnp.sum(valid, axis=1) > 1)[:, None, None, None]
-                x = (frames + jnp.where(several, update, 0)).reshape(x.shape)
+                multi_frame = (jnp.sum(valid, axis=1) > 1)[:, None, None, None]
+                x = (clip_tokens + jnp.where(multi_frame, update, 0)).reshape(x.shape)
         x = x + VisionAttention(self.cfg, self.run, name="self_attn")(ln("input_layernorm")(x))
         x = x + VisionMLP(self.cfg, self.run, name="mlp")(ln("post_attention_layernorm")(x))
         return constrain(x, ("batch", "length", "embed")), None
@@ -184,15 +184,15 @@ class VisionEncoder(nn.Module):
     run: RunOptions = RunOptions()
 
     @nn.compact
-    def __call__(self, pixels: jax.Array, deterministic: bool = True, frames: jax.Array | None = None) -> jax.Array:
-        """Images float[N, H, W, 3] -> float[N, S, D], or clips float[V, T, H, W, 3] with frames int[V] (how
-        many of the T are the clip's; default all) -> float[V, T, S, D]: every token post-LayerNormed
-        (S = 257 for ViT-L/14 @ 224). Frames are embedded one by one (no temporal position); only the
-        video model's temporal modules mix them."""
-        frame_valid = None
+    def __call__(self, pixels: jax.Array, deterministic: bool = True,
+                 frame_valid: jax.Array | None = None) -> jax.Array:
+        """Images float[N, H, W, 3] -> float[N, S, D], or clips float[V, T, H, W, 3] with frame_valid
+        bool[V, T] (which of the T are the clip's; default all) -> float[V, T, S, D]: every token
+        post-LayerNormed (S = 257 for ViT-L/14 @ 224). Frames are embedded one by one (no temporal
+        position); only the video model's temporal modules mix them."""
         if pixels.ndim == 5:
             v, t = pixels.shape[:2]
-            frame_valid = jnp.ones((v, t), bool) if frames is None else jnp.arange(t)[None, :] < frames[:, None]
+            frame_valid = jnp.ones((v, t), bool) if frame_valid is None else frame_valid
             pixels = pixels.reshape((v * t,) + pixels.shape[2:])
         x = VisionEmbeddings(self.cfg, self.run, name="embeddings")(pixels)
         x = constrain(x, ("batch", "length", "embed"))

@@ -12,7 +12,9 @@ from flax import traverse_util
 
 from owl_jax.cli import UserError
 
-ABSTRACTOR = (r"^query_tokens$", r"^abstractor/")
+# The abstractor with its queries; in the video model also its temporal queries and the vision
+# layers' temporal modules, which train with it.
+ABSTRACTOR = (r"^query_tokens$", r"^abstractor/", r"^temporal_query_tokens$", r"^vision_model/encoder/layers/temporal/")
 
 STAGE_PATTERNS: dict[str, tuple[str, ...]] = {
     # vision encoder, abstractor, query tokens, visual_fc, vit_eos; the LLM frozen
