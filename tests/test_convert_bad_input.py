@@ -334,35 +334,33 @@ def test_half_precision_checkpoints_convert(owl, tmp_path, capsys, dtype, fmt):
 # ---------------------------------------------------------------- tensors that would be dropped
 
 
-def _video_variant(tensors):
-    """The release's video model: temporal modules beside the image model's weights."""
-    tensors["temporal_query_tokens"] = np.zeros((1, 8, 64), np.float32)
-    tensors["temporal_visual_fc.weight"] = np.zeros((64, 64), np.float32)
-    tensors["temporal_visual_fc.bias"] = np.zeros(64, np.float32)
+def _with_foreign_tensors(tensors):
+    """Weights of modules owl_jax does not have (another model's adapters and heads) beside the
+    image model's, and an ignored buffer."""
+    tensors["extra_tokens"] = np.zeros((1, 8, 64), np.float32)
+    tensors["extra_fc.weight"] = np.zeros((64, 64), np.float32)
+    tensors["extra_fc.bias"] = np.zeros(64, np.float32)
     for i in range(2):
         for p in ("weight", "bias"):
             for m in ("norm", "conv", "proj"):
-                tensors[f"vision_model.encoder.layers.{i}.temporal.{m}.{p}"] = np.zeros(64, np.float32)
+                tensors[f"vision_model.encoder.layers.{i}.adapter.{m}.{p}"] = np.zeros(64, np.float32)
     tensors["language_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)  # ignored buffer
 
 
 def test_tensors_that_would_be_dropped_fail_unless_allowed(owl, tmp_path, capsys):
     cfg, params, root = owl
-    _rewrite(root / "released", tmp_path / "video", _video_variant)
-    err = _error(capsys, "from-torch", "--released", tmp_path / "video", "--out", tmp_path / "owl")
+    _rewrite(root / "released", tmp_path / "foreign", _with_foreign_tensors)
+    err = _error(capsys, "from-torch", "--released", tmp_path / "foreign", "--out", tmp_path / "owl")
     assert "15 tensors match no owl_jax parameter and would be dropped" in err
-    assert (
-        "temporal_query_tokens, temporal_visual_fc.bias, temporal_visual_fc.weight, vision_model.encoder.layers.0"
-        in err
-    )
+    assert "extra_fc.bias, extra_fc.weight, extra_tokens, vision_model.encoder.layers.0.adapter" in err
     assert "and 5 more" in err and "--allow_unused_tensors" in err and "inv_freq" not in err
     assert not os.path.exists(tmp_path / "owl")
-    rc, out, _ = _run(capsys, "from-torch", "--released", tmp_path / "video", "--out", tmp_path / "owl",
+    rc, out, _ = _run(capsys, "from-torch", "--released", tmp_path / "foreign", "--out", tmp_path / "owl",
                       "--allow_unused_tensors")
-    assert rc == 0 and "15 tensors in" in out and "temporal_query_tokens" in out
+    assert rc == 0 and "15 tensors in" in out and "extra_tokens" in out
     _assert_params_equal(params_io.load_params(str(tmp_path / "owl"))[0], params["a"])
-    with pytest.raises(ValueError, match="temporal_query_tokens"):
-        from_torch(cfg, released=str(tmp_path / "video"))
+    with pytest.raises(ValueError, match="extra_tokens"):
+        from_torch(cfg, released=str(tmp_path / "foreign"))
 
 
 @pytest.fixture(scope="module")
