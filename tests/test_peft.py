@@ -32,21 +32,25 @@ def base():
 def _shapes(cfg, module):
     """(block, in, out) of a LLaMA projection, as the release's torch model names and sizes it."""
     d, f = cfg.llm.hidden_size, cfg.llm.mlp_size
-    return {"q_proj": ("self_attn", d, d), "v_proj": ("self_attn", d, d), "up_proj": ("mlp", d, f),
+    return {"q_proj": ("self_attn", d, d), "k_proj": ("self_attn", d, d), "v_proj": ("self_attn", d, d),
+            "o_proj": ("self_attn", d, d), "gate_proj": ("mlp", d, f), "up_proj": ("mlp", d, f),
             "down_proj": ("mlp", f, d)}[module]
 
 
 def _write_adapter(path, cfg, targets=r".*language_model.*\.(q_proj|v_proj)", modules=("q_proj", "v_proj"),
-                   key_suffix="weight", edit=None, seed=0, extra_config=None):
+                   key_suffix="weight", edit=None, seed=0, extra_config=None, scale=1.0):
     """An adapter dir as PEFT writes one, from PEFT's key names and shapes as written out here (not
-    from owl_jax.convert.peft; docs/design.md, "PEFT LoRA adapters"); returns {torch key: array}."""
+    from owl_jax.convert.peft; docs/design.md, "PEFT LoRA adapters"); returns {torch key: array}.
+    Values are normal with std `scale`."""
     rng = np.random.default_rng(seed)
     tensors = {}
     for i in range(cfg.llm.num_layers):
         for m in modules:
             block, d_in, d_out = _shapes(cfg, m)
-            tensors[f"{PREFIX}.{i}.{block}.{m}.lora_A.{key_suffix}"] = rng.normal(size=(RANK, d_in)).astype(np.float32)
-            tensors[f"{PREFIX}.{i}.{block}.{m}.lora_B.{key_suffix}"] = rng.normal(size=(d_out, RANK)).astype(np.float32)
+            for factor, shape in (("A", (RANK, d_in)), ("B", (d_out, RANK))):
+                tensors[f"{PREFIX}.{i}.{block}.{m}.lora_{factor}.{key_suffix}"] = rng.normal(0, scale, shape).astype(
+                    np.float32
+                )
     if edit:
         edit(tensors)
     os.makedirs(path, exist_ok=True)

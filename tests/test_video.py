@@ -221,3 +221,92 @@ def test_command_line_converts_a_video_checkpoint_as_one(video_owl, tmp_path):
     loaded, loaded_cfg = params_io.load_params(str(tmp_path / "owl"))
     assert loaded_cfg == cfg and loaded_cfg.video
     assert np.array_equal(loaded["temporal_query_tokens"], params["temporal_query_tokens"])
+
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RELEASE_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def test_peft_adapter_on_the_video_model_matches_the_released_modules(video_owl, tmp_path, rng):
+    """A stage-2 adapter on every LLaMA projection of the video model: load_adapter's LoRA forward on a
+    batch with clips == the torch oracle of the release's video modules with W + (alpha / r) B @ A merged
+    by hand in PEFT's layout; to_torch's merged export holds the same weights."""
+    from safetensors.numpy import load_file
+    from test_peft import ALPHA, PREFIX, RANK, _shapes, _write_adapter
+
+    from owl_jax.convert.peft import load_adapter
+
+    cfg, params = video_owl
+    tensors = _write_adapter(tmp_path / "adapter", cfg, targets=RELEASE_REGEX, modules=ALL_PROJECTIONS, scale=0.1)
+    with_lora, lora_cfg = load_adapter(params, cfg, str(tmp_path / "adapter"))
+    assert lora_cfg.video and lora_cfg.lora.target_modules == ALL_PROJECTIONS
+    merged = traverse_util.flatten_dict(params)
+    for m in ALL_PROJECTIONS:
+        block = _shapes(cfg, m)[0]
+        path = ("language_model", "model", "layers", block, m, "kernel")
+        kernel = merged[path].copy()
+        for i in range(cfg.llm.num_layers):
+            a, b = (tensors[f"{PREFIX}.{i}.{block}.{m}.lora_{f}.weight"] for f in "AB")
+            kernel[i] = (kernel[i].T + ALPHA / RANK * b @ a).T
+        merged[path] = kernel
+    to_torch(traverse_util.unflatten_dict(merged), cfg, str(tmp_path / "merged"))
+    oracle = OwlOracle.from_pretrained(str(tmp_path / "merged"))
+    ids, mask, images, num_images, clips, frames, num_videos = _batch(cfg, rng)
+    with torch.no_grad():
+        expected = oracle(torch.tensor(ids), torch.tensor(images[:2]), torch.tensor(num_images), torch.tensor(mask),
+                          clips=[torch.tensor(c[:f]) for c, f in zip(clips, frames) if f],
+                          num_videos=torch.tensor(num_videos)).numpy()
+    videos = Videos(jnp.asarray(clips), jnp.asarray(frames), jnp.asarray(num_videos))
+
+    def logits(c, p):
+        return np.asarray(MplugOwl(c).apply({"params": p}, jnp.asarray(ids), jnp.asarray(images),
+                                            jnp.asarray(num_images), jnp.asarray(mask), videos=videos))
+
+    ours, base = logits(lora_cfg, with_lora), logits(cfg, params)
+    keep = mask.astype(bool)
+    assert np.abs(base - expected)[keep].max() > 1e-2  # the adapter changes the output
+    diff = np.abs(ours - expected)[keep]
+    assert diff.max() <= 1e-4, diff.max()
+    # The released export of the LoRA model (to_torch merges it) holds the hand-merged weights.
+    to_torch(with_lora, lora_cfg, str(tmp_path / "export"))
+    exported, by_hand = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("export", "merged"))
+    assert exported.keys() == by_hand.keys()
+    for k in exported:
+        np.testing.assert_allclose(exported[k], by_hand[k], atol=1e-6, err_msg=k)
+
+
+def test_peft_adapter_with_a_video_checkpoint_both_ways(video_owl, tmp_path, capsys):
+    """The command line on the release's video layout plus its adapter: from-torch --adapter makes the
+    video model with the LoRA on it, to-torch --adapter writes the adapter back bit for bit in PEFT's
+    layout (keys, shapes, dtype; config r, alpha and the release's target regex), as save_adapter does."""
+    from safetensors.numpy import load_file
+    from test_peft import ALPHA, RANK, _write_adapter
+
+    from owl_jax import params_io
+    from owl_jax.convert.__main__ import main as convert_main
+    from owl_jax.convert.peft import load_adapter, save_adapter
+    from owl_jax.models.config import LoraConfig
+
+    cfg, params = video_owl
+    to_torch(params, cfg, str(tmp_path / "released"))
+    tensors = _write_adapter(tmp_path / "adapter", cfg, targets=RELEASE_REGEX, modules=ALL_PROJECTIONS)
+    assert convert_main(["from-torch", "--released", str(tmp_path / "released"), "--adapter", str(tmp_path / "adapter"),
+                         "--out", str(tmp_path / "owl")]) == 0
+    loaded, loaded_cfg = params_io.load_params(str(tmp_path / "owl"))
+    assert loaded_cfg == dataclasses.replace(cfg, lora=LoraConfig(RANK, ALPHA, 0.05, ALL_PROJECTIONS))
+    assert np.array_equal(loaded["temporal_query_tokens"], params["temporal_query_tokens"])
+    assert convert_main(["to-torch", "--src", str(tmp_path / "owl"), "--out", str(tmp_path / "back"), "--adapter"]) == 0
+    assert "wrote the LoRA adapter (r=4, q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)" in (
+        capsys.readouterr().out)
+    with_lora, lora_cfg = load_adapter(params, cfg, str(tmp_path / "adapter"))
+    save_adapter(with_lora, lora_cfg, str(tmp_path / "saved"))
+    for out in ("back", "saved"):
+        back = load_file(str(tmp_path / out / "adapter_model.safetensors"))
+        assert back.keys() == tensors.keys()
+        for k, v in tensors.items():
+            assert back[k].dtype == v.dtype and np.array_equal(back[k], v), (out, k)
+        with open(tmp_path / out / "adapter_config.json") as f:
+            config = json.load(f)
+        assert (config["peft_type"], config["r"], config["lora_alpha"], config["lora_dropout"]) == (
+            "LORA", RANK, ALPHA, 0.05)
+        assert (config["target_modules"], config["bias"], config["fan_in_fan_out"]) == (RELEASE_REGEX, "none", False)
