@@ -134,8 +134,9 @@ def analyse(
 
     devices = tpu_devices(topology, chips_per_host, num_slices)
     trainer = Trainer(config, make_mesh(config.mesh.to_dict(), devices))
-    shape = StepShape(config.batch_size * config.optim.grad_accum_steps, config.seq_len,
-                      config.max_images_per_batch * config.optim.grad_accum_steps)
+    accum = config.optim.grad_accum_steps
+    shape = StepShape(config.batch_size * accum, config.seq_len, config.max_images_per_batch * accum,
+                      config.max_videos_per_batch * accum, config.frames_per_video)
     analytic = train_step_flops(trainer.model_cfg, shape, towers_of(trainer.trainable_paths)) / len(devices)
     positions = shape.batch * shape.seq_len / len(devices)
     generation = topology.split(":")[0].lower()

@@ -17,7 +17,8 @@ def data_section(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`config.data`: the input pipeline's fields (owl_jax/data/__init__.py documents them) plus
     `source`: "tfds" (a dataset built by `python -m owl_jax.data.prepare`) or "synthetic" (random
     tokens: tests, benchmarks, AOT). Batch geometry is not repeated here: it follows the top-level
-    batch_size / seq_len / max_images_per_batch and the model's image size and tokens per image."""
+    batch_size / seq_len / max_images_per_batch / max_videos_per_batch / frames_per_video and the
+    model's image size and tokens per image."""
     from owl_jax.data.pipeline import default_config
 
     d = default_config()
@@ -26,6 +27,8 @@ def data_section(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     d.batch_size = c.get_ref("batch_size")
     d.max_len = c.get_ref("seq_len")
     d.max_images_per_batch = c.get_ref("max_images_per_batch")
+    d.max_videos_per_batch = c.get_ref("max_videos_per_batch")
+    d.frames_per_video = c.get_ref("frames_per_video")
     d.image_size = c.model.vision.get_ref("image_size")
     d.image_token_count = c.model.abstractor.get_ref("num_queries") + 1
     return d
@@ -53,6 +56,10 @@ def base_config(model: OwlConfig) -> ml_collections.ConfigDict:
     c.batch_size = 8
     c.seq_len = 256
     c.max_images_per_batch = 8
+    # The video model's clip slots, global, and the frames a slot holds (the release samples 4 a clip).
+    # 0 slots: batches carry no clips (owl_jax/batch.py), and a sample with a clip is skipped and counted.
+    c.max_videos_per_batch = 0
+    c.frames_per_video = 4
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})  # -1 fills the devices
     c.logical_axis_rules = [list(r) for r in DEFAULT_RULES]
     c.optim = ml_collections.ConfigDict(

@@ -78,10 +78,12 @@ def validate_config(config) -> None:
     positive = {"num_steps": config.num_steps + 1, "batch_size": config.batch_size, "seq_len": config.seq_len,
                 "log_every_steps": config.log_every_steps, "checkpoint.every_steps": config.checkpoint.every_steps,
                 "checkpoint.keep": config.checkpoint.keep, "optim.grad_accum_steps": config.optim.grad_accum_steps,
-                "max_images_per_batch": config.max_images_per_batch + 1}
+                "max_images_per_batch": config.max_images_per_batch + 1,
+                "max_videos_per_batch": config.max_videos_per_batch + 1,
+                "frames_per_video": config.frames_per_video + int(not config.max_videos_per_batch)}
     for name, value in positive.items():
         if value < 1:
-            minimum = 0 if name in ("num_steps", "max_images_per_batch") else 1
+            minimum = 0 if name in ("num_steps", "max_images_per_batch", "max_videos_per_batch") else 1
             raise UserError(f"config.{name} must be >= {minimum}")
 
 
@@ -89,9 +91,13 @@ def _train(config, workdir: str) -> dict:
     # ------------------------------------------------------------------------- set-up
     mesh = make_mesh(config.mesh.to_dict())
     trainer = Trainer(config, mesh)
-    if config.batch_size % jax.process_count() or config.max_images_per_batch % jax.process_count():
-        raise UserError(f"batch_size={config.batch_size} and max_images_per_batch={config.max_images_per_batch} "
-                        f"must divide by the {jax.process_count()} processes")
+    if any(config[k] % jax.process_count() for k in ("batch_size", "max_images_per_batch", "max_videos_per_batch")):
+        raise UserError(f"batch_size={config.batch_size}, max_images_per_batch={config.max_images_per_batch} and "
+                        f"max_videos_per_batch={config.max_videos_per_batch} must divide by the "
+                        f"{jax.process_count()} processes")
+    if config.max_videos_per_batch and not trainer.model_cfg.video:
+        raise UserError(f"config.max_videos_per_batch={config.max_videos_per_batch}: clips need the video model "
+                        "(config.model.vision.temporal and config.model.abstractor.temporal_queries)")
     logging.info(
         "mesh %s on %d devices, %d processes; stage %s trains %d tensors",
         dict(mesh.shape),
@@ -208,7 +214,8 @@ class MetricsWindow:
     def __init__(self, config, trainer: Trainer, workdir: str, step: int):
         self.config, self.step, self.resumed_at = config, step, step
         accum = config.optim.grad_accum_steps
-        shape = StepShape(config.batch_size * accum, config.seq_len, config.max_images_per_batch * accum)
+        shape = StepShape(config.batch_size * accum, config.seq_len, config.max_images_per_batch * accum,
+                          config.max_videos_per_batch * accum, config.frames_per_video)
         self.step_flops = train_step_flops(trainer.model_cfg, shape, towers_of(trainer.trainable_paths))
         self.step_tokens = config.batch_size * accum * config.seq_len
         self.peak = config.peak_flops_per_device or peak_flops(jax.devices()[0].device_kind)

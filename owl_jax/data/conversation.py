@@ -34,8 +34,10 @@ AI_DELIM = "AI: "
 Turn = tuple[str, str | None]  # (question, answer); answer None = the turn to generate
 
 
-def build_conversation(num_images: int, turns: Sequence[Turn], system_prompt: str = SYSTEM_PROMPT) -> str:
-    """The conversation text for `num_images` images (tags first) and (question, answer) turns.
+def build_conversation(num_images: int, turns: Sequence[Turn], system_prompt: str = SYSTEM_PROMPT,
+                       num_videos: int = 0) -> str:
+    """The conversation text for `num_images` images and `num_videos` clips (the video model's; tags
+    first, images before clips) and (question, answer) turns.
 
     Every turn but the last must have an answer. If the last answer is None the text ends with
     ``"AI: "``: a prompt for generation. ``num_images`` may be 0 (text-only).
@@ -43,7 +45,7 @@ def build_conversation(num_images: int, turns: Sequence[Turn], system_prompt: st
     if not turns:
         raise ValueError("a conversation needs at least one turn")
     lines = [system_prompt]
-    lines += [HUMAN_PREFIX + IMAGE_TAG] * num_images
+    lines += [HUMAN_PREFIX + IMAGE_TAG] * num_images + [HUMAN_PREFIX + VIDEO_TAG] * num_videos
     text = "\n".join(lines)
     for i, (question, answer) in enumerate(turns):
         if answer is None and i != len(turns) - 1:
@@ -53,7 +55,7 @@ def build_conversation(num_images: int, turns: Sequence[Turn], system_prompt: st
 
 
 def build_prompt(num_images: int, turns: Sequence[Turn], question: str | None = None,
-                 system_prompt: str = SYSTEM_PROMPT) -> str:
+                 system_prompt: str = SYSTEM_PROMPT, num_videos: int = 0) -> str:
     """A generation prompt: earlier (question, answer) `turns`, then `question`, ending in ``"AI: "``.
 
     ``build_prompt(1, [], "What colour is the circle?")`` is the single-turn prompt.
@@ -63,7 +65,7 @@ def build_prompt(num_images: int, turns: Sequence[Turn], question: str | None = 
         all_turns.append((question, None))
     elif not all_turns or all_turns[-1][1] is not None:
         raise ValueError("give `question`, or end `turns` with an unanswered turn")
-    return build_conversation(num_images, all_turns, system_prompt)
+    return build_conversation(num_images, all_turns, system_prompt, num_videos)
 
 
 def caption_conversation(caption: str, num_images: int = 1) -> str:
@@ -78,8 +80,9 @@ def caption_conversation(caption: str, num_images: int = 1) -> str:
 
 
 def drop_images(text: str) -> str:
-    """The conversation without its ``Human: <image>`` lines (a text-only conversation)."""
-    return text.replace("\n" + HUMAN_PREFIX + IMAGE_TAG, "")
+    """The conversation without its ``Human: <image>`` (and ``Human: <|video|>``) lines: a text-only
+    conversation."""
+    return text.replace("\n" + HUMAN_PREFIX + IMAGE_TAG, "").replace("\n" + HUMAN_PREFIX + VIDEO_TAG, "")
 
 
 def count_image_tags(text: str) -> int:

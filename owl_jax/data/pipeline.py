@@ -16,7 +16,10 @@ A batch (per process) is the training batch of owl_jax/batch.py (T = max_len), w
 With text_only_ratio >= 0 and a finite num_epochs, iteration ends when either group (text-only or
 image) is exhausted at its weight. A sample whose images do not fit the batch's remaining image slots
 is deferred to the next batch; a sample with more than M images is dropped. Both are counted
-(`OwlDataIterator.stats`), as are truncated samples and samples left with no loss token.
+(`OwlDataIterator.stats`), as are truncated samples and samples left with no loss token. The video
+model's clips take the batch's V clip slots by the same rules (deferred, or dropped when more than
+V: with no clip slots, every sample with a clip); a stored clip of more than frames_per_video frames is
+resampled to that many as the release samples a video, and counted (clips_resampled).
 
 With `packing`, a row holds as many samples as fit its max_len tokens: each sample goes to the first
 row of the batch with room for it (first fit, in stream order), and the first sample that fits no
@@ -57,6 +60,7 @@ from owl_jax.data.conversation import drop_images
 from owl_jax.data.image import load_and_preprocess
 from owl_jax.data.text import DEFAULT_IMAGE_TOKEN_COUNT, encode_conversation, pad_to
 from owl_jax.data.tokenizer import load_tokenizer
+from owl_jax.data.video import frame_indices
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -69,6 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
         batch_size=8,  # global: each process yields batch_size // process_count rows
         max_len=256,
         max_images_per_batch=8,  # global: each process holds max_images_per_batch // process_count
+        max_videos_per_batch=0,  # global clip slots (the video model), split across processes like images
+        frames_per_video=4,  # frames a clip slot holds; a longer stored clip is resampled (counted)
         image_size=224,
         image_token_count=DEFAULT_IMAGE_TOKEN_COUNT,  # placeholders per <image> (queries + 1)
         augment=False,  # train augmentation: random resized crop (else bicubic resize)
@@ -117,14 +123,38 @@ class SampleOptions:
     crop_scale_min: float = 0.5
     blank_images: bool = False
     text_only: bool = False
+    video_tags: bool = False  # the video model's: <|video|> tags are clips (else text)
+    frames_per_video: int = 0
+
+
+def _encode_clips(clips: Sequence[Sequence[bytes]], opts: SampleOptions) -> tuple[np.ndarray, np.ndarray, int]:
+    """Clips' stored frames -> float32[k, F, S, S, 3] (a clip's frames first, zeros after), int32[k] frame
+    counts, and how many clips had more than F frames: those are resampled to F as the release samples
+    a video (`video.frame_indices`). Videos are not augmented: the release's processor only resizes."""
+    f, s = opts.frames_per_video, opts.image_size
+    pixels = np.zeros((len(clips), f, s, s, 3), np.float32)
+    counts = np.zeros((len(clips),), np.int32)
+    resampled = 0
+    if not f:  # no clip slots: the sample is skipped when batched (counted there), so nothing is decoded
+        return pixels, counts, resampled
+    for i, frames in enumerate(clips):
+        frames = list(frames)
+        if len(frames) > f:
+            frames = [frames[j] for j in frame_indices(len(frames), f)]
+            resampled += 1
+        counts[i] = len(frames)
+        if frames and not opts.blank_images:
+            pixels[i, : len(frames)] = np.stack([load_and_preprocess(b, s) for b in frames])
+    return pixels, counts, resampled
 
 
 def encode_sample(text: str, images: Sequence[bytes], tokenizer, opts: SampleOptions,
-                  rng: np.random.Generator | None = None) -> dict[str, Any]:
-    """One record -> padded input_ids/attention_mask/loss_mask [T], images [k, S, S, 3], stats."""
+                  rng: np.random.Generator | None = None, clips: Sequence[Sequence[bytes]] = ()) -> dict[str, Any]:
+    """One record -> padded input_ids/attention_mask/loss_mask [T], images [k, S, S, 3], clips
+    (videos [c, F, S, S, 3], video_num_frames [c]; only for `opts.video_tags`), stats."""
     if opts.text_only:
-        text, images = drop_images(text), []
-    enc = encode_conversation(text, tokenizer, opts.max_len, opts.image_token_count)
+        text, images, clips = drop_images(text), [], []
+    enc = encode_conversation(text, tokenizer, opts.max_len, opts.image_token_count, video_tags=opts.video_tags)
     kept = list(images)[: enc.num_images]
     s = opts.image_size
     if opts.blank_images or not kept:
@@ -135,12 +165,16 @@ def encode_sample(text: str, images: Sequence[bytes], tokenizer, opts: SampleOpt
     out = pad_to(enc, opts.max_len)
     out["images"] = pixels
     out["num_images"] = len(kept)
+    clips = list(clips)[: enc.num_videos] if opts.video_tags else []
+    out["videos"], out["video_num_frames"], resampled = _encode_clips(clips, opts)
+    out["num_videos"] = len(clips)
     stats = np.zeros(len(STAT_NAMES), np.int64)
     stats[0] = 1
     stats[1] = enc.truncated
     stats[2] = enc.num_loss_tokens == 0
     stats[3] = min(len(images), enc.num_image_tags) - enc.num_images
     stats[STAT_NAMES.index("tokens")] = len(enc.ids)
+    stats[STAT_NAMES.index("clips_resampled")] = resampled
     out[_STATS] = stats
     return out
 
@@ -173,7 +207,8 @@ class _Preprocess(grain.transforms.RandomMap):
         rec = self._source[int(index)]
         images = rec["images"]
         images = [] if images is None else list(images)
-        out = encode_sample(records.as_str(rec["text"]), images, self._tokenizer, self._opts, rng)
+        clips = records.clips_of(rec) if self._opts.video_tags else []
+        out = encode_sample(records.as_str(rec["text"]), images, self._tokenizer, self._opts, rng, clips)
         out[_INDEX] = int(index)
         return out
 
@@ -217,7 +252,8 @@ class OwlDataIterator(grain.DatasetIterator):
 
     def set_state(self, state):
         self._parent.set_state(state["pipeline"])
-        self._counts = np.asarray(state["stats"], np.int64)
+        counts = np.asarray(state["stats"], np.int64)  # a state saved before newer counters: zeros for them
+        self._counts = np.concatenate([counts, np.zeros(len(STAT_NAMES) - len(counts), np.int64)])
 
 
 # ---------------------------------------------------------------- builder
@@ -247,16 +283,20 @@ def shard_indices(num_records: int, process_index: int, process_count: int) -> n
 
 
 def make_iterator(config, process_index: int | None = None, process_count: int | None = None,
-                  source=None) -> OwlDataIterator:
+                  source=None, video_tags: bool = False) -> OwlDataIterator:
     """Builds the pipeline for `config` (a ``config.data`` ConfigDict, see `default_config`).
 
-    `process_index` / `process_count` default to jax's. Returns an `OwlDataIterator`.
+    `process_index` / `process_count` default to jax's. `video_tags`: the model is the video model,
+    whose `<|video|>` tags are clips (the image model reads them as text). Returns an `OwlDataIterator`.
     """
     pi, pc = _process_index_and_count(process_index, process_count)
     batch_size, max_images = _get(config, "batch_size"), _get(config, "max_images_per_batch")
-    if batch_size % pc or max_images % pc:
-        raise UserError(f"batch_size {batch_size} and max_images_per_batch {max_images} must divide by "
-                         f"process_count {pc}")
+    max_videos = int(_get(config, "max_videos_per_batch"))
+    if batch_size % pc or max_images % pc or max_videos % pc:
+        raise UserError(f"batch_size {batch_size}, max_images_per_batch {max_images} and max_videos_per_batch "
+                        f"{max_videos} must divide by process_count {pc}")
+    if max_videos and not video_tags:
+        raise UserError(f"max_videos_per_batch={max_videos}: clips need the video model (model.vision.temporal)")
     b_local, m_local = batch_size // pc, max_images // pc
     name, ddir, split = _get(config, "dataset"), _get(config, "dataset_dir"), _get(config, "split")
     if source is None:
@@ -288,12 +328,14 @@ def make_iterator(config, process_index: int | None = None, process_count: int |
         max_len=int(_get(config, "max_len")), image_size=int(_get(config, "image_size")),
         image_token_count=int(_get(config, "image_token_count")), augment=bool(_get(config, "augment")),
         horizontal_flip=bool(_get(config, "horizontal_flip")), crop_scale_min=float(_get(config, "crop_scale_min")),
-        blank_images=bool(_get(config, "blank_images")), text_only=bool(_get(config, "text_only")))
+        blank_images=bool(_get(config, "blank_images")), text_only=bool(_get(config, "text_only")),
+        video_tags=video_tags, frames_per_video=int(_get(config, "frames_per_video")) if max_videos else 0)
     # augmentation rng: per (seed, process, position in this process's stream)
     ds = ds.random_map(_Preprocess(source, resolve_tokenizer_path(config), opts), seed=(seed + 1 + 7877 * pi) % 2**32)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(_get(config, "read_threads")),
                                               prefetch_buffer_size=int(_get(config, "read_buffer_size"))))
-    ds = BatchDataset(ds, b_local, m_local, opts.max_len, opts.image_size, bool(_get(config, "packing")))
+    ds = BatchDataset(ds, b_local, m_local, opts.max_len, opts.image_size, bool(_get(config, "packing")),
+                      max_videos // pc, opts.frames_per_video)
     workers = int(_get(config, "worker_count"))
     if workers > 0:
         from absl import flags

@@ -2,7 +2,7 @@
 
 Every iterator yields this process's micro-batches (the pipeline's batch dict: input_ids,
 attention_mask, loss_mask int32[b, T], pixel_values float32[m, H, W, 3], num_images int32[b]) and
-has get_state() / set_state() for checkpoints.
+has get_state() / set_state() for checkpoints. With clip slots (the video model), the video keys too.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ def make_data_iterator(
             image_size=model_cfg.vision.image_size,
             seed=config.seed,
             process_index=jax.process_index(),
+            clip_slots=(config.max_videos_per_batch // jax.process_count(), config.frames_per_video),
         )
     if d.source == "tfds":
         from owl_jax.data.pipeline import make_iterator, resolve_tokenizer_path
@@ -45,5 +46,5 @@ def make_data_iterator(
         if vocab > model_cfg.llm.vocab_size:
             raise UserError(f"the tokenizer at {tokenizer_path} has {vocab} tokens, more than "
                              f"config.model.llm.vocab_size={model_cfg.llm.vocab_size}")
-        return make_iterator(d)
+        return make_iterator(d, video_tags=model_cfg.video)
     raise UserError(f"config.data.source={d.source!r}: expected 'tfds' or 'synthetic'")

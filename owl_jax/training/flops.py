@@ -22,6 +22,8 @@ class StepShape:
     batch: int  # samples per step (all micro-batches)
     seq_len: int
     images: int  # images per step
+    clips: int = 0  # clip slots per step (the video model)
+    frames_per_clip: int = 0
 
 
 def _tower_multipliers(weights_train: bool, upstream_trains: bool, fed_by_pixels: bool = False) -> tuple[int, int]:
@@ -35,19 +37,25 @@ def forward_flops(cfg: OwlConfig, shape: StepShape) -> dict[str, tuple[float, fl
     """Per tower: (weight-matmul FLOPs, attention-matmul FLOPs) of one forward pass."""
     v, a, l = cfg.vision, cfg.abstractor, cfg.llm
     s = v.num_positions
-    n_img = shape.images
+    frames = shape.clips * shape.frames_per_clip
+    n_img = shape.images + frames  # a clip's frames go through the vision tower as images do
     patch = 2 * n_img * (s - 1) * 3 * v.patch_size**2 * v.hidden_size
     vis_w = 2 * n_img * s * v.num_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.mlp_size)
+    vis_w += 2 * frames * s * v.num_layers * v.hidden_size**2  # the temporal modules' D -> D/2 -> D
     vis_a = 4 * n_img * v.num_layers * s * s * v.hidden_size
-    q, kv = a.num_queries, a.num_queries + s
-    abs_w = (
-        2
-        * n_img
-        * a.num_layers
-        * (2 * q * a.hidden_size**2 + 2 * kv * a.hidden_size**2 + 3 * q * a.hidden_size * a.ffn_size)
-    )
-    abs_w += 2 * n_img * q * a.hidden_size * l.hidden_size  # visual_fc
-    abs_a = 4 * n_img * a.num_layers * q * kv * a.hidden_size
+
+    def abstractor(count: int, q: int, kv: int) -> tuple[float, float]:
+        """`count` inputs of q queries over kv keys (an image: the queries and its tokens)."""
+        h = a.hidden_size
+        w = 2 * count * a.num_layers * (2 * q * h**2 + 2 * kv * h**2 + 3 * q * h * a.ffn_size)
+        w += 2 * count * q * h * l.hidden_size  # visual_fc (and temporal_visual_fc)
+        return w, 4 * count * a.num_layers * q * kv * h
+
+    q = a.num_queries
+    abs_w, abs_a = abstractor(shape.images, q, q + s)
+    # A clip: both sets of queries, over each other and every frame's tokens.
+    clip_w, clip_a = abstractor(shape.clips, 2 * q, 2 * q + shape.frames_per_clip * s)
+    abs_w, abs_a = abs_w + clip_w, abs_a + clip_a
     tokens = shape.batch * shape.seq_len
     d, hd = l.hidden_size, l.head_dim
     per_layer = d * l.num_heads * hd * 2 + 2 * d * l.num_kv_heads * hd + 3 * d * l.mlp_size
@@ -93,7 +101,7 @@ def towers_of(trainable_paths: list[str]) -> set[str]:
             towers.add("lora")
         elif p.startswith("vision_model"):
             towers.add("vision")
-        elif p.startswith(("abstractor", "query_tokens")):
+        elif p.startswith(("abstractor", "query_tokens", "temporal_query_tokens")):
             towers.add("abstractor")
         elif p.startswith("language_model"):
             towers.add("llm")

@@ -1,7 +1,8 @@
 """Random-token batches in the pipeline's batch format, for tests, benchmarks and AOT compiles.
 
 Each sample: BOS, 0..max images (placeholder runs), random text, an "answer" suffix that carries the
-loss, right padding. Deterministic in (seed, step, process), so its state is just the step.
+loss, right padding. Deterministic in (seed, step, process), so its state is just the step. With clip slots (the video
+model's batches) the clip keys are there, and empty: random batches hold images only.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from owl_jax.batch import IMAGE_PLACEHOLDER_ID, first_image_slots
 
 class RandomBatches:
     def __init__(self, *, batch_size: int, seq_len: int, max_images: int, images_per_sample: int, vocab_size: int,
-                 tokens_per_image: int, image_size: int, seed: int = 0, process_index: int = 0):
+                 tokens_per_image: int, image_size: int, seed: int = 0, process_index: int = 0,
+                 clip_slots: tuple[int, int] = (0, 0)):
         if images_per_sample * batch_size > max_images:
             raise ValueError(
                 f"images_per_sample * batch_size = {images_per_sample * batch_size} > max_images={max_images}"
@@ -22,7 +24,7 @@ class RandomBatches:
         self.__dict__.update(batch_size=batch_size, seq_len=seq_len, max_images=max_images,
                              images_per_sample=images_per_sample, vocab_size=vocab_size,
                              tokens_per_image=tokens_per_image, image_size=image_size, seed=seed,
-                             process_index=process_index)
+                             process_index=process_index, clip_slots=clip_slots)
         self.step = 0
 
     def get_state(self) -> dict:
@@ -57,5 +59,12 @@ class RandomBatches:
         pixels = np.zeros((self.max_images, self.image_size, self.image_size, 3), np.float32)
         used = int(num_images.sum())
         pixels[:used] = rng.normal(size=(used, self.image_size, self.image_size, 3))
-        return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask, "pixel_values": pixels,
-                "num_images": num_images, "image_start": first_image_slots(num_images)}
+        batch = {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask, "pixel_values": pixels,
+                 "num_images": num_images, "image_start": first_image_slots(num_images)}
+        v, f = self.clip_slots
+        if v:
+            s = self.image_size
+            batch |= {"video_pixels": np.zeros((v, f, s, s, 3), np.float32),
+                      "video_num_frames": np.zeros((v,), np.int32), "num_videos": np.zeros((b,), np.int32),
+                      "video_start": np.zeros((b,), np.int32)}
+        return batch

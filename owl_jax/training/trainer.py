@@ -30,7 +30,7 @@ from owl_jax import sharding as shd
 from owl_jax.cli import UserError
 from owl_jax.losses import answer_loss, answer_loss_from_hidden
 from owl_jax.models.config import OwlConfig, owl_config_from_dict
-from owl_jax.models.owl import MplugOwl, init_params
+from owl_jax.models.owl import MplugOwl, Videos, init_params
 from owl_jax.training import stages
 from owl_jax.training.optim import make_optimizer, make_schedule
 
@@ -120,6 +120,7 @@ class Trainer:
             batch["attention_mask"],
             deterministic=False,
             image_start=batch["image_start"],
+            videos=videos_of(batch),
             rngs={"dropout": rng},
             method=MplugOwl.hidden_states if head_on_answers else MplugOwl.__call__,
         )
@@ -181,17 +182,18 @@ class Trainer:
         return new_state, metrics
 
     def batch_shardings(self, batch_shapes: dict[str, tuple[int, ...]]) -> dict[str, NamedSharding]:
-        """Micro-batch axis unsharded, batch axis over the rules' `batch` mesh axes. Images are sharded
-        the same way when their count divides, else replicated (one process only). A batch that does
-        not divide is refused: replicated, every device would compute all of it."""
+        """Micro-batch axis unsharded, batch axis over the rules' `batch` mesh axes. Images (clips) are
+        sharded the same way when their count divides, else replicated (one process only). A batch that
+        does not divide is refused: replicated, every device would compute all of it."""
         n = shd.batch_axis_size(self.mesh, self.rules)
         out = {}
         for k, shape in batch_shapes.items():
             if shape[1] % n == 0:
                 out[k] = shd.batch_sharding(self.mesh, self.rules, len(shape), leading_unsharded=1)
-            elif k != "pixel_values" or jax.process_count() > 1:
+            elif k not in batch_format.SLOT_KEYS or jax.process_count() > 1:
                 # Replicated images with several processes: each would have to hold them all.
-                field = "max_images_per_batch" if k == "pixel_values" else "batch_size"
+                field = ("batch_size" if k not in batch_format.SLOT_KEYS else
+                         "max_images_per_batch" if k == "pixel_values" else "max_videos_per_batch")
                 raise UserError(f"config.{field}={shape[1]} must be a multiple of the {n} devices along the "
                                 f"batch mesh axes ({dict(self.rules).get('batch')} of mesh {dict(self.mesh.shape)}), "
                                 f"on {jax.process_count()} process(es)")
@@ -223,9 +225,17 @@ def put_global(host_array, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
 
 
+def videos_of(batch: dict) -> Videos | None:
+    """A batch's clips (owl_jax/batch.py's video keys) as the model takes them; None without them."""
+    if "video_pixels" not in batch:
+        return None
+    return Videos(batch["video_pixels"], batch["video_num_frames"], batch["num_videos"], batch["video_start"])
+
+
 def stack_micro_batches(batches: list[dict]) -> dict[str, np.ndarray]:
     """Micro-batches (owl_jax/batch.py) -> one step's [K, ...] arrays."""
-    return {k: np.stack([b[k] for b in batches]) for k in batch_format.KEYS}
+    keys = batch_format.KEYS + (batch_format.VIDEO_KEYS if "video_pixels" in batches[0] else ())
+    return {k: np.stack([b[k] for b in batches]) for k in keys}
 
 
 def global_batch(local: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
@@ -234,12 +244,15 @@ def global_batch(local: dict[str, np.ndarray], shardings: dict[str, NamedShardin
         return {k: jax.device_put(v, shardings[k]) for k, v in local.items()}
     local = dict(local, image_start=local["image_start"] + process_image_offset(shardings["pixel_values"],
                                                                                  local["pixel_values"].shape))
+    if "video_pixels" in local:
+        local["video_start"] = local["video_start"] + process_image_offset(shardings["video_pixels"],
+                                                                           local["video_pixels"].shape)
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
 
 
 @functools.lru_cache(maxsize=8)  # the same sharding and shapes every step: map the devices once
 def process_image_offset(sharding: NamedSharding, local_shape: tuple[int, ...]) -> int:
-    """The global index of this process's first image slot. A process's images land on its devices'
+    """The global index of this process's first image (or clip) slot. A process's images land on its devices'
     shards of the slot axis (axis 1), in global order: where the mesh puts those devices, not
     necessarily at process_index * local slots. Every process's shards must form one run, for a
     sample's images to stay adjacent; every process checks all of them, so all refuse together."""

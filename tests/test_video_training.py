@@ -1,0 +1,213 @@
+"""The video model in training: clips from a prepared dataset into the batches' clip slots (one sample
+a row and packed, bad fits counted), and the trainer's step learning from them."""
+import json
+
+import jax
+import numpy as np
+import pytest
+from test_data_video import write_video
+
+from owl_jax.batch import BOS_ID, EOS_ID, VIDEO_PLACEHOLDER_ID, step_shapes
+from owl_jax.data.video import frame_indices
+
+from conftest import tiny_train_config
+
+VIDEO_MODEL = {"model.vision.temporal": True, "model.abstractor.temporal_queries": True,
+               "model.abstractor.ffn_size": 256}
+
+
+@pytest.fixture(scope="module")
+def video_dataset(tmp_path_factory):
+    """owl_jsonl rows: a clip (12 frames of grey levels 0, 20, ...), an image and a clip, text only,
+    two clips; 4 frames stored per clip. Returns (data dir, tokenizer, each record's clips' levels)."""
+    from PIL import Image
+
+    from owl_jax.data import prepare, records
+    from owl_jax.data.tokenizer import train_tokenizer
+
+    tmp = tmp_path_factory.mktemp("video_data")
+    root = tmp / "media"
+    root.mkdir()
+    levels = {name: write_video(root / f"{name}.mkv", n, container="matroska") for name, n in (("a", 12), ("b", 5))}
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(root / "i.png")
+    turn = "\nHuman: what moves?\nAI: the grey"
+    rows = [{"video": ["a.mkv"], "text": "sys\nHuman: <|video|>" + turn},
+            {"image": ["i.png"], "video": ["b.mkv"], "text": "sys\nHuman: <image>\nHuman: <|video|>" + turn},
+            {"text": "sys\nHuman: hello\nAI: hi"},
+            {"video": ["b.mkv", "a.mkv"], "text": "sys\nHuman: <|video|>\nHuman: <|video|>" + turn}]
+    (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert prepare.main([f"--jsonl={tmp / 'train.jsonl'}", f"--images={root}", f"--out={tmp / 'out'}",
+                         "--video_frame_size=16"]) == 0
+    tok = train_tokenizer([r["text"] for r in rows] * 20, str(tmp / "tok"), vocab_size=320)
+    by_line = {1: [levels["a"]], 2: [levels["b"]], 3: [], 4: [levels["b"], levels["a"]]}
+    src = records.data_source(str(tmp / "out"), "owl_jsonl", "train")
+    clip_levels = [by_line[int(records.as_str(src[i]["source"]).rsplit(":", 1)[1])] for i in range(len(src))]
+    return str(tmp / "out"), tok, clip_levels
+
+
+def _iterator(video_dataset, **overrides):
+    from owl_jax.data.pipeline import default_config, make_iterator
+
+    out, tok, _ = video_dataset
+    cfg = default_config()
+    cfg.update(dataset="owl_jsonl", dataset_dir=out, tokenizer_path=tok, batch_size=4, max_len=64,
+               max_images_per_batch=2, max_videos_per_batch=4, frames_per_video=4, image_size=16,
+               image_token_count=5, shuffle=False, num_epochs=1, return_index=True, read_threads=1)
+    cfg.update(overrides)
+    return make_iterator(cfg, 0, 1, video_tags=True)
+
+
+def _grey(clip_pixels: np.ndarray) -> np.ndarray:
+    """CLIP-normalised grey frames [f, S, S, 3] -> their grey levels (0..255)."""
+    from owl_jax.data.image import CLIP_MEAN, CLIP_STD
+
+    return ((clip_pixels * CLIP_STD + CLIP_MEAN) * 255).mean(axis=(1, 2, 3))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_clips_fill_their_slots_in_sample_order(video_dataset, packing):
+    _, _, clip_levels = video_dataset
+    it = _iterator(video_dataset, packing=packing)
+    batch = next(it)
+    assert batch["video_pixels"].shape == (4, 4, 16, 16, 3) and batch["video_num_frames"].tolist() == [4] * 4
+    # the clips in the rows' sample order, each its release-sampled frames
+    order = [i for i in dict.fromkeys(batch["index"].ravel().tolist()) if i >= 0]
+    assert len(order) == 4
+    want = [levels for i in order for levels in clip_levels[i]]
+    for slot, levels in enumerate(want):
+        np.testing.assert_allclose(_grey(batch["video_pixels"][slot]), [levels[i] for i in frame_indices(len(levels))],
+                                   atol=8)
+    placeholders = (batch["input_ids"] == VIDEO_PLACEHOLDER_ID).sum(axis=1)
+    np.testing.assert_array_equal(placeholders, 5 * batch["num_videos"])
+    np.testing.assert_array_equal(batch["video_start"], np.cumsum(batch["num_videos"]) - batch["num_videos"])
+    assert batch["num_videos"].sum() == 4
+    if packing:  # rows of several samples, their clips in row order
+        assert batch["attention_mask"].max(axis=1).tolist() == [2, 2, 1, 1]  # then two filler rows
+    assert it.stats["dropped_too_many_videos"] == 0 and it.stats["clips_resampled"] == 0
+
+
+def test_clips_that_do_not_fit_are_counted(video_dataset):
+    """One clip slot: the two-clip row is dropped (counted), the others wait for a free slot
+    (deferred); two frames a slot: every stored 4-frame clip is resampled to 2 as the release samples."""
+    it = _iterator(video_dataset, max_videos_per_batch=1, frames_per_video=2)
+    batches = list(it)
+    assert it.stats["dropped_too_many_videos"] == 1 and it.stats["deferred"] == 1
+    assert it.stats["clips_resampled"] == 2 and it.stats["samples"] == 3  # batched samples
+    assert sum(int(b["num_videos"].sum()) for b in batches) == 2
+    _, _, clip_levels = video_dataset
+    row = int(np.flatnonzero(batches[0]["num_videos"])[0])
+    levels = clip_levels[batches[0]["index"][row]][0]
+    stored = [levels[i] for i in frame_indices(len(levels))]
+    np.testing.assert_allclose(_grey(batches[0]["video_pixels"][0]), [stored[i] for i in frame_indices(4, 2)], atol=8)
+    assert batches[0]["video_num_frames"].tolist() == [2]
+
+
+
+def test_clip_slots_need_the_video_model(video_dataset):
+    from owl_jax.cli import UserError
+    from owl_jax.data.pipeline import default_config, make_iterator
+
+    out, tok, _ = video_dataset
+    cfg = default_config()
+    cfg.update(dataset="owl_jsonl", dataset_dir=out, tokenizer_path=tok, max_videos_per_batch=2)
+    with pytest.raises(UserError, match="max_videos_per_batch=2: clips need the video model"):
+        make_iterator(cfg, 0, 1)
+
+
+# ------------------------------------------------------------------------------ the trainer's step
+
+DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+
+
+def moving_square_batch(config, blank: bool = False) -> dict[str, np.ndarray]:
+    """8 samples: BOS, a clip's placeholders, the question token, the direction's token, EOS. Each clip
+    is 4 frames of a bright square that starts at the centre (the first frames all alike) and moves
+    one way, 3 pixels a frame; two clips a direction. `blank`: every frame zeros."""
+    b, t, s = config.batch_size, config.seq_len, config.model.vision.image_size
+    p = config.model.abstractor.num_queries + 1
+    ids, loss = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+    attention = np.zeros((b, t), np.int32)
+    clips = np.zeros((b, 4, s, s, 3), np.float32)
+    for i in range(b):
+        name = list(DIRECTIONS)[i % 4]
+        row = [BOS_ID] + [VIDEO_PLACEHOLDER_ID] * p + [10, 20 + list(DIRECTIONS).index(name), EOS_ID]
+        ids[i, : len(row)], attention[i, : len(row)] = row, 1
+        loss[i, len(row) - 2: len(row)] = 1
+        dy, dx = DIRECTIONS[name]
+        for f in range(4):
+            y, x = s // 2 - 4 + 3 * f * dy + (i // 4), s // 2 - 4 + 3 * f * dx
+            clips[i, f, max(y, 0): y + 8, max(x, 0): x + 8] = 1.5
+    if blank:
+        clips[:] = 0
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss,
+            "pixel_values": np.zeros((config.max_images_per_batch, s, s, 3), np.float32),
+            "num_images": np.zeros((b,), np.int32), "image_start": np.zeros((b,), np.int32),
+            "video_pixels": clips, "video_num_frames": np.full((b,), 4, np.int32),
+            "num_videos": np.ones((b,), np.int32), "video_start": np.arange(b, dtype=np.int32)}
+
+
+def test_the_video_owl_fits_moving_clips_and_not_blank_frames():
+    """Every weight trained (the tiny LLM is random, not a pretrained one to steer) on one fixed batch
+    whose answers only the clips tell apart: the loss falls near zero with the frames, and stays at
+    the answers' entropy (ln 4 on half the tokens) without them."""
+    from owl_jax.sharding import make_mesh
+    from owl_jax.training.trainer import Trainer, global_batch, stack_micro_batches
+
+    config = tiny_train_config("all", **VIDEO_MODEL, **{
+        "max_videos_per_batch": 8, "frames_per_video": 4, "seq_len": 16, "num_steps": 300, "optim.lr": 3e-3,
+        "optim.weight_decay": 0.0})
+    trainer = Trainer(config, make_mesh({"fsdp": 1}, jax.devices()[:1]))
+    assert any("temporal" in path for path in trainer.trainable_paths)
+    step = trainer.jit_train_step(step_shapes(config, config.model.vision.image_size))
+    losses = {}
+    for blank in (False, True):
+        state = trainer.init_state(jax.random.PRNGKey(0))
+        batch = global_batch(stack_micro_batches([moving_square_batch(config, blank)]), step.batch_shardings)
+        for _ in range(config.num_steps):
+            state, metrics = step(state, batch)
+        losses[blank] = float(metrics["loss"])
+    assert losses[False] < 0.05, losses
+    assert losses[True] > 0.6, losses  # ln(4) / 2 = 0.69: the direction is a guess, EOS is not
+
+
+def test_training_the_video_model_starts_from_image_params(tmp_path):
+    """config.init.params_dir naming an image model's params (a converted release, a finished run):
+    the video model keeps every image tensor and starts its temporal modules and queries fresh."""
+    from flax import traverse_util
+
+    from owl_jax.models.config import owl_config_from_dict
+    from owl_jax.params_io import load_params_for, save_params
+
+    from conftest import random_owl_params
+
+    video_cfg = owl_config_from_dict(tiny_train_config("stage1", **VIDEO_MODEL).model.to_dict())
+    image_cfg = owl_config_from_dict(tiny_train_config("stage1", **{"model.abstractor.ffn_size": 256}).model.to_dict())
+    image_params = random_owl_params(image_cfg, seed=1)
+    save_params(str(tmp_path), image_params, image_cfg)
+    params, fresh = load_params_for(str(tmp_path), video_cfg)
+    assert len(fresh) == 11 and all("temporal" in p for p in fresh), fresh  # 8 stacked + queries + fc kernel, bias
+    flat, image_flat = traverse_util.flatten_dict(params), traverse_util.flatten_dict(image_params)
+    assert all(np.array_equal(flat[p], v) for p, v in image_flat.items())
+
+
+def test_analytic_flops_count_the_clips():
+    """XLA's count of a video batch's step follows the analytic model with its clips: each frame through
+    the vision tower with its temporal modules, both sets of queries over all of a clip's frames."""
+    from owl_jax.sharding import make_mesh
+    from owl_jax.training.flops import StepShape, towers_of, train_step_flops
+    from owl_jax.training.trainer import Trainer
+
+    config = tiny_train_config("stage1", **VIDEO_MODEL, **{"max_videos_per_batch": 8, "frames_per_video": 4,
+                                                           "seq_len": 16, "model.scan_unroll": 0})
+    config.model.vision.update(hidden_size=128, mlp_size=256)  # matmuls dominate
+    config.model.abstractor.update(encoder_hidden_size=128, hidden_size=128)
+    trainer = Trainer(config, make_mesh({"fsdp": 1}, jax.devices()[:1]))
+    shapes = {k: jax.ShapeDtypeStruct(v, np.float32 if "pixels" in k or k == "pixel_values" else np.int32)
+              for k, v in step_shapes(config, config.model.vision.image_size).items()}
+    state = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), trainer.abstract_state)
+    xla = trainer.jit_train_step({k: v.shape for k, v in shapes.items()}).jitted.lower(state, shapes).compile()
+    towers = towers_of(trainer.trainable_paths)
+    with_clips = train_step_flops(trainer.model_cfg, StepShape(8, 16, 8, 8, 4), towers)
+    ratio = xla.cost_analysis()["flops"] / with_clips
+    assert 0.95 < ratio < 1.15, ratio
+    assert train_step_flops(trainer.model_cfg, StepShape(8, 16, 8), towers) < 0.4 * with_clips  # the clips: most
