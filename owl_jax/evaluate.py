@@ -48,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _owleval(args: flags.FlagValues) -> int:
-    from owl_jax.inference.api import find_tokenizer, load, load_image, open_tokenizer
+    from owl_jax.inference.api import find_tokenizer, load, open_tokenizer
+    from owl_jax.inference.media import load_image
     from owl_jax.params_io import load_config
 
     # Everything the run reads is checked before the params load (minutes for 7B).

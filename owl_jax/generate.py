@@ -5,9 +5,10 @@ Command line::
     python -m owl_jax.generate --checkpoint DIR --image a.jpg [--image b.jpg] --prompt "..."
     python -m owl_jax.generate --checkpoint DIR --image a.jpg --interactive [--max_new_tokens 512]
         [--sample --temperature 0.7 --top_k 50 --top_p 0.9 --seed 0]
+    python -m owl_jax.generate --checkpoint VIDEO_DIR --video clip.mp4 [--image a.jpg] --prompt "..."
 
-The checkpoint's config, the tokenizer, the images and the prompt are read and checked before the
-params load; a mistake is one line on stderr (`error: ...`, exit status 2).
+The checkpoint's config, the tokenizer, the images, the videos and the prompt are read and checked
+before the params load; a mistake is one line on stderr (`error: ...`, exit status 2).
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def _flags() -> flags.FlagValues:
     flags.DEFINE_string("tokenizer", None, "tokenizer dir or .model file (default: in the checkpoint dir)",
                         flag_values=fv)
     flags.DEFINE_multi_string("image", [], "image path, in the order the conversation shows them", flag_values=fv)
+    flags.DEFINE_multi_string("video", [], "video path (the video model), in order, shown after the images",
+                              flag_values=fv)
     flags.DEFINE_string("prompt", None, "the question (one turn)", flag_values=fv)
     flags.DEFINE_bool("interactive", False, "multi-turn chat on stdin", flag_values=fv)
     flags.DEFINE_integer("chunk", 8, "tokens decoded between prints (streaming)", flag_values=fv)
@@ -56,15 +59,19 @@ def sampling(fv: flags.FlagValues) -> Sampling:
                     top_k=fv.top_k, top_p=fv.top_p, seed=fv.seed)
 
 
-def _check_question(text: str, what: str, num_images: int) -> None:
-    """The template puts each image on a 'Human: <image>' line of its own before the conversation; an
-    <image> tag typed into a question would stand for an image that was not given."""
-    from owl_jax.data.conversation import count_image_tags
+def _check_question(text: str, what: str, num_images: int, num_videos: int = 0, video_model: bool = False) -> None:
+    """The template puts each image (clip) on a 'Human: <image>' ('Human: <|video|>') line of its own
+    before the conversation; a tag typed into a question would stand for one that was not given."""
+    from owl_jax.data.conversation import count_image_tags, count_video_tags
 
     tags = count_image_tags(text)
     if tags:
         raise UserError(f"{what} has {tags} <image> tag(s) and {num_images} --image was given: leave the tags out, "
                         "each --image goes before the question on a 'Human: <image>' line of its own")
+    tags = count_video_tags(text) if video_model else 0
+    if tags:
+        raise UserError(f"{what} has {tags} <|video|> tag(s) and {num_videos} --video was given: leave the tags "
+                        "out, each --video goes before the question on a 'Human: <|video|>' line of its own")
 
 
 def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
@@ -81,7 +88,8 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
 
 def _chat(args: flags.FlagValues, stdin, stdout) -> int:
     from owl_jax.data.conversation import build_prompt
-    from owl_jax.inference.api import find_tokenizer, load, load_image, open_tokenizer
+    from owl_jax.inference.api import find_tokenizer, load, open_tokenizer
+    from owl_jax.inference.media import load_clip, load_image
     from owl_jax.params_io import load_config
 
     # Everything the request names is read and checked before the params load (minutes for 7B).
@@ -90,15 +98,20 @@ def _chat(args: flags.FlagValues, stdin, stdout) -> int:
     check_max_new_tokens(args.max_new_tokens, cfg, checkpoint)
     tokenizer = open_tokenizer(absolute(args.tokenizer) or find_tokenizer(checkpoint), cfg, checkpoint)
     images = [load_image(absolute(p), cfg.vision.image_size) for p in args.image]  # float32 [S, S, 3] each
+    if args.video and not cfg.video:
+        raise UserError(f"--video needs the video model; the model in {checkpoint} reads images only")
+    clips = [load_clip(absolute(p), cfg.vision.image_size) for p in args.video]  # float32 [f, S, S, 3] each
+    media = (len(images), len(clips), cfg.video)
     if args.prompt is not None:
-        _check_question(args.prompt, "--prompt", len(images))
-        ids = encode_prompt(build_prompt(len(images), [], args.prompt), tokenizer, cfg.tokens_per_image,
-                            args.prompt_tokenization)
+        _check_question(args.prompt, "--prompt", *media)
+        ids = encode_prompt(build_prompt(len(images), [], args.prompt, num_videos=len(clips)), tokenizer,
+                            cfg.tokens_per_image, args.prompt_tokenization, video_tags=cfg.video)
         check_context(len(ids), args.max_new_tokens, cfg, "--prompt")
     owl = load(checkpoint, tokenizer=tokenizer, prompt_tokenization=args.prompt_tokenization)
 
     def answer(messages):
-        pieces = owl.chat_stream(images=images, messages=messages, sampling=sampling(args), chunk=args.chunk)
+        pieces = owl.chat_stream(images=images, messages=messages, sampling=sampling(args), chunk=args.chunk,
+                                 videos=clips)
         stdout.write("AI: ")
         stdout.flush()
         while True:
@@ -134,7 +147,7 @@ def _chat(args: flags.FlagValues, stdin, stdout) -> int:
                 continue
             asked = messages + [{"role": "user", "content": question}]
             try:  # a question the model cannot take is refused; the conversation so far stays
-                _check_question(question, "the question", len(images))
+                _check_question(question, "the question", *media)
                 text = answer(asked)
             except UserError as e:
                 print(f"error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@
         {"role": "assistant", "content": "The colour of the car."},
         {"role": "user", "content": "Which one is older?"}])
     owl.generate([{"images": ["a.jpg"], "messages": "Describe it."}, ...], batch_size=8)
+    video_owl.chat(videos=["clip.mp4"], messages="What happens?")  # the video model; images beside
     owl.logits(input_ids, pixel_values, num_images)             # raw logits (numpy)
     owl.score(["a.jpg"], "What colour is the car?", ["Red.", "Blue."])  # log-likelihood per candidate
 
@@ -17,7 +18,9 @@ as the released processor does (the text split on ``<image>`` only, each piece t
 the released weights answer as in the release; ``load(..., prompt_tokenization="training")`` keeps
 the chunks of training instead (`owl_jax.data.text.encode_prompt`), for a model evaluated in its own
 training format. Images may be paths, PIL images, or arrays (uint8 [H, W, 3] pixels, or float32
-[S, S, 3] already CLIP-normalised at the model's image size).
+[S, S, 3] already CLIP-normalised at the model's image size). Clips (the video model's) may be video
+files (the release's 4 frames: `owl_jax.data.video`) or frames [f, H, W, 3] as images are; in the
+prompt each is a ``Human: <|video|>`` line after the images'.
 """
 from __future__ import annotations
 
@@ -30,58 +33,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from owl_jax import params_io
 from owl_jax.cli import UserError
 from owl_jax.data import conversation
-from owl_jax.data.image import preprocess, to_rgb
 from owl_jax.data.text import PROMPT_TOKENIZATIONS, encode_prompt
 from owl_jax.data.tokenizer import encode_text
 from owl_jax.inference.engine import Generator, Sampling, bucket_count, bucket_length, check_context, make_batch, trim
+from owl_jax.inference.media import ImageLike, VideoLike, image_list, load_clip, load_image, video_list
 from owl_jax.models.config import OwlConfig
-from owl_jax.models.owl import MplugOwl, init_params, is_decode_layout
+from owl_jax.models.owl import MplugOwl, Videos, init_params, is_decode_layout
 
-ImageLike = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray
 Messages = Any  # str | list[str] | list[dict(role, content)]
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _USER, _ASSISTANT = ("user", "human"), ("assistant", "ai")
-
-
-def _image_list(images) -> list:
-    if images is None:
-        return []
-    if isinstance(images, (str, os.PathLike, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim == 3):
-        return [images]
-    return list(images)
-
-
-def load_image(image: ImageLike, image_size: int) -> np.ndarray:
-    """Eval preprocessing: RGB, bicubic resize to image_size (no crop), CLIP mean/std, NHWC float32."""
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            if image.shape != (image_size, image_size, 3):
-                raise ValueError(f"float image of shape {image.shape}: expected CLIP-normalised "
-                                 f"[{image_size}, {image_size}, 3] (or pass uint8 pixels / a PIL image)")
-            return image.astype(np.float32)
-        image = Image.fromarray(image)
-    elif not isinstance(image, Image.Image):
-        image = _decode_file(os.fspath(image))
-    return preprocess(to_rgb(image), image_size)
-
-
-def _decode_file(path: str) -> Image.Image:
-    """An image file, decoded in full now (any format PIL reads: a .jpg may hold a PNG). PIL's own
-    errors (a truncated JPEG: "image file is truncated") do not say which file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"image {path}: no such file")
-    try:
-        with Image.open(path) as f:
-            f.load()
-            return to_rgb(f)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"image {path}: cannot decode it ({type(e).__name__}: {e})") from None
 
 
 def normalize_messages(messages: Messages) -> tuple[list[tuple[str, str | None]], str]:
@@ -138,32 +104,43 @@ class Owl:
         self.eos_id = self.generator.eos_id
 
     # -- prompts -----------------------------------------------------------------------------
-    def prompt_text(self, num_images: int, messages: Messages) -> str:
+    def prompt_text(self, num_images: int, messages: Messages, num_videos: int = 0) -> str:
         turns, system = normalize_messages(messages)
-        return conversation.build_prompt(num_images, turns, system_prompt=system)
+        return conversation.build_prompt(num_images, turns, system_prompt=system, num_videos=num_videos)
 
     def encode(self, text: str) -> np.ndarray:
-        """Template text (with ``<image>`` tags) -> ids with BOS and -1 placeholders."""
+        """Template text (with ``<image>`` tags, and ``<|video|>`` for the video model) -> ids with BOS
+        and -1 (-2) placeholders."""
         return encode_prompt(text, self.tokenizer, image_token_count=self.cfg.tokens_per_image,
-                             tokenization=self.prompt_tokenization)
+                             tokenization=self.prompt_tokenization, video_tags=self.cfg.video)
 
     def images(self, images: Sequence[ImageLike] | ImageLike | None) -> list[np.ndarray]:
         """Images (one or a list) -> CLIP-normalised float32 [S, S, 3] arrays."""
-        return [load_image(x, self.cfg.vision.image_size) for x in _image_list(images)]
+        return [load_image(x, self.cfg.vision.image_size) for x in image_list(images)]
+
+    def clips(self, videos: Sequence[VideoLike] | VideoLike | None) -> list[np.ndarray]:
+        """Clips (one or a list) -> CLIP-normalised float32 [f, S, S, 3] arrays; the video model only."""
+        videos = video_list(videos)
+        if videos and not self.cfg.video:
+            raise UserError("videos need the video model (a checkpoint with vision.temporal); this one reads images")
+        return [load_clip(x, self.cfg.vision.image_size) for x in videos]
 
     def _request_text(self, request: dict) -> str:
-        n = len(_image_list(request.get("images")))
+        n, c = len(image_list(request.get("images"))), len(video_list(request.get("videos")))
+        counts = ((conversation.count_image_tags, n, "<image>", "image(s)"),
+                  (conversation.count_video_tags, c, "<|video|>", "video(s)"))
         if "prompt" in request:  # raw template text
             text = request["prompt"]
-            if conversation.count_image_tags(text) != n:
-                raise UserError(f"the prompt has {conversation.count_image_tags(text)} <image> tags but {n} "
-                                "image(s) were given")
+            for count_tags, given, tag, what in counts:
+                if (self.cfg.video or tag == "<image>") and count_tags(text) != given:
+                    raise UserError(f"the prompt has {count_tags(text)} {tag} tags but {given} {what} were given")
             return text
-        text = self.prompt_text(n, request["messages"])
-        typed = conversation.count_image_tags(text) - n  # the template's own image lines aside
-        if typed:
-            raise UserError(f"the messages hold {typed} <image> tag(s) and {n} image(s) were given: leave the tags "
-                            "out, the template puts each image on a 'Human: <image>' line of its own first")
+        text = self.prompt_text(n, request["messages"], c)
+        for count_tags, given, tag, what in counts:
+            typed = count_tags(text) - given  # the template's own media lines aside
+            if typed and (self.cfg.video or tag == "<image>"):
+                raise UserError(f"the messages hold {typed} {tag} tag(s) and {given} {what} were given: leave the "
+                                f"tags out, the template puts each on a 'Human: {tag}' line of its own first")
         return text
 
     def _encode_checked(self, request: dict, sampling: Sampling, what: str) -> np.ndarray:
@@ -183,20 +160,22 @@ class Owl:
         return dataclasses.replace(sampling or Sampling(), **kwargs)
 
     def chat(self, images: Sequence[ImageLike] | None = None, messages: Messages = None,
-             sampling: Sampling | None = None, **sampling_kwargs) -> str:
+             sampling: Sampling | None = None, videos: Sequence[VideoLike] | None = None, **sampling_kwargs) -> str:
         """The answer to the last user message (greedy unless do_sample=True; see `Sampling`)."""
-        return self.generate([{"images": images, "messages": messages, "name": "the prompt"}], batch_size=1,
-                             sampling=sampling, **sampling_kwargs)[0]
+        return self.generate([{"images": images, "videos": videos, "messages": messages, "name": "the prompt"}],
+                             batch_size=1, sampling=sampling, **sampling_kwargs)[0]
 
     def chat_stream(self, images: Sequence[ImageLike] | None = None, messages: Messages = None,
-                    sampling: Sampling | None = None, chunk: int = 8, **sampling_kwargs) -> Iterator[str]:
+                    sampling: Sampling | None = None, chunk: int = 8, videos: Sequence[VideoLike] | None = None,
+                    **sampling_kwargs) -> Iterator[str]:
         """Like `chat`, yielding pieces of the answer as they are decoded (every `chunk` tokens); the
         generator's return value (StopIteration.value) is the whole answer, as `chat` gives it. The
-        request is checked (and its images decoded) here, before the first piece is asked for."""
+        request is checked (and its images and clips decoded) here, before the first piece is asked for."""
         sampling = self._sampling(sampling, sampling_kwargs)
-        ids = self._encode_checked({"images": images, "messages": messages}, sampling, "the prompt")
-        pixels = self.images(images)
-        batch = make_batch([ids], pixels, [len(pixels)], self.cfg, pad_id=self.generator.pad_id)
+        ids = self._encode_checked({"images": images, "videos": videos, "messages": messages}, sampling, "the prompt")
+        pixels, clips = self.images(images), self.clips(videos)
+        batch = make_batch([ids], pixels, [len(pixels)], self.cfg, pad_id=self.generator.pad_id, clips=clips,
+                           num_videos=[len(clips)])
         return self._stream(batch, sampling, chunk)
 
     def _stream(self, batch, sampling: Sampling, chunk: int) -> Iterator[str]:
@@ -223,8 +202,9 @@ class Owl:
 
     def generate(self, requests: Sequence[dict], batch_size: int = 8, sampling: Sampling | None = None,
                  progress: Callable[[int], None] | None = None, **sampling_kwargs) -> list[str]:
-        """Answers for requests `{"images": [...], "messages": ...}` (or `"prompt"`: raw template text
-        with ``<image>`` tags), in order; an optional `"name"` says which one an error is about (default
+        """Answers for requests `{"images": [...], "videos": [...], "messages": ...}` (or `"prompt"`: raw
+        template text with ``<image>`` and ``<|video|>`` tags), in order; an optional `"name"` says which
+        one an error is about (default
         "request i"). Runs in batches of `batch_size` (the last one padded, so every batch reuses one
         compilation per prompt-length bucket), shortest prompts together; `progress(n)` is called after
         each batch with the number of requests it finished."""
@@ -236,9 +216,10 @@ class Owl:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             pixels = [self.images(requests[i].get("images")) for i in idx]
+            clips = [self.clips(requests[i].get("videos")) for i in idx]
             batch = make_batch([encoded[i] for i in idx], [x for p in pixels for x in p], [len(p) for p in pixels],
-                               self.cfg, pad_id=self.generator.pad_id,
-                               min_batch=bucket_count(batch_size))
+                               self.cfg, pad_id=self.generator.pad_id, min_batch=bucket_count(batch_size),
+                               clips=[x for c in clips for x in c], num_videos=[len(c) for c in clips])
             out = self.generator.generate(batch, sampling)
             for row, i in enumerate(idx):
                 answers[i] = self._decode_text(trim(out["tokens"][row], int(out["length"][row]), self.eos_id))
@@ -247,10 +228,12 @@ class Owl:
         return answers
 
     # -- scoring -----------------------------------------------------------------------------
-    def logits(self, input_ids, pixel_values=None, num_images=None, attention_mask=None) -> np.ndarray:
+    def logits(self, input_ids, pixel_values=None, num_images=None, attention_mask=None,
+               videos: Videos | None = None) -> np.ndarray:
         """Raw logits float32[B, T, V] of a full forward. input_ids int[B, T] with -1 placeholders
         (tokens_per_image per image); pixel_values float[M, S, S, 3] CLIP-normalised; num_images
-        int[B]; attention_mask int/bool[B, T] (default all ones; left or right padding)."""
+        int[B]; attention_mask int/bool[B, T] (default all ones; left or right padding); videos: the
+        video model's clips (`owl_jax.models.owl.Videos`, their placeholders -2)."""
         input_ids = np.asarray(input_ids, np.int32)
         b, t = input_ids.shape
         mask = np.ones((b, t), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
@@ -265,6 +248,7 @@ class Owl:
                 None if pixel_values is None else jnp.asarray(pixel_values),
                 jnp.asarray(num_images, jnp.int32),
                 jnp.asarray(mask),
+                None if videos is None else jax.tree_util.tree_map(jnp.asarray, videos),
                 cfg=self.cfg,
             )
         return np.asarray(out)
@@ -311,12 +295,12 @@ class Owl:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _forward(params, input_ids, pixel_values, num_images, mask, *, cfg: OwlConfig):
+def _forward(params, input_ids, pixel_values, num_images, mask, videos=None, *, cfg: OwlConfig):
     """Logits float32[B, T, V]; params in the training or the decode layout."""
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     return (
         MplugOwl(cfg, decode_layout=is_decode_layout(params))
-        .apply({"params": params}, input_ids, pixel_values, num_images, mask, positions)
+        .apply({"params": params}, input_ids, pixel_values, num_images, mask, positions, videos=videos)
         .astype(jnp.float32)
     )
 

@@ -2,19 +2,19 @@
 
 Two jitted programs:
 
-* `prefill`: splices the images into the prompt embeddings, runs the LLM once over the (left-padded)
-  prompts, writing the cache, and samples the first new token.
+* `prefill`: splices the images (and the video model's clips) into the prompt embeddings, runs the
+  LLM once over the (left-padded) prompts, writing the cache, and samples the first new token.
 * `decode`: a `lax.while_loop` of single-token steps with the cache, until every sample has hit EOS
   or a step limit (`stop_at`, traced: chunked streaming does not recompile).
 
 Prompts of different lengths are left-padded, with positions = cumsum(mask) - 1, so a sample's tokens
-do not depend on what it is batched with. Prompt lengths, batch sizes and image counts are padded
-to buckets so repeated calls reuse the compiled programs: one compilation per (batch bucket, prompt
-bucket, image bucket, max_new_tokens, do_sample). Sampling parameters (temperature, top-k, top-p) are
-traced scalars; the random stream is `fold_in(PRNGKey(seed), step)`, so the same seed gives the same
-samples however decoding is chunked. Works with params sharded on a mesh: pass `mesh` and the
-logical axis `rules` (the model's activation constraints then apply); nothing goes back to the host
-between tokens.
+do not depend on what it is batched with. Prompt lengths, batch sizes, image and clip counts and
+frames per clip are padded to buckets so repeated calls reuse the compiled programs: one compilation
+per (batch bucket, prompt bucket, image bucket, clip buckets, max_new_tokens, do_sample). Sampling
+parameters (temperature, top-k, top-p) are traced scalars; the random stream is
+`fold_in(PRNGKey(seed), step)`, so the same seed gives the same samples however decoding is chunked.
+Works with params sharded on a mesh: pass `mesh` and the logical axis `rules` (the model's activation
+constraints then apply); nothing goes back to the host between tokens.
 
 Both programs take params in the training layout or the decode layout (`owl_jax.models.owl`
 `to_decode_layout`: LLM layers unrolled, LM head kernel [V, D]); `Generator` converts them once. With
@@ -36,9 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from owl_jax.batch import IMAGE_PLACEHOLDER_ID, VIDEO_PLACEHOLDER_ID
 from owl_jax.cli import UserError
 from owl_jax.models.config import OwlConfig
-from owl_jax.models.owl import MplugOwl, is_decode_layout, to_decode_layout
+from owl_jax.models.owl import MplugOwl, Videos, is_decode_layout, to_decode_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +131,8 @@ def _llm_last_logits(m: MplugOwl, embeds, positions, cache_mask):
     return m.language_model.lm_head(hidden[:, -1:])[:, 0].astype(jnp.float32)
 
 
-def _prefill_fn(m: MplugOwl, input_ids, pixel_values, num_images, positions, cache_mask):
-    return _llm_last_logits(m, m.embed(input_ids, pixel_values, num_images), positions, cache_mask)
+def _prefill_fn(m: MplugOwl, input_ids, pixel_values, num_images, positions, cache_mask, videos):
+    return _llm_last_logits(m, m.embed(input_ids, pixel_values, num_images, videos=videos), positions, cache_mask)
 
 
 def _step_fn(m: MplugOwl, token, position, cache_mask):
@@ -159,6 +160,7 @@ def prefill(
     temperature,
     top_k,
     top_p,
+    videos: Videos | None = None,
     *,
     cfg: OwlConfig,
     max_new_tokens: int,
@@ -168,6 +170,7 @@ def prefill(
     return_logits: bool,
 ) -> dict:
     """Left-padded prompts int[B, P] (mask int/bool[B, P]) -> decoding state with the first new token.
+    `videos`: the video model's clips (their placeholders VIDEO_PLACEHOLDER_ID), or None.
 
     The state holds the cache (P + max_new_tokens slots), `tokens` int[B, max_new_tokens] (pad_id
     after the end), `step` (tokens generated so far), `done` bool[B], `length` int[B] (tokens
@@ -186,7 +189,7 @@ def prefill(
     # Slots after the prompt hold the generated tokens; causality hides the ones not written yet.
     cache_mask = jnp.concatenate([mask, jnp.ones((b, max_new_tokens), bool)], axis=1)
     logits, variables = model.apply(
-        {"params": params, "cache": cache}, input_ids, pixel_values, num_images, positions, cache_mask,
+        {"params": params, "cache": cache}, input_ids, pixel_values, num_images, positions, cache_mask, videos,
         method=_prefill_fn, mutable=["cache"],
     )
     token = sample_token(logits, jax.random.fold_in(rng, 0), temperature, top_k, top_p, greedy=greedy,
@@ -265,15 +268,18 @@ class Batch:
     pixel_values: np.ndarray | None  # float32[M, H, W, 3]
     num_images: np.ndarray  # int32[B]
     size: int  # real samples (rows after that are batch padding)
+    videos: Videos | None = None  # numpy: clips [V, F, S, S, 3], frames [V], num_videos [B]
 
 
 def make_batch(prompts: Sequence[np.ndarray], images: Sequence[np.ndarray] | np.ndarray | None,
                num_images: Sequence[int], cfg: OwlConfig, pad_id: int = 0, min_batch: int = 1,
-               buckets: bool = True) -> Batch:
-    """Left-pads token-id prompts (placeholders -1 for images) into bucketed arrays.
+               buckets: bool = True, clips: Sequence[np.ndarray] = (), num_videos: Sequence[int] | None = None
+               ) -> Batch:
+    """Left-pads token-id prompts (placeholders -1 for images, -2 for clips) into bucketed arrays.
 
     `images`: the batch's images flat in sample order, float32 [H, W, 3] each (CLIP-normalised,
-    cfg.vision.image_size); `num_images[i]` of them belong to prompt i."""
+    cfg.vision.image_size); `num_images[i]` of them belong to prompt i. `clips` (the video model's):
+    float32 [f, H, W, 3] each, flat in sample order, `num_videos[i]` of them prompt i's."""
     n = len(prompts)
     if n == 0:
         raise ValueError("no prompts")
@@ -295,11 +301,15 @@ def make_batch(prompts: Sequence[np.ndarray], images: Sequence[np.ndarray] | np.
     images = [] if images is None else list(images)
     if len(images) != total:
         raise ValueError(f"num_images sums to {total} but {len(images)} images were given")
-    for i, (prompt, k) in enumerate(zip(prompts, num_images)):
-        placeholders = int(np.sum(np.asarray(prompt) < 0))
-        if placeholders != k * cfg.tokens_per_image:
-            raise ValueError(f"prompt {i}: {placeholders} image placeholders for {k} image(s) of "
-                             f"{cfg.tokens_per_image} tokens")
+    num_videos = [0] * n if num_videos is None else [int(x) for x in num_videos]
+    if len(num_videos) != n or sum(num_videos) != len(clips):
+        raise ValueError(f"{n} prompts, {len(num_videos)} clip counts summing to {sum(num_videos)}, {len(clips)} clips")
+    for i, (prompt, k, c) in enumerate(zip(prompts, num_images, num_videos)):
+        for what, placeholder, count in (("image", IMAGE_PLACEHOLDER_ID, k), ("clip", VIDEO_PLACEHOLDER_ID, c)):
+            placeholders = int(np.sum(np.asarray(prompt) == placeholder))
+            if placeholders != count * cfg.tokens_per_image:
+                raise ValueError(f"prompt {i}: {placeholders} {what} placeholders for {count} {what}(s) of "
+                                 f"{cfg.tokens_per_image} tokens")
     pixels = None
     if total:
         m = max(bucket_count(total), b) if buckets else total  # >= one slot per row: fewer compilations
@@ -308,7 +318,24 @@ def make_batch(prompts: Sequence[np.ndarray], images: Sequence[np.ndarray] | np.
         pixels[:total] = np.stack([np.asarray(x, np.float32) for x in images])
     counts = np.zeros((b,), np.int32)
     counts[:n] = num_images
-    return Batch(ids, mask, pixels, counts, n)
+    return Batch(ids, mask, pixels, counts, n, _clip_slots(clips, num_videos, b, cfg, buckets))
+
+
+def _clip_slots(clips: Sequence[np.ndarray], num_videos: list[int], b: int, cfg: OwlConfig,
+                buckets: bool) -> Videos | None:
+    """The batch's clips in V slots of F frames (both bucketed), zero frames after each clip's own."""
+    if not clips:
+        return None
+    frames = [len(c) for c in clips]
+    v = bucket_count(len(clips)) if buckets else len(clips)
+    f = bucket_count(max(frames)) if buckets else max(frames)
+    size = cfg.vision.image_size
+    pixels = np.zeros((v, f, size, size, 3), np.float32)
+    for slot, clip in enumerate(clips):
+        pixels[slot, : len(clip)] = clip
+    counts = np.zeros((b,), np.int32)
+    counts[: len(num_videos)] = num_videos
+    return Videos(pixels, np.asarray(frames + [0] * (v - len(clips)), np.int32), counts)
 
 
 def check_context(prompt_tokens: int, max_new_tokens: int, cfg: OwlConfig, what: str = "the prompt") -> None:
@@ -372,8 +399,9 @@ class Generator:
         rng = jax.random.PRNGKey(sampling.seed)
         with self._context():
             pixels = None if batch.pixel_values is None else jnp.asarray(batch.pixel_values)
+            videos = None if batch.videos is None else jax.tree_util.tree_map(jnp.asarray, batch.videos)
             state = prefill(self.params, jnp.asarray(batch.input_ids), jnp.asarray(batch.prompt_mask), pixels,
-                            jnp.asarray(batch.num_images), jnp.int32(batch.size), rng, eos, *samp,
+                            jnp.asarray(batch.num_images), jnp.int32(batch.size), rng, eos, *samp, videos,
                             **statics)
             step = 1
             yield self._host(state, batch.size, return_logits)
