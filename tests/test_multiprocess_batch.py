@@ -1,5 +1,5 @@
-"""Two processes (gloo): each process's images land where the mesh puts its devices, and every
-sample's `image_start` points at its own images, whatever the device order; and the training loop's
+"""Two processes (gloo): each process's images (and clips) land where the mesh puts its devices, and
+every sample's `image_start` (`video_start`) points at its own, whatever the device order; and the training loop's
 per-process values (data positions) are exchanged whole."""
 import json
 import subprocess
@@ -31,13 +31,14 @@ orders = {"process_major": by_process, "reversed": by_process[2:] + by_process[:
 # Two samples a process, two images each; a sample's id is the value its first image holds.
 local = {"pixel_values": (100 * pid + np.arange(4, dtype=np.float32)).reshape(1, 4, 1, 1, 1),
          "image_start": np.array([[0, 2]], np.int32),
-         "input_ids": np.array([[100 * pid, 100 * pid + 2]], np.int32)}
+         "input_ids": np.array([[100 * pid, 100 * pid + 2]], np.int32),
+         # and two clips each, of one frame: a sample's first clip holds its id + 10
+         "video_pixels": (100 * pid + 10 + np.arange(4, dtype=np.float32)).reshape(1, 4, 1, 1, 1, 1),
+         "video_start": np.array([[0, 2]], np.int32)}
 report = {"gathered": all_processes({"process": pid, "pad": "x" * (7 * pid)})}
 for name, devices in orders.items():
     mesh = Mesh(np.array(devices), ("data",))
-    shardings = {"pixel_values": NamedSharding(mesh, P(None, "data")),
-                 "image_start": NamedSharding(mesh, P(None, "data")),
-                 "input_ids": NamedSharding(mesh, P(None, "data"))}
+    shardings = {k: NamedSharding(mesh, P(None, "data")) for k in local}
     try:
         batch = global_batch(local, shardings)
     except ValueError as e:
@@ -45,7 +46,9 @@ for name, devices in orders.items():
         continue
     full = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in batch.items()}
     first_image = full["pixel_values"][0, full["image_start"][0], 0, 0, 0]
-    report[name] = {"sample_ids": full["input_ids"][0].tolist(), "first_images": first_image.tolist()}
+    first_clip = full["video_pixels"][0, full["video_start"][0], 0, 0, 0, 0]
+    report[name] = {"sample_ids": full["input_ids"][0].tolist(), "first_images": first_image.tolist(),
+                    "first_clips": (first_clip - 10).tolist()}
 print("REPORT " + json.dumps(report), flush=True)
 """
 
@@ -69,6 +72,7 @@ def test_every_sample_reads_its_own_images(reports, order):
         r = report[order]
         assert sorted(r["sample_ids"]) == [0, 2, 100, 102]
         assert r["first_images"] == r["sample_ids"]  # each row's image_start finds the row's own first image
+        assert r["first_clips"] == r["sample_ids"]  # and its video_start its own first clip
 
 
 @pytest.mark.parametrize("order", ["interleaved", "one_split"])

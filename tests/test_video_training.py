@@ -211,3 +211,20 @@ def test_analytic_flops_count_the_clips():
     ratio = xla.cost_analysis()["flops"] / with_clips
     assert 0.95 < ratio < 1.15, ratio
     assert train_step_flops(trainer.model_cfg, StepShape(8, 16, 8), towers) < 0.4 * with_clips  # the clips: most
+
+
+def test_train_reads_clips_from_a_prepared_dataset(video_dataset, tmp_path):
+    """python -m owl_jax.train's path end to end: the video model's stage 1 over the dataset's rows
+    (text only, an image, clips) with the clip slots of the config: a finite loss, and a checkpoint."""
+    import os
+
+    from owl_jax.train import train
+
+    out, tok, _ = video_dataset
+    config = tiny_train_config("stage1", **VIDEO_MODEL, **{
+        "data.source": "tfds", "data.dataset": "owl_jsonl", "data.dataset_dir": out, "data.tokenizer_path": tok,
+        "data.read_threads": 1, "model.llm.vocab_size": 384, "seq_len": 64, "batch_size": 8,
+        "max_images_per_batch": 2, "max_videos_per_batch": 4, "num_steps": 2})
+    metrics = train(config, str(tmp_path / "run"))
+    assert np.isfinite(metrics["loss"]) and metrics["loss_tokens"] > 0
+    assert "2" in os.listdir(tmp_path / "run" / "checkpoints")
