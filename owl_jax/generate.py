@@ -20,7 +20,8 @@ from absl import flags
 from owl_jax import cli
 from owl_jax.cli import EXIT_USER_ERROR, UserError, absolute
 from owl_jax.data.text import PROMPT_TOKENIZATIONS, encode_prompt
-from owl_jax.inference.engine import Sampling, check_context, check_max_new_tokens
+from owl_jax.inference.engine import check_context, check_max_new_tokens
+from owl_jax.inference.sampling import Sampling
 
 
 def _flags() -> flags.FlagValues:

@@ -79,12 +79,13 @@ def validate_config(config) -> None:
                 "log_every_steps": config.log_every_steps, "checkpoint.every_steps": config.checkpoint.every_steps,
                 "checkpoint.keep": config.checkpoint.keep, "optim.grad_accum_steps": config.optim.grad_accum_steps,
                 "max_images_per_batch": config.max_images_per_batch + 1,
-                "max_videos_per_batch": config.max_videos_per_batch + 1,
-                "frames_per_video": config.frames_per_video + int(not config.max_videos_per_batch)}
+                "max_videos_per_batch": config.max_videos_per_batch + 1}
     for name, value in positive.items():
         if value < 1:
             minimum = 0 if name in ("num_steps", "max_images_per_batch", "max_videos_per_batch") else 1
             raise UserError(f"config.{name} must be >= {minimum}")
+    if config.max_videos_per_batch and config.frames_per_video < 1:
+        raise UserError("config.frames_per_video must be >= 1 with clip slots (config.max_videos_per_batch > 0)")
 
 
 def _train(config, workdir: str) -> dict:
@@ -117,7 +118,7 @@ def _train(config, workdir: str) -> dict:
     state = _restore_or_init(config, trainer, manager, data, skipped_dir)
 
     # -------------------------------------------------------------------------- loop
-    window = MetricsWindow(config, trainer, workdir, int(jax.device_get(state["step"])))
+    window = MetricsWindow(config, trainer, workdir, int(jax.device_get(state["step"])), data)
     with _sigterm_flag() as preempted:
         try:
             state, step, stop = _loop(config, train_step, state, data, manager, window, preempted)
@@ -211,8 +212,9 @@ class MetricsWindow:
     `useful_mfu`, MFU counting only the real tokens' share of it (the step's FLOPs scaled by the real
     tokens' fraction: linear in tokens, which the matmuls are)."""
 
-    def __init__(self, config, trainer: Trainer, workdir: str, step: int):
+    def __init__(self, config, trainer: Trainer, workdir: str, step: int, data=None):
         self.config, self.step, self.resumed_at = config, step, step
+        self.data = data  # its `stats` (the pipeline's counters, this process's) are logged with the metrics
         accum = config.optim.grad_accum_steps
         shape = StepShape(config.batch_size * accum, config.seq_len, config.max_images_per_batch * accum,
                           config.max_videos_per_batch * accum, config.frames_per_video)
@@ -245,6 +247,8 @@ class MetricsWindow:
         check_finite(step, values["loss"], values["grad_norm"], manager)
         elapsed = time.time() - self.start
         values["steps_per_s"] = self.steps / elapsed
+        # Skipped, deferred and cut samples since the run began: a counted skip is one a user can see.
+        values.update({f"data_{k}": float(v) for k, v in getattr(self.data, "stats", {}).items()})
         values["tokens_per_s"] = self.steps * self.step_tokens / elapsed
         real = float(self.real_tokens)
         values["real_tokens_per_s"] = real / elapsed

@@ -151,7 +151,7 @@ def test_top_k_and_top_p_filters():
 
 def test_filters_keep_what_a_sort_keeps():
     """The bisection top-k / top-p cut-offs equal the sort-based definitions."""
-    from owl_jax.inference.engine import _top_k_filter, _top_p_filter
+    from owl_jax.inference.sampling import _top_k_filter, _top_p_filter
 
     logits = jax.random.normal(jax.random.PRNGKey(0), (4, 1000)) * 3
     logits = logits.at[:, -10:].set(-jnp.inf)  # banned ids (vocab_limit)

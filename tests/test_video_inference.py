@@ -84,6 +84,24 @@ def test_a_clip_needs_its_placeholders(video_owl, rng):
     p = cfg.tokens_per_image
     with pytest.raises(ValueError, match=f"prompt 2: {p} clip placeholders for 2 clip"):
         make_batch(prompts, images, num_images, cfg, clips=clips + clips[:1], num_videos=[0, 0, 2, 2])
+    with pytest.raises(ValueError, match=r"prompt 0: negative ids \[-3\] are no placeholder"):
+        make_batch([np.asarray([1, -3, 5], np.int32)] + prompts[1:], images, num_images, cfg, clips=clips,
+                   num_videos=num_videos)
+    with pytest.raises(ValueError, match="clip 1 of shape"):
+        make_batch(prompts, images, num_images, cfg, clips=[clips[0], clips[1][:, :8], clips[2]],
+                   num_videos=num_videos)
+
+
+def test_the_image_model_refuses_videos_before_any_work(owl):
+    """A request with videos late in a list is refused before the first batch decodes; the image
+    model reads a typed <|video|> as text, as it always has."""
+    from owl_jax.cli import UserError
+
+    frames = np.zeros((2, 8, 8, 3), np.uint8)
+    requests = [{"messages": "hi"}] * 3 + [{"videos": [frames], "messages": "hi"}]
+    with pytest.raises(UserError, match="videos need the video model"):
+        owl.generate(requests, batch_size=1, max_new_tokens=2, progress=lambda n: pytest.fail("a batch ran"))
+    assert isinstance(owl.chat(messages="what is <|video|>?", max_new_tokens=2), str)
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +161,16 @@ def test_the_command_line_takes_videos(video_owl_dir, owl_dir, capsys):
     # The image model has no clips to read
     assert generate_cli.main(["--checkpoint", owl_dir] + args[2:]) == 2
     assert "--video needs the video model" in capsys.readouterr().err
+
+
+def test_without_pyav_a_video_is_refused_naming_the_extra(video_owl_dir, monkeypatch):
+    import builtins
+
+    from owl_jax.cli import UserError
+    from owl_jax.inference.media import load_clip
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (
+        (_ for _ in ()).throw(ImportError("no av")) if name == "av" else real_import(name, *a, **k)))
+    with pytest.raises(UserError, match=r"reading videos needs PyAV: pip install 'owl_jax\[video\]'"):
+        load_clip(str(video_owl_dir / "clip.mkv"), 56)

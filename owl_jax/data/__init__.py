@@ -31,7 +31,7 @@ max_images_per_batch   8                      global image slots M; per process 
 max_videos_per_batch   0                      global clip slots V (the video model); 0: no
                                               clip keys, a sample with a clip is skipped
 frames_per_video       4                      frames a clip slot holds (the release's 4); a
-                                              longer stored clip is resampled, counted
+                                              sample with longer stored clips is skipped
 image_size             224                    images are resized to this at load
 image_token_count      65                     placeholders per <image> (num queries + 1)
 augment                False                  train: random resized crop (else bicubic resize)

@@ -9,12 +9,18 @@ import grain
 import numpy as np
 
 from owl_jax.batch import BOS_ID, first_image_slots
+from owl_jax.cli import UserError
 
 # New counters go at the end: a saved iterator state holds them in this order.
 STAT_NAMES = ("samples", "truncated", "no_loss_tokens", "images_truncated", "deferred", "dropped_too_many_images",
-              "filler_rows", "tokens", "dropped_too_many_videos", "clips_resampled")
+              "filler_rows", "tokens", "dropped_too_many_videos", "videos_truncated", "dropped_long_clips",
+              "dropped_missing_media")
 STATS = "_stats"  # the counters a sample or batch carries to OwlDataIterator
 INDEX = "_index"  # the record index a sample or batch carries
+SKIP = "_skip"  # on a sample that cannot be trained on: the counter saying why (encode_sample)
+# Skipped samples in a row after which the batcher gives up: with data that repeats forever, a config
+# that fits none of it would otherwise read on without end.
+MAX_SKIPPED_IN_A_ROW = 10_000
 
 
 def _no_clips(f: int, s: int) -> dict:
@@ -146,6 +152,7 @@ class BatchIterator(grain.DatasetIterator):
         self._batch_size, self._max_images, self._max_len, self._image_size, self._packing = (
             batch_size, max_images, max_len, image_size, packing)
         self._max_videos, self._frames_per_video = max_videos, frames_per_video
+        self._skipped_in_a_row = 0
         self._pending = None
         self._pending_state = None
         self._exhausted = False
@@ -177,11 +184,13 @@ class BatchIterator(grain.DatasetIterator):
                 except StopIteration:
                     self._exhausted = True
                     break
-            k, c = int(sample["num_images"]), int(sample.get("num_videos", 0))
-            if k > self._max_images or c > self._max_videos:
-                extra[STAT_NAMES.index("dropped_too_many_images" if k > self._max_images
-                                       else "dropped_too_many_videos")] += 1
+            reason = self._skip_reason(sample)
+            if reason is not None:
+                extra[STAT_NAMES.index(reason)] += 1
+                self._skipped(extra)
                 continue
+            self._skipped_in_a_row = 0
+            k, c = int(sample["num_images"]), int(sample.get("num_videos", 0))
             n = int(np.count_nonzero(sample["attention_mask"]))
             row = self._row_for(rows, free, n)
             slots_full = n_images + k > self._max_images or n_videos + c > self._max_videos
@@ -206,6 +215,23 @@ class BatchIterator(grain.DatasetIterator):
                               packed=True, **clips)
         return make_batch([r[0] for r in rows], self._batch_size, self._max_images, self._max_len, self._image_size,
                           extra, **clips)
+
+    def _skip_reason(self, sample: dict) -> str | None:
+        if SKIP in sample:
+            return sample[SKIP]
+        if int(sample["num_images"]) > self._max_images:
+            return "dropped_too_many_images"
+        if int(sample.get("num_videos", 0)) > self._max_videos:
+            return "dropped_too_many_videos"
+        return None
+
+    def _skipped(self, counts: np.ndarray) -> None:
+        self._skipped_in_a_row += 1
+        if self._skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            reasons = {name: int(n) for name, n in zip(STAT_NAMES, counts) if name.startswith("dropped") and n}
+            raise UserError(f"{self._skipped_in_a_row} samples in a row were skipped ({reasons}): the batches fit "
+                            f"none of the data. Check the batch's slots (images {self._max_images}, clips "
+                            f"{self._max_videos} of {self._frames_per_video} frames, per process) against it")
 
     def get_state(self):
         parent = self._pending_state if self._pending is not None else self._parent.get_state()

@@ -79,10 +79,11 @@ def caption_conversation(caption: str, num_images: int = 1) -> str:
     return "\n".join(lines) + "\n" + AI_PREFIX + caption
 
 
-def drop_images(text: str) -> str:
-    """The conversation without its ``Human: <image>`` (and ``Human: <|video|>``) lines: a text-only
-    conversation."""
-    return text.replace("\n" + HUMAN_PREFIX + IMAGE_TAG, "").replace("\n" + HUMAN_PREFIX + VIDEO_TAG, "")
+def drop_images(text: str, videos: bool = False) -> str:
+    """The conversation without its ``Human: <image>`` lines (and, for the video model, whose tags
+    they are, its ``Human: <|video|>`` lines): a text-only conversation."""
+    text = text.replace("\n" + HUMAN_PREFIX + IMAGE_TAG, "")
+    return text.replace("\n" + HUMAN_PREFIX + VIDEO_TAG, "") if videos else text
 
 
 def count_image_tags(text: str) -> int:

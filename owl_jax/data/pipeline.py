@@ -18,8 +18,10 @@ image) is exhausted at its weight. A sample whose images do not fit the batch's 
 is deferred to the next batch; a sample with more than M images is dropped. Both are counted
 (`OwlDataIterator.stats`), as are truncated samples and samples left with no loss token. The video
 model's clips take the batch's V clip slots by the same rules (deferred, or dropped when more than
-V: with no clip slots, every sample with a clip); a stored clip of more than frames_per_video frames is
-resampled to that many as the release samples a video, and counted (clips_resampled).
+V: with no clip slots, every sample with a clip). Also skipped and counted: a sample with a stored clip
+of more than frames_per_video frames (dropped_long_clips: build the data with that many), and one whose
+text keeps more tags than its record has images or clips (dropped_missing_media: they would read
+another sample's). When every sample is skipped, the batcher stops with an error saying why.
 
 With `packing`, a row holds as many samples as fit its max_len tokens: each sample goes to the first
 row of the batch with room for it (first fit, in stream order), and the first sample that fits no
@@ -54,13 +56,12 @@ import numpy as np
 from owl_jax.cli import UserError
 from owl_jax.data import records
 from owl_jax.data.batching import INDEX as _INDEX
-from owl_jax.data.batching import STAT_NAMES, BatchDataset
+from owl_jax.data.batching import SKIP, STAT_NAMES, BatchDataset
 from owl_jax.data.batching import STATS as _STATS
 from owl_jax.data.conversation import drop_images
 from owl_jax.data.image import load_and_preprocess
 from owl_jax.data.text import DEFAULT_IMAGE_TOKEN_COUNT, encode_conversation, pad_to
 from owl_jax.data.tokenizer import load_tokenizer
-from owl_jax.data.video import frame_indices
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -74,7 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
         max_len=256,
         max_images_per_batch=8,  # global: each process holds max_images_per_batch // process_count
         max_videos_per_batch=0,  # global clip slots (the video model), split across processes like images
-        frames_per_video=4,  # frames a clip slot holds; a longer stored clip is resampled (counted)
+        frames_per_video=4,  # frames a clip slot holds; a sample with a longer stored clip is skipped (counted)
         image_size=224,
         image_token_count=DEFAULT_IMAGE_TOKEN_COUNT,  # placeholders per <image> (queries + 1)
         augment=False,  # train augmentation: random resized crop (else bicubic resize)
@@ -127,34 +128,45 @@ class SampleOptions:
     frames_per_video: int = 0
 
 
-def _encode_clips(clips: Sequence[Sequence[bytes]], opts: SampleOptions) -> tuple[np.ndarray, np.ndarray, int]:
-    """Clips' stored frames -> float32[k, F, S, S, 3] (a clip's frames first, zeros after), int32[k] frame
-    counts, and how many clips had more than F frames: those are resampled to F as the release samples
-    a video (`video.frame_indices`). Videos are not augmented: the release's processor only resizes."""
+def _encode_clips(clips: Sequence[Sequence[bytes]], opts: SampleOptions) -> tuple[np.ndarray, np.ndarray]:
+    """Clips' stored frames (at most F each) -> float32[k, F, S, S, 3] (a clip's frames first, zeros
+    after) and int32[k] frame counts. Clips are not augmented: the release's processor only resizes."""
     f, s = opts.frames_per_video, opts.image_size
     pixels = np.zeros((len(clips), f, s, s, 3), np.float32)
-    counts = np.zeros((len(clips),), np.int32)
-    resampled = 0
-    if not f:  # no clip slots: the sample is skipped when batched (counted there), so nothing is decoded
-        return pixels, counts, resampled
-    for i, frames in enumerate(clips):
-        frames = list(frames)
-        if len(frames) > f:
-            frames = [frames[j] for j in frame_indices(len(frames), f)]
-            resampled += 1
-        counts[i] = len(frames)
-        if frames and not opts.blank_images:
+    counts = np.asarray([len(frames) for frames in clips], np.int32)
+    if f and not opts.blank_images:  # no clip slots: the sample is skipped when batched (counted there)
+        for i, frames in enumerate(clips):
             pixels[i, : len(frames)] = np.stack([load_and_preprocess(b, s) for b in frames])
-    return pixels, counts, resampled
+    return pixels, counts
+
+
+def _skip_reason(images: Sequence, clips: Sequence, enc, opts: SampleOptions) -> str | None:
+    """Why a sample cannot be trained on as it is (a STAT_NAMES counter), or None.
+
+    Tags kept with no image or clip of their own would read another sample's. A stored clip longer
+    than a slot: its frames were sampled from the whole video, and a subset of them is not what the
+    release samples (prepare the data with --video_frames=frames_per_video)."""
+    if len(images) < enc.num_images or len(clips) < enc.num_videos:
+        return "dropped_missing_media"
+    if opts.frames_per_video and any(len(frames) > opts.frames_per_video for frames in clips):
+        return "dropped_long_clips"
+    return None
 
 
 def encode_sample(text: str, images: Sequence[bytes], tokenizer, opts: SampleOptions,
                   rng: np.random.Generator | None = None, clips: Sequence[Sequence[bytes]] = ()) -> dict[str, Any]:
     """One record -> padded input_ids/attention_mask/loss_mask [T], images [k, S, S, 3], clips
-    (videos [c, F, S, S, 3], video_num_frames [c]; only for `opts.video_tags`), stats."""
+    (videos [c, F, S, S, 3], video_num_frames [c]; only for `opts.video_tags`), stats. A sample that
+    cannot be trained on carries its reason under SKIP instead (the batcher counts and skips it)."""
     if opts.text_only:
-        text, images, clips = drop_images(text), [], []
+        text, images, clips = drop_images(text, videos=opts.video_tags), [], []
+    clips = list(clips) if opts.video_tags else []
     enc = encode_conversation(text, tokenizer, opts.max_len, opts.image_token_count, video_tags=opts.video_tags)
+    stats = np.zeros(len(STAT_NAMES), np.int64)
+    reason = _skip_reason(images, clips[: enc.num_videos], enc, opts)
+    if reason is not None:
+        stats[STAT_NAMES.index(reason)] = 1
+        return {SKIP: reason, _STATS: stats}
     kept = list(images)[: enc.num_images]
     s = opts.image_size
     if opts.blank_images or not kept:
@@ -165,16 +177,14 @@ def encode_sample(text: str, images: Sequence[bytes], tokenizer, opts: SampleOpt
     out = pad_to(enc, opts.max_len)
     out["images"] = pixels
     out["num_images"] = len(kept)
-    clips = list(clips)[: enc.num_videos] if opts.video_tags else []
-    out["videos"], out["video_num_frames"], resampled = _encode_clips(clips, opts)
-    out["num_videos"] = len(clips)
-    stats = np.zeros(len(STAT_NAMES), np.int64)
+    out["videos"], out["video_num_frames"] = _encode_clips(clips[: enc.num_videos], opts)
+    out["num_videos"] = enc.num_videos
     stats[0] = 1
     stats[1] = enc.truncated
     stats[2] = enc.num_loss_tokens == 0
     stats[3] = min(len(images), enc.num_image_tags) - enc.num_images
     stats[STAT_NAMES.index("tokens")] = len(enc.ids)
-    stats[STAT_NAMES.index("clips_resampled")] = resampled
+    stats[STAT_NAMES.index("videos_truncated")] = min(len(clips), enc.num_video_tags) - enc.num_videos
     out[_STATS] = stats
     return out
 
@@ -251,8 +261,11 @@ class OwlDataIterator(grain.DatasetIterator):
         return {"pipeline": self._parent.get_state(), "stats": [int(x) for x in self._counts]}
 
     def set_state(self, state):
-        self._parent.set_state(state["pipeline"])
         counts = np.asarray(state["stats"], np.int64)  # a state saved before newer counters: zeros for them
+        if len(counts) > len(STAT_NAMES):
+            raise ValueError(f"a data state with {len(counts)} counters: this owl_jax knows {len(STAT_NAMES)}; "
+                             "resume it with the version that saved it")
+        self._parent.set_state(state["pipeline"])
         self._counts = np.concatenate([counts, np.zeros(len(STAT_NAMES) - len(counts), np.int64)])
 
 

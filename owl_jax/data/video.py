@@ -19,6 +19,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from owl_jax.cli import UserError
+
 REASONS = ("unreadable", "unsupported_container", "no_video_stream", "no_frames", "truncated", "too_many_frames",
            "too_large")
 # FFmpeg's demuxers of self-contained media files. Others (hls, concat, dash, image2, ...) read further
@@ -44,9 +46,16 @@ def frame_indices(num_frames: int, count: int = DEFAULT_FRAMES) -> list[int]:
     return [start + int(np.round(segment * k)) for k in range(count)]
 
 
-def _open(source: str | bytes, name: str):
-    import av  # the `video` extra
+def _av():
+    try:
+        import av  # the `video` extra
+    except ImportError:
+        raise UserError("reading videos needs PyAV: pip install 'owl_jax[video]'") from None
+    return av
 
+
+def _open(source: str | bytes, name: str):
+    av = _av()
     try:
         if isinstance(source, bytes):
             head = source[:64]
@@ -79,8 +88,7 @@ def _open(source: str | bytes, name: str):
 
 def _frames(container, name: str, max_frames: int):
     """Decoded frames of the first video stream, one by one."""
-    import av
-
+    av = _av()
     stream = container.streams.video[0]
     try:
         for i, frame in enumerate(container.decode(stream)):

@@ -39,8 +39,9 @@ from owl_jax.cli import UserError
 from owl_jax.data import conversation
 from owl_jax.data.text import PROMPT_TOKENIZATIONS, encode_prompt
 from owl_jax.data.tokenizer import encode_text
-from owl_jax.inference.engine import Generator, Sampling, bucket_count, bucket_length, check_context, make_batch, trim
+from owl_jax.inference.engine import Generator, bucket_count, bucket_length, check_context, make_batch, trim
 from owl_jax.inference.media import ImageLike, VideoLike, image_list, load_clip, load_image, video_list
+from owl_jax.inference.sampling import Sampling
 from owl_jax.models.config import OwlConfig
 from owl_jax.models.owl import MplugOwl, Videos, init_params, is_decode_layout
 
@@ -121,12 +122,18 @@ class Owl:
     def clips(self, videos: Sequence[VideoLike] | VideoLike | None) -> list[np.ndarray]:
         """Clips (one or a list) -> CLIP-normalised float32 [f, S, S, 3] arrays; the video model only."""
         videos = video_list(videos)
-        if videos and not self.cfg.video:
-            raise UserError("videos need the video model (a checkpoint with vision.temporal); this one reads images")
+        if videos:
+            self._need_video_model()
         return [load_clip(x, self.cfg.vision.image_size) for x in videos]
+
+    def _need_video_model(self) -> None:
+        if not self.cfg.video:
+            raise UserError("videos need the video model (a checkpoint with vision.temporal); this one reads images")
 
     def _request_text(self, request: dict) -> str:
         n, c = len(image_list(request.get("images"))), len(video_list(request.get("videos")))
+        if c:
+            self._need_video_model()
         counts = ((conversation.count_image_tags, n, "<image>", "image(s)"),
                   (conversation.count_video_tags, c, "<|video|>", "video(s)"))
         if "prompt" in request:  # raw template text

@@ -20,7 +20,7 @@ import sys
 from typing import Any, Sequence
 
 from owl_jax.cli import UserError
-from owl_jax.inference.engine import Sampling
+from owl_jax.inference.sampling import Sampling
 
 # Each field a question row needs: the types it may have, and those types in words.
 _QUESTION_FIELDS = {"image": (str, "a string"), "question": (str, "a string"),

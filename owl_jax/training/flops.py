@@ -37,12 +37,16 @@ def forward_flops(cfg: OwlConfig, shape: StepShape) -> dict[str, tuple[float, fl
     """Per tower: (weight-matmul FLOPs, attention-matmul FLOPs) of one forward pass."""
     v, a, l = cfg.vision, cfg.abstractor, cfg.llm
     s = v.num_positions
+    # A clip's frames go through the vision tower as images do; with more than one frame a slot, the
+    # temporal module (D -> D/2 -> D on the patch tokens) and both sets of queries join in.
     frames = shape.clips * shape.frames_per_clip
-    n_img = shape.images + frames  # a clip's frames go through the vision tower as images do
-    patch = 2 * n_img * (s - 1) * 3 * v.patch_size**2 * v.hidden_size
-    vis_w = 2 * n_img * s * v.num_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.mlp_size)
-    vis_w += 2 * frames * s * v.num_layers * v.hidden_size**2  # the temporal modules' D -> D/2 -> D
-    vis_a = 4 * n_img * v.num_layers * s * s * v.hidden_size
+    temporal = shape.frames_per_clip > 1
+
+    def vision(n: int) -> tuple[float, float, float]:
+        """n images: (patch embedding, weight matmuls, attention matmuls)."""
+        return (2 * n * (s - 1) * 3 * v.patch_size**2 * v.hidden_size,
+                2 * n * s * v.num_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.mlp_size),
+                4 * n * v.num_layers * s * s * v.hidden_size)
 
     def abstractor(count: int, q: int, kv: int) -> tuple[float, float]:
         """`count` inputs of q queries over kv keys (an image: the queries and its tokens)."""
@@ -51,11 +55,14 @@ def forward_flops(cfg: OwlConfig, shape: StepShape) -> dict[str, tuple[float, fl
         w += 2 * count * q * h * l.hidden_size  # visual_fc (and temporal_visual_fc)
         return w, 4 * count * a.num_layers * q * kv * h
 
+    patch, vis_w, vis_a = vision(shape.images)
+    clip_patch, clip_w, clip_a = vision(frames)
+    temporal_w = 2 * frames * (s - 1) * v.num_layers * v.hidden_size**2 if temporal else 0.0
     q = a.num_queries
     abs_w, abs_a = abstractor(shape.images, q, q + s)
-    # A clip: both sets of queries, over each other and every frame's tokens.
-    clip_w, clip_a = abstractor(shape.clips, 2 * q, 2 * q + shape.frames_per_clip * s)
-    abs_w, abs_a = abs_w + clip_w, abs_a + clip_a
+    queries = 2 * q if temporal else q
+    clips_abs = abstractor(shape.clips, queries, queries + shape.frames_per_clip * s)
+    abs_w, abs_a = abs_w + clips_abs[0], abs_a + clips_abs[1]
     tokens = shape.batch * shape.seq_len
     d, hd = l.hidden_size, l.head_dim
     per_layer = d * l.num_heads * hd * 2 + 2 * d * l.num_kv_heads * hd + 3 * d * l.mlp_size
@@ -73,22 +80,30 @@ def forward_flops(cfg: OwlConfig, shape: StepShape) -> dict[str, tuple[float, fl
             "down_proj": (l.mlp_size, d),
         }
         lora = 2 * tokens * l.num_layers * sum(cfg.lora.rank * sum(widths[m]) for m in cfg.lora.target_modules)
-    return {"patch_embed": (patch, 0.0), "vision": (vis_w, vis_a), "abstractor": (abs_w, abs_a), "llm": (llm_w, llm_a),
-            "lora": (lora, 0.0)}
+    return {"patch_embed": (patch + clip_patch, 0.0), "vision": (vis_w, vis_a), "vision_clips": (clip_w, clip_a),
+            "temporal": (temporal_w, 0.0), "abstractor": (abs_w, abs_a), "llm": (llm_w, llm_a), "lora": (lora, 0.0)}
 
 
 def train_step_flops(cfg: OwlConfig, shape: StepShape, trainable_towers: set[str]) -> float:
-    """trainable_towers: subset of {"vision", "abstractor", "llm", "lora"}."""
+    """trainable_towers: subset of {"vision", "temporal", "abstractor", "llm", "lora"} ("temporal":
+    the video model's temporal modules, inside the vision layers)."""
     fwd = forward_flops(cfg, shape)
+    vision_trains, temporal_trains = "vision" in trainable_towers, "temporal" in trainable_towers
     total = 0.0
-    upstream = False
-    for tower in ("patch_embed", "vision", "abstractor", "llm"):
-        trains = ("vision" if tower == "patch_embed" else tower) in trainable_towers
+    # (tower, its weights train, a gradient must flow through it from below)
+    plan = [("patch_embed", vision_trains, False), ("vision", vision_trains, False),
+            # The temporal modules sit in every vision layer: training them takes the frames' gradients
+            # through the whole tower, its own weights trained or not.
+            ("vision_clips", vision_trains, temporal_trains),
+            ("temporal", temporal_trains, vision_trains or temporal_trains)]
+    upstream = vision_trains or temporal_trains
+    for tower in ("abstractor", "llm"):
         # LoRA adapters sit inside every LLM layer: input gradients flow through the whole LLM.
-        upstream_for_tower = upstream or (tower == "llm" and "lora" in trainable_towers)
-        wm, am = _tower_multipliers(trains, upstream_for_tower, fed_by_pixels=tower == "patch_embed")
+        plan.append((tower, tower in trainable_towers, upstream or (tower == "llm" and "lora" in trainable_towers)))
+        upstream = upstream or tower in trainable_towers
+    for tower, trains, gradient_through in plan:
+        wm, am = _tower_multipliers(trains, gradient_through, fed_by_pixels=tower == "patch_embed")
         total += wm * fwd[tower][0] + am * fwd[tower][1]
-        upstream = upstream or trains
     if "lora" in trainable_towers:
         total += 3 * fwd["lora"][0]
     return float(total)
@@ -100,7 +115,7 @@ def towers_of(trainable_paths: list[str]) -> set[str]:
         if p.endswith(("lora_a", "lora_b")):
             towers.add("lora")
         elif p.startswith("vision_model"):
-            towers.add("vision")
+            towers.add("temporal" if "/temporal/" in p else "vision")
         elif p.startswith(("abstractor", "query_tokens", "temporal_query_tokens")):
             towers.add("abstractor")
         elif p.startswith("language_model"):
