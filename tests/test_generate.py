@@ -84,8 +84,10 @@ def _forward_step_logits(cfg, params, batch, tokens):
     ids[:n, p:] = tokens
     mask = np.concatenate([batch.prompt_mask, np.ones((b, steps), bool)], 1)
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    videos = None if batch.videos is None else jax.tree_util.tree_map(jnp.asarray, batch.videos)
     full = jax.jit(MplugOwl(cfg).apply)({"params": params}, jnp.asarray(ids), jnp.asarray(batch.pixel_values),
-                                        jnp.asarray(batch.num_images), jnp.asarray(mask), jnp.asarray(positions))
+                                        jnp.asarray(batch.num_images), jnp.asarray(mask), jnp.asarray(positions),
+                                        videos=videos)
     return np.asarray(full)[:n, p - 1:p - 1 + steps]
 
 

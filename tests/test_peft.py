@@ -68,6 +68,21 @@ def _logits(cfg, params):
                                           b["attention_mask"]))
 
 
+def merge_as_peft(params, cfg, tensors: dict, modules) -> dict:
+    """params with each target's adapter merged into its kernel as PEFT merges: W + alpha / r B A, in
+    the torch layout ([out, in])."""
+    merged = traverse_util.flatten_dict(params)
+    for m in modules:
+        block = _shapes(cfg, m)[0]
+        path = ("language_model", "model", "layers", block, m, "kernel")
+        kernel = merged[path].copy()
+        for i in range(cfg.llm.num_layers):
+            a, b = (tensors[f"{PREFIX}.{i}.{block}.{m}.lora_{f}.weight"] for f in "AB")
+            kernel[i] = (kernel[i].T + ALPHA / RANK * b @ a).T
+        merged[path] = kernel
+    return traverse_util.unflatten_dict(merged)
+
+
 @pytest.mark.parametrize("modules, targets", [(("q_proj", "v_proj"), r".*language_model.*\.(q_proj|v_proj)"),
                                               (("up_proj", "down_proj"), ["up_proj", "down_proj"])])  # in != out
 def test_adapter_acts_as_peft_merges_it(base, tmp_path, modules, targets):
@@ -77,19 +92,7 @@ def test_adapter_acts_as_peft_merges_it(base, tmp_path, modules, targets):
     tensors = _write_adapter(tmp_path, cfg, targets=targets, modules=modules)
     with_lora, lora_cfg = load_adapter(params, cfg, str(tmp_path))
     assert lora_cfg.lora == LoraConfig(rank=RANK, alpha=ALPHA, dropout=0.05, target_modules=modules)
-    merged = traverse_util.flatten_dict(params)
-    for m in modules:
-        block = _shapes(cfg, m)[0]
-        path = ("language_model", "model", "layers", block, m, "kernel")
-        kernel = merged[path].copy()
-        for i in range(cfg.llm.num_layers):
-            a, b = (
-                tensors[f"{PREFIX}.{i}.{block}.{m}.lora_A.weight"],
-                tensors[f"{PREFIX}.{i}.{block}.{m}.lora_B.weight"],
-            )
-            kernel[i] = (kernel[i].T + ALPHA / RANK * b @ a).T
-        merged[path] = kernel
-    expected = _logits(cfg, traverse_util.unflatten_dict(merged))
+    expected = _logits(cfg, merge_as_peft(params, cfg, tensors, modules))
     ours = _logits(lora_cfg, with_lora)
     assert np.abs(expected - _logits(cfg, params)).max() > 1e-2  # the adapter changes the output
     np.testing.assert_allclose(ours, expected, atol=2e-5, rtol=1e-5)

@@ -57,15 +57,20 @@ def _batch(cfg, rng):
     return ids, mask, images, np.array([0, 1, 1]), clips, frames, np.array([1, 1, 2])
 
 
+def _oracle_logits(oracle, ids, mask, images, num_images, clips, frames, num_videos) -> np.ndarray:
+    """The torch oracle's logits of a `_batch` (its used image slots, each clip at its own frame count)."""
+    with torch.no_grad():
+        return oracle(torch.tensor(ids), torch.tensor(images[:2]), torch.tensor(num_images), torch.tensor(mask),
+                      clips=[torch.tensor(c[:f]) for c, f in zip(clips, frames) if f],
+                      num_videos=torch.tensor(num_videos)).numpy()
+
+
 def test_logits_match_the_released_video_modules(video_owl, tmp_path, rng):
     cfg, params = video_owl
     to_torch(params, cfg, str(tmp_path))
     oracle = OwlOracle.from_pretrained(str(tmp_path))
     ids, mask, images, num_images, clips, frames, num_videos = _batch(cfg, rng)
-    with torch.no_grad():
-        expected = oracle(torch.tensor(ids), torch.tensor(images[:2]), torch.tensor(num_images), torch.tensor(mask),
-                          clips=[torch.tensor(c[:f]) for c, f in zip(clips, frames) if f],
-                          num_videos=torch.tensor(num_videos)).numpy()
+    expected = _oracle_logits(oracle, ids, mask, images, num_images, clips, frames, num_videos)
     videos = Videos(jnp.asarray(clips), jnp.asarray(frames), jnp.asarray(num_videos))
     ours = MplugOwl(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(images), jnp.asarray(num_images),
                                jnp.asarray(mask), videos=videos)
@@ -232,7 +237,7 @@ def test_peft_adapter_on_the_video_model_matches_the_released_modules(video_owl,
     batch with clips == the torch oracle of the release's video modules with W + (alpha / r) B @ A merged
     by hand in PEFT's layout; to_torch's merged export holds the same weights."""
     from safetensors.numpy import load_file
-    from test_peft import ALPHA, PREFIX, RANK, _shapes, _write_adapter
+    from test_peft import _write_adapter, merge_as_peft
 
     from owl_jax.convert.peft import load_adapter
 
@@ -240,22 +245,11 @@ def test_peft_adapter_on_the_video_model_matches_the_released_modules(video_owl,
     tensors = _write_adapter(tmp_path / "adapter", cfg, targets=RELEASE_REGEX, modules=ALL_PROJECTIONS, scale=0.1)
     with_lora, lora_cfg = load_adapter(params, cfg, str(tmp_path / "adapter"))
     assert lora_cfg.video and lora_cfg.lora.target_modules == ALL_PROJECTIONS
-    merged = traverse_util.flatten_dict(params)
-    for m in ALL_PROJECTIONS:
-        block = _shapes(cfg, m)[0]
-        path = ("language_model", "model", "layers", block, m, "kernel")
-        kernel = merged[path].copy()
-        for i in range(cfg.llm.num_layers):
-            a, b = (tensors[f"{PREFIX}.{i}.{block}.{m}.lora_{f}.weight"] for f in "AB")
-            kernel[i] = (kernel[i].T + ALPHA / RANK * b @ a).T
-        merged[path] = kernel
-    to_torch(traverse_util.unflatten_dict(merged), cfg, str(tmp_path / "merged"))
+    merged = merge_as_peft(params, cfg, tensors, ALL_PROJECTIONS)
+    to_torch(merged, cfg, str(tmp_path / "merged"))
     oracle = OwlOracle.from_pretrained(str(tmp_path / "merged"))
     ids, mask, images, num_images, clips, frames, num_videos = _batch(cfg, rng)
-    with torch.no_grad():
-        expected = oracle(torch.tensor(ids), torch.tensor(images[:2]), torch.tensor(num_images), torch.tensor(mask),
-                          clips=[torch.tensor(c[:f]) for c, f in zip(clips, frames) if f],
-                          num_videos=torch.tensor(num_videos)).numpy()
+    expected = _oracle_logits(oracle, ids, mask, images, num_images, clips, frames, num_videos)
     videos = Videos(jnp.asarray(clips), jnp.asarray(frames), jnp.asarray(num_videos))
 
     def logits(c, p):

@@ -4,15 +4,14 @@ video and text-only prompts against each prompt alone, the API with clips (files
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_data_video import write_video
+from test_generate import _forward_step_logits as forward_step_logits
 from test_video import video_config
 
 from owl_jax.batch import IMAGE_PLACEHOLDER_ID, VIDEO_PLACEHOLDER_ID
 from owl_jax.inference.engine import Generator, Sampling, make_batch
-from owl_jax.models.owl import MplugOwl
 
 from conftest import peaked_params
 
@@ -35,21 +34,6 @@ def _requests(cfg, rng):
     return ([np.asarray(x, np.int32) for x in prompts], images, [0, 1, 0, 1], clips, [0, 0, 1, 2])
 
 
-def _full_forward_logits(cfg, params, batch, tokens):
-    """The logits each generated token was drawn from, by one forward without a cache over prompt + tokens."""
-    n, steps = tokens.shape
-    b, p = batch.input_ids.shape
-    ids = np.concatenate([batch.input_ids, np.zeros((b, steps), np.int32)], 1)
-    ids[:n, p:] = tokens
-    mask = np.concatenate([batch.prompt_mask, np.ones((b, steps), bool)], 1)
-    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    videos = jax.tree_util.tree_map(jnp.asarray, batch.videos)
-    full = jax.jit(MplugOwl(cfg).apply)({"params": params}, jnp.asarray(ids), jnp.asarray(batch.pixel_values),
-                                        jnp.asarray(batch.num_images), jnp.asarray(mask), jnp.asarray(positions),
-                                        videos=videos)
-    return np.asarray(full)[:n, p - 1:p - 1 + steps]
-
-
 def test_cached_decode_equals_the_full_forward_and_each_prompt_alone(video_owl, rng):
     cfg, params = video_owl
     prompts, images, num_images, clips, num_videos = _requests(cfg, rng)
@@ -58,7 +42,7 @@ def test_cached_decode_equals_the_full_forward_and_each_prompt_alone(video_owl, 
     steps = 6
     gen = Generator(params, cfg)
     together = gen.generate(batch, Sampling(max_new_tokens=steps), return_logits=True, disable_eos=True)
-    expected = _full_forward_logits(cfg, params, batch, together["tokens"])
+    expected = forward_step_logits(cfg, params, batch, together["tokens"])
     np.testing.assert_allclose(together["logits"], expected, atol=1e-4, rtol=0)
     assert (together["tokens"] == expected.argmax(-1)).all()
     image_at, clip_at = np.cumsum([0] + num_images), np.cumsum([0] + num_videos)
