@@ -150,8 +150,9 @@ class Owl:
                                 f"tags out, the template puts each on a 'Human: {tag}' line of its own first")
         return text
 
-    def _encode_checked(self, request: dict, sampling: Sampling, what: str) -> np.ndarray:
-        """A request's prompt ids, refused where they leave no room for max_new_tokens."""
+    def encode_request(self, request: dict, sampling: Sampling, what: str) -> np.ndarray:
+        """A request's (`generate`'s format) prompt ids, refused (UserError) where its images, clips and
+        tags disagree or where it leaves no room for max_new_tokens."""
         ids = self.encode(self._request_text(request))
         check_context(len(ids), sampling.max_new_tokens, self.cfg, what)
         return ids
@@ -179,7 +180,7 @@ class Owl:
         generator's return value (StopIteration.value) is the whole answer, as `chat` gives it. The
         request is checked (and its images and clips decoded) here, before the first piece is asked for."""
         sampling = self._sampling(sampling, sampling_kwargs)
-        ids = self._encode_checked({"images": images, "videos": videos, "messages": messages}, sampling, "the prompt")
+        ids = self.encode_request({"images": images, "videos": videos, "messages": messages}, sampling, "the prompt")
         pixels, clips = self.images(images), self.clips(videos)
         batch = make_batch([ids], pixels, [len(pixels)], self.cfg, pad_id=self.generator.pad_id, clips=clips,
                            num_videos=[len(clips)])
@@ -191,12 +192,15 @@ class Owl:
         for out in self.generator.stream(batch, sampling, chunk=chunk):
             ids = trim(out["tokens"][0], int(out["length"][0]), self.eos_id)
             final = bool(out["done"][0]) or out["step"] >= sampling.max_new_tokens
-            text = self._decode_text(ids)
-            stable = text if final else self._decode_text(ids[:self._stable_prefix(ids)])
+            text, stable = self._decode_text(ids), self.stable_text(ids, final)
             if stable.startswith(printed) and len(stable) > len(printed):
                 yield stable[len(printed):]
                 printed = stable
         return text
+
+    def stable_text(self, ids: Sequence[int], final: bool) -> str:
+        """The text of an answer's ids so far that more ids cannot change (all of it once `final`)."""
+        return self._decode_text(ids if final else ids[:self._stable_prefix(ids)])
 
     def _stable_prefix(self, ids: Sequence[int]) -> int:
         """Tokens whose text cannot change when more come: up to the last non-byte piece (a run of
@@ -217,7 +221,7 @@ class Owl:
         each batch with the number of requests it finished."""
         sampling = self._sampling(sampling, sampling_kwargs)
         # Every request is checked before the first batch runs: a bad one late in the list loses no work.
-        encoded = [self._encode_checked(r, sampling, r.get("name", f"request {i}")) for i, r in enumerate(requests)]
+        encoded = [self.encode_request(r, sampling, r.get("name", f"request {i}")) for i, r in enumerate(requests)]
         order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
         answers: list[str | None] = [None] * len(requests)
         for start in range(0, len(order), batch_size):

@@ -76,6 +76,7 @@ def prefill(
     pixel_values,
     num_images,
     num_rows,
+    row_limit,
     rng,
     eos_id,
     temperature,
@@ -97,7 +98,8 @@ def prefill(
     after the end), `step` (tokens generated so far), `done` bool[B], `length` int[B] (tokens
     generated per sample, EOS included) and, with return_logits, `logits` float[B, max_new_tokens, V]:
     the distribution each token was drawn from. eos_id: int32 scalar, -1 for none. Rows from
-    `num_rows` on are batch padding: done from the start, so they never hold the loop up."""
+    `num_rows` on are batch padding: done from the start, so they never hold the loop up. row_limit
+    int[B]: each row's most new tokens (<= max_new_tokens): a row is done at its own limit."""
     model = _decoder(params, cfg)
     b, p = input_ids.shape
     s = p + max_new_tokens
@@ -115,7 +117,7 @@ def prefill(
     )
     token = sample_token(logits, jax.random.fold_in(rng, 0), temperature, top_k, top_p, greedy=greedy,
                          vocab_limit=vocab_limit)
-    done = (token == eos_id) | (jnp.arange(b) >= num_rows)
+    done = (token == eos_id) | (jnp.arange(b) >= num_rows) | (row_limit <= 1)
     state = {
         "cache": variables["cache"],
         "cache_mask": cache_mask,
@@ -124,6 +126,7 @@ def prefill(
         "step": jnp.array(1, jnp.int32),
         "done": done,
         "length": jnp.ones((b,), jnp.int32),
+        "limit": row_limit.astype(jnp.int32),
         "rng": rng,
     }
     if return_logits:
@@ -155,7 +158,7 @@ def decode(params, state, stop_at, eos_id, temperature, top_k, top_p, *, cfg: Ow
         new["cache"] = variables["cache"]
         new["tokens"] = jax.lax.dynamic_update_slice_in_dim(st["tokens"], token[:, None], step, axis=1)
         new["length"] = st["length"] + (~st["done"]).astype(jnp.int32)
-        new["done"] = st["done"] | (token == eos_id)
+        new["done"] = st["done"] | (token == eos_id) | (new["length"] >= st["limit"])
         new["position"] = st["position"] + 1
         new["step"] = step + 1
         if return_logits:
@@ -314,11 +317,19 @@ class Generator:
         return (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
 
     def stream(self, batch: Batch, sampling: Sampling = Sampling(), chunk: int | None = None,
-               return_logits: bool = False, disable_eos: bool = False) -> Iterator[dict]:
+               return_logits: bool = False, disable_eos: bool = False,
+               limits: Sequence[int] | None = None) -> Iterator[dict]:
         """Yields the decoding state (numpy: tokens, length, done, step [, logits]) after the prefill
-        and after every `chunk` further steps (chunk None: all at once) until the end."""
+        and after every `chunk` further steps (chunk None: all at once) until the end. `limits`: each
+        sample's most new tokens, within sampling.max_new_tokens (which sizes the compiled programs):
+        requests of different lengths share one batch and one compilation."""
         if sampling.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        row_limit = np.full((len(batch.input_ids),), sampling.max_new_tokens, np.int32)
+        if limits is not None:
+            if len(limits) != batch.size or not all(1 <= n <= sampling.max_new_tokens for n in limits):
+                raise ValueError(f"limits {list(limits)}: one per sample, each in 1..{sampling.max_new_tokens}")
+            row_limit[:batch.size] = limits
         longest = int(np.asarray(batch.prompt_mask)[:batch.size].sum(1).max())
         check_context(longest, sampling.max_new_tokens, self.cfg, "the batch's longest prompt")
         statics = self._statics(sampling, return_logits)
@@ -329,8 +340,8 @@ class Generator:
             pixels = None if batch.pixel_values is None else jnp.asarray(batch.pixel_values)
             videos = None if batch.videos is None else jax.tree_util.tree_map(jnp.asarray, batch.videos)
             state = prefill(self.params, jnp.asarray(batch.input_ids), jnp.asarray(batch.prompt_mask), pixels,
-                            jnp.asarray(batch.num_images), jnp.int32(batch.size), rng, eos, *samp, videos,
-                            **statics)
+                            jnp.asarray(batch.num_images), jnp.int32(batch.size), jnp.asarray(row_limit), rng, eos,
+                            *samp, videos, **statics)
             step = 1
             yield self._host(state, batch.size, return_logits)
             while step < sampling.max_new_tokens:
