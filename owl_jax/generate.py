@@ -3,7 +3,7 @@
 Command line::
 
     python -m owl_jax.generate --checkpoint DIR --image a.jpg [--image b.jpg] --prompt "..."
-    python -m owl_jax.generate --checkpoint DIR --image a.jpg --interactive [--max_new_tokens 512]
+    python -m owl_jax.generate --checkpoint DIR --image a.jpg --interactive [--max_new_tokens 512] [--int8]
         [--sample --temperature 0.7 --top_k 50 --top_p 0.9 --seed 0]
     python -m owl_jax.generate --checkpoint VIDEO_DIR --video clip.mp4 [--image a.jpg] --prompt "..."
 
@@ -36,6 +36,7 @@ def _flags() -> flags.FlagValues:
     flags.DEFINE_string("prompt", None, "the question (one turn)", flag_values=fv)
     flags.DEFINE_bool("interactive", False, "multi-turn chat on stdin", flag_values=fv)
     flags.DEFINE_integer("chunk", 8, "tokens decoded between prints (streaming)", flag_values=fv)
+    flags.DEFINE_bool("int8", False, "the LLM's weights in int8 (qwix; about half the bytes of bf16)", flag_values=fv)
     define_decoding_flags(fv)
     return fv
 
@@ -108,7 +109,8 @@ def _chat(args: flags.FlagValues, stdin, stdout) -> int:
         ids = encode_prompt(build_prompt(len(images), [], args.prompt, num_videos=len(clips)), tokenizer,
                             cfg.tokens_per_image, args.prompt_tokenization, video_tags=cfg.video)
         check_context(len(ids), args.max_new_tokens, cfg, "--prompt")
-    owl = load(checkpoint, tokenizer=tokenizer, prompt_tokenization=args.prompt_tokenization)
+    owl = load(checkpoint, tokenizer=tokenizer, prompt_tokenization=args.prompt_tokenization,
+               quantize="int8" if args.int8 else None)
 
     def answer(messages):
         pieces = owl.chat_stream(images=images, messages=messages, sampling=sampling(args), chunk=args.chunk,

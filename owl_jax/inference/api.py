@@ -43,7 +43,7 @@ from owl_jax.inference.engine import Generator, bucket_count, bucket_length, che
 from owl_jax.inference.media import ImageLike, VideoLike, image_list, load_clip, load_image, video_list
 from owl_jax.inference.sampling import Sampling
 from owl_jax.models.config import OwlConfig
-from owl_jax.models.owl import MplugOwl, Videos, init_params, is_decode_layout
+from owl_jax.models.owl import Videos, init_params, is_decode_layout
 
 Messages = Any  # str | list[str] | list[dict(role, content)]
 
@@ -308,9 +308,11 @@ class Owl:
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _forward(params, input_ids, pixel_values, num_images, mask, videos=None, *, cfg: OwlConfig):
     """Logits float32[B, T, V]; params in the training or the decode layout."""
+    from owl_jax.models import quantization
+
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     return (
-        MplugOwl(cfg, decode_layout=is_decode_layout(params))
+        quantization.model(cfg, decode_layout=is_decode_layout(params))
         .apply({"params": params}, input_ids, pixel_values, num_images, mask, positions, videos=videos)
         .astype(jnp.float32)
     )
@@ -342,19 +344,21 @@ def shard_params(params: Any, cfg: OwlConfig, mesh, rules) -> Any:
 
 
 def load(path: str, tokenizer: Any = None, mesh=None, rules=None, dtype: str | None = None,
-         prompt_tokenization: str = "release") -> Owl:
+         prompt_tokenization: str = "release", quantize: str | None = None) -> Owl:
     """Loads an owl_jax params dir (`python -m owl_jax.convert from-torch` / `save_params` output).
 
     `tokenizer`: a tokenizer object, or a path (dir or .model); default: the checkpoint dir or its
     `tokenizer/` subdir. `mesh` + `rules` (logical axis rules; default `owl_jax.sharding.DEFAULT_RULES`,
     the training layout) shard the params; `dtype` (e.g.
     "bfloat16") casts the parameters and the compute. `prompt_tokenization`: "release" (the released
-    processor's) or "training" (see `owl_jax.data.text.encode_prompt`)."""
+    processor's) or "training" (see `owl_jax.data.text.encode_prompt`). `quantize="int8"`: the LLM's
+    weights held in int8 (`owl_jax.models.quantization`; LoRA merged first), one device."""
     # The tokenizer is checked against the config before the params load (minutes for 7B).
     tokenizer = open_tokenizer(tokenizer if tokenizer is not None else find_tokenizer(path),
                                params_io.load_config(path), path)
     params, cfg = params_io.load_params(path)
-    return from_params(params, cfg, tokenizer, mesh, rules, dtype, where=path, prompt_tokenization=prompt_tokenization)
+    return from_params(params, cfg, tokenizer, mesh, rules, dtype, where=path, prompt_tokenization=prompt_tokenization,
+                       quantize=quantize)
 
 
 def open_tokenizer(tokenizer: Any, cfg: OwlConfig, where: str = "the params") -> Any:
@@ -377,7 +381,7 @@ def open_tokenizer(tokenizer: Any, cfg: OwlConfig, where: str = "the params") ->
 
 
 def from_params(params: Any, cfg: OwlConfig, tokenizer: Any, mesh=None, rules=None, dtype: str | None = None,
-                where: str = "the params", prompt_tokenization: str = "release") -> Owl:
+                where: str = "the params", prompt_tokenization: str = "release", quantize: str | None = None) -> Owl:
     """An `Owl` from params in memory (numpy or jax arrays, unboxed) and a tokenizer (object or path)."""
     import dataclasses
 
@@ -389,6 +393,12 @@ def from_params(params: Any, cfg: OwlConfig, tokenizer: Any, mesh=None, rules=No
             lambda x: np.asarray(x).astype(jnp.dtype(dtype)) if np.issubdtype(np.asarray(x).dtype, np.floating) else x,
             params,
         )
+    if quantize is not None:
+        if quantize != "int8" or mesh is not None:
+            raise UserError(f"quantize={quantize!r}" + (" on a mesh: int8 weights run on one device" if mesh is not None
+                                                        else ": expected 'int8'"))
+        params, cfg = int8_model(params, cfg)
+        return Owl(params, cfg, tokenizer, prompt_tokenization=prompt_tokenization)
     if mesh is not None:
         if rules is None:
             from owl_jax.sharding import DEFAULT_RULES as rules
@@ -396,3 +406,22 @@ def from_params(params: Any, cfg: OwlConfig, tokenizer: Any, mesh=None, rules=No
     else:
         params = jax.device_put(params)
     return Owl(params, cfg, tokenizer, mesh=mesh, rules=rules, prompt_tokenization=prompt_tokenization)
+
+
+def int8_model(params: Any, cfg: OwlConfig) -> tuple[Any, OwlConfig]:
+    """Float params -> the int8 model's (LoRA merged into the kernels, decode layout) and its config."""
+    import dataclasses
+
+    from flax import traverse_util
+
+    from owl_jax.convert import merged_kernels
+    from owl_jax.models import quantization
+    from owl_jax.models.config import LoraConfig
+    from owl_jax.models.owl import to_decode_layout
+
+    if cfg.lora.rank:
+        params = traverse_util.unflatten_dict(merged_kernels(params, cfg))
+    cfg = dataclasses.replace(cfg, lora=LoraConfig(rank=0), weight_quantization="int8")
+    if not is_decode_layout(params):
+        params = to_decode_layout(params)
+    return quantization.quantize(jax.device_put(params), cfg), cfg

@@ -39,33 +39,21 @@ import numpy as np
 from owl_jax.batch import IMAGE_PLACEHOLDER_ID, VIDEO_PLACEHOLDER_ID
 from owl_jax.cli import UserError
 from owl_jax.inference.sampling import Sampling, sample_token
+from owl_jax.models import quantization
 from owl_jax.models.config import OwlConfig
-from owl_jax.models.owl import MplugOwl, Videos, is_decode_layout, to_decode_layout
+from owl_jax.models.owl import Videos, is_decode_layout, to_decode_layout
 
 # ----------------------------------------------------------------------------------------------
 # The two jitted programs
 
 
-def _llm_last_logits(m: MplugOwl, embeds, positions, cache_mask):
-    """LLM over embeds float[B, T, D] with the cache; logits of the last position only."""
-    hidden = m.language_model.model(embeds, positions, cache_mask)
-    return m.language_model.lm_head(hidden[:, -1:])[:, 0].astype(jnp.float32)
-
-
-def _prefill_fn(m: MplugOwl, input_ids, pixel_values, num_images, positions, cache_mask, videos):
-    return _llm_last_logits(m, m.embed(input_ids, pixel_values, num_images, videos=videos), positions, cache_mask)
-
-
-def _step_fn(m: MplugOwl, token, position, cache_mask):
-    return _llm_last_logits(m, m.language_model.embed(token[:, None]), position[:, None], cache_mask)
-
-
 _STATIC = ("cfg", "max_new_tokens", "greedy", "pad_id", "vocab_limit", "return_logits")
 
 
-def _decoder(params, cfg: OwlConfig) -> MplugOwl:
-    """The decoding model for `params` in either layout (the tree structure is static under jit)."""
-    return MplugOwl(cfg, decode=True, decode_layout=is_decode_layout(params))
+def _decoder(params, cfg: OwlConfig):
+    """The decoding model for `params` in either layout (the tree structure is static under jit), its
+    weights int8 where the config says so."""
+    return quantization.model(cfg, decode=True, decode_layout=is_decode_layout(params))
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -113,7 +101,7 @@ def prefill(
     cache_mask = jnp.concatenate([mask, jnp.ones((b, max_new_tokens), bool)], axis=1)
     logits, variables = model.apply(
         {"params": params, "cache": cache}, input_ids, pixel_values, num_images, positions, cache_mask, videos,
-        method=_prefill_fn, mutable=["cache"],
+        method="prefill_logits", mutable=["cache"],
     )
     token = sample_token(logits, jax.random.fold_in(rng, 0), temperature, top_k, top_p, greedy=greedy,
                          vocab_limit=vocab_limit)
@@ -149,7 +137,7 @@ def decode(params, state, stop_at, eos_id, temperature, top_k, top_p, *, cfg: Ow
         last = jax.lax.dynamic_slice_in_dim(st["tokens"], step - 1, 1, axis=1)[:, 0]
         logits, variables = model.apply(
             {"params": params, "cache": st["cache"]}, last, st["position"], st["cache_mask"],
-            method=_step_fn, mutable=["cache"],
+            method="step_logits", mutable=["cache"],
         )
         token = sample_token(logits, jax.random.fold_in(st["rng"], step), temperature, top_k, top_p,
                              greedy=greedy, vocab_limit=vocab_limit)

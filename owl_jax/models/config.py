@@ -17,6 +17,7 @@ from owl_jax.cli import UserError
 # attention where it applies, else "xla". "jax": jax.nn.dot_product_attention's own default (the call
 # cuDNN gets, runnable anywhere: tests). A config may also say "auto": `platform_attention`.
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "jax")
+WEIGHT_QUANTIZATIONS = ("none", "int8")
 
 
 def platform_attention(platform: str) -> str:
@@ -152,8 +153,15 @@ class OwlConfig:
     # job's stage-0 step (144 tokens) 4% faster, a bench_small LLaMA layer's attention (513 tokens)
     # 92 -> 62 ms.
     causal_query_block: int = 0
+    # Inference only: "int8" holds the LLM's projection and LM-head weights as int8 with per-channel
+    # scales (models/quantization.py, qwix; `owl_jax.load(..., quantize="int8")` sets it on a loaded
+    # model); "none": as param_dtype. Training refuses int8.
+    weight_quantization: str = "none"
 
     def __post_init__(self):
+        if self.weight_quantization not in WEIGHT_QUANTIZATIONS:
+            raise UserError(f"weight_quantization={self.weight_quantization!r}: expected one of "
+                            f"{WEIGHT_QUANTIZATIONS}")
         if self.attention_impl not in (*ATTENTION_IMPLS, "auto"):
             raise UserError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS} or 'auto'")
         if self.scan_unroll not in (0, 1):

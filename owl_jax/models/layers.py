@@ -83,7 +83,8 @@ class Dense(nn.Module):
         # x @ kernel (kernel [in, out]), or x @ kernel.T (kernel_out_in: [out, in], contracting both
         # operands' minor dimension)
         dims = (((1,), (1 if self.kernel_out_in else 0,)), ((), ()))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dims, preferred_element_type=acc)
+        # jnp.asarray, not .astype: int8 weights (models/quantization.py) arrive as qwix's wrapper here
+        y = jax.lax.dot_general(x.astype(self.dtype), jnp.asarray(kernel, self.dtype), dims, preferred_element_type=acc)
         y = y.astype(self.dtype)
         if self.use_bias:
             bias = self.param(

@@ -172,6 +172,21 @@ class MplugOwl(nn.Module):
         return self._llm(self.language_model.hidden_states, input_ids, pixel_values, num_images, attention_mask,
                          positions, deterministic, image_start, videos)
 
+    def prefill_logits(self, input_ids, pixel_values, num_images, positions, cache_mask, videos=None):
+        """Decoding's first pass (decode=True): the prompts int[B, P], images and clips spliced in, through
+        the LLM, writing its cache (cache_mask bool[B, S] over the cache's slots); float32[B, V] logits
+        of each row's last position."""
+        embeds = self.embed(input_ids, pixel_values, num_images, videos=videos)
+        return self._last_logits(embeds, positions, cache_mask)
+
+    def step_logits(self, token, position, cache_mask):
+        """One decoding step (decode=True): token int[B] at position int[B] -> float32[B, V] logits."""
+        return self._last_logits(self.language_model.embed(token[:, None]), position[:, None], cache_mask)
+
+    def _last_logits(self, embeds, positions, cache_mask):
+        hidden = self.language_model.model(embeds, positions, cache_mask)
+        return self.language_model.lm_head(hidden[:, -1:])[:, 0].astype(jnp.float32)
+
     def _llm(self, llm_fn, input_ids, pixel_values, num_images, attention_mask, positions, deterministic, image_start,
              videos=None):
         """llm_fn (the LLM or its `hidden_states`) on the embedded text with the images spliced in."""

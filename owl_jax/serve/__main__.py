@@ -1,6 +1,6 @@
 """`python -m owl_jax.serve`: chat with a checkpoint over HTTP.
 
-    python -m owl_jax.serve --checkpoint DIR [--port 8000] [--host 127.0.0.1] [--dtype bfloat16]
+    python -m owl_jax.serve --checkpoint DIR [--port 8000] [--host 127.0.0.1] [--dtype bfloat16] [--int8]
         [--max_batch 8] [--max_new_tokens 512] [--batch_wait_ms 10]
 
 serves `POST /v1/chat/completions` (OpenAI's chat format, `stream: true` as server-sent events) and
@@ -28,6 +28,7 @@ def _flags() -> flags.FlagValues:
     flags.DEFINE_string("host", "127.0.0.1", "address to listen on (0.0.0.0: every interface)", flag_values=fv)
     flags.DEFINE_integer("port", 8000, "port to listen on", flag_values=fv)
     flags.DEFINE_string("dtype", None, "cast weights and compute (e.g. bfloat16)", flag_values=fv)
+    flags.DEFINE_bool("int8", False, "the LLM's weights in int8 (qwix): 7B fits one 16 GB chip", flag_values=fv)
     flags.DEFINE_string("model_name", "owl_jax", "the model id the API reports", flag_values=fv)
     flags.DEFINE_integer("max_batch", 8, "most requests decoded together (rounded up to a power of two)",
                          flag_values=fv)
@@ -45,7 +46,8 @@ def build(args: flags.FlagValues):
     from owl_jax.serve.batcher import Batcher
     from owl_jax.serve.openai_api import create_app
 
-    owl = load(absolute(args.checkpoint), tokenizer=absolute(args.tokenizer), dtype=args.dtype)
+    owl = load(absolute(args.checkpoint), tokenizer=absolute(args.tokenizer), dtype=args.dtype,
+               quantize="int8" if args.int8 else None)
     if not 1 <= args.max_new_tokens < owl.cfg.llm.max_position_embeddings:
         raise cli.UserError(f"--max_new_tokens {args.max_new_tokens}: expected 1 to "
                             f"{owl.cfg.llm.max_position_embeddings - 1} (the model's positions)")
