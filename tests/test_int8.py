@@ -86,6 +86,17 @@ def test_the_command_lines_take_int8(plain_owl_dir, capsys):
         owl_jax.load(plain_owl_dir, quantize="int8", mesh=object())
 
 
+def test_training_refuses_int8_weights():
+    from owl_jax.cli import UserError
+    from owl_jax.sharding import make_mesh
+    from owl_jax.training.trainer import Trainer
+
+    from conftest import tiny_train_config
+
+    with pytest.raises(UserError, match="int8 weights are for inference"):
+        Trainer(tiny_train_config(**{"model.weight_quantization": "int8"}), make_mesh({"fsdp": 1}, jax.devices()[:1]))
+
+
 def test_the_7b_decode_state_with_int8_weights_fits_a_16gb_chip():
     """mPLUG-Owl 7B in bf16, the LLM's weights int8: params and the KV cache of one 2048-token
     sequence, counted by eval_shape (nothing allocated), within a v5e chip's 16 GiB with room to

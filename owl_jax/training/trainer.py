@@ -43,6 +43,9 @@ class Trainer:
     def __post_init__(self):
         c = self.config
         self.model_cfg: OwlConfig = owl_config_from_dict(c.model.to_dict())  # as saved with checkpoints
+        if self.model_cfg.weight_quantization != "none":
+            raise UserError(f"config.model.weight_quantization={self.model_cfg.weight_quantization!r}: int8 weights "
+                            "are for inference (owl_jax.load(..., quantize='int8')); training takes 'none'")
         # The mesh's platform, not this host's: an AOT compile for a TPU slice runs on a CPU host.
         self.model = MplugOwl(self.model_cfg, run=self.model_cfg.run_options(self.mesh.devices.flat[0].platform))
         self.rules = shd.rules_from_config(c.logical_axis_rules)
