@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         bodies = [{"model": "owl", "max_tokens": max_tokens, "temperature": 0,  # greedy: comparable answers
                    "messages": [{"role": "user", "content": [{"type": "text", "text": p}] + image(i)}]}
                   for i, p in enumerate(prompts)]
-        measure(url, bodies, concurrent=True)  # every prompt bucket compiled before the timed runs
+        measure(url, bodies, concurrent=True)  # every prompt bucket either way compiled before the timed runs
+        measure(url, bodies, concurrent=False)
         together = measure(url, bodies, concurrent=True)
         alone = measure(url, bodies, concurrent=False)
         server.should_exit = True

@@ -211,3 +211,42 @@ def test_load_benchmark_smoke():
     for way in ("one at a time", "concurrent"):
         assert any(re.fullmatch(rf"{way}: [\d.]+ requests/s, [\d.]+ tokens/s, latency p50 \d+ ms, p99 \d+ ms", line)
                    for line in lines), out.stdout
+
+
+def test_a_prompt_that_fits_with_its_own_max_tokens_is_answered(server, owl):
+    """The context check is each request's own: a long prompt with a short answer fits even where
+    the server's largest max_tokens would not, and its batch-mates are not failed by it."""
+    context = owl.cfg.llm.max_position_embeddings
+    words = next(w for w in ("the circle " * n for n in range(1, 200))
+                 if len(owl.encode(owl.prompt_text(0, w))) + 4 > context - 8)
+    ids = owl.encode(owl.prompt_text(0, words))
+    assert len(ids) + 4 <= context < len(ids) + server.batcher.max_new_tokens, len(ids)
+    results = {}
+    bodies = {"long": {"model": "owl", "messages": [user(words)], "max_tokens": 4, "temperature": 0},
+              "short": {"model": "owl", "messages": [user(QUESTIONS[1])], "max_tokens": 8, "temperature": 0}}
+    threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, server.post(bodies[k]))) for k in bodies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results["long"][0] == 200 and results["short"][0] == 200, results
+    assert results["long"][1]["choices"][0]["message"]["content"] == owl.chat(messages=words, max_new_tokens=4)
+
+
+def test_oversized_images_and_bodies_are_refused_before_decoding(server):
+    big = Image.new("RGB", (5000, 4000))  # 20 M pixels: refused from its header
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    status, reply = server.post({"model": "owl", "messages": [user("what?", url)], "max_tokens": 4})
+    assert status == 400 and "5000 x 4000 pixels" in reply["error"]["message"], reply
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.putrequest("POST", "/v1/chat/completions")  # announces 65 MiB and sends none of it
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(65 << 20))
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 413 and "over 64 MiB" in json.loads(response.read())["error"]["message"]
+    conn.close()

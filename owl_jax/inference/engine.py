@@ -318,8 +318,10 @@ class Generator:
             if len(limits) != batch.size or not all(1 <= n <= sampling.max_new_tokens for n in limits):
                 raise ValueError(f"limits {list(limits)}: one per sample, each in 1..{sampling.max_new_tokens}")
             row_limit[:batch.size] = limits
-        longest = int(np.asarray(batch.prompt_mask)[:batch.size].sum(1).max())
-        check_context(longest, sampling.max_new_tokens, self.cfg, "the batch's longest prompt")
+        # Each sample within the model's positions with its own limit (the cache has room for the largest).
+        lengths = np.asarray(batch.prompt_mask)[:batch.size].sum(1)
+        longest = int(np.argmax(lengths + row_limit[:batch.size]))
+        check_context(int(lengths[longest]), int(row_limit[longest]), self.cfg, f"prompt {longest} of the batch")
         statics = self._statics(sampling, return_logits)
         eos = jnp.int32(-1 if disable_eos or self.eos_id is None else self.eos_id)
         samp = self._sampling_args(sampling)

@@ -5,8 +5,9 @@
 
 serves `POST /v1/chat/completions` (OpenAI's chat format, `stream: true` as server-sent events) and
 `GET /v1/models`; requests that arrive together are decoded together (owl_jax/serve/batcher.py). The
-first request of each prompt-length bucket compiles; `--warmup` compiles the common ones before the
-port opens. SIGTERM (or Ctrl-C): no new connections, the requests in flight are answered, then exit 0.
+first request of each prompt-length bucket compiles; `--warmup` compiles a short question's, greedy
+and sampled, with and without an image, before the port opens. SIGTERM (or Ctrl-C): no new
+connections, the requests in flight are answered, then exit 0.
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def _flags() -> flags.FlagValues:
     flags.DEFINE_string("host", "127.0.0.1", "address to listen on (0.0.0.0: every interface)", flag_values=fv)
     flags.DEFINE_integer("port", 8000, "port to listen on", flag_values=fv)
     flags.DEFINE_string("dtype", None, "cast weights and compute (e.g. bfloat16)", flag_values=fv)
-    flags.DEFINE_bool("int8", False, "the LLM's weights in int8 (qwix): 7B fits one 16 GB chip", flag_values=fv)
+    flags.DEFINE_bool("int8", False, "the LLM's weights in int8 (qwix): 7B's in 7.1 GiB instead of bf16's 13.3; "
+                      "the KV cache of a batch comes on top (max_batch x (prompt + max_new_tokens) x 0.5 MiB for "
+                      "7B)", flag_values=fv)
     flags.DEFINE_string("model_name", "owl_jax", "the model id the API reports", flag_values=fv)
     flags.DEFINE_integer("max_batch", 8, "most requests decoded together (rounded up to a power of two)",
                          flag_values=fv)
@@ -36,7 +39,8 @@ def _flags() -> flags.FlagValues:
     flags.DEFINE_integer("max_media", 8, "most images and videos in one request", flag_values=fv)
     flags.DEFINE_float("batch_wait_ms", 10.0, "how long the first request of a batch waits for others",
                        flag_values=fv)
-    flags.DEFINE_bool("warmup", True, "compile for short and long prompts before serving", flag_values=fv)
+    flags.DEFINE_bool("warmup", True, "compile a short question's programs (greedy and sampled, with and without "
+                      "an image) before serving", flag_values=fv)
     return fv
 
 
@@ -59,8 +63,8 @@ def build(args: flags.FlagValues):
 
 
 def warm_up(batcher) -> None:
-    """Compiles the batch programs for a one-line question with and without an image; a model that
-    cannot answer fails here, before the port opens."""
+    """Compiles the batch programs for a one-line question, greedy and sampled, with and without an
+    image; a model that cannot answer fails here, before the port opens."""
     import queue
 
     import numpy as np
@@ -71,19 +75,23 @@ def warm_up(batcher) -> None:
     owl = batcher.owl
     size = owl.cfg.vision.image_size
     for images in ([], [np.zeros((size, size, 3), np.float32)]):
-        outcome: queue.Queue = queue.Queue()
-        ids = owl.encode(owl.prompt_text(len(images), "Hello."))
-        batcher.submit(Request(ids, images, [], 1, Sampling(), on_text=lambda _: None,
-                               on_done=lambda *_, q=outcome: q.put(None), on_error=lambda e, q=outcome: q.put(e)))
-        error = outcome.get()
-        if error is not None:
-            raise error
+        for sampling in (Sampling(), Sampling(do_sample=True)):
+            outcome: queue.Queue = queue.Queue()
+            ids = owl.encode(owl.prompt_text(len(images), "Hello."))
+            batcher.submit(Request(ids, images, [], 1, sampling, on_text=lambda _: None,
+                                   on_done=lambda *_, q=outcome: q.put(None),
+                                   on_error=lambda e, q=outcome: q.put(e)))
+            error = outcome.get()
+            if error is not None:
+                raise error
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = cli.parse_flags(argv, _flags(), __doc__, required=("checkpoint",))
-    import uvicorn
-
+    try:
+        import uvicorn
+    except ImportError:
+        cli.fail("the server needs FastAPI and uvicorn: pip install 'owl_jax[serve]'")
     try:
         app, _ = build(args)
     except (ValueError, OSError) as e:
@@ -92,9 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # uvicorn stops on SIGTERM/SIGINT: no new connections, in-flight requests answered, then the app's
     # shutdown closes the batcher. It then raises the signal again with the handler it found; after a
     # finished shutdown that is a clean exit, so that handler does nothing.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=600)
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=600)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

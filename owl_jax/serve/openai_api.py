@@ -31,10 +31,14 @@ from owl_jax.inference.sampling import Sampling
 from owl_jax.serve.batcher import Batcher, Closed
 from owl_jax.serve.batcher import Request as Job
 
-# The request fields this server reads; any other is refused by name rather than ignored.
+# The request fields this server understands ("model" and "user" are taken as labels); any other is
+# refused by name rather than silently ignored.
 FIELDS = {"model", "messages", "stream", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-          "seed", "n", "stream_options", "user"}
+          "seed", "n", "user"}
 _DATA_URL = re.compile(r"data:(?P<kind>image|video)/[\w.+-]+;base64,(?P<data>.*)", re.S)
+MAX_BODY_BYTES = 64 << 20  # a request with 8 large photos as base64 is well under this
+MAX_IMAGE_PIXELS = 4096 * 4096  # checked from the header, before anything is decoded
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what browsers send; no format that runs programs
 
 
 class BadRequest(ValueError):
@@ -73,7 +77,10 @@ def _media(url: Any, kind: str, where: str, size: int) -> np.ndarray:
         if kind == "image":
             from PIL import Image
 
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise BadRequest(f"{where}: {img.width} x {img.height} pixels, more than {MAX_IMAGE_PIXELS}",
+                                     where)
                 img.load()
                 return load_image(img.convert("RGB"), size)
         from owl_jax.data.video import VideoError, read_clip
@@ -84,7 +91,7 @@ def _media(url: Any, kind: str, where: str, size: int) -> np.ndarray:
             raise BadRequest(f"{e} ({e.reason})", where) from None
     except BadRequest:
         raise
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's decode errors, a bomb over its pixel limit
+    except Exception as e:  # noqa: BLE001 - whatever a decoder raises on a bad file is the client's 400
         raise BadRequest(f"{where}: cannot decode the {kind} ({type(e).__name__}: {e})", where) from None
 
 
@@ -110,16 +117,22 @@ class ChatCompletions:
                             top_p=_number(body, "top_p", float, 0.0, 1.0, 1.0),
                             top_k=_number(body, "top_k", int, 0, self.owl.cfg.llm.vocab_size, 0),
                             seed=_number(body, "seed", int, 0, 2**31 - 1, 0))
+        seeded = body.get("seed") is not None
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest("stream must be true or false", "stream")
         messages, images, clips = self._messages(body.get("messages"))
+        # A text far past the context is refused before it is tokenised (no token is shorter than a byte's
+        # worth of text by much: 16 characters a position is generous).
+        chars, context = sum(len(m["content"]) for m in messages), self.owl.cfg.llm.max_position_embeddings
+        if chars > 16 * context:
+            raise BadRequest(f"messages: {chars} characters cannot fit the model's {context} positions", "messages")
         try:  # the turns in order, no typed media tags, the prompt and answer within the context
             ids = self.owl.encode_request({"images": images, "videos": clips, "messages": messages},
                                           dataclasses.replace(sampling, max_new_tokens=max_tokens), "the prompt")
         except ValueError as e:  # UserError included
             raise BadRequest(f"messages: {e}", "messages") from None
-        return ids, images, clips, max_tokens, sampling, stream
+        return ids, images, clips, max_tokens, sampling, stream, seeded
 
     def _messages(self, messages: Any) -> tuple[list[dict], list, list]:
         if not isinstance(messages, list) or not messages:
@@ -157,27 +170,31 @@ class ChatCompletions:
 
     async def __call__(self, request: Request):
         try:
-            raw = await request.body()
+            raw = await _read_body(request)
             try:
                 body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise BadRequest(f"the body is not valid JSON ({e})") from None
-            ids, images, clips, max_tokens, sampling, stream = await asyncio.to_thread(self.parse, body)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+                raise BadRequest(f"the body is not valid JSON ({type(e).__name__}: {e})") from None
+            ids, images, clips, max_tokens, sampling, stream, seeded = await asyncio.to_thread(self.parse, body)
         except BadRequest as e:
             return _error(str(e), e.param, e.status)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         put = lambda *event: loop.call_soon_threadsafe(events.put_nowait, event)
         job = Job(ids, images, clips, max_tokens, sampling, on_text=lambda piece: put("text", piece),
-                  on_done=lambda text, reason, n: put("done", text, reason, n), on_error=lambda e: put("error", e))
+                  on_done=lambda text, reason, n: put("done", text, reason, n), on_error=lambda e: put("error", e),
+                  seeded=seeded)
         try:
             self.batcher.submit(job)
         except Closed as e:
             return _error(str(e), None, 503)
         reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         if stream:
-            return StreamingResponse(self._events(events, reply), media_type="text/event-stream")
-        while (event := await events.get())[0] == "text":
-            pass
+            return StreamingResponse(self._events(events, reply, job), media_type="text/event-stream")
+        try:
+            while (event := await events.get())[0] == "text":
+                pass
+        finally:  # the client gone (the handler cancelled): its row stops taking the batch's time
+            job.cancelled = True
         if event[0] == "error":
             return _error(f"decoding failed: {event[1]}", None, 500)
         _, text, reason, completion = event
@@ -186,24 +203,40 @@ class ChatCompletions:
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": completion,
                           "total_tokens": len(ids) + completion}}
 
-    async def _events(self, events: asyncio.Queue, reply: dict):
+    async def _events(self, events: asyncio.Queue, reply: dict, job: Job):
         def chunk(delta: dict, finish: str | None = None) -> str:
             body = {**reply, "object": "chat.completion.chunk",
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             return f"data: {json.dumps(body)}\n\n"
 
-        yield chunk({"role": "assistant", "content": ""})
-        while True:
-            event = await events.get()
-            if event[0] == "text":
-                yield chunk({"content": event[1]})
-            elif event[0] == "done":
-                yield chunk({}, event[2])
-                break
-            else:
-                yield f"data: {json.dumps({'error': {'message': f'decoding failed: {event[1]}'}})}\n\n"
-                break
-        yield "data: [DONE]\n\n"
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                event = await events.get()
+                if event[0] == "text":
+                    yield chunk({"content": event[1]})
+                elif event[0] == "done":
+                    yield chunk({}, event[2])
+                    break
+                else:
+                    yield f"data: {json.dumps({'error': {'message': f'decoding failed: {event[1]}'}})}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client disconnects mid-stream
+            job.cancelled = True
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused (413) past MAX_BODY_BYTES before more of it is read."""
+    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        raise BadRequest(f"the body is over {MAX_BODY_BYTES >> 20} MiB", None, 413)
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise BadRequest(f"the body is over {MAX_BODY_BYTES >> 20} MiB", None, 413)
+        parts.append(part)
+    return b"".join(parts)
 
 
 def create_app(batcher: Batcher, model_name: str = "owl_jax", max_media: int = 8) -> FastAPI:
@@ -214,7 +247,7 @@ def create_app(batcher: Batcher, model_name: str = "owl_jax", max_media: int = 8
     @asynccontextmanager
     async def lifespan(_app):
         yield
-        await asyncio.to_thread(batcher.close, True)
+        await asyncio.to_thread(batcher.close)
 
     app = FastAPI(title="owl_jax", lifespan=lifespan)
     completions = ChatCompletions(batcher, model_name, max_media)
