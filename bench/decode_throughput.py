@@ -28,6 +28,7 @@ import jax
 import numpy as np
 import torch
 from absl import flags
+from decode_flags import define_decode_flags
 
 from owl_jax import cli
 
@@ -35,16 +36,10 @@ from owl_jax import cli
 def _flags() -> flags.FlagValues:
     """This program's flags, on a FlagValues of their own (fresh for each main() call)."""
     fv = flags.FlagValues()
-    flags.DEFINE_string("batch", "1,8", "batch sizes timed in turn, comma-separated", flag_values=fv)
-    cli.register_positive_ints("batch", fv)
-    flags.DEFINE_integer("prompt_len", 64, "tokens per prompt", flag_values=fv)
-    flags.DEFINE_integer("new_tokens", 128, "tokens generated per sample (EOS off)", flag_values=fv)
-    flags.DEFINE_integer("layers", 4, "LLaMA layers", flag_values=fv)
-    flags.DEFINE_integer("hidden", 512, "LLaMA hidden size", flag_values=fv)
+    define_decode_flags(fv, hidden=512)
     flags.DEFINE_integer("heads", 8, "LLaMA attention heads", flag_values=fv)
     flags.DEFINE_integer("mlp", 1376, "LLaMA MLP size", flag_values=fv)
     flags.DEFINE_integer("vocab", 32000, "vocabulary size", flag_values=fv)
-    flags.DEFINE_integer("repeats", 3, "timed calls per side (the best counts)", flag_values=fv)
     flags.DEFINE_integer("torch_threads", None, "default: torch's own", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                       "weights and compute on both sides (bf16 reads half the bytes a decode step)", flag_values=fv)

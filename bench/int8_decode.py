@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from decode_flags import define_decode_flags
 from flax import linen as nn
 
 from owl_jax import cli
@@ -28,13 +29,7 @@ from owl_jax import cli
 
 def _flags() -> flags.FlagValues:
     fv = flags.FlagValues()
-    flags.DEFINE_string("batch", "1,8", "batch sizes, comma-separated", flag_values=fv)
-    cli.register_positive_ints("batch", fv)
-    flags.DEFINE_integer("prompt_len", 64, "tokens per prompt", flag_values=fv)
-    flags.DEFINE_integer("new_tokens", 128, "tokens generated per sample (EOS off)", flag_values=fv)
-    flags.DEFINE_integer("layers", 4, "LLaMA layers", flag_values=fv)
-    flags.DEFINE_integer("hidden", 1024, "LLaMA hidden size (MLP 2.6875x, heads of 64)", flag_values=fv)
-    flags.DEFINE_integer("repeats", 3, "timed calls per side (the best counts)", flag_values=fv)
+    define_decode_flags(fv, hidden=1024)  # MLP 2.6875x, heads of 64
     return fv
 
 
