@@ -3,9 +3,10 @@
     python -m owl_jax.serve --checkpoint DIR [--port 8000] [--host 127.0.0.1] [--dtype bfloat16] [--int8]
         [--max_batch 8] [--max_new_tokens 512] [--batch_wait_ms 10]
 
-serves `POST /v1/chat/completions` (OpenAI's chat format, `stream: true` as server-sent events) and
-`GET /v1/models`; requests that arrive together are decoded together (owl_jax/serve/batcher.py). The
-first request of each prompt-length bucket compiles; `--warmup` compiles a short question's, greedy
+serves the web demo at `/` (owl_jax/serve/web.py; --noweb: none), `POST /v1/chat/completions`
+(OpenAI's chat format, `stream: true` as server-sent events) and `GET /v1/models`; requests that
+arrive together are decoded together (owl_jax/serve/batcher.py). The first request of each
+prompt-length bucket compiles; `--warmup` compiles a short question's, greedy
 and sampled, with and without an image, before the port opens. SIGTERM (or Ctrl-C): no new
 connections, the requests in flight are answered, then exit 0.
 """
@@ -39,6 +40,7 @@ def _flags() -> flags.FlagValues:
     flags.DEFINE_integer("max_media", 8, "most images and videos in one request", flag_values=fv)
     flags.DEFINE_float("batch_wait_ms", 10.0, "how long the first request of a batch waits for others",
                        flag_values=fv)
+    flags.DEFINE_bool("web", True, "the web demo at / (gradio) beside the API", flag_values=fv)
     flags.DEFINE_bool("warmup", True, "compile a short question's programs (greedy and sampled, with and without "
                       "an image) before serving", flag_values=fv)
     return fv
@@ -59,7 +61,12 @@ def build(args: flags.FlagValues):
                       wait_s=args.batch_wait_ms / 1000)
     if args.warmup:
         warm_up(batcher)
-    return create_app(batcher, args.model_name, args.max_media), batcher
+    app = create_app(batcher, args.model_name, args.max_media)
+    if args.web:
+        from owl_jax.serve import web
+
+        app = web.mount(app, batcher)
+    return app, batcher
 
 
 def warm_up(batcher) -> None:
