@@ -52,6 +52,7 @@ def browser():
 
 def test_chat_in_a_browser(owl, browser, tmp_path):
     import uvicorn
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -74,6 +75,9 @@ def test_chat_in_a_browser(owl, browser, tmp_path):
         {"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": first},
         {"role": "user", "content": QUESTIONS[1]}])
 
+    def wait(timeout: float):  # the page re-renders: an element found may be gone when it is read
+        return WebDriverWait(browser, timeout, ignored_exceptions=(StaleElementReferenceException,))
+
     def bot_texts(d):
         return [e.text.strip() for e in d.find_elements(By.CSS_SELECTOR, "#chat .bot")]
 
@@ -84,18 +88,18 @@ def test_chat_in_a_browser(owl, browser, tmp_path):
 
     try:
         browser.get(f"http://127.0.0.1:{server.config.port}/")
-        WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#ask textarea"))
+        wait(60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#ask textarea"))
         browser.find_element(By.CSS_SELECTOR, "#ask input[type=file]").send_keys(image)
-        WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#ask img"))
+        wait(30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#ask img"))
         ask(QUESTIONS[0])
-        WebDriverWait(browser, 120).until(lambda d: bot_texts(d)[-1:] == [first.strip()])
+        wait(120).until(lambda d: bot_texts(d)[-1:] == [first.strip()])
         assert browser.find_elements(By.CSS_SELECTOR, "#chat .user img")  # the upload shows in the chat
         ask(QUESTIONS[1])  # the second turn sees the image and the first turn
-        WebDriverWait(browser, 120).until(lambda d: bot_texts(d)[-1:] == [second.strip()] and len(bot_texts(d)) == 2)
+        wait(120).until(lambda d: bot_texts(d)[-1:] == [second.strip()] and len(bot_texts(d)) == 2)
         os.makedirs(ARTIFACTS, exist_ok=True)
         assert browser.save_screenshot(os.path.join(ARTIFACTS, "web_demo.png"))
         browser.find_element(By.CSS_SELECTOR, "#clear").click()
-        WebDriverWait(browser, 30).until(lambda d: not bot_texts(d))
+        wait(30).until(lambda d: not bot_texts(d))
     finally:
         server.should_exit = True
         thread.join(30)
