@@ -44,6 +44,11 @@ def test_text_train_writes_each_image_as_its_caption_and_avoids_test(data):
     assert len(data["text_train"]) == SIZES["text_train"] and not {r["_key"] for r in data["text_train"]} & test_keys
     cats = {r["category"] for r in data["text_train"]}
     assert cats == set(sw.CATEGORIES) | {"caption"}
+    # the text-only tasks are a mix of their own there (not 14% of the instructions' share)
+    share = np.mean([r["category"] == "text_only" for r in data["text_train"]])
+    instructions = 1 - sw.TEXT_CAPTION_SHARE - sw.TEXT_QUIZ_SHARE - sw.TEXT_TASK_SHARE
+    expected = sw.TEXT_TASK_SHARE + instructions * sw.CATEGORY_WEIGHTS[sw.CATEGORIES.index("text_only")]
+    assert abs(share - expected) < 0.08, (share, expected)
     for r in data["text_train"]:
         scenes = json.loads(r["scene"])
         assert not r["images"] and conv.IMAGE_TAG not in r["text"]

@@ -61,12 +61,22 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
             yield i, rec
 
 
-def tokenizer_texts(sizes: dict, seed: int) -> Iterator[str]:
-    """The text the ShapesWorld tokenizer is trained on: every train-split conversation."""
+TOKENIZER_TEXTS = 40000  # conversations the tokenizer is trained on (the vocabulary is closed well before)
+
+
+def tokenizer_texts(sizes: dict, seed: int, limit: int = TOKENIZER_TEXTS) -> list[str]:
+    """The text the ShapesWorld tokenizer is trained on: train-split conversations, at most `limit`,
+    drawn from every train split in proportion to its size."""
     train_sizes = {s: n for s, n in sizes.items() if s.endswith("_train")}
-    for gen in generate_all(train_sizes, seed, render=False).values():
-        for rec in gen:
-            yield rec["text"]
+    total = sum(train_sizes.values())
+    take = {s: max(1, n * limit // total) if total > limit else n for s, n in train_sizes.items()}
+    return [rec["text"] for s, gen in generate_all(take, seed, render=False).items() for rec in gen]
+
+
+# The rendered words are read, spelt backwards and counted letter by letter: no token may hold a
+# capital letter with anything but lower-case letters after it ("Human" stays one token, "HELLO"
+# is five), single capitals aside.
+SINGLE_CAPITALS = r"^(?![A-Z]$).*[A-Z](?![a-z])"
 
 
 def iter_test_questions(dataset_dir: str, split: str = "instructions_test", image_size: int = 224,
@@ -120,15 +130,22 @@ def iter_test_questions(dataset_dir: str, split: str = "instructions_test", imag
         }
 
 
-def prepare(out: str, seed: int = 0, sizes: dict | None = None, vocab_size: int = 1024, overwrite: bool = False):
-    """Generates ShapesWorld into `out` and trains its tokenizer into `out`/tokenizer."""
+def prepare(out: str, seed: int = 0, sizes: dict | None = None, vocab_size: int = 1024, overwrite: bool = False,
+            tokenizer: str = ""):
+    """Generates ShapesWorld into `out` and trains its tokenizer into `out`/tokenizer (or copies the
+    tokenizer dir `tokenizer`: the one pretrained towers were trained with)."""
+    import shutil
+
     sizes = dict(sizes or DEFAULT_SIZES)
     builder = ShapesWorld(data_dir=out, file_format="array_record", sizes=sizes, seed=seed)
     if build(builder, overwrite):
         write_metadata(builder, list(sizes))
     tok_dir = os.path.join(out, "tokenizer")
     if overwrite or not os.path.exists(os.path.join(tok_dir, "tokenizer.model")):
-        train_tokenizer(tokenizer_texts(sizes, seed), tok_dir, vocab_size=vocab_size)
+        if tokenizer:
+            shutil.copytree(tokenizer, tok_dir, dirs_exist_ok=True)
+        else:
+            train_tokenizer(tokenizer_texts(sizes, seed), tok_dir, vocab_size=vocab_size, drop_pieces=SINGLE_CAPITALS)
     return builder
 
 

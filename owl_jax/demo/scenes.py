@@ -10,7 +10,7 @@ never occurs in train, where the scene is compared by its content: shapes, colou
 
 * ``captions_train`` / ``captions_test`` (stage 1): ``Human: <image>`` then the AI's one-sentence
   caption naming every shape, e.g. "A red circle on the left and a blue star at the top."
-* ``text_train`` (stage 0, the LLM's text pretraining): captions and instructions drawn like the two
+* ``text_train`` (the tiny LLaMA's pretraining, owl_jax.demo.towers): captions and instructions drawn like the two
   train splits (and disjoint from their test splits), plus quizzes (a scene, then up to 5 distinct
   questions about it), with no images: every ``<image>`` is written out as its scene's caption.
   Reading a scene from the context, not guessing it, is what the frozen LLM must already know for
@@ -62,8 +62,12 @@ SPLITS = ("captions_train", "captions_test", "instructions_train", "instructions
 _SPLIT_CODE = {s: i + 1 for i, s in enumerate(SPLITS)}
 DEFAULT_SIZES = {"captions_train": 4000, "captions_test": 200, "instructions_train": 12000, "instructions_test": 400,
                  "text_train": 16000}
-TEXT_CAPTION_SHARE = 0.25  # text_train: share of captions
-TEXT_QUIZ_SHARE = 0.4  # text_train: share of quizzes, a told scene and up to QUIZ_TURNS questions (rest: instructions)
+# text_train's mix: captions, quizzes (a told scene and up to QUIZ_TURNS questions), text-only tasks
+# (arithmetic, spelling backwards, counting letters: at 5% of the instructions' mix, too rare for the
+# tiny LLaMA to learn them), the rest instructions
+TEXT_CAPTION_SHARE = 0.2
+TEXT_QUIZ_SHARE = 0.35
+TEXT_TASK_SHARE = 0.25
 QUIZ_TURNS = 5
 WORD_PROB = 0.3
 
@@ -269,7 +273,7 @@ def _caption(rng: np.random.Generator) -> dict:
 
 def _quiz(rng: np.random.Generator, max_turns: int = QUIZ_TURNS) -> dict | None:
     """One scene, then up to `max_turns` distinct questions about it (a multi-turn conversation):
-    many binding examples (the colour *of the star*) per told scene, for stage 0."""
+    many binding examples (the colour *of the star*) per told scene, for the LLM's pretraining."""
     scene = sample_scene(rng)
     kinds = ["colour", "shape", "count", "position"] + (["reading"] if scene["word"] else [])
     turns: dict[str, tuple[str, str]] = {}
@@ -284,7 +288,11 @@ def _text_item(rng: np.random.Generator) -> dict | None:
     u = rng.random()
     if u < TEXT_CAPTION_SHARE:
         return _caption(rng)
-    return _quiz(rng) if u < TEXT_CAPTION_SHARE + TEXT_QUIZ_SHARE else _instruction(rng)
+    if u < TEXT_CAPTION_SHARE + TEXT_QUIZ_SHARE:
+        return _quiz(rng)
+    if u < TEXT_CAPTION_SHARE + TEXT_QUIZ_SHARE + TEXT_TASK_SHARE:
+        return {"category": "text_only", "scenes": [], "turns": [_text_only(rng)]}
+    return _instruction(rng)
 
 
 def write_scenes_as_text(text: str, scenes: list[dict]) -> str:
