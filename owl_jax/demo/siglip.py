@@ -1,0 +1,288 @@
+"""The tiny ViT pretrained as CLIP is: a contrastive image-text objective (SigLIP's sigmoid loss) on
+freshly drawn ShapesWorld scenes and their captions; then linear probes on its patch features.
+
+The image tower is the owl's own vision encoder (its parameters go to the owl unchanged), pooled by
+attention from one learnt query (SigLIP's "MAP" head); the text tower is a small LLaMA over the
+caption's tokens, read at its last token. Both project to a shared width; the loss scores every
+image-caption pair of a batch by a sigmoid of t * cos + b (Zhai et al. 2023, as big_vision writes it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from owl_jax.batch import EOS_ID
+from owl_jax.data.image import preprocess
+from owl_jax.data.tokenizer import encode_text
+from owl_jax.demo import scenes as sw
+from owl_jax.models.config import LlamaConfig, VisionConfig
+from owl_jax.models.llama import LlamaModel
+from owl_jax.models.vision import VisionEncoder
+
+COLOURS, SHAPES, REGIONS = list(sw.COLOURS), list(sw.SHAPES), list(sw.REGION_ORDER)
+# What a twin changes: a shape's kind, a shape's colour, the number of shapes. Shape first: at 112
+# pixels a shape spans about two patches, and a ViT told colour and place apart long before kind.
+TWIN_CHANGES = (0.5, 0.25, 0.25)
+
+
+class SigLIP(nn.Module):
+    vision: VisionConfig
+    text: LlamaConfig
+    embed_dim: int
+
+    def setup(self):
+        self.vision_model = VisionEncoder(self.vision)
+        self.pool_query = self.param("pool_query", nn.initializers.normal(0.02), (1, 1, self.vision.hidden_size))
+        self.pool = nn.MultiHeadDotProductAttention(num_heads=self.vision.num_heads)
+        self.image_proj = nn.Dense(self.embed_dim)
+        self.text_model = LlamaModel(self.text)
+        self.text_proj = nn.Dense(self.embed_dim)
+        self.log_temperature = self.param("log_temperature", nn.initializers.constant(np.log(10.0)), ())
+        self.bias = self.param("bias", nn.initializers.constant(-10.0), ())
+
+    def embed_images(self, pixels):
+        """float[N, S, S, 3] -> unit float[N, E]."""
+        tokens = self.vision_model(pixels)  # float[N, 1 + P, D]
+        query = jnp.broadcast_to(self.pool_query, (tokens.shape[0], 1, tokens.shape[-1]))
+        pooled = self.pool(query, tokens)[:, 0]
+        z = self.image_proj(pooled)
+        return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+
+    def embed_texts(self, ids, mask):
+        """ids, mask int[N, T] (the caption, EOS last) -> unit float[N, E], read at the last token."""
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+        h = self.text_model(self.text_model.embed(ids), positions, mask.astype(bool))
+        last = jnp.take_along_axis(h, (mask.sum(1) - 1)[:, None, None], axis=1)[:, 0]
+        z = self.text_proj(last)
+        return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+
+    def __call__(self, pixels, ids, mask):
+        """Pair logits float[N, N] (images x captions)."""
+        zimg, ztxt = self.embed_images(pixels), self.embed_texts(ids, mask)
+        return zimg @ ztxt.T * jnp.exp(self.log_temperature) + self.bias
+
+
+def sigmoid_loss(logits):
+    """float[N, N] pair logits, the diagonal matched -> mean over images of the summed pair losses."""
+    labels = 2 * jnp.eye(logits.shape[0]) - 1
+    return -jnp.mean(jnp.sum(jax.nn.log_sigmoid(labels * logits), axis=-1))
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+class Scenes:
+    """Freshly drawn scenes, rendered and captioned, batch by batch: batch k of a stream (0:
+    training, 1 and 2: the probes' train and test scenes) is a function of (seed, stream, k) alone.
+    A scene whose
+    caption sample belongs to the held-out captions (`exclude`, ShapesWorld sample keys) is
+    redrawn."""
+
+    def __init__(self, tokenizer, image_size: int, max_len: int, seed: int, exclude: set = frozenset()):
+        self.tokenizer, self.image_size, self.max_len, self.seed, self.exclude = (
+            tokenizer, image_size, max_len, seed, exclude)
+
+    def draw(self, rng: np.random.Generator) -> dict:
+        while True:
+            scene = sw.sample_scene(rng)
+            item = {"category": "caption", "scenes": [scene], "caption": sw.describe(scene)}
+            if sw.sample_key(item) not in self.exclude:
+                return scene
+
+    def twin(self, scene: dict, rng: np.random.Generator) -> dict:
+        """`scene` with one thing changed: a shape's kind or colour, or one shape more or fewer (the
+        others stay where they are). Random scenes differ in many ways at once, and colour alone
+        tells most captions apart; a twin in the same batch is told apart only by what changed."""
+        for _ in range(100):
+            twin = json.loads(json.dumps(scene))
+            shapes, kind = twin["shapes"], rng.choice(3, p=TWIN_CHANGES)
+            i = int(rng.integers(len(shapes)))
+            if kind == 0:
+                shapes[i]["shape"] = str(rng.choice([t for t in SHAPES if t != shapes[i]["shape"]]))
+            elif kind == 1:
+                shapes[i]["colour"] = str(rng.choice([c for c in COLOURS if c != shapes[i]["colour"]]))
+            elif len(shapes) > 1 and (len(shapes) == 4 or rng.random() < 0.5):
+                del shapes[i]
+            else:
+                other = sw.sample_scene(rng, n_shapes=1, word=bool(twin["word"]))["shapes"][0]
+                if other["region"] in {t["region"] for t in shapes}:
+                    continue
+                shapes.append(other)
+                shapes.sort(key=lambda t: REGIONS.index(t["region"]))
+            item = {"category": "caption", "scenes": [twin], "caption": sw.describe(twin)}
+            if sw.sample_key(item) not in self.exclude:
+                return twin
+        return self.draw(rng)
+
+    def batch(self, k: int, n: int, stream: int = 0, twins: bool = False
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+        """pixels float[n, S, S, 3], ids int32[n, T], mask int32[n, T], the scenes. `twins`: the
+        second half of the batch is the first half's twins."""
+        rng = np.random.default_rng([self.seed, stream, k])
+        drawn = [self.draw(rng) for _ in range(n - n // 2 if twins else n)]
+        if twins:
+            drawn += [self.twin(s, rng) for s in drawn[: n // 2]]
+        pixels = np.stack([preprocess(sw.render_scene(s), self.image_size) for s in drawn])
+        ids = np.zeros((n, self.max_len), np.int32)
+        mask = np.zeros((n, self.max_len), np.int32)
+        for i, s in enumerate(drawn):
+            t = (encode_text(self.tokenizer, sw.describe(s)) + [EOS_ID])[-self.max_len:]
+            ids[i, : len(t)], mask[i, : len(t)] = t, 1
+        return pixels, ids, mask, drawn
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    steps: int
+    batch_size: int
+    lr: float
+    end_lr: float
+    warmup_steps: int
+    weight_decay: float
+    embed_dim: int
+    text_layers: int
+    text_width: int
+    text_heads: int
+    caption_len: int
+    log_every_steps: int
+    seed: int
+    twins: bool = True  # half of every batch: twins of the other half (Scenes.twin)
+
+
+def text_config(s: Settings, vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=s.text_width, num_layers=s.text_layers,
+                       num_heads=s.text_heads, num_kv_heads=s.text_heads, mlp_size=4 * s.text_width,
+                       max_position_embeddings=max(64, s.caption_len))
+
+
+def train(vision: VisionConfig, settings: Settings, data: Scenes, vocab_size: int, log=print) -> tuple[dict, list]:
+    """Trains the two towers from scratch; returns (SigLIP params, [(step, loss, seconds)])."""
+    s = settings
+    model = SigLIP(vision, text_config(s, vocab_size), s.embed_dim)
+    pixels, ids, mask, _ = data.batch(0, 2)
+    params = model.init(jax.random.PRNGKey(s.seed), pixels, ids, mask)["params"]
+    schedule = optax.warmup_cosine_decay_schedule(0.0, s.lr, s.warmup_steps, max(s.steps, s.warmup_steps + 1), s.end_lr)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=s.weight_decay))
+    opt_state = opt.init(params)
+
+    @jax.jit
+    def step(params, opt_state, pixels, ids, mask):
+        loss, grads = jax.value_and_grad(lambda p: sigmoid_loss(model.apply({"params": p}, pixels, ids, mask)))(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    history, t0 = [], time.time()
+    for k in range(s.steps):
+        pixels, ids, mask, _ = data.batch(k, s.batch_size, twins=s.twins)
+        params, opt_state, loss = step(params, opt_state, pixels, ids, mask)
+        if (k + 1) % s.log_every_steps == 0 or k + 1 == s.steps:
+            loss = float(loss)
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"SigLIP loss {loss} at step {k + 1}")
+            history.append((k + 1, loss, time.time() - t0))
+            log(f"   siglip step {k + 1}/{s.steps}: loss {loss:.4f} ({time.time() - t0:.0f} s)")
+    return jax.device_get(params), history
+
+
+# ------------------------------------------------------------------------------------ probes
+
+
+def scene_labels(drawn: list[dict]) -> dict[str, np.ndarray]:
+    """Per scene: colour int[5] and shape int[5] per region (len(COLOURS) / len(SHAPES) = empty),
+    occupied int[5] (0/1 per region), count int (shapes - 1)."""
+    n = len(drawn)
+    colour = np.full((n, len(REGIONS)), len(COLOURS))
+    shape = np.full((n, len(REGIONS)), len(SHAPES))
+    for i, scene in enumerate(drawn):
+        for item in scene["shapes"]:
+            r = REGIONS.index(item["region"])
+            colour[i, r], shape[i, r] = COLOURS.index(item["colour"]), SHAPES.index(item["shape"])
+    return {"colour": colour, "shape": shape, "region": (colour < len(COLOURS)).astype(np.int64),
+            "count": np.array([len(s["shapes"]) - 1 for s in drawn])}
+
+
+PROBE_CLASSES = {"colour": (len(REGIONS), len(COLOURS) + 1), "shape": (len(REGIONS), len(SHAPES) + 1),
+                 "region": (len(REGIONS), 2), "count": (1, 4)}
+
+
+def patch_features(vision: VisionConfig, vision_params, pixels: np.ndarray, batch: int = 256) -> np.ndarray:
+    """The ViT's output tokens, flattened: float32[N, (1 + P) * D]."""
+    encoder = VisionEncoder(vision)
+    f = jax.jit(lambda p, x: encoder.apply({"params": p}, x).reshape(x.shape[0], -1))
+    return np.concatenate([np.asarray(f(vision_params, pixels[i:i + batch])) for i in range(0, len(pixels), batch)])
+
+
+RIDGE_LAMBDAS = tuple(10.0 ** k for k in range(-3, 4))  # times the mean of the Gram matrix's diagonal
+
+
+def linear_probes(train_x, train_labels, test_x, test_labels) -> dict:
+    """One linear read-out per property, fitted by ridge regression to +-1 one-hot targets on frozen
+    features (as big_vision's few-shot probes are), its L2 weight chosen per property by
+    leave-one-out accuracy on the training scenes (closed form, from one eigendecomposition of the
+    Gram matrix). Held-out accuracy per property: colour and shape over the occupied regions, region
+    over every (region, occupied?) pair, count over scenes."""
+    x = np.asarray(train_x, np.float64)
+    mu = x.mean(0)
+    x, t = x - mu, np.asarray(test_x, np.float64) - mu
+    s, u = np.linalg.eigh(x @ x.T)  # Gram matrix, [N, N]
+    s = np.maximum(s, 0.0)
+    cross = t @ x.T  # [M, N]
+    scale = s.sum() / len(s)
+    out = {}
+    for name, (slots, classes) in PROBE_CLASSES.items():
+        y_train = np.asarray(train_labels[name]).reshape(len(x), slots)
+        y_test = np.asarray(test_labels[name]).reshape(len(t), slots)
+        targets = (2 * np.eye(classes)[y_train] - 1).reshape(len(x), slots * classes)
+        uy = u.T @ targets
+        best = None
+        for lam in RIDGE_LAMBDAS:
+            shrink = s / (s + lam * scale)
+            fitted = u @ (shrink[:, None] * uy)
+            hat_diag = (u * u) @ shrink
+            loo = (fitted - hat_diag[:, None] * targets) / (1 - hat_diag)[:, None]
+            loo_pred = loo.reshape(len(x), slots, classes).argmax(-1)
+            score = _accuracy(name, loo_pred, y_train, train_labels["region"])
+            if best is None or score > best[0]:
+                best = (score, lam)
+        alpha = u @ ((1 / (s + best[1] * scale))[:, None] * uy)
+        pred = (cross @ alpha).reshape(len(t), slots, classes).argmax(-1)
+        out[name] = _accuracy(name, pred, y_test, test_labels["region"])
+    return out
+
+
+def _accuracy(name: str, pred, labels, occupied) -> float:
+    if name in ("colour", "shape"):
+        return float((pred == labels)[np.asarray(occupied) == 1].mean())
+    return float((pred == labels).mean())
+
+
+def probe_scenes(data: Scenes, num_train: int, num_test: int, batch: int = 256) -> dict:
+    """The probes' scenes: {"train": (pixels, labels), "test": (pixels, labels)}, drawn from `data`'s
+    streams 1 (the probes' training) and 2 (held out), never among the ViT's training scenes
+    (stream 0)."""
+    def draw(stream: int, n: int):
+        pix, drawn = [], []
+        for i in range((n + batch - 1) // batch):
+            p, _, _, d = data.batch(i, min(batch, n - i * batch), stream)
+            pix.append(p)
+            drawn += d
+        return np.concatenate(pix), scene_labels(drawn)
+
+    return {"train": draw(1, num_train), "test": draw(2, num_test)}
+
+
+def probe_vit(vision: VisionConfig, vision_params, scenes: dict) -> dict:
+    """Linear probes on the frozen ViT's patch features over `probe_scenes`: accuracy per property."""
+    (train_pixels, train_labels), (test_pixels, test_labels) = scenes["train"], scenes["test"]
+    return linear_probes(patch_features(vision, vision_params, train_pixels), train_labels,
+                         patch_features(vision, vision_params, test_pixels), test_labels)
