@@ -1,11 +1,11 @@
 r"""What each CPU fast path of the model is worth on the main job's training steps.
 
-    JAX_PLATFORMS=cpu python bench/cpu_fast_paths.py [--steps 10] [--stages stage0,stage1,stage2]
+    JAX_PLATFORMS=cpu python bench/cpu_fast_paths.py [--steps 10] [--stages llm,stage1,stage2]
 
-For each stage of the ShapesWorld main job (owl_jax/demo/config.py: its model, batch, sequence
-length and image slots, stage 2 with its LoRA) it times the jitted training step on random batches
-of those shapes (`training/synthetic.py`) with the main job's settings, then with one fast path
-switched off at a time, then with all of them off:
+For the LLM tower's pretraining and each stage of the ShapesWorld main job (owl_jax/demo/config.py:
+its model, batch, sequence length and image slots, stage 2 with its LoRA) it times the jitted
+training step on random batches of those shapes (`training/synthetic.py`) with the main job's
+settings, then with one fast path switched off at a time, then with all of them off:
 
   unrolled layers     model.scan_unroll=0 (layers in a Python loop over the stacked params) -> 1
   query blocks        model.causal_query_block=128 (the LLM's causal attention in blocks) -> 0
@@ -38,10 +38,14 @@ VARIANTS = {
 
 
 def stage_train_config(name: str):
+    """owl_jax.train's config of a main-job stage, or of the LLM tower's pretraining ("llm")."""
     from owl_jax.configs import load_config_file
-    from owl_jax.demo.run import DEFAULT_CONFIG, stage_config
+    from owl_jax.demo.run import DEFAULT_CONFIG, stage_config, train_config
 
-    return stage_config(load_config_file(DEFAULT_CONFIG), name, data_dir="unused", init_dir="")
+    job = load_config_file(DEFAULT_CONFIG)
+    if name == "llm":
+        return train_config(job.model, job.towers.llm, "towers.llm", data_dir="unused", init_dir="")
+    return stage_config(job, name, data_dir="unused", init_dir="")
 
 
 def step_runner(config, overrides: dict):
@@ -81,8 +85,8 @@ def _flags() -> flags.FlagValues:
     """This program's flags, on a FlagValues of their own (fresh for each main() call)."""
     fv = flags.FlagValues()
     flags.DEFINE_integer("steps", 10, "timed steps per variant (after two warm-up steps)", flag_values=fv)
-    flags.DEFINE_string("stages", "stage0,stage1,stage2", "the main job's stages timed, comma-separated",
-                        flag_values=fv)
+    flags.DEFINE_string("stages", "llm,stage1,stage2",
+                        "the stages timed, comma-separated (llm: the LLM tower's pretraining)", flag_values=fv)
     return fv
 
 

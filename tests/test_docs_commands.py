@@ -4,12 +4,13 @@ The shell code blocks of README.md and docs/*.md are read, and each command in t
 `python -m owl_jax.<module>` or a launcher under launch/ is checked against the real entry point,
 without running the job:
 
-* absl.app programs (owl_jax.train, owl_jax.demo.run, owl_jax.aot): the module's own `_define_flags()` on a
-  fresh FlagValues, then absl's parse of the arguments: the config file loaded with its `:arg`, and
-  every `--config.x=y` override applied (a field the config lacks fails). Then what the program
-  refuses before its first step: owl_jax.train's `validate_config`, the model config, the stage, and
-  for a `tfds` dataset its tokenizer (`pipeline.resolve_tokenizer_path`) and split; for owl_jax.demo.run,
-  the train config of each stage as the job builds it.
+* absl.app programs (owl_jax.train, owl_jax.demo.run, owl_jax.demo.towers, owl_jax.aot): the module's own
+  `_define_flags()` on a fresh FlagValues, then absl's parse of the arguments: the config file loaded
+  with its `:arg`, and every `--config.x=y` override applied (a field the config lacks fails). Then
+  what the program refuses before its first step: owl_jax.train's `validate_config`, the model
+  config, the stage, and for a `tfds` dataset its tokenizer (`pipeline.resolve_tokenizer_path`) and
+  split; for the demo's programs, the train config of each stage and of the LLM tower as the job
+  builds them.
 * programs with flags of their own (owl_jax.convert, .generate, .evaluate, .data.prepare, ...: an absl
   FlagValues each, parsed by `owl_jax.cli.parse_flags` or `parse_command`): `main(args)`, stopped
   right after that parse succeeds, so the required flags and a command's flags are checked too.
@@ -51,7 +52,8 @@ SHELL_LANGUAGES = ("", "bash", "sh", "shell", "console", "zsh")
 OPERATORS = {"&&", "||", ";", "|", "&"}
 # Flags each absl program cannot run without: what its `__main__` marks required (train, aot) or
 # its main() refuses to start without (train, run: --workdir).
-REQUIRED_FLAGS = {"owl_jax.train": ("config", "workdir"), "owl_jax.aot": ("config",), "owl_jax.demo.run": ("workdir",)}
+REQUIRED_FLAGS = {"owl_jax.train": ("config", "workdir"), "owl_jax.aot": ("config",), "owl_jax.demo.run": ("workdir",),
+                  "owl_jax.demo.towers": ("workdir",)}
 # The splits `python -m owl_jax.data.prepare` builds for owl_jsonl (owl_jax/data/prepare.py,
 # prepare_owl_jsonl): `train` from --jsonl, `validation` from --val_jsonl.
 OWL_JSONL_SPLITS = ("train", "validation")
@@ -333,14 +335,17 @@ def check_absl(module, name: str, args: list[str]) -> None:
         if generation not in module.HBM_BYTES or not re.fullmatch(r"[^:]+:\d+(x\d+)+", fv.topology):
             problems.append(f"--topology={fv.topology}: expected GENERATION:AxB[xC] with a generation of "
                             f"{sorted(module.HBM_BYTES)}")
-    if name == "owl_jax.demo.run":
+    if name in ("owl_jax.demo.run", "owl_jax.demo.towers"):
         from owl_jax.cli import UserError
+        from owl_jax.demo import run
 
         try:
-            job = module.resolve_config(fv.config, fv.quick, fv.blank_images)
-            for stage in module.STAGES:  # each stage's owl_jax.train config, as the job builds it
+            job = run.resolve_config(fv.config, fv.quick)
+            for stage in run.STAGES:  # each stage's owl_jax.train config, as the job builds it
                 problems += [f"stages.{stage}: {p}" for p in
-                             training_config_problems(module.stage_config(job, stage, "DATA", ""))]
+                             training_config_problems(run.stage_config(job, stage, "DATA", ""))]
+            llm = run.train_config(job.model, job.towers.llm, "towers.llm", "DATA", "")
+            problems += [f"towers.llm: {p}" for p in training_config_problems(llm)]
         except UserError as e:
             problems.append(str(e))
     if problems:

@@ -1,8 +1,8 @@
 """The main job (python -m owl_jax.demo.run): a CI-sized smoke run of the same command, plus its parts.
 
-The smoke run (--quick: a small ShapesWorld, a smaller owl, 60 steps a stage) must complete, its
-losses must fall within every stage, the report and plots must be written, the export must load
-back bit-exact, and a rerun must skip what is finished.
+The smoke run (--quick: small towers pretrained first, a small ShapesWorld, a smaller owl, 60 steps
+a stage) must complete, its losses must fall within every stage, the report and plots must be
+written, the export must load back bit-exact, and a rerun must skip what is finished.
 """
 import dataclasses
 import json
@@ -55,7 +55,7 @@ def _losses(workdir, stage):
 
 def test_quick_run_completes_and_losses_fall(quick_run):
     workdir, stdout = quick_run
-    for stage in ("stage0", "stage1", "stage2"):
+    for stage in ("towers/llm", "stage1", "stage2"):
         losses = _losses(workdir, stage)
         assert len(losses) == 60 and np.all(np.isfinite(losses))
         assert np.mean(losses[-6:]) < np.mean(losses[:6]), (stage, losses)
@@ -67,7 +67,7 @@ def test_quick_run_completes_and_losses_fall(quick_run):
 def test_quick_run_report_and_plots(quick_run):
     workdir, _ = quick_run
     report = json.load(open(os.path.join(workdir, "report.json")))
-    assert set(report["stages"]) == {"stage0", "stage1", "stage2"}
+    assert set(report["stages"]) == {"stage1", "stage2"}
     for stage in report["stages"].values():
         acc = stage["accuracy"]
         assert acc["all"]["total"] == 32  # the quick instructions_test split, every question evaluated
@@ -75,8 +75,11 @@ def test_quick_run_report_and_plots(quick_run):
         assert all(0 <= v["accuracy"] <= 1 for v in acc.values())
         assert stage["wall_s"] > 0
     assert "text_only" in report["blind_baselines"] and report["samples"]
-    # stage 0's owl has never seen an image: it is evaluated with the scenes told as text
-    assert [report["stages"][s]["eval_scenes_as_text"] for s in ("stage0", "stage1", "stage2")] == [True, False, False]
+    # what stage 1 started from: the towers made first (--quick implies --from_scratch)
+    towers = report["towers"]
+    assert towers["dir"] == os.path.join(workdir, "towers", "pretrained")
+    assert towers["llm_accuracy_scenes_told"]["all"]["total"] == 32
+    assert set(towers["vit_probes"]) == set(towers["random_vit_probes"]) == {"colour", "shape", "region", "count"}
     for name in ("loss.png", "accuracy.png", "attention.png"):
         with open(os.path.join(workdir, "plots", name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
@@ -130,7 +133,7 @@ def test_quick_run_rerun_skips_finished_work(quick_run):
     workdir, _ = quick_run
     before = json.load(open(os.path.join(workdir, "report.json")))
     stdout = _run_quick(workdir)
-    assert stdout.count("finished earlier") == 3
+    assert stdout.count("finished earlier") == 2
     after = json.load(open(os.path.join(workdir, "report.json")))
     assert after["stages"]["stage2"]["accuracy"] == before["stages"]["stage2"]["accuracy"]
 

@@ -1,13 +1,16 @@
 """The main job: the tiny owl (owl_jax/demo/tiny.py) learns ShapesWorld, stage by stage, on CPU.
 
-    python -m owl_jax.demo.run --workdir=/tmp/owl [--quick] [--blank_images] [--config.stages.stage1.num_steps=...]
+    python -m owl_jax.demo.run --workdir=/tmp/owl [--quick] [--blank_images] [--from_scratch]
+        [--config.stages.stage1.num_steps=...]
 
 Sections:
   model      the tiny owl (owl_jax/demo/tiny.py), shared by every stage; stage 2 adds LoRA
   prepare    the ShapesWorld build (owl_jax.demo.dataset): seed and split sizes
-  stages     stage0 | stage1 | stage2: each is a set of overrides of owl_jax.train's config
+  stages     stage1 | stage2: each is a set of overrides of owl_jax.train's config
              (owl_jax/configs.py:base_config), applied in order; data.dataset_dir and
-             init.params_dir are filled in by the runner
+             init.params_dir are filled in by the runner (stage 1 starts from the towers)
+  towers     the pretrained towers (python -m owl_jax.demo.towers): text sizes, the LLM's training
+             (overrides of owl_jax.train's config), the ViT's SigLIP training and probes
   eval       exact-match evaluation on the held-out split, sample answers, attention plots
   quick      overrides merged over everything above by --quick (the CI smoke run)
 """
@@ -25,31 +28,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = _tiny_model()
     c.blank_images = False  # the control: every image (train and eval) replaced by a blank one
+    # Pretrain the towers first (into WORKDIR/towers) instead of starting from the committed ones
+    # (owl_jax/demo/pretrained, made by `python -m owl_jax.demo.towers` with this file's settings).
+    c.from_scratch = False
     c.prepare = ml_collections.ConfigDict({
         "seed": 0,
-        "sizes": {"captions_train": 4000, "captions_test": 200, "instructions_train": 12000, "instructions_test": 400,
-                  "text_train": 16000},
+        # enough that no training sample repeats: stage 1 draws 600 x 16 captions, stage 2 800 x 16
+        # conversations (a quarter of them from the text-only ones)
+        "sizes": {"captions_train": 10000, "captions_test": 200, "instructions_train": 13000,
+                  "instructions_test": 400},
     })
 
     c.stages = ml_collections.ConfigDict()
-    # Stage 0: text-only pretraining of the tiny LLaMA (it stands in for LLaMA's own pretraining):
-    # captions and instructions with every image written out as its caption (split text_train),
-    # so the LLM learns to answer from what the context shows, plus quizzes (a told scene, then up to
-    # 5 questions about it: many binding examples per scene); the whole LLM trained.
-    c.stages.stage0 = ml_collections.ConfigDict({
-        "stage": "full_ft",
-        "num_steps": 1000,
-        # 32, not 16: binding a told scene is gradient-noise limited (docs/notes/research_log.md,
-        # "Learning rate and batch"): stage 0's told-scene answers 43% -> 50%, and after stage 2 27% -> 33% of the
-        # image questions, for ~6 more minutes.
-        "batch_size": 32,
-        "seq_len": 144,  # text_train conversations are at most ~145 tokens (the quizzes)
-        "max_images_per_batch": 2,  # text only: unused slots
-        "optim": {"lr": 2e-3, "end_lr": 1e-4, "warmup_steps": 50, "weight_decay": 0.01},
-        "data": {"split": "text_train", "text_only": True},
-        "log_every_steps": 10,
-        "checkpoint": {"every_steps": 250},
-    })
     # Stage 1: vision encoder + abstractor on captions, the LLM frozen.
     c.stages.stage1 = ml_collections.ConfigDict({
         "stage": "stage1",
@@ -79,12 +69,38 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "checkpoint": {"every_steps": 100},
     })
 
+    # The pretrained towers (python -m owl_jax.demo.towers): the main job starts from them, as the
+    # paper's stage 1 starts from LLaMA and CLIP. The same seed and held-out sizes as `prepare`, so the
+    # towers never see a held-out scene of the main job.
+    c.towers = ml_collections.ConfigDict()
+    c.towers.prepare_sizes = {"text_train": 192000, "captions_test": 200, "instructions_test": 400}
+    # The tiny LLaMA: every text sample seen once (6000 x 32 = text_train).
+    c.towers.llm = ml_collections.ConfigDict({
+        "stage": "full_ft",
+        "num_steps": 6000,
+        "batch_size": 32,
+        "seq_len": 144,  # the longest quizzes (5 questions) lose their last turns; every test prompt fits
+        "max_images_per_batch": 2,  # text only: unused slots
+        "optim": {"lr": 2e-3, "end_lr": 1e-4, "warmup_steps": 200, "weight_decay": 0.01},
+        "data": {"split": "text_train", "text_only": True},
+        "log_every_steps": 50,
+        "checkpoint": {"every_steps": 500},
+    })
+
+    # The tiny ViT: SigLIP on freshly drawn scenes (half of each batch: twins of the other half, one
+    # thing changed) with a 2 x 128 LLaMA as the text tower; then linear probes on its patch features.
+    c.towers.vit = ml_collections.ConfigDict({
+        "steps": 3000, "batch_size": 64, "lr": 1e-3, "end_lr": 1e-5, "warmup_steps": 100, "weight_decay": 1e-4,
+        "embed_dim": 128, "text_layers": 2, "text_width": 128, "text_heads": 4, "caption_len": 64,
+        "twins": True, "log_every_steps": 100, "seed": 0,
+        "probe_train": 4096, "probe_test": 1024,  # scenes the probes train on / are scored on
+    })
+
     c.eval = ml_collections.ConfigDict({
         "split": "instructions_test",
         "batch_size": 64,
         "max_new_tokens": 12,  # answers are one word or number
         "max_questions": 0,  # 0: all
-        "stage0_scenes_as_text": True,  # stage 0 is asked with every image written out as its caption
         "num_samples": 8,  # sample questions answered and printed (one per category first)
         "attention_images": 3,  # test images drawn with the abstractor's attention
         "attention_queries": 4,  # queries shown per image (heads averaged)
@@ -100,16 +116,23 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             "llm": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 2, "mlp_size": 64},
         },
         "prepare": {"sizes": {"captions_train": 64, "captions_test": 8, "instructions_train": 160,
-                              "instructions_test": 32, "text_train": 200}},
+                              "instructions_test": 32}},
+        "from_scratch": True,  # the committed towers are the full-size tiny owl's: make small ones
         "stages": {
             name: {"num_steps": 60, "batch_size": 8, "log_every_steps": 1, "checkpoint": {"every_steps": 30},
                    "optim": {"warmup_steps": 2, "end_lr": 1e-3}}
-            for name in ("stage0", "stage1", "stage2")
+            for name in ("stage1", "stage2")
         },
         "eval": {"batch_size": 16, "max_new_tokens": 4, "num_samples": 3, "attention_images": 2,
                  "attention_queries": 2},
     })
-    c.quick.stages.stage0.optim.lr = 1e-2
+    c.quick.towers = {
+        "prepare_sizes": {"text_train": 400, "captions_test": 8, "instructions_test": 32},
+        "llm": {"num_steps": 60, "batch_size": 8, "log_every_steps": 1, "checkpoint": {"every_steps": 30},
+                "optim": {"lr": 1e-2, "warmup_steps": 2, "end_lr": 1e-3}},
+        "vit": {"steps": 20, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "text_layers": 1, "text_width": 32,
+                "text_heads": 2, "log_every_steps": 5, "probe_train": 64, "probe_test": 32},
+    }
     c.quick.stages.stage1.optim.lr = 5e-3
     c.quick.stages.stage2.optim.lr = 3e-3
     c.quick.stages.stage2.batch_size = 16  # stage 2 has ~3 answer tokens a sample: less noisy steps

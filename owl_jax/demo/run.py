@@ -1,18 +1,20 @@
 r"""The main job: a tiny owl learns ShapesWorld on CPU, end to end, in one command.
 
-  python -m owl_jax.demo.run --workdir=/tmp/owl                  # the tiny owl: 19 min on 2 CPU cores (tcmalloc)
+  python -m owl_jax.demo.run --workdir=/tmp/owl                  # the tiny owl, from the pretrained towers
   python -m owl_jax.demo.run --workdir=/tmp/owl_blank --blank_images   # the control: every image blank
-  python -m owl_jax.demo.run --workdir=/tmp/owl_ci --quick       # CI-sized smoke run (seconds a stage)
+  python -m owl_jax.demo.run --workdir=/tmp/owl --from_scratch   # pretrain the towers first (hours)
+  python -m owl_jax.demo.run --workdir=/tmp/owl_ci --quick       # CI-sized smoke run, towers included
   [--config=owl_jax/demo/config.py] [--config.stages.stage1.num_steps=600 ...]
 
 Sections below, top to bottom:
-  data     ShapesWorld is generated into WORKDIR/data (kept if already there)
-  stage 0  text-only pretraining of the LLM (full_ft; captions and instructions with every image
-           written out as its caption: the ShapesWorld split text_train); evaluated with the
-           scenes told as text (what the LLM alone can answer once it is told what is there)
-  stage 1  vision encoder + abstractor on captions, LLM frozen
+  towers   the pretrained tiny LLaMA and ViT and their tokenizer (as the paper starts from LLaMA
+           and CLIP): owl_jax/demo/pretrained, made by `python -m owl_jax.demo.towers`; with
+           --from_scratch or --quick they are made first, into WORKDIR/towers
+  data     ShapesWorld is generated into WORKDIR/data (kept if already there), tokenised by the
+           towers' tokenizer
+  stage 1  vision encoder + abstractor on captions, LLM frozen, from the towers
   stage 2  LoRA (q, v) + abstractor on the instruction mix (text-only samples included)
-           each stage trains into WORKDIR/stage{0,1,2} (owl_jax.train: checkpoints/, metrics.jsonl,
+           each stage trains into WORKDIR/stage{1,2} (owl_jax.train: checkpoints/, metrics.jsonl,
            tensorboard/, params/) and is then evaluated: exact match per ability category on the
            held-out split, batched greedy decoding (stage{k}/eval.json)
   samples  a few test questions and the stage-2 owl's answers, printed
@@ -34,9 +36,9 @@ import time
 from absl import app, flags
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
-STAGES = ("stage0", "stage1", "stage2")
+PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
+STAGES = ("stage1", "stage2")
 STAGE_TITLES = {
-    "stage0": "stage 0: text-only LLM pretraining",
     "stage1": "stage 1: vision + abstractor on captions",
     "stage2": "stage 2: LoRA + abstractor on instructions",
 }
@@ -54,6 +56,8 @@ def _define_flags() -> None:
     FLAGS.set_default("config", DEFAULT_CONFIG)
     flags.DEFINE_bool("quick", False, "CI-sized smoke run: merge the config's `quick` section.")
     flags.DEFINE_bool("blank_images", False, "The control run: every image (training and evaluation) blank.")
+    flags.DEFINE_bool("from_scratch", False, "Pretrain the towers first (owl_jax.demo.towers, into WORKDIR/towers) "
+                      "instead of starting from the committed ones.")
 
 
 # ------------------------------------------------------------------------------------ config
@@ -73,8 +77,8 @@ def merge(dst, src, where: str = "config") -> None:
             dst[key] = value.to_dict() if hasattr(value, "to_dict") else value
 
 
-def resolve_config(config, quick: bool = False, blank_images: bool = False):
-    """The job's config with --quick / --blank_images applied (a copy)."""
+def resolve_config(config, quick: bool = False, blank_images: bool = False, from_scratch: bool = False):
+    """The job's config with --quick / --blank_images / --from_scratch applied (a copy)."""
     import ml_collections
 
     config = ml_collections.ConfigDict(config.to_dict())
@@ -82,21 +86,30 @@ def resolve_config(config, quick: bool = False, blank_images: bool = False):
         merge(config, config.quick)
     if blank_images:
         config.blank_images = True
+    if from_scratch:
+        config.from_scratch = True
     return config
 
 
 def stage_config(config, name: str, data_dir: str, init_dir: str):
     """owl_jax.train's config for stage `name`: base_config(model), then the stage's overrides."""
+    return train_config(config.model, config.stages[name], f"stages.{name}", data_dir, init_dir,
+                        bool(config.blank_images))
+
+
+def train_config(model, overrides, where: str, data_dir: str, init_dir: str, blank_images: bool = False):
+    """owl_jax.train's config: base_config(model) with `overrides` (named `where` in errors) merged,
+    reading the ShapesWorld build in `data_dir` and starting from the params dir `init_dir`."""
     from owl_jax.configs import base_config
     from owl_jax.models.config import owl_config_from_dict
 
-    tc = base_config(owl_config_from_dict(config.model.to_dict()))
-    merge(tc, config.stages[name], f"stages.{name}")
+    tc = base_config(owl_config_from_dict(model.to_dict()))
+    merge(tc, overrides, where)
     tc.data.source = "tfds"
     tc.data.dataset = "shapesworld"
     tc.data.dataset_dir = data_dir
     tc.data.tokenizer_path = os.path.join(data_dir, "tokenizer")
-    tc.data.blank_images = bool(config.blank_images)
+    tc.data.blank_images = blank_images
     tc.init.params_dir = init_dir
     return tc
 
@@ -178,12 +191,7 @@ def evaluate_stage(config, name: str, workdir: str, data_dir: str) -> dict:
     path = os.path.join(workdir, name, "eval.json")
     if os.path.exists(path):
         return _read_json(path)
-    # Stage 0's owl has never seen an image: it is asked with the scenes told as text, which
-    # measures what the LLM can answer once the vision side tells it what is there.
-    told = name == "stage0" and bool(config.eval.stage0_scenes_as_text)
-    result = evaluate(os.path.join(workdir, name, "params"), data_dir, config.eval, bool(config.blank_images), name,
-                      scenes_as_text=told)
-    result["scenes_as_text"] = told
+    result = evaluate(os.path.join(workdir, name, "params"), data_dir, config.eval, bool(config.blank_images), name)
     _write_json(path, result)
     acc = result["accuracy"]
     print(f"   {name} exact match: " + ", ".join(f"{c} {100 * a['accuracy']:.0f}%" for c, a in acc.items())
@@ -244,8 +252,8 @@ def test_answers_for_baselines(data_dir: str, split: str):
     return rows(split.replace("_test", "_train")), list(rows(split))
 
 
-def write_report(config, workdir: str, data_dir: str, timings: dict, stages: dict, evals: dict, samples: list,
-                 exported: dict) -> dict:
+def write_report(config, workdir: str, data_dir: str, towers: dict, timings: dict, stages: dict, evals: dict,
+                 samples: list, exported: dict) -> dict:
     from owl_jax.demo import report as rp
     from owl_jax.params_io import load_params
 
@@ -256,9 +264,8 @@ def write_report(config, workdir: str, data_dir: str, timings: dict, stages: dic
     train_rows, test_rows = test_answers_for_baselines(data_dir, config.eval.split)
     baselines = rp.blind_baselines(train_rows, test_rows)
     rp.plot_losses(metrics, STAGE_TITLES, os.path.join(plots, "loss.png"))
-    labels = {n: n + (" (scenes told as text)" if evals[n].get("scenes_as_text") else "") for n in STAGES}
     rp.plot_accuracy(
-        {labels[n]: evals[n]["accuracy"] for n in STAGES},
+        {"pretrained LLM (scenes told as text)": towers["llm"]["accuracy"]} | {n: evals[n]["accuracy"] for n in STAGES},
         baselines,
         os.path.join(plots, "accuracy.png"),
         title="ShapesWorld held-out exact match" + (" (blank-image control)" if config.blank_images else ""),
@@ -298,8 +305,10 @@ def write_report(config, workdir: str, data_dir: str, timings: dict, stages: dic
                        "num_steps": stages[n]["num_steps"], "batch_size": stages[n]["batch_size"],
                        "seq_len": stages[n]["seq_len"], "split": stages[n]["split"],
                        "loss": rp.loss_summary(metrics[n]), "accuracy": evals[n]["accuracy"],
-                       "eval_scenes_as_text": bool(evals[n].get("scenes_as_text")),
                        "eval_wall_s": evals[n]["wall_s"]} for n in STAGES},
+        # what the job started from: the LLM asked with the scenes told as text, the ViT's probes
+        "towers": {"dir": towers["dir"], "llm_accuracy_scenes_told": towers["llm"]["accuracy"],
+                   "vit_probes": towers["vit"]["probes"], "random_vit_probes": towers["vit"]["probes_random"]},
         "blind_baselines": baselines,
         # stage 2 abstractor: mean share of a query's attention on the image patches (vs queries, CLS)
         "abstractor_attention_on_patches": attention_on_patches,
@@ -331,22 +340,33 @@ def run(config, workdir: str) -> dict:
 
 
 def _run(config, workdir: str) -> dict:
+    from owl_jax.demo import towers as tw
     from owl_jax.demo.dataset import prepare
 
     t_start = time.time()
     timings: dict = {}
+
+    # ------------------------------------------------------------------------------- towers
+    towers_dir = PRETRAINED
+    if config.from_scratch:
+        t0 = time.time()
+        towers_dir = tw.make_towers(config, os.path.join(workdir, "towers"))["out"]
+        timings["towers_s"] = time.time() - t0
+    towers = _read_json(os.path.join(towers_dir, tw.TOWERS_JSON)) | {"dir": towers_dir}
+    print(f"== towers: {towers_dir}")
 
     # ------------------------------------------------------------------------------- data
     data_dir = os.path.join(workdir, "data")
     t0 = time.time()
     if not os.path.exists(os.path.join(data_dir, "tokenizer", "tokenizer.model")):
         print(f"== data: generating ShapesWorld into {data_dir}")
-        prepare(data_dir, seed=config.prepare.seed, sizes=config.prepare.sizes.to_dict())
+        prepare(data_dir, seed=config.prepare.seed, sizes=config.prepare.sizes.to_dict(),
+                tokenizer=os.path.join(towers_dir, "tokenizer"))
     timings["data_s"] = time.time() - t0
 
-    # ------------------------------------------------------------------------------- stages 0, 1, 2
+    # ------------------------------------------------------------------------------- stages 1, 2
     stages, evals = {}, {}
-    init_dir = ""
+    init_dir = towers_dir
     for name in STAGES:
         stages[name] = run_stage(config, name, workdir, data_dir, init_dir)
         evals[name] = evaluate_stage(config, name, workdir, data_dir)
@@ -361,7 +381,7 @@ def _run(config, workdir: str) -> dict:
     # ------------------------------------------------------------------------------- report
     previous = os.path.join(workdir, "report.json")
     invocations = _read_json(previous).get("invocations", []) if os.path.exists(previous) else []
-    report = write_report(config, workdir, data_dir, timings, stages, evals, samples, exported)
+    report = write_report(config, workdir, data_dir, towers, timings, stages, evals, samples, exported)
     timings["this_invocation_s"] = time.time() - t_start
     report["timings_s"] = timings
     # every invocation that reached the report (a rerun skips finished work: its time is small)
@@ -378,7 +398,8 @@ def _run(config, workdir: str) -> dict:
 def main(argv):
     del argv
     _train.start_program()
-    sys.exit(_train.run_cli(lambda: run(resolve_config(FLAGS.config, FLAGS.quick, FLAGS.blank_images), FLAGS.workdir)))
+    config = resolve_config(FLAGS.config, FLAGS.quick, FLAGS.blank_images, FLAGS.from_scratch)
+    sys.exit(_train.run_cli(lambda: run(config, FLAGS.workdir)))
 
 
 if __name__ == "__main__":

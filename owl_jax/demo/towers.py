@@ -1,0 +1,214 @@
+r"""The main job's pretrained towers, made as the paper's are before its stage 1: the tiny LLaMA
+pretrained on ShapesWorld text (LLaMA's part), the tiny ViT by a contrastive image-text objective
+(CLIP's part), and the tokenizer they share.
+
+    python -m owl_jax.demo.towers --workdir=DIR [--quick] [--only=llm|vit] [--config.towers.llm.num_steps=...]
+
+Sections, top to bottom (settings: the `towers` section of owl_jax/demo/config.py):
+  data   ShapesWorld text (captions, instructions and quizzes with every scene told as text; no
+         scene of the main job's held-out splits) and its tokenizer, into DIR/data
+  llm    the tiny LLaMA trained on it (owl_jax.train, the whole LLM: DIR/llm), then asked the
+         held-out questions with each scene told as text (DIR/llm/eval.json)
+  vit    the tiny ViT and a small text tower trained by SigLIP's sigmoid loss on freshly drawn
+         scenes and their captions (DIR/vit), then linear probes on its patch features
+  out    DIR/towers: an owl_jax params dir holding the LLM and the ViT (no abstractor: stage 1
+         initialises it), DIR/towers/tokenizer, DIR/towers/towers.json (figures and times)
+
+Resumable like the main job: a finished part is skipped, an interrupted one resumes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+from absl import app, flags
+
+from owl_jax.demo import run as job
+from owl_jax.training.checkpoints import WorkdirLock
+
+FLAGS = flags.FLAGS
+PARTS = ("llm", "vit")
+TOWERS_JSON = "towers.json"
+
+
+def _define_flags() -> None:
+    job._define_flags()
+    flags.DEFINE_enum("only", None, PARTS, "Make one tower only.")
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def prepare_text(config, workdir: str) -> str:
+    """ShapesWorld text and its tokenizer into WORKDIR/data; returns that dir."""
+    from owl_jax.demo.dataset import prepare
+
+    data_dir = os.path.join(workdir, "data")
+    if not os.path.exists(os.path.join(data_dir, "tokenizer", "tokenizer.model")):
+        print(f"== data: ShapesWorld text into {data_dir}")
+        prepare(data_dir, seed=config.prepare.seed, sizes=config.towers.prepare_sizes.to_dict())
+    return data_dir
+
+
+# ------------------------------------------------------------------------------------ the LLM
+
+
+def pretrain_llm(config, workdir: str, data_dir: str) -> dict:
+    """Trains the tiny LLaMA on ShapesWorld text (resumable), then asks it the held-out questions
+    with each scene told as text. Returns {"wall_s", "accuracy", "last_metrics"}."""
+    from owl_jax import train
+
+    out = os.path.join(workdir, "llm")
+    done = os.path.join(out, "eval.json")
+    if os.path.exists(done):
+        return job._read_json(done)
+    tc = job.train_config(config.model, config.towers.llm, "towers.llm", data_dir, "")
+    print(f"== llm: {tc.num_steps} steps of {tc.batch_size} x {tc.seq_len} tokens on {tc.data.split}")
+    t0 = time.time()
+    last = train.train(tc, out)
+    wall = time.time() - t0
+    if not os.path.exists(os.path.join(out, "params", "owl_config.json")):
+        raise SystemExit("the LLM's pretraining stopped before its last step (preempted?): rerun to resume")
+    result = job.evaluate(os.path.join(out, "params"), data_dir, config.eval, False, "llm", scenes_as_text=True)
+    record = {"wall_s": wall, "last_metrics": last, "eval_wall_s": result["wall_s"], "accuracy": result["accuracy"],
+              "answers": result["answers"]}
+    job._write_json(done, record)
+    print("   llm exact match, scenes told as text: "
+          + ", ".join(f"{c} {100 * a['accuracy']:.0f}%" for c, a in record["accuracy"].items()))
+    return record
+
+
+# ------------------------------------------------------------------------------------ the ViT
+
+
+def siglip_settings(v):
+    """config.towers.vit -> siglip.Settings."""
+    from owl_jax.demo import siglip
+
+    return siglip.Settings(**{f.name: v[f.name] for f in dataclasses.fields(siglip.Settings)})
+
+
+def held_out_caption_keys(config) -> set:
+    """The sample keys of the main job's held-out captions (scene + caption): never trained on."""
+    from owl_jax.demo.scenes import split_keys
+
+    return split_keys("captions_test", config.prepare.sizes.captions_test, config.prepare.seed)
+
+
+def pretrain_vit(config, workdir: str, data_dir: str) -> dict:
+    """Trains the tiny ViT (and its text tower) by the sigmoid contrastive loss, then probes its patch
+    features and a random ViT's. Returns {"wall_s", "history", "probes", "probes_random"} and keeps the
+    ViT's params in WORKDIR/vit. Training that stopped half-way starts again; finished, it is kept."""
+    out = os.path.join(workdir, "vit")
+    done = os.path.join(out, "vit.json")
+    if os.path.exists(done):
+        return job._read_json(done)
+    with WorkdirLock(out):
+        return _pretrain_vit(config, out, data_dir)
+
+
+def _pretrain_vit(config, out: str, data_dir: str) -> dict:
+    import jax
+
+    from owl_jax.data.tokenizer import load_tokenizer
+    from owl_jax.demo import siglip
+    from owl_jax.models.config import owl_config_from_dict
+    from owl_jax.models.vision import VisionEncoder
+    from owl_jax.params_io import load_params, save_params
+
+    v = config.towers.vit
+    cfg = owl_config_from_dict(config.model.to_dict())
+    tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer"))
+    data = siglip.Scenes(tokenizer, cfg.vision.image_size, v.caption_len, v.seed, held_out_caption_keys(config))
+    trained = os.path.join(out, "train.json")
+    if not os.path.exists(trained):
+        settings = siglip_settings(v)
+        print(f"== vit: {settings.steps} steps of {settings.batch_size} scenes and captions (SigLIP)")
+        t0 = time.time()
+        params, history = siglip.train(cfg.vision, settings, data, len(tokenizer))
+        save_params(os.path.join(out, "params"), {"vision_model": params["vision_model"]}, cfg)
+        job._write_json(trained, {"wall_s": time.time() - t0, "history": history})
+    train_record = job._read_json(trained)
+    vision, _ = load_params(os.path.join(out, "params"))
+    scenes = siglip.probe_scenes(data, v.probe_train, v.probe_test)
+    probes = siglip.probe_vit(cfg.vision, vision["vision_model"], scenes)
+    random = VisionEncoder(cfg.vision).init(jax.random.PRNGKey(v.seed + 1), scenes["test"][0][:1])["params"]
+    probes_random = siglip.probe_vit(cfg.vision, random, scenes)
+    record = train_record | {"probes": probes, "probes_random": probes_random}
+    job._write_json(os.path.join(out, "vit.json"), record)
+    print("   vit linear probes (held-out scenes): " + ", ".join(
+        f"{k} {100 * probes[k]:.0f}% (random ViT {100 * probes_random[k]:.0f}%)" for k in probes))
+    return record
+
+
+# ------------------------------------------------------------------------------------ out
+
+
+def assemble(workdir: str, data_dir: str, made: dict, config) -> str:
+    """WORKDIR/pretrained: the owl params dir of the two towers (abstractor and queries absent: stage 1
+    initialises them), its tokenizer and towers.json. Returns its path."""
+    import shutil
+
+    from owl_jax.params_io import load_params, save_params
+
+    out = os.path.join(workdir, "pretrained")
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    llm, cfg = load_params(os.path.join(workdir, "llm", "params"))
+    vit, _ = load_params(os.path.join(workdir, "vit", "params"))
+    save_params(tmp, {"vision_model": vit["vision_model"], "language_model": llm["language_model"]}, cfg)
+    shutil.copytree(os.path.join(data_dir, "tokenizer"), os.path.join(tmp, "tokenizer"))
+    record = {
+        "command": "python -m owl_jax.demo.towers --workdir=DIR",
+        "llm": {k: made["llm"][k] for k in ("wall_s", "eval_wall_s", "accuracy", "last_metrics", "answers")},
+        "vit": {k: made["vit"][k] for k in ("wall_s", "probes", "probes_random", "history")},
+        "settings": config.towers.to_dict(),
+    }
+    job._write_json(os.path.join(tmp, TOWERS_JSON), record)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    print(f"== towers: {out}")
+    return out
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def make_towers(config, workdir: str, only: str | None = None) -> dict:
+    """Makes the towers into `workdir` (resumable); returns {"llm", "vit", "out"} (what was made).
+    `config` is the main job's (owl_jax/demo/config.py), --quick already merged if given."""
+    from owl_jax.cli import absolute
+
+    workdir = absolute(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    # Each part holds its own lock (the LLM's: owl_jax.train's on WORKDIR/llm), so the two towers
+    # may be made at once by two processes (--only=llm, --only=vit) once the data is there.
+    with WorkdirLock(workdir):
+        data_dir = prepare_text(config, workdir)
+    made = {}
+    if only in (None, "llm"):
+        made["llm"] = pretrain_llm(config, workdir, data_dir)
+    if only in (None, "vit"):
+        made["vit"] = pretrain_vit(config, workdir, data_dir)
+    if only is None:
+        with WorkdirLock(workdir):
+            made["out"] = assemble(workdir, data_dir, made, config)
+    return made
+
+
+def main(argv):
+    del argv
+    from owl_jax import train
+
+    train.start_program()
+    config = job.resolve_config(FLAGS.config, FLAGS.quick)
+    sys.exit(train.run_cli(lambda: make_towers(config, FLAGS.workdir, FLAGS.only)))
+
+
+if __name__ == "__main__":
+    from owl_jax.cli import parse_absl_flags
+
+    _define_flags()
+    app.run(main, flags_parser=parse_absl_flags)

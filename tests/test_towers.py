@@ -1,0 +1,203 @@
+"""The pretrained towers (python -m owl_jax.demo.towers): the command CI-sized, the committed towers
+against their recorded figures, and the pieces (the SigLIP loss, twins, probes, the tokenizer)."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import subprocess_env
+
+PRETRAINED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "owl_jax", "demo",
+                          "pretrained")
+
+
+def _one_device_env():
+    env = subprocess_env()
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform" not in f)
+    return env
+
+
+def test_towers_command_quick(tmp_path):
+    """The command as a user types it (relative workdir), CI-sized: both towers train (their losses
+    fall), are probed and evaluated, and come out as one owl params dir that stage 1 can start from."""
+    from owl_jax.demo import tiny
+    from owl_jax.params_io import load_params
+
+    proc = subprocess.run([sys.executable, "-m", "owl_jax.demo.towers", "--workdir=towers", "--quick"], cwd=tmp_path,
+                          env=_one_device_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = tmp_path / "towers" / "pretrained"
+    params, cfg = load_params(str(out))
+    assert set(params) == {"vision_model", "language_model"}  # the abstractor is stage 1's to make
+    assert cfg.llm.hidden_size < tiny.get_config().model.llm.hidden_size  # --quick's smaller owl
+    record = json.load(open(out / "towers.json"))
+    assert record["llm"]["accuracy"]["all"]["total"] == 32
+    assert len(record["llm"]["answers"]) == 32
+    assert set(record["vit"]["probes"]) == {"colour", "shape", "region", "count"}
+    siglip_losses = [loss for _, loss, _ in record["vit"]["history"]]
+    assert siglip_losses[-1] < siglip_losses[0], siglip_losses
+    llm = [json.loads(line)["loss"] for line in open(tmp_path / "towers" / "llm" / "metrics.jsonl")]
+    assert np.mean(llm[-6:]) < np.mean(llm[:6]), llm
+    assert os.path.exists(out / "tokenizer" / "tokenizer.model")
+    # a rerun finds everything made
+    again = subprocess.run([sys.executable, "-m", "owl_jax.demo.towers", "--workdir=towers", "--quick"], cwd=tmp_path,
+                           env=_one_device_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "siglip step" not in again.stdout and "== llm" not in again.stdout
+
+
+# ------------------------------------------------------------------------------------ committed towers
+
+
+def _committed():
+    from owl_jax.params_io import load_params
+
+    params, cfg = load_params(PRETRAINED)
+    return params, cfg, json.load(open(os.path.join(PRETRAINED, "towers.json")))
+
+
+def test_committed_towers_fit_the_main_job_and_are_small():
+    from owl_jax.data.tokenizer import load_tokenizer
+    from owl_jax.demo import config as job_config
+    from owl_jax.models.config import owl_config_from_dict
+    from owl_jax.params_io import load_params_for
+
+    _, cfg, _ = _committed()
+    job_cfg = owl_config_from_dict(job_config.get_config().model.to_dict())
+    assert cfg == job_cfg
+    params, fresh = load_params_for(PRETRAINED, job_cfg)  # what stage 1 does
+    assert fresh and all(p.startswith(("abstractor/", "query_tokens")) for p in fresh)
+    assert len(load_tokenizer(os.path.join(PRETRAINED, "tokenizer"))) <= cfg.llm.vocab_size
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(PRETRAINED) for f in fs)
+    assert size < 25e6, size
+
+
+def test_committed_vit_probes_match_their_record_and_beat_a_random_vit():
+    """The probes of towers.json, recomputed with the recorded settings (the same scenes: drawn from
+    the seed), within 2 points; and the trained ViT reads shape and count far better than a random
+    ViT of the same shape does."""
+    from owl_jax.data.tokenizer import load_tokenizer
+    from owl_jax.demo import siglip
+    from owl_jax.models.vision import VisionEncoder
+
+    params, cfg, record = _committed()
+    v = record["settings"]["vit"]
+    data = siglip.Scenes(load_tokenizer(os.path.join(PRETRAINED, "tokenizer")), cfg.vision.image_size,
+                         v["caption_len"], v["seed"])
+    scenes = siglip.probe_scenes(data, v["probe_train"], v["probe_test"])
+    probes = siglip.probe_vit(cfg.vision, params["vision_model"], scenes)
+    for name, value in record["vit"]["probes"].items():
+        assert abs(probes[name] - value) <= 0.02, (name, probes[name], value)
+    random = VisionEncoder(cfg.vision).init(jax.random.PRNGKey(v["seed"] + 1), scenes["test"][0][:1])
+    random_probes = siglip.probe_vit(cfg.vision, random["params"], scenes)
+    for name in ("shape", "count"):
+        assert probes[name] > random_probes[name] + 0.1, (name, probes, random_probes)
+    for name in ("colour", "region"):
+        assert probes[name] >= random_probes[name], (name, probes, random_probes)
+
+
+def test_committed_llm_answers_as_recorded(tmp_path):
+    """The first 64 held-out questions, scenes told as text, answered as towers.json records (greedy;
+    another CPU's rounding may flip a near tie, so 60 of 64)."""
+    import owl_jax
+    from owl_jax.demo.dataset import iter_test_questions, prepare
+
+    _, cfg, record = _committed()
+    prepare(str(tmp_path), seed=0, sizes={"instructions_test": len(record["llm"]["answers"])},
+            tokenizer=os.path.join(PRETRAINED, "tokenizer"))
+    questions = list(iter_test_questions(str(tmp_path), scenes_as_text=True))[:64]
+    owl = owl_jax.load(PRETRAINED, tokenizer=os.path.join(PRETRAINED, "tokenizer"), prompt_tokenization="training")
+    got = owl.generate([{"prompt": q["prompt"], "images": []} for q in questions], batch_size=64, max_new_tokens=12)
+    recorded = {r["index"]: r["prediction"] for r in record["llm"]["answers"]}
+    same = sum(g == recorded[q["index"]] for g, q in zip(got, questions))
+    assert same >= 60, (same, list(zip(got, [recorded[q["index"]] for q in questions]))[:10])
+
+
+# ------------------------------------------------------------------------------------ pieces
+
+
+def test_sigmoid_loss_prefers_the_matched_pairs():
+    from owl_jax.demo.siglip import sigmoid_loss
+
+    matched = np.where(np.eye(4), 5.0, -5.0).astype(np.float32)
+    assert float(sigmoid_loss(matched)) < float(sigmoid_loss(-matched))
+    # each image: -sum_j log sigmoid(label_ij * logit_ij)
+    logits = np.random.default_rng(0).normal(size=(3, 3)).astype(np.float32)
+    labels = 2 * np.eye(3) - 1
+    expected = -np.mean(np.sum(np.log(1 / (1 + np.exp(-labels * logits))), -1))
+    np.testing.assert_allclose(float(sigmoid_loss(logits)), expected, rtol=1e-5)
+
+
+def test_twins_differ_in_one_thing_and_batches_repeat_from_the_seed(shapesworld_dir):
+    from owl_jax.data.tokenizer import load_tokenizer
+    from owl_jax.demo import scenes as sw
+    from owl_jax.demo.siglip import Scenes
+
+    data = Scenes(load_tokenizer(os.path.join(shapesworld_dir, "tokenizer")), 28, 64, seed=3)
+    pixels, ids, mask, drawn = data.batch(5, 16, twins=True)
+    for a, b in zip(drawn[:8], drawn[8:]):
+        (ka, word_a), (kb, word_b) = sw.scene_key(a), sw.scene_key(b)
+        assert word_a == word_b
+        # one shape's kind or colour changed (two entries differ), or one shape more or fewer (one)
+        changed = set(ka) ^ set(kb)
+        assert len(changed) in (1, 2) and len({region for _, _, region in changed}) == 1, (ka, kb)
+    again = data.batch(5, 16, twins=True)
+    np.testing.assert_array_equal(pixels, again[0])
+    np.testing.assert_array_equal(ids, again[1])
+    assert (mask.sum(1) < 64).all()  # no caption cut
+    assert not np.array_equal(pixels, data.batch(6, 16, twins=True)[0])
+
+
+def test_held_out_captions_are_never_drawn(shapesworld_dir):
+    from owl_jax.data.tokenizer import load_tokenizer
+    from owl_jax.demo import scenes as sw
+    from owl_jax.demo.siglip import Scenes
+
+    tok = load_tokenizer(os.path.join(shapesworld_dir, "tokenizer"))
+    first = Scenes(tok, 28, 64, seed=0).batch(0, 6)[3]
+    keys = {sw.sample_key({"category": "caption", "scenes": [s], "caption": sw.describe(s)}) for s in first}
+    again = Scenes(tok, 28, 64, seed=0, exclude=keys).batch(0, 6)[3]
+    assert not keys & {sw.sample_key({"category": "caption", "scenes": [s], "caption": sw.describe(s)})
+                       for s in again}
+
+
+def test_linear_probes_read_a_planted_signal():
+    """Features that carry the labels linearly are read (near) perfectly; noise is read at chance."""
+    from owl_jax.demo.siglip import PROBE_CLASSES, linear_probes
+
+    rng = np.random.default_rng(0)
+
+    def labels(n):
+        colour = rng.integers(0, 9, (n, 5))
+        region = (colour < 8).astype(np.int64)
+        return {"colour": colour, "shape": np.where(region == 1, rng.integers(0, 4, (n, 5)), 4), "region": region,
+                "count": rng.integers(0, 4, n)}
+
+    def planted(lab):
+        parts = [np.eye(c)[lab[k].reshape(len(lab[k]), -1)].reshape(len(lab[k]), -1)
+                 for k, (_, c) in PROBE_CLASSES.items()]
+        return np.concatenate(parts + [rng.normal(size=(len(parts[0]), 32))], 1).astype(np.float32)
+
+    train, test = labels(512), labels(256)
+    read = linear_probes(planted(train), train, planted(test), test)
+    assert min(read.values()) > 0.97, read
+    noise = linear_probes(rng.normal(size=(512, 64)).astype(np.float32), train,
+                          rng.normal(size=(256, 64)).astype(np.float32), test)
+    assert noise["count"] < 0.45 and noise["shape"] < 0.5, noise
+
+
+@pytest.mark.parametrize("word", ["QXZAB", "HELLO"])
+def test_the_committed_tokenizer_spells_capitals_one_letter_a_token(word):
+    from owl_jax.data.tokenizer import encode_text, load_tokenizer
+
+    tok = load_tokenizer(os.path.join(PRETRAINED, "tokenizer"))
+    sentence = f"Spell the word {word} backwards."
+    ids = encode_text(tok, sentence)
+    pieces = tok.convert_ids_to_tokens(ids)
+    at = pieces.index("▁word") + 2  # "▁word", "▁", then the letters
+    assert pieces[at: at + len(word)] == list(word) and pieces[at + len(word)] == "▁backwards", pieces
+    assert "Human" in tok.convert_ids_to_tokens(encode_text(tok, "Human: hi"))  # capitalised words stay whole
+    assert tok.decode(ids) == sentence
