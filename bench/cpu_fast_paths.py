@@ -40,7 +40,8 @@ VARIANTS = {
 def stage_train_config(name: str):
     """owl_jax.train's config of a main-job stage, or of the LLM tower's pretraining ("llm")."""
     from owl_jax.configs import load_config_file
-    from owl_jax.demo.run import DEFAULT_CONFIG, stage_config, train_config
+    from owl_jax.demo.jobs import DEFAULT_CONFIG, train_config
+    from owl_jax.demo.run import stage_config
 
     job = load_config_file(DEFAULT_CONFIG)
     if name == "llm":

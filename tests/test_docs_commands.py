@@ -337,14 +337,14 @@ def check_absl(module, name: str, args: list[str]) -> None:
                             f"{sorted(module.HBM_BYTES)}")
     if name in ("owl_jax.demo.run", "owl_jax.demo.towers"):
         from owl_jax.cli import UserError
-        from owl_jax.demo import run
+        from owl_jax.demo import jobs, run
 
         try:
-            job = run.resolve_config(fv.config, fv.quick)
+            job = jobs.resolve_config(fv.config, fv.quick)
             for stage in run.STAGES:  # each stage's owl_jax.train config, as the job builds it
                 problems += [f"stages.{stage}: {p}" for p in
                              training_config_problems(run.stage_config(job, stage, "DATA", ""))]
-            llm = run.train_config(job.model, job.towers.llm, "towers.llm", "DATA", "")
+            llm = jobs.train_config(job.model, job.towers.llm, "towers.llm", "DATA", "")
             problems += [f"towers.llm: {p}" for p in training_config_problems(llm)]
         except UserError as e:
             problems.append(str(e))

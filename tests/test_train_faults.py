@@ -250,7 +250,7 @@ def _cli(*args, cwd=REPO):
     )
 
 
-@pytest.mark.parametrize("module", ["owl_jax.train", "owl_jax.demo.run", "owl_jax.aot"])
+@pytest.mark.parametrize("module", ["owl_jax.train", "owl_jax.demo.run", "owl_jax.demo.towers", "owl_jax.aot"])
 def test_help_exits_zero_and_lists_the_flags(module):
     r = _cli(module, "--help")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -27,7 +27,6 @@ and resumes an interrupted stage from its last checkpoint. Every setting is in t
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -35,7 +34,6 @@ import time
 
 from absl import app, flags
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
 PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
 STAGES = ("stage1", "stage2")
 STAGE_TITLES = {
@@ -45,6 +43,14 @@ STAGE_TITLES = {
 
 FLAGS = flags.FLAGS
 from owl_jax import train as _train  # noqa: E402
+from owl_jax.demo.jobs import (  # noqa: E402
+    DEFAULT_CONFIG,
+    evaluate,
+    read_json,
+    resolve_config,
+    train_config,
+    write_json,
+)
 
 
 def _define_flags() -> None:
@@ -63,70 +69,13 @@ def _define_flags() -> None:
 # ------------------------------------------------------------------------------------ config
 
 
-def merge(dst, src, where: str = "config") -> None:
-    """Recursively sets `src`'s leaves (dicts or ConfigDicts) into the ConfigDict `dst`; unknown keys
-    are an error (a typo in a stage section must not pass silently)."""
-    from owl_jax.cli import UserError
-
-    for key, value in (src.items() if hasattr(src, "items") else []):
-        if key not in dst:
-            raise UserError(f"{where}.{key}: no such field")
-        if hasattr(value, "items") and hasattr(dst[key], "items"):
-            merge(dst[key], value, f"{where}.{key}")
-        else:
-            dst[key] = value.to_dict() if hasattr(value, "to_dict") else value
-
-
-def resolve_config(config, quick: bool = False, blank_images: bool = False, from_scratch: bool = False):
-    """The job's config with --quick / --blank_images / --from_scratch applied (a copy)."""
-    import ml_collections
-
-    config = ml_collections.ConfigDict(config.to_dict())
-    if quick:
-        merge(config, config.quick)
-    if blank_images:
-        config.blank_images = True
-    if from_scratch:
-        config.from_scratch = True
-    return config
-
-
 def stage_config(config, name: str, data_dir: str, init_dir: str):
     """owl_jax.train's config for stage `name`: base_config(model), then the stage's overrides."""
     return train_config(config.model, config.stages[name], f"stages.{name}", data_dir, init_dir,
                         bool(config.blank_images))
 
 
-def train_config(model, overrides, where: str, data_dir: str, init_dir: str, blank_images: bool = False):
-    """owl_jax.train's config: base_config(model) with `overrides` (named `where` in errors) merged,
-    reading the ShapesWorld build in `data_dir` and starting from the params dir `init_dir`."""
-    from owl_jax.configs import base_config
-    from owl_jax.models.config import owl_config_from_dict
-
-    tc = base_config(owl_config_from_dict(model.to_dict()))
-    merge(tc, overrides, where)
-    tc.data.source = "tfds"
-    tc.data.dataset = "shapesworld"
-    tc.data.dataset_dir = data_dir
-    tc.data.tokenizer_path = os.path.join(data_dir, "tokenizer")
-    tc.data.blank_images = blank_images
-    tc.init.params_dir = init_dir
-    return tc
-
-
 # ------------------------------------------------------------------------------------ stages
-
-
-def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def run_stage(config, name: str, workdir: str, data_dir: str, init_dir: str) -> dict:
@@ -135,7 +84,7 @@ def run_stage(config, name: str, workdir: str, data_dir: str, init_dir: str) -> 
     done = os.path.join(stage_dir, "stage.json")
     if os.path.exists(done):
         print(f"== {STAGE_TITLES[name]}: finished earlier ({done})")
-        return _read_json(done)
+        return read_json(done)
     tc = stage_config(config, name, data_dir, init_dir)
     resumed = os.path.isdir(os.path.join(stage_dir, "checkpoints"))
     print(f"== {STAGE_TITLES[name]}: {tc.num_steps} steps of {tc.batch_size} x {tc.seq_len} tokens on "
@@ -148,51 +97,19 @@ def run_stage(config, name: str, workdir: str, data_dir: str, init_dir: str) -> 
     record = {"name": name, "title": STAGE_TITLES[name], "train_stage": tc.stage, "num_steps": tc.num_steps,
               "batch_size": tc.batch_size, "seq_len": tc.seq_len, "split": tc.data.split,
               "wall_s": wall, "resumed": resumed, "last_metrics": last, "config": tc.to_dict()}
-    _write_json(done, record)
+    write_json(done, record)
     return record
 
 
 # ------------------------------------------------------------------------------------ evaluation
 
 
-def evaluate(params_dir: str, data_dir: str, eval_cfg, blank_images: bool, desc: str,
-             scenes_as_text: bool = False) -> dict:
-    """Exact-match accuracy per ability category on the held-out split (batched greedy decoding).
-
-    `scenes_as_text`: every image is written out as its scene's caption instead (the LLM alone)."""
-    import sys
-
-    from tqdm import tqdm
-
-    import owl_jax
-    from owl_jax.demo.dataset import iter_test_questions
-    from owl_jax.demo.report import score
-
-    t0 = time.time()
-    # The job's own model answers in its training format (the release tokenises prompts otherwise).
-    owl = owl_jax.load(params_dir, tokenizer=os.path.join(data_dir, "tokenizer"), prompt_tokenization="training")
-    questions = list(iter_test_questions(data_dir, eval_cfg.split, image_size=owl.cfg.vision.image_size,
-                                         blank_images=blank_images, scenes_as_text=scenes_as_text))
-    if eval_cfg.max_questions:
-        questions = questions[: eval_cfg.max_questions]
-    requests = [{"prompt": q["prompt"], "images": list(q["pixel_values"])} for q in questions]
-    bar = tqdm(total=len(requests), desc=f"eval {desc}", unit="q", file=sys.stderr)
-    predictions = owl.generate(requests, batch_size=eval_cfg.batch_size, max_new_tokens=eval_cfg.max_new_tokens,
-                               progress=bar.update)
-    bar.close()
-    rows = [{"index": q["index"], "category": q["category"], "question": q["question"], "answer": q["answer"],
-             "prediction": p} for q, p in zip(questions, predictions)]
-    for r in rows:
-        r["correct"] = r["prediction"].strip() == r["answer"].strip()
-    return {"accuracy": score(rows), "answers": rows, "wall_s": time.time() - t0}
-
-
 def evaluate_stage(config, name: str, workdir: str, data_dir: str) -> dict:
     path = os.path.join(workdir, name, "eval.json")
     if os.path.exists(path):
-        return _read_json(path)
+        return read_json(path)
     result = evaluate(os.path.join(workdir, name, "params"), data_dir, config.eval, bool(config.blank_images), name)
-    _write_json(path, result)
+    write_json(path, result)
     acc = result["accuracy"]
     print(f"   {name} exact match: " + ", ".join(f"{c} {100 * a['accuracy']:.0f}%" for c, a in acc.items())
           + f"  ({result['wall_s']:.0f} s)")
@@ -319,7 +236,7 @@ def write_report(config, workdir: str, data_dir: str, towers: dict, timings: dic
         "plots": sorted(os.listdir(plots)),
         "config": config.to_dict(),
     }
-    _write_json(os.path.join(workdir, "report.json"), report)
+    write_json(os.path.join(workdir, "report.json"), report)
     return report
 
 
@@ -352,7 +269,13 @@ def _run(config, workdir: str) -> dict:
         t0 = time.time()
         towers_dir = tw.make_towers(config, os.path.join(workdir, "towers"))["out"]
         timings["towers_s"] = time.time() - t0
-    towers = _read_json(os.path.join(towers_dir, tw.TOWERS_JSON)) | {"dir": towers_dir}
+    record = os.path.join(towers_dir, tw.TOWERS_JSON)
+    if not os.path.exists(record):
+        from owl_jax.cli import UserError
+
+        raise UserError(f"no pretrained towers at {towers_dir} ({tw.TOWERS_JSON} missing): make them with "
+                        "`python -m owl_jax.demo.towers --workdir=DIR`, or run with --from_scratch")
+    towers = read_json(record) | {"dir": towers_dir}
     print(f"== towers: {towers_dir}")
 
     # ------------------------------------------------------------------------------- data
@@ -380,13 +303,13 @@ def _run(config, workdir: str) -> dict:
 
     # ------------------------------------------------------------------------------- report
     previous = os.path.join(workdir, "report.json")
-    invocations = _read_json(previous).get("invocations", []) if os.path.exists(previous) else []
+    invocations = read_json(previous).get("invocations", []) if os.path.exists(previous) else []
     report = write_report(config, workdir, data_dir, towers, timings, stages, evals, samples, exported)
     timings["this_invocation_s"] = time.time() - t_start
     report["timings_s"] = timings
     # every invocation that reached the report (a rerun skips finished work: its time is small)
     report["invocations"] = invocations + [{"wall_s": timings["this_invocation_s"], "data_s": timings["data_s"]}]
-    _write_json(os.path.join(workdir, "report.json"), report)
+    write_json(os.path.join(workdir, "report.json"), report)
     acc = report["stages"]["stage2"]["accuracy"]
     print(f"== report: {os.path.join(workdir, 'report.json')}, plots in {os.path.join(workdir, 'plots')}")
     print("   stage 2 exact match: " + ", ".join(f"{c} {100 * a['accuracy']:.0f}% ({a['correct']}/{a['total']})"

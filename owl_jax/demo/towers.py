@@ -5,16 +5,20 @@ pretrained on ShapesWorld text (LLaMA's part), the tiny ViT by a contrastive ima
     python -m owl_jax.demo.towers --workdir=DIR [--quick] [--only=llm|vit] [--config.towers.llm.num_steps=...]
 
 Sections, top to bottom (settings: the `towers` section of owl_jax/demo/config.py):
-  data   ShapesWorld text (captions, instructions and quizzes with every scene told as text; no
-         scene of the main job's held-out splits) and its tokenizer, into DIR/data
+  data   ShapesWorld text (captions, instructions and quizzes with every scene told as text, and
+         text-only tasks; no sample of the main job's held-out splits) and its tokenizer, into
+         DIR/data
   llm    the tiny LLaMA trained on it (owl_jax.train, the whole LLM: DIR/llm), then asked the
          held-out questions with each scene told as text (DIR/llm/eval.json)
   vit    the tiny ViT and a small text tower trained by SigLIP's sigmoid loss on freshly drawn
          scenes and their captions (DIR/vit), then linear probes on its patch features
-  out    DIR/towers: an owl_jax params dir holding the LLM and the ViT (no abstractor: stage 1
-         initialises it), DIR/towers/tokenizer, DIR/towers/towers.json (figures and times)
+  out    DIR/pretrained: an owl_jax params dir holding the LLM and the ViT (no abstractor: stage 1
+         initialises it), DIR/pretrained/tokenizer, DIR/pretrained/towers.json (figures, times)
 
-Resumable like the main job: a finished part is skipped, an interrupted one resumes.
+A finished part is skipped on a rerun; the LLM's training resumes from its last checkpoint, the
+ViT's starts again. The two towers may be made at once by two processes (--only=llm, --only=vit)
+once the data is there. The main job's committed towers (owl_jax/demo/pretrained) are DIR/pretrained
+of a run with the config file's settings.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import time
 
 from absl import app, flags
 
-from owl_jax.demo import run as job
+from owl_jax.demo import jobs
 from owl_jax.training.checkpoints import WorkdirLock
 
 FLAGS = flags.FLAGS
@@ -34,7 +38,14 @@ TOWERS_JSON = "towers.json"
 
 
 def _define_flags() -> None:
-    job._define_flags()
+    """Only when run as a program: owl_jax.train's --config (here the main job's file, whose `towers`
+    section this program reads) and --workdir, then its own."""
+    from owl_jax import train
+
+    train._define_flags()
+    flags.adopt_module_key_flags(train)
+    FLAGS.set_default("config", jobs.DEFAULT_CONFIG)
+    flags.DEFINE_bool("quick", False, "CI-sized: merge the config's `quick` section.")
     flags.DEFINE_enum("only", None, PARTS, "Make one tower only.")
 
 
@@ -63,18 +74,18 @@ def pretrain_llm(config, workdir: str, data_dir: str) -> dict:
     out = os.path.join(workdir, "llm")
     done = os.path.join(out, "eval.json")
     if os.path.exists(done):
-        return job._read_json(done)
-    tc = job.train_config(config.model, config.towers.llm, "towers.llm", data_dir, "")
+        return jobs.read_json(done)
+    tc = jobs.train_config(config.model, config.towers.llm, "towers.llm", data_dir, "")
     print(f"== llm: {tc.num_steps} steps of {tc.batch_size} x {tc.seq_len} tokens on {tc.data.split}")
     t0 = time.time()
     last = train.train(tc, out)
     wall = time.time() - t0
     if not os.path.exists(os.path.join(out, "params", "owl_config.json")):
         raise SystemExit("the LLM's pretraining stopped before its last step (preempted?): rerun to resume")
-    result = job.evaluate(os.path.join(out, "params"), data_dir, config.eval, False, "llm", scenes_as_text=True)
+    result = jobs.evaluate(os.path.join(out, "params"), data_dir, config.eval, False, "llm", scenes_as_text=True)
     record = {"wall_s": wall, "last_metrics": last, "eval_wall_s": result["wall_s"], "accuracy": result["accuracy"],
               "answers": result["answers"]}
-    job._write_json(done, record)
+    jobs.write_json(done, record)
     print("   llm exact match, scenes told as text: "
           + ", ".join(f"{c} {100 * a['accuracy']:.0f}%" for c, a in record["accuracy"].items()))
     return record
@@ -104,7 +115,7 @@ def pretrain_vit(config, workdir: str, data_dir: str) -> dict:
     out = os.path.join(workdir, "vit")
     done = os.path.join(out, "vit.json")
     if os.path.exists(done):
-        return job._read_json(done)
+        return jobs.read_json(done)
     with WorkdirLock(out):
         return _pretrain_vit(config, out, data_dir)
 
@@ -129,15 +140,15 @@ def _pretrain_vit(config, out: str, data_dir: str) -> dict:
         t0 = time.time()
         params, history = siglip.train(cfg.vision, settings, data, len(tokenizer))
         save_params(os.path.join(out, "params"), {"vision_model": params["vision_model"]}, cfg)
-        job._write_json(trained, {"wall_s": time.time() - t0, "history": history})
-    train_record = job._read_json(trained)
+        jobs.write_json(trained, {"wall_s": time.time() - t0, "history": history})
+    train_record = jobs.read_json(trained)
     vision, _ = load_params(os.path.join(out, "params"))
     scenes = siglip.probe_scenes(data, v.probe_train, v.probe_test)
     probes = siglip.probe_vit(cfg.vision, vision["vision_model"], scenes)
     random = VisionEncoder(cfg.vision).init(jax.random.PRNGKey(v.seed + 1), scenes["test"][0][:1])["params"]
     probes_random = siglip.probe_vit(cfg.vision, random, scenes)
     record = train_record | {"probes": probes, "probes_random": probes_random}
-    job._write_json(os.path.join(out, "vit.json"), record)
+    jobs.write_json(os.path.join(out, "vit.json"), record)
     print("   vit linear probes (held-out scenes): " + ", ".join(
         f"{k} {100 * probes[k]:.0f}% (random ViT {100 * probes_random[k]:.0f}%)" for k in probes))
     return record
@@ -166,7 +177,7 @@ def assemble(workdir: str, data_dir: str, made: dict, config) -> str:
         "vit": {k: made["vit"][k] for k in ("wall_s", "probes", "probes_random", "history")},
         "settings": config.towers.to_dict(),
     }
-    job._write_json(os.path.join(tmp, TOWERS_JSON), record)
+    jobs.write_json(os.path.join(tmp, TOWERS_JSON), record)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     print(f"== towers: {out}")
@@ -203,7 +214,7 @@ def main(argv):
     from owl_jax import train
 
     train.start_program()
-    config = job.resolve_config(FLAGS.config, FLAGS.quick)
+    config = jobs.resolve_config(FLAGS.config, FLAGS.quick)
     sys.exit(train.run_cli(lambda: make_towers(config, FLAGS.workdir, FLAGS.only)))
 
 
