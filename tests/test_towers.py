@@ -38,6 +38,8 @@ def test_towers_command_quick(tmp_path):
     assert record["llm"]["accuracy"]["all"]["total"] == 32
     assert len(record["llm"]["answers"]) == 32
     assert set(record["vit"]["probes"]) == {"colour", "shape", "region", "count"}
+    assert set(record["vit"]["twins"]) == {"shape", "colour", "count"}
+    assert all(0 <= v <= 1 for v in record["vit"]["twins"].values())
     siglip_losses = [loss for _, loss, _ in record["vit"]["history"]]
     assert siglip_losses[-1] < siglip_losses[0], siglip_losses
     llm = [json.loads(line)["loss"] for line in open(tmp_path / "towers" / "llm" / "metrics.jsonl")]

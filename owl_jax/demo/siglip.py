@@ -29,6 +29,7 @@ from owl_jax.models.vision import VisionEncoder
 COLOURS, SHAPES, REGIONS = list(sw.COLOURS), list(sw.SHAPES), list(sw.REGION_ORDER)
 # What a twin changes: a shape's kind, a shape's colour, the number of shapes. Shape first: at 112
 # pixels a shape spans about two patches, and a ViT told colour and place apart long before kind.
+TWIN_KINDS = ("shape", "colour", "count")
 TWIN_CHANGES = (0.5, 0.25, 0.25)
 
 
@@ -96,13 +97,15 @@ class Scenes:
             if sw.sample_key(item) not in self.exclude:
                 return scene
 
-    def twin(self, scene: dict, rng: np.random.Generator) -> dict:
-        """`scene` with one thing changed: a shape's kind or colour, or one shape more or fewer (the
-        others stay where they are). Random scenes differ in many ways at once, and colour alone
-        tells most captions apart; a twin in the same batch is told apart only by what changed."""
+    def twin(self, scene: dict, rng: np.random.Generator, kind: int | None = None) -> dict:
+        """`scene` with one thing changed (`kind`, an index of TWIN_KINDS; None: drawn by
+        TWIN_CHANGES): a shape's kind or colour, or one shape more or fewer (the others stay where
+        they are). Random scenes differ in many ways at once, and colour alone tells most captions
+        apart; a twin in the same batch is told apart only by what changed."""
         for _ in range(100):
             twin = json.loads(json.dumps(scene))
-            shapes, kind = twin["shapes"], rng.choice(3, p=TWIN_CHANGES)
+            shapes = twin["shapes"]
+            kind = rng.choice(3, p=TWIN_CHANGES) if kind is None else kind
             i = int(rng.integers(len(shapes)))
             if kind == 0:
                 shapes[i]["shape"] = str(rng.choice([t for t in SHAPES if t != shapes[i]["shape"]]))
@@ -129,13 +132,18 @@ class Scenes:
         drawn = [self.draw(rng) for _ in range(n - n // 2 if twins else n)]
         if twins:
             drawn += [self.twin(s, rng) for s in drawn[: n // 2]]
+        return *self.render(drawn), drawn
+
+    def render(self, drawn: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The scenes' pixels float[n, S, S, 3] and captions: ids, mask int32[n, T] (EOS last)."""
+        n = len(drawn)
         pixels = np.stack([preprocess(sw.render_scene(s), self.image_size) for s in drawn])
         ids = np.zeros((n, self.max_len), np.int32)
         mask = np.zeros((n, self.max_len), np.int32)
         for i, s in enumerate(drawn):
             t = (encode_text(self.tokenizer, sw.describe(s)) + [EOS_ID])[-self.max_len:]
             ids[i, : len(t)], mask[i, : len(t)] = t, 1
-        return pixels, ids, mask, drawn
+        return pixels, ids, mask
 
 
 # ------------------------------------------------------------------------------------ training
@@ -286,3 +294,25 @@ def probe_vit(vision: VisionConfig, vision_params, scenes: dict) -> dict:
     (train_pixels, train_labels), (test_pixels, test_labels) = scenes["train"], scenes["test"]
     return linear_probes(patch_features(vision, vision_params, train_pixels), train_labels,
                          patch_features(vision, vision_params, test_pixels), test_labels)
+
+
+def twin_accuracy(vision: VisionConfig, settings: Settings, vocab_size: int, params, data: Scenes, pairs: int = 256,
+                  batch: int = 64) -> dict:
+    """Held-out pairs of twins per kind of change (TWIN_KINDS; scenes of `data`'s stream 3): the share
+    of pairs where both images score their own caption above their twin's. A model that ignores the
+    image scores 0 (one of the two prefers the wrong caption), one that guesses at random 0.25."""
+    model = SigLIP(vision, text_config(settings, vocab_size), settings.embed_dim)
+    score = jax.jit(lambda x, ids, mask: model.apply({"params": params}, x, ids, mask))
+    out = {}
+    for kind, name in enumerate(TWIN_KINDS):
+        correct = 0
+        for k in range(pairs // (batch // 2)):
+            rng = np.random.default_rng([data.seed, 3, kind, k])
+            first = [data.draw(rng) for _ in range(batch // 2)]
+            pixels, ids, mask = data.render(first + [data.twin(sc, rng, kind) for sc in first])
+            logits = np.asarray(score(pixels, ids, mask))
+            h = batch // 2
+            own, other = np.diagonal(logits), np.concatenate([np.diagonal(logits, h), np.diagonal(logits, -h)])
+            correct += int(((own[:h] > other[:h]) & (own[h:] > other[h:])).sum())
+        out[name] = correct / (pairs // (batch // 2) * (batch // 2))
+    return out

@@ -110,7 +110,7 @@ def held_out_caption_keys(config) -> set:
 
 def pretrain_vit(config, workdir: str, data_dir: str) -> dict:
     """Trains the tiny ViT (and its text tower) by the sigmoid contrastive loss, then probes its patch
-    features and a random ViT's. Returns {"wall_s", "history", "probes", "probes_random"} and keeps the
+    features and a random ViT's. Returns {"wall_s", "history", "twins", "probes", "probes_random"} and keeps the
     ViT's params in WORKDIR/vit. Training that stopped half-way starts again; finished, it is kept."""
     out = os.path.join(workdir, "vit")
     done = os.path.join(out, "vit.json")
@@ -122,6 +122,7 @@ def pretrain_vit(config, workdir: str, data_dir: str) -> dict:
 
 def _pretrain_vit(config, out: str, data_dir: str) -> dict:
     import jax
+    import orbax.checkpoint as ocp
 
     from owl_jax.data.tokenizer import load_tokenizer
     from owl_jax.demo import siglip
@@ -140,7 +141,12 @@ def _pretrain_vit(config, out: str, data_dir: str) -> dict:
         t0 = time.time()
         params, history = siglip.train(cfg.vision, settings, data, len(tokenizer))
         save_params(os.path.join(out, "params"), {"vision_model": params["vision_model"]}, cfg)
-        jobs.write_json(trained, {"wall_s": time.time() - t0, "history": history})
+        # the whole model too (text tower, pooling head, temperature): what the twins are scored with
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.abspath(os.path.join(out, "siglip")), params, force=True)
+        checkpointer.wait_until_finished()
+        twins = siglip.twin_accuracy(cfg.vision, settings, len(tokenizer), params, data)
+        jobs.write_json(trained, {"wall_s": time.time() - t0, "history": history, "twins": twins})
     train_record = jobs.read_json(trained)
     vision, _ = load_params(os.path.join(out, "params"))
     scenes = siglip.probe_scenes(data, v.probe_train, v.probe_test)
@@ -149,6 +155,8 @@ def _pretrain_vit(config, out: str, data_dir: str) -> dict:
     probes_random = siglip.probe_vit(cfg.vision, random, scenes)
     record = train_record | {"probes": probes, "probes_random": probes_random}
     jobs.write_json(os.path.join(out, "vit.json"), record)
+    print("   vit twins told apart (held-out pairs): " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in
+                                                              record["twins"].items()))
     print("   vit linear probes (held-out scenes): " + ", ".join(
         f"{k} {100 * probes[k]:.0f}% (random ViT {100 * probes_random[k]:.0f}%)" for k in probes))
     return record
@@ -174,7 +182,7 @@ def assemble(workdir: str, data_dir: str, made: dict, config) -> str:
     record = {
         "command": "python -m owl_jax.demo.towers --workdir=DIR",
         "llm": {k: made["llm"][k] for k in ("wall_s", "eval_wall_s", "accuracy", "last_metrics", "answers")},
-        "vit": {k: made["vit"][k] for k in ("wall_s", "probes", "probes_random", "history")},
+        "vit": {k: made["vit"][k] for k in ("wall_s", "probes", "probes_random", "twins", "history")},
         "settings": config.towers.to_dict(),
     }
     jobs.write_json(os.path.join(tmp, TOWERS_JSON), record)
