@@ -155,8 +155,8 @@ def _pretrain_vit(config, out: str, data_dir: str) -> dict:
     probes_random = siglip.probe_vit(cfg.vision, random, scenes)
     record = train_record | {"probes": probes, "probes_random": probes_random}
     jobs.write_json(os.path.join(out, "vit.json"), record)
-    print("   vit twins told apart (held-out pairs): " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in
-                                                              record["twins"].items()))
+    print("   vit twins told apart (held-out pairs): " + ", ".join(
+        f"{kind} {100 * share:.0f}%" for kind, share in record["twins"].items()))
     print("   vit linear probes (held-out scenes): " + ", ".join(
         f"{k} {100 * probes[k]:.0f}% (random ViT {100 * probes_random[k]:.0f}%)" for k in probes))
     return record
