@@ -42,6 +42,11 @@ def test_towers_command_quick(tmp_path):
     assert all(0 <= v <= 1 for v in record["vit"]["twins"].values())
     siglip_losses = [loss for _, loss, _ in record["vit"]["history"]]
     assert siglip_losses[-1] < siglip_losses[0], siglip_losses
+    # the drills ran first (20 steps teach no copying: their loss stays at log(vocab)) and the text
+    # training started from them
+    drills = record["llm"]["drills"]["history"]
+    assert [h["step"] for h in drills] == [5, 10, 15, 20] and all(np.isfinite(h["loss"]) for h in drills), drills
+    assert "initial params from" in proc.stderr and "llm_drills" in proc.stderr
     llm = [json.loads(line)["loss"] for line in open(tmp_path / "towers" / "llm" / "metrics.jsonl")]
     assert np.mean(llm[-6:]) < np.mean(llm[:6]), llm
     assert os.path.exists(out / "tokenizer" / "tokenizer.model")
@@ -49,6 +54,31 @@ def test_towers_command_quick(tmp_path):
     again = subprocess.run([sys.executable, "-m", "owl_jax.demo.towers", "--workdir=towers", "--quick"], cwd=tmp_path,
                            env=_one_device_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "siglip step" not in again.stdout and "== llm" not in again.stdout
+
+
+@pytest.mark.parametrize("task", ["repeat", "lookup"])
+def test_drills_can_only_be_answered_from_the_context(task):
+    """repeat: the loss is on a second copy of the segment; lookup: each answer is the query's
+    neighbour in the segment (after it for NEXT, before it for PREVIOUS)."""
+    from owl_jax.demo import drills
+
+    ids, loss = next(drills.batches(np.random.default_rng(0), 64, 48, 1024, (task,)))
+    assert ids.shape == loss.shape == (64, 48) and loss.sum(1).min() > 0
+    assert ids[loss == 1].min() >= drills.FIRST_ID and ids.max() < 1024
+    for row, mask in zip(ids, loss):
+        sep = int(np.argmax(row == drills.SEP))
+        segment = list(row[1:sep])
+        targets = np.flatnonzero(mask)
+        if task == "repeat":
+            n = len(segment)
+            assert list(row[sep + 1:sep + 1 + n]) == segment and list(targets) == list(range(sep + 2, sep + 1 + n))
+            continue
+        assert len(set(segment)) == len(segment)  # distinct: every query has one answer
+        for t in targets:
+            d, q, a = row[t - 2:t + 1]
+            i = segment.index(q)
+            assert a == segment[i + 1 if d == drills.NEXT else i - 1]
+        assert {row[t - 2] for t in targets} <= {drills.NEXT, drills.PREVIOUS}
 
 
 # ------------------------------------------------------------------------------------ committed towers

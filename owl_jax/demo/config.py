@@ -9,7 +9,7 @@ Sections:
   stages     stage1 | stage2: each is a set of overrides of owl_jax.train's config
              (owl_jax/configs.py:base_config), applied in order; data.dataset_dir and
              init.params_dir are filled in by the runner (stage 1 starts from the towers)
-  towers     the pretrained towers (python -m owl_jax.demo.towers): text sizes, the LLM's training
+  towers     the pretrained towers (python -m owl_jax.demo.towers): text sizes, the LLM's drills and training
              (overrides of owl_jax.train's config), the ViT's SigLIP training and probes
   eval       exact-match evaluation on the held-out split, sample answers, attention plots
   quick      overrides merged over everything above by --quick (the CI smoke run)
@@ -74,10 +74,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # towers never see a held-out scene of the main job.
     c.towers = ml_collections.ConfigDict()
     c.towers.prepare_sizes = {"text_train": 192000, "captions_test": 200, "instructions_test": 400}
-    # The tiny LLaMA: every text sample seen once (6000 x 32 = text_train).
+    # The tiny LLaMA's copy and lookup drills on random tokens (owl_jax.demo.drills), before its text:
+    # its induction heads form there (at 32 rows a step by step ~500-600; at 16 rows, or with half the
+    # rows lookups, not by 900).
+    c.towers.drills = ml_collections.ConfigDict({
+        "steps": 900, "batch_size": 32, "seq_len": 48, "tasks": ("repeat",), "seed": 0,
+        "optim": {"lr": 2e-3, "end_lr": 1e-4, "warmup_steps": 30, "weight_decay": 0.01},
+        "log_every_steps": 100,
+    })
+    # The tiny LLaMA on the text, from its drills: no text sample seen twice (4000 x 32 < text_train).
     c.towers.llm = ml_collections.ConfigDict({
         "stage": "full_ft",
-        "num_steps": 6000,
+        "num_steps": 4000,
         "batch_size": 32,
         "seq_len": 144,  # the longest quizzes (5 questions) lose their last turns; every test prompt fits
         "max_images_per_batch": 2,  # text only: unused slots
@@ -128,6 +136,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     })
     c.quick.towers = {
         "prepare_sizes": {"text_train": 400, "captions_test": 8, "instructions_test": 32},
+        "drills": {"steps": 20, "batch_size": 8, "log_every_steps": 5},
         "llm": {"num_steps": 60, "batch_size": 8, "log_every_steps": 1, "checkpoint": {"every_steps": 30},
                 "optim": {"lr": 1e-2, "warmup_steps": 2, "end_lr": 1e-3}},
         "vit": {"steps": 20, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "text_layers": 1, "text_width": 32,

@@ -19,6 +19,9 @@ scene:     ShapesWorld questions with the scene told as text ("<caption> Q: <que
            --qa_per_scene K trains on one scene followed by up to K distinct questions about it (8x
            the binding examples per token), --answers_only puts the loss on the answers alone,
            --heads N changes the LLM's head count (head size hidden/N), --layers N its depth.
+           --pretrain_repeat N first trains N steps of copy drills (owl_jax.demo.drills, 32 rows of
+           48 tokens; --drill_tasks picks them), --repeat_share S mixes repeat drills into the
+           scene batches instead (a share S of the rows).
 
 Every 50 steps (100 for scene) it prints the loss and token accuracy. --torch trains transformers'
 PyTorch `LlamaForCausalLM` of the same shape on the same batches with the same recipe (AdamW,
@@ -37,6 +40,7 @@ from absl import flags
 
 from owl_jax.cli import fail, parse_flags
 from owl_jax.demo import tiny
+from owl_jax.demo.drills import batches as drill_batches
 from owl_jax.inference.api import _forward
 from owl_jax.sharding import make_mesh
 from owl_jax.training.stages import merge_params
@@ -68,15 +72,7 @@ def induction_batches(rng, batch: int, length: int = 24, chunk: int = 8):
 def repeat_batches(rng, batch: int, seq_len: int = 48):
     """BOS s SEP s with s a random-token segment of random length (6-22): the offset between the
     copies varies, so only an induction head predicts the second copy; loss on its tokens after the first."""
-    while True:
-        ids, loss = np.zeros((batch, seq_len), np.int32), np.zeros((batch, seq_len), np.int32)
-        for b in range(batch):
-            n = int(rng.integers(6, (seq_len - 2) // 2 + 1))
-            s = rng.integers(10, 1000, n)
-            row = np.concatenate([[1], s, [5], s])
-            ids[b, :len(row)] = row
-            loss[b, n + 3:len(row)] = 1
-        yield ids, loss
+    return drill_batches(rng, batch, seq_len, 1000, ("repeat",))
 
 
 def recall_batches(rng, batch: int, seq_len: int = 34):
@@ -108,13 +104,20 @@ def scene_sample(item, encode) -> tuple[list[int], list[int]]:
     return ids, answer
 
 
-def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, answers_only: bool = False):
+def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, answers_only: bool = False,
+                  repeat_share: float = 0.0):
     from owl_jax.demo import scenes as sw
 
     if qa_per_scene:
         while True:
             ids, loss = np.zeros((batch, seq_len), np.int32), np.zeros((batch, seq_len), np.int32)
             for i in range(batch):
+                if rng.random() < repeat_share:  # a copy drill: BOS s SEP s, loss on the second copy
+                    n = int(rng.integers(6, min(40, (seq_len - 2) // 2) + 1))
+                    s = rng.integers(10, 1000, n)
+                    row = np.concatenate([[1], s, [5], s])
+                    ids[i, :len(row)], loss[i, n + 3:len(row)] = row, 1
+                    continue
                 while (item := sw._quiz(rng, qa_per_scene)) is None:  # the main job's stage-0 quizzes
                     pass
                 x, a = scene_sample(item, encode)
@@ -209,6 +212,12 @@ def _flags() -> flags.FlagValues:
                        flag_values=fv)
     flags.DEFINE_integer("qa_per_scene", 0, "scene: train on one scene followed by this many questions about it "
                          "(0: the text_train mix)", flag_values=fv)
+    flags.DEFINE_float("repeat_share", 0.0, "scene with --qa_per_scene: share of rows that are copy drills "
+                       "(a random segment, then the same again)", flag_values=fv)
+    flags.DEFINE_integer("pretrain_repeat", 0, "scene: first train this many steps of the repeat task (an "
+                         "induction head first), on the same learning-rate schedule", flag_values=fv)
+    flags.DEFINE_list("drill_tasks", ["repeat"], "--pretrain_repeat: the drills (owl_jax.demo.drills.TASKS)",
+                      flag_values=fv)
     flags.DEFINE_bool("answers_only", False, "scene with --qa_per_scene: loss on the answers only", flag_values=fv)
     flags.DEFINE_integer("heads", 0, "LLM attention heads (0: configs/tiny.py's)", flag_values=fv)
     flags.DEFINE_integer("layers", 0, "LLM layers (0: configs/tiny.py's)", flag_values=fv)
@@ -250,10 +259,12 @@ def main(argv: list[str] | None = None) -> int:
                 return draw(r, n_shapes, word)
 
             sw.sample_scene = sample_scene
-        batches = scene_batches(rng, args.batch, seq_len, encode, args.qa_per_scene, args.answers_only)
+        batches = scene_batches(rng, args.batch, seq_len, encode, args.qa_per_scene, args.answers_only,
+                                args.repeat_share)
 
     c = tiny.get_config("full_ft")
     c.batch_size, c.seq_len, c.max_images_per_batch, c.num_steps = args.batch, seq_len, 1, args.steps
+    c.num_steps += args.pretrain_repeat
     if args.heads:
         c.model.llm.update(num_heads=args.heads, num_kv_heads=args.heads)
     if args.layers:
@@ -286,6 +297,17 @@ def main(argv: list[str] | None = None) -> int:
         return jnp.all(hit, axis=1)
 
     t0 = time.time()
+    if args.pretrain_repeat:
+        # at 16 rows the induction head had not formed by 900 steps; at 32 by 500-600
+        drills = drill_batches(np.random.default_rng(1), 32, 48, c.model.llm.vocab_size, tuple(args.drill_tasks))
+        c.seq_len = 48
+        drill_step = Trainer(c, make_mesh({"fsdp": 1}, jax.devices()[:1])).jit_train_step(
+            {k: v.shape for k, v in as_batch(*next(drills)).items()})
+        for i in range(1, args.pretrain_repeat + 1):
+            state, m = drill_step(state, global_batch(as_batch(*next(drills)), drill_step.batch_shardings))
+            if i % 100 == 0:
+                print(f"repeat step {i}: loss {float(m['loss']):.3f} token accuracy {float(m['accuracy']):.3f} "
+                      f"({time.time() - t0:.0f} s)", flush=True)
     for i in range(1, args.steps + 1):
         state, m = step(state, global_batch(as_batch(*next(batches)), step.batch_shardings))
         line = (f"step {i}: loss {float(m['loss']):.3f} token accuracy {float(m['accuracy']):.3f} "

@@ -8,17 +8,19 @@ Sections, top to bottom (settings: the `towers` section of owl_jax/demo/config.p
   data   ShapesWorld text (captions, instructions and quizzes with every scene told as text, and
          text-only tasks; no sample of the main job's held-out splits) and its tokenizer, into
          DIR/data
-  llm    the tiny LLaMA trained on it (owl_jax.train, the whole LLM: DIR/llm), then asked the
-         held-out questions with each scene told as text (DIR/llm/eval.json)
+  llm    the tiny LLaMA: copy and lookup drills on random tokens first (owl_jax.demo.drills: its
+         induction heads form there, as a real LLM's do on repetitive text; DIR/llm_drills), then
+         trained on the text (owl_jax.train, the whole LLM: DIR/llm) and asked the held-out
+         questions with each scene told as text (DIR/llm/eval.json)
   vit    the tiny ViT and a small text tower trained by SigLIP's sigmoid loss on freshly drawn
          scenes and their captions (DIR/vit), then linear probes on its patch features
   out    DIR/pretrained: an owl_jax params dir holding the LLM and the ViT (no abstractor: stage 1
          initialises it), DIR/pretrained/tokenizer, DIR/pretrained/towers.json (figures, times)
 
-A finished part is skipped on a rerun; the LLM's training resumes from its last checkpoint, the
-ViT's starts again. The two towers may be made at once by two processes (--only=llm, --only=vit)
-once the data is there. The main job's committed towers (owl_jax/demo/pretrained) are DIR/pretrained
-of a run with the config file's settings.
+A finished part is skipped on a rerun; the LLM's text training resumes from its last checkpoint,
+its drills (minutes) and the ViT's training start again. The two towers may be made at once by two
+processes (--only=llm, --only=vit) once the data is there. The main job's committed towers
+(owl_jax/demo/pretrained) are DIR/pretrained of a run with the config file's settings.
 """
 from __future__ import annotations
 
@@ -75,7 +77,8 @@ def pretrain_llm(config, workdir: str, data_dir: str) -> dict:
     done = os.path.join(out, "eval.json")
     if os.path.exists(done):
         return jobs.read_json(done)
-    tc = jobs.train_config(config.model, config.towers.llm, "towers.llm", data_dir, "")
+    drilled = drill_llm(config, workdir)
+    tc = jobs.train_config(config.model, config.towers.llm, "towers.llm", data_dir, drilled)
     print(f"== llm: {tc.num_steps} steps of {tc.batch_size} x {tc.seq_len} tokens on {tc.data.split}")
     t0 = time.time()
     last = train.train(tc, out)
@@ -84,11 +87,61 @@ def pretrain_llm(config, workdir: str, data_dir: str) -> dict:
         raise SystemExit("the LLM's pretraining stopped before its last step (preempted?): rerun to resume")
     result = jobs.evaluate(os.path.join(out, "params"), data_dir, config.eval, False, "llm", scenes_as_text=True)
     record = {"wall_s": wall, "last_metrics": last, "eval_wall_s": result["wall_s"], "accuracy": result["accuracy"],
-              "answers": result["answers"]}
+              "answers": result["answers"],
+              "drills": jobs.read_json(os.path.join(os.path.dirname(drilled), "drills.json")) if drilled else None}
     jobs.write_json(done, record)
     print("   llm exact match, scenes told as text: "
           + ", ".join(f"{c} {100 * a['accuracy']:.0f}%" for c, a in record["accuracy"].items()))
     return record
+
+
+def drill_llm(config, workdir: str) -> str:
+    """The LLM's copy and lookup drills (config.towers.drills; not resumable: minutes). Returns the
+    params dir (the LLM alone) its text training starts from; '' when there are no drills."""
+    import jax
+    import numpy as np
+
+    from owl_jax.demo import drills
+    from owl_jax.params_io import save_params
+    from owl_jax.sharding import make_mesh
+    from owl_jax.training.stages import merge_params
+    from owl_jax.training.trainer import Trainer, global_batch, stack_micro_batches
+
+    d = config.towers.drills
+    out = os.path.join(workdir, "llm_drills")
+    if not d.steps:
+        return ""
+    if os.path.exists(os.path.join(out, "params", "owl_config.json")):
+        return os.path.join(out, "params")
+    tc = jobs.train_config(config.model, {"stage": "full_ft", "num_steps": d.steps, "batch_size": d.batch_size,
+                                          "seq_len": d.seq_len, "optim": d.optim.to_dict()}, "towers.drills", "", "")
+    size = tc.model.vision.image_size
+    batches = drills.batches(np.random.default_rng(d.seed), d.batch_size, d.seq_len, tc.model.llm.vocab_size,
+                             tuple(d.tasks))
+
+    def as_batch(ids, loss):
+        return stack_micro_batches([{"input_ids": ids, "attention_mask": (ids != 0).astype(np.int32),
+                                     "loss_mask": loss, "pixel_values": np.zeros((1, size, size, 3), np.float32),
+                                     "num_images": np.zeros((len(ids),), np.int32),
+                                     "image_start": np.zeros((len(ids),), np.int32)}])
+
+    trainer = Trainer(tc, make_mesh({"fsdp": 1}, jax.devices()[:1]))
+    first = as_batch(*next(batches))
+    step = trainer.jit_train_step({k: v.shape for k, v in first.items()})
+    state = trainer.init_state(jax.random.PRNGKey(tc.seed))
+    print(f"== llm drills: {d.steps} steps of {d.batch_size} x {d.seq_len} random tokens ({', '.join(d.tasks)})")
+    t0, history = time.time(), []
+    for i in range(1, d.steps + 1):
+        state, m = step(state, global_batch(first if i == 1 else as_batch(*next(batches)), step.batch_shardings))
+        if i % d.log_every_steps == 0 or i == d.steps:
+            history.append({"step": i, "loss": float(m["loss"]), "accuracy": float(m["accuracy"])})
+            print(f"   step {i}: loss {history[-1]['loss']:.3f}, token accuracy {history[-1]['accuracy']:.3f}")
+    if not np.isfinite(history[-1]["loss"]):
+        raise SystemExit(f"the LLM's drills diverged (loss {history[-1]['loss']}): lower towers.drills.optim.lr")
+    llm = jax.device_get(merge_params(state["trainable"], state["frozen"])["language_model"])
+    save_params(os.path.join(out, "params"), {"language_model": llm}, trainer.model_cfg)
+    jobs.write_json(os.path.join(out, "drills.json"), {"wall_s": time.time() - t0, "history": history})
+    return os.path.join(out, "params")
 
 
 # ------------------------------------------------------------------------------------ the ViT
@@ -181,7 +234,7 @@ def assemble(workdir: str, data_dir: str, made: dict, config) -> str:
     shutil.copytree(os.path.join(data_dir, "tokenizer"), os.path.join(tmp, "tokenizer"))
     record = {
         "command": "python -m owl_jax.demo.towers --workdir=DIR",
-        "llm": {k: made["llm"][k] for k in ("wall_s", "eval_wall_s", "accuracy", "last_metrics", "answers")},
+        "llm": {k: made["llm"][k] for k in ("wall_s", "eval_wall_s", "accuracy", "last_metrics", "answers", "drills")},
         "vit": {k: made["vit"][k] for k in ("wall_s", "probes", "probes_random", "twins", "history")},
         "settings": config.towers.to_dict(),
     }
