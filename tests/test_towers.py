@@ -40,7 +40,7 @@ def test_towers_command_quick(tmp_path):
     assert set(record["vit"]["probes"]) == {"colour", "shape", "region", "count"}
     assert set(record["vit"]["twins"]) == {"shape", "colour", "count"}
     assert all(0 <= v <= 1 for v in record["vit"]["twins"].values())
-    siglip_losses = [loss for _, loss, _ in record["vit"]["history"]]
+    siglip_losses = [h[1] for h in record["vit"]["history"]]
     assert siglip_losses[-1] < siglip_losses[0], siglip_losses
     # the drills ran first (20 steps teach no copying: their loss stays at log(vocab)) and the text
     # training started from them
@@ -161,6 +161,45 @@ def test_sigmoid_loss_prefers_the_matched_pairs():
     labels = 2 * np.eye(3) - 1
     expected = -np.mean(np.sum(np.log(1 / (1 + np.exp(-labels * logits))), -1))
     np.testing.assert_allclose(float(sigmoid_loss(logits)), expected, rtol=1e-5)
+
+
+def test_the_captioner_predicts_each_caption_token_from_the_image_and_the_tokens_before_it(shapesworld_dir):
+    """CoCa's captioner: caption token t is predicted from the image and tokens < t (changing token t
+    leaves its own prediction alone, changes the next one), and the image changes every prediction.
+    Without a captioner there are no captioner weights and no caption loss."""
+    from owl_jax.data.tokenizer import load_tokenizer
+    from owl_jax.demo import siglip
+    from owl_jax.demo.config import get_config
+    from owl_jax.models.config import VisionConfig
+
+    tok = load_tokenizer(os.path.join(shapesworld_dir, "tokenizer"))
+    vision = VisionConfig(**get_config().quick.model.vision)  # --quick's ViT: 28 px, 4 patches
+    settings = siglip.Settings(steps=1, batch_size=4, lr=1e-3, end_lr=1e-5, warmup_steps=1, weight_decay=0.0,
+                               embed_dim=16, text_layers=1, text_width=32, text_heads=2, caption_len=24,
+                               log_every_steps=1, seed=0)
+    data = siglip.Scenes(tok, vision.image_size, settings.caption_len, seed=0)
+    pixels, ids, mask, _ = data.batch(0, 4)
+    plain = siglip.SigLIP(vision, siglip.text_config(settings, len(tok)), 16)
+    params = plain.init(jax.random.PRNGKey(0), pixels, ids, mask, method=plain.losses)["params"]
+    assert "captioner" not in params
+    assert float(plain.apply({"params": params}, pixels, ids, mask, method=plain.losses)[1]) == 0.0
+
+    coca = siglip.SigLIP(vision, siglip.text_config(settings, len(tok)), 16, caption_layers=1)
+    params = coca.init(jax.random.PRNGKey(0), pixels, ids, mask, method=coca.losses)["params"]
+    logits = lambda x, i: np.asarray(coca.apply({"params": params}, i, mask, pixels=x,  # noqa: E731
+                                                method=coca.caption_logits))
+    base = logits(pixels, ids)
+    assert base.shape == (*ids.shape, len(tok))
+    t = 3
+    changed = ids.copy()
+    changed[:, t] = (ids[:, t] + 1) % len(tok)
+    moved = logits(pixels, changed)
+    np.testing.assert_array_equal(moved[:, :t + 1], base[:, :t + 1])
+    assert np.abs(moved[:, t + 1] - base[:, t + 1]).max() > 1e-4
+    other_image = logits(pixels[::-1].copy(), ids)
+    assert np.abs(other_image[:, 0] - base[:, 0]).max() > 1e-4
+    contrastive, caption = coca.apply({"params": params}, pixels, ids, mask, method=coca.losses)
+    assert np.isfinite(float(contrastive)) and float(caption) > 0
 
 
 def test_twins_differ_in_one_thing_and_batches_repeat_from_the_seed(shapesworld_dir):

@@ -100,7 +100,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.towers.vit = ml_collections.ConfigDict({
         "steps": 3000, "batch_size": 64, "lr": 1e-3, "end_lr": 1e-5, "warmup_steps": 100, "weight_decay": 1e-4,
         "embed_dim": 128, "text_layers": 2, "text_width": 128, "text_heads": 4, "caption_len": 64,
-        "twins": True, "log_every_steps": 100, "seed": 0,
+        "twins": True, "caption_layers": 0, "log_every_steps": 100, "seed": 0,
         "probe_train": 4096, "probe_test": 1024,  # scenes the probes train on / are scored on
     })
 

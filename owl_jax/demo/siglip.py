@@ -33,10 +33,15 @@ TWIN_KINDS = ("shape", "colour", "count")
 TWIN_CHANGES = (0.5, 0.25, 0.25)
 
 
+# CoCa's weights: its captioning loss counts twice its contrastive one (Yu et al. 2022).
+CAPTION_WEIGHT = 2.0
+
+
 class SigLIP(nn.Module):
     vision: VisionConfig
     text: LlamaConfig
     embed_dim: int
+    caption_layers: int = 0  # > 0: CoCa's captioner too, a LLaMA of this depth over [image tokens, caption]
 
     def setup(self):
         self.vision_model = VisionEncoder(self.vision)
@@ -47,10 +52,17 @@ class SigLIP(nn.Module):
         self.text_proj = nn.Dense(self.embed_dim)
         self.log_temperature = self.param("log_temperature", nn.initializers.constant(np.log(10.0)), ())
         self.bias = self.param("bias", nn.initializers.constant(-10.0), ())
+        if self.caption_layers:
+            self.caption_in = nn.Dense(self.text.hidden_size)
+            image_tokens = 1 + (self.vision.image_size // self.vision.patch_size) ** 2
+            self.captioner = LlamaModel(dataclasses.replace(
+                self.text, num_layers=self.caption_layers,
+                max_position_embeddings=self.text.max_position_embeddings + image_tokens))
+            self.caption_head = nn.Dense(self.text.vocab_size, use_bias=False)
 
-    def embed_images(self, pixels):
-        """float[N, S, S, 3] -> unit float[N, E]."""
-        tokens = self.vision_model(pixels)  # float[N, 1 + P, D]
+    def embed_images(self, pixels=None, tokens=None):
+        """float[N, S, S, 3] (or the ViT's tokens float[N, 1 + P, D]) -> unit float[N, E]."""
+        tokens = self.vision_model(pixels) if tokens is None else tokens  # float[N, 1 + P, D]
         query = jnp.broadcast_to(self.pool_query, (tokens.shape[0], 1, tokens.shape[-1]))
         pooled = self.pool(query, tokens)[:, 0]
         z = self.image_proj(pooled)
@@ -68,6 +80,29 @@ class SigLIP(nn.Module):
         """Pair logits float[N, N] (images x captions)."""
         zimg, ztxt = self.embed_images(pixels), self.embed_texts(ids, mask)
         return zimg @ ztxt.T * jnp.exp(self.log_temperature) + self.bias
+
+    def losses(self, pixels, ids, mask):
+        """(sigmoid loss, caption loss: the captioner's mean next-token cross-entropy over the caption,
+        read from the ViT's tokens; 0 without a captioner)."""
+        tokens = self.vision_model(pixels)
+        logits = self.embed_images(tokens=tokens) @ self.embed_texts(ids, mask).T
+        contrastive = sigmoid_loss(logits * jnp.exp(self.log_temperature) + self.bias)
+        if not self.caption_layers:
+            return contrastive, jnp.zeros(())
+        nll = optax.softmax_cross_entropy_with_integer_labels(self.caption_logits(ids, mask, tokens=tokens), ids)
+        return contrastive, jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+    def caption_logits(self, ids, mask, pixels=None, tokens=None):
+        """The captioner's predictions float[N, T, V] of caption tokens ids[:, t] (from the image and
+        ids[:, :t]), over the image's pixels or the ViT's tokens float[N, 1 + P, D]."""
+        tokens = self.vision_model(pixels) if tokens is None else tokens
+        prefix = self.caption_in(tokens)  # float[N, 1 + P, W]
+        x = jnp.concatenate([prefix, self.captioner.embed(ids)], axis=1)
+        keep = jnp.concatenate([jnp.ones(prefix.shape[:2], bool), mask.astype(bool)], axis=1)
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+        h = self.captioner(x, positions, keep)
+        # the last image token predicts the caption's first token, caption token t the next one
+        return self.caption_head(h[:, prefix.shape[1] - 1:-1]).astype(jnp.float32)
 
 
 def sigmoid_loss(logits):
@@ -165,6 +200,7 @@ class Settings:
     log_every_steps: int
     seed: int
     twins: bool = True  # half of every batch: twins of the other half (Scenes.twin)
+    caption_layers: int = 0  # > 0: CoCa, a captioner of this depth beside the contrastive loss
 
 
 def text_config(s: Settings, vocab_size: int) -> LlamaConfig:
@@ -174,31 +210,37 @@ def text_config(s: Settings, vocab_size: int) -> LlamaConfig:
 
 
 def train(vision: VisionConfig, settings: Settings, data: Scenes, vocab_size: int, log=print) -> tuple[dict, list]:
-    """Trains the two towers from scratch; returns (SigLIP params, [(step, loss, seconds)])."""
+    """Trains the two towers (and the captioner) from scratch; returns (params, [(step, sigmoid loss,
+    seconds, caption loss)])."""
     s = settings
-    model = SigLIP(vision, text_config(s, vocab_size), s.embed_dim)
+    model = SigLIP(vision, text_config(s, vocab_size), s.embed_dim, s.caption_layers)
     pixels, ids, mask, _ = data.batch(0, 2)
-    params = model.init(jax.random.PRNGKey(s.seed), pixels, ids, mask)["params"]
+    params = model.init(jax.random.PRNGKey(s.seed), pixels, ids, mask, method=SigLIP.losses)["params"]
     schedule = optax.warmup_cosine_decay_schedule(0.0, s.lr, s.warmup_steps, max(s.steps, s.warmup_steps + 1), s.end_lr)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=s.weight_decay))
     opt_state = opt.init(params)
 
+    def total(p, pixels, ids, mask):
+        contrastive, caption = model.apply({"params": p}, pixels, ids, mask, method=SigLIP.losses)
+        return contrastive + CAPTION_WEIGHT * caption, (contrastive, caption)
+
     @jax.jit
     def step(params, opt_state, pixels, ids, mask):
-        loss, grads = jax.value_and_grad(lambda p: sigmoid_loss(model.apply({"params": p}, pixels, ids, mask)))(params)
+        (_, parts), grads = jax.value_and_grad(total, has_aux=True)(params, pixels, ids, mask)
         updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, parts
 
     history, t0 = [], time.time()
     for k in range(s.steps):
         pixels, ids, mask, _ = data.batch(k, s.batch_size, twins=s.twins)
-        params, opt_state, loss = step(params, opt_state, pixels, ids, mask)
+        params, opt_state, (loss, caption) = step(params, opt_state, pixels, ids, mask)
         if (k + 1) % s.log_every_steps == 0 or k + 1 == s.steps:
-            loss = float(loss)
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"SigLIP loss {loss} at step {k + 1}")
-            history.append((k + 1, loss, time.time() - t0))
-            log(f"   siglip step {k + 1}/{s.steps}: loss {loss:.4f} ({time.time() - t0:.0f} s)")
+            loss, caption = float(loss), float(caption)
+            if not np.isfinite(loss + caption):
+                raise FloatingPointError(f"SigLIP loss {loss}, caption loss {caption} at step {k + 1}")
+            history.append((k + 1, loss, time.time() - t0, caption))
+            log(f"   siglip step {k + 1}/{s.steps}: loss {loss:.4f}"
+                + (f", caption loss {caption:.4f}" if s.caption_layers else "") + f" ({time.time() - t0:.0f} s)")
     return jax.device_get(params), history
 
 
@@ -301,7 +343,7 @@ def twin_accuracy(vision: VisionConfig, settings: Settings, vocab_size: int, par
     """Held-out pairs of twins per kind of change (TWIN_KINDS; scenes of `data`'s stream 3): the share
     of pairs where both images score their own caption above their twin's. A model that ignores the
     image scores 0 (one of the two prefers the wrong caption), one that guesses at random 0.25."""
-    model = SigLIP(vision, text_config(settings, vocab_size), settings.embed_dim)
+    model = SigLIP(vision, text_config(settings, vocab_size), settings.embed_dim, settings.caption_layers)
     score = jax.jit(lambda x, ids, mask: model.apply({"params": params}, x, ids, mask))
     out = {}
     for kind, name in enumerate(TWIN_KINDS):
