@@ -50,6 +50,12 @@ def test_towers_command_quick(tmp_path):
     llm = [json.loads(line)["loss"] for line in open(tmp_path / "towers" / "llm" / "metrics.jsonl")]
     assert np.mean(llm[-6:]) < np.mean(llm[:6]), llm
     assert os.path.exists(out / "tokenizer" / "tokenizer.model")
+    # the whole SigLIP model is kept as plain arrays (no partitioning boxes), as a later probe loads it
+    import orbax.checkpoint as ocp
+
+    kept = ocp.StandardCheckpointer().restore(str(tmp_path / "towers" / "vit" / "siglip"))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(kept)]
+    assert any("text_model" in p for p in paths) and not any(p.endswith("['value']") for p in paths), paths
     # a rerun finds everything made
     again = subprocess.run([sys.executable, "-m", "owl_jax.demo.towers", "--workdir=towers", "--quick"], cwd=tmp_path,
                            env=_one_device_env(), capture_output=True, text=True, timeout=600)

@@ -241,7 +241,7 @@ def train(vision: VisionConfig, settings: Settings, data: Scenes, vocab_size: in
             history.append((k + 1, loss, time.time() - t0, caption))
             log(f"   siglip step {k + 1}/{s.steps}: loss {loss:.4f}"
                 + (f", caption loss {caption:.4f}" if s.caption_layers else "") + f" ({time.time() - t0:.0f} s)")
-    return jax.device_get(params), history
+    return nn.unbox(jax.device_get(params)), history  # plain arrays: the saved model restores as it was
 
 
 # ------------------------------------------------------------------------------------ probes
