@@ -48,6 +48,16 @@ def lookup_row(rng: np.random.Generator, seq_len: int, vocab_size: int) -> tuple
     return np.asarray(row), np.asarray(loss, np.int32)
 
 
+def trainer_batch(ids: np.ndarray, loss: np.ndarray, image_size: int) -> dict[str, np.ndarray]:
+    """Text-only rows (ids, loss_mask int32[B, T]) as the trainer's batch: one unused image slot."""
+    from owl_jax.training.trainer import stack_micro_batches
+
+    return stack_micro_batches([{"input_ids": ids, "attention_mask": (ids != 0).astype(np.int32), "loss_mask": loss,
+                                 "pixel_values": np.zeros((1, image_size, image_size, 3), np.float32),
+                                 "num_images": np.zeros((len(ids),), np.int32),
+                                 "image_start": np.zeros((len(ids),), np.int32)}])
+
+
 def batches(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int,
             tasks: tuple[str, ...] = TASKS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Rows of the `tasks` in equal shares, right-padded to `seq_len`."""

@@ -41,10 +41,11 @@ from absl import flags
 from owl_jax.cli import fail, parse_flags
 from owl_jax.demo import tiny
 from owl_jax.demo.drills import batches as drill_batches
+from owl_jax.demo.drills import trainer_batch
 from owl_jax.inference.api import _forward
 from owl_jax.sharding import make_mesh
 from owl_jax.training.stages import merge_params
-from owl_jax.training.trainer import Trainer, global_batch, stack_micro_batches
+from owl_jax.training.trainer import Trainer, global_batch
 
 
 def copy_batches(rng, batch: int, length: int = 12):
@@ -279,10 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     size = c.model.vision.image_size
 
     def as_batch(ids, loss):
-        return stack_micro_batches([{"input_ids": ids, "attention_mask": (ids != 0).astype(np.int32),
-                                     "loss_mask": loss, "pixel_values": np.zeros((1, size, size, 3), np.float32),
-                                     "num_images": np.zeros((len(ids),), np.int32),
-                                     "image_start": np.zeros((len(ids),), np.int32)}])
+        return trainer_batch(ids, loss, size)
 
     first = as_batch(*next(batches))
     step = trainer.jit_train_step({k: v.shape for k, v in first.items()})
@@ -300,9 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pretrain_repeat:
         # at 16 rows the induction head had not formed by 900 steps; at 32 by 500-600
         drills = drill_batches(np.random.default_rng(1), 32, 48, c.model.llm.vocab_size, tuple(args.drill_tasks))
-        c.seq_len = 48
-        drill_step = Trainer(c, make_mesh({"fsdp": 1}, jax.devices()[:1])).jit_train_step(
-            {k: v.shape for k, v in as_batch(*next(drills)).items()})
+        drill_step = trainer.jit_train_step({k: v.shape for k, v in as_batch(*next(drills)).items()})
         for i in range(1, args.pretrain_repeat + 1):
             state, m = drill_step(state, global_batch(as_batch(*next(drills)), drill_step.batch_shardings))
             if i % 100 == 0:

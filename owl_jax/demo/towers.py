@@ -105,7 +105,7 @@ def drill_llm(config, workdir: str) -> str:
     from owl_jax.params_io import save_params
     from owl_jax.sharding import make_mesh
     from owl_jax.training.stages import merge_params
-    from owl_jax.training.trainer import Trainer, global_batch, stack_micro_batches
+    from owl_jax.training.trainer import Trainer, global_batch
 
     d = config.towers.drills
     out = os.path.join(workdir, "llm_drills")
@@ -120,10 +120,7 @@ def drill_llm(config, workdir: str) -> str:
                              tuple(d.tasks))
 
     def as_batch(ids, loss):
-        return stack_micro_batches([{"input_ids": ids, "attention_mask": (ids != 0).astype(np.int32),
-                                     "loss_mask": loss, "pixel_values": np.zeros((1, size, size, 3), np.float32),
-                                     "num_images": np.zeros((len(ids),), np.int32),
-                                     "image_start": np.zeros((len(ids),), np.int32)}])
+        return drills.trainer_batch(ids, loss, size)
 
     trainer = Trainer(tc, make_mesh({"fsdp": 1}, jax.devices()[:1]))
     first = as_batch(*next(batches))
