@@ -39,6 +39,20 @@ def test_test_questions_do_not_occur_in_train(data):
     assert te and not tr & te
 
 
+def test_text_train_asks_no_held_out_text_only_question_in_its_text_quizzes():
+    sizes = {"instructions_test": 3000, "captions_test": 10, "text_train": 400}
+    data = {s: list(g) for s, g in sw.generate_all(sizes, seed=3, render=False).items()}
+    held_out = {conv.parse_turns(r["text"])[1][0][0] for r in data["instructions_test"] if r["category"] == "text_only"}
+    quizzes = [conv.parse_turns(r["text"])[1] for r in data["text_train"] if r["category"] == "text_only"]
+    assert len(held_out) > 300 and sum(len(t) > 1 for t in quizzes) > 0.8 * len(quizzes)
+    asked = {q for turns in quizzes for q, _ in turns}
+    assert len(asked) > 300 and not asked & held_out
+    # without the exclusion some would be asked (the sums' space is small): the test can fail
+    rng = np.random.default_rng(0)
+    drawn = {q for _ in range(len(quizzes)) for q, _ in sw._text_quiz(rng)["turns"]}
+    assert drawn & held_out
+
+
 def test_text_train_writes_each_image_as_its_caption_and_avoids_test(data):
     test_keys = {r["_key"] for r in data["captions_test"] + data["instructions_test"]}
     assert len(data["text_train"]) == SIZES["text_train"] and not {r["_key"] for r in data["text_train"]} & test_keys
