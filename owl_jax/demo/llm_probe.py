@@ -20,7 +20,8 @@ scene:     ShapesWorld questions with the scene told as text ("<caption> Q: <que
            the binding examples per token), --answers_only puts the loss on the answers alone,
            --heads N changes the LLM's head count (head size hidden/N), --layers N its depth.
            --pretrain_repeat N first trains N steps of copy drills (owl_jax.demo.drills, 32 rows of
-           48 tokens; --drill_tasks picks them), --repeat_share S mixes repeat drills into the
+           48 tokens; --drill_tasks picks them), then --lookup_steps M steps of repeat and lookup
+           drills (binding is a lookup), --repeat_share S mixes repeat drills into the
            scene batches instead (a share S of the rows).
 
 Every 50 steps (100 for scene) it prints the loss and token accuracy. --torch trains transformers'
@@ -219,6 +220,8 @@ def _flags() -> flags.FlagValues:
                          "induction head first), on the same learning-rate schedule", flag_values=fv)
     flags.DEFINE_list("drill_tasks", ["repeat"], "--pretrain_repeat: the drills (owl_jax.demo.drills.TASKS)",
                       flag_values=fv)
+    flags.DEFINE_integer("lookup_steps", 0, "scene: after --pretrain_repeat, this many steps of repeat and "
+                         "lookup drills in equal shares (the lookups once the induction head exists)", flag_values=fv)
     flags.DEFINE_bool("answers_only", False, "scene with --qa_per_scene: loss on the answers only", flag_values=fv)
     flags.DEFINE_integer("heads", 0, "LLM attention heads (0: configs/tiny.py's)", flag_values=fv)
     flags.DEFINE_integer("layers", 0, "LLM layers (0: configs/tiny.py's)", flag_values=fv)
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
     c = tiny.get_config("full_ft")
     c.batch_size, c.seq_len, c.max_images_per_batch, c.num_steps = args.batch, seq_len, 1, args.steps
-    c.num_steps += args.pretrain_repeat
+    c.num_steps += args.pretrain_repeat + args.lookup_steps
     if args.heads:
         c.model.llm.update(num_heads=args.heads, num_kv_heads=args.heads)
     if args.layers:
@@ -299,10 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         # at 16 rows the induction head had not formed by 900 steps; at 32 by 500-600
         drills = drill_batches(np.random.default_rng(1), 32, 48, c.model.llm.vocab_size, tuple(args.drill_tasks))
         drill_step = trainer.jit_train_step({k: v.shape for k, v in as_batch(*next(drills)).items()})
-        for i in range(1, args.pretrain_repeat + 1):
-            state, m = drill_step(state, global_batch(as_batch(*next(drills)), drill_step.batch_shardings))
+        lookups = drill_batches(np.random.default_rng(2), 32, 48, c.model.llm.vocab_size, ("repeat", "lookup"))
+        for i in range(1, args.pretrain_repeat + args.lookup_steps + 1):
+            phase = "repeat" if i <= args.pretrain_repeat else "lookup"
+            rows = next(drills if phase == "repeat" else lookups)
+            state, m = drill_step(state, global_batch(as_batch(*rows), drill_step.batch_shardings))
             if i % 100 == 0:
-                print(f"repeat step {i}: loss {float(m['loss']):.3f} token accuracy {float(m['accuracy']):.3f} "
+                print(f"{phase} drill step {i}: loss {float(m['loss']):.3f} token accuracy {float(m['accuracy']):.3f} "
                       f"({time.time() - t0:.0f} s)", flush=True)
     for i in range(1, args.steps + 1):
         state, m = step(state, global_batch(as_batch(*next(batches)), step.batch_shardings))
