@@ -140,14 +140,19 @@ def test_committed_vit_probes_match_their_record_and_beat_a_random_vit():
 def test_committed_llm_answers_as_recorded(tmp_path):
     """The first 64 held-out questions, scenes told as text, answered as towers.json records (greedy;
     another CPU's rounding may flip a near tie, so 60 of 64)."""
-    import owl_jax
+    from owl_jax.data.tokenizer import load_tokenizer
     from owl_jax.demo.dataset import iter_test_questions, prepare
+    from owl_jax.inference.api import from_params
+    from owl_jax.params_io import load_params_for
 
     _, cfg, record = _committed()
     prepare(str(tmp_path), seed=0, sizes={"instructions_test": len(record["llm"]["answers"])},
             tokenizer=os.path.join(PRETRAINED, "tokenizer"))
     questions = list(iter_test_questions(str(tmp_path), scenes_as_text=True))[:64]
-    owl = owl_jax.load(PRETRAINED, tokenizer=os.path.join(PRETRAINED, "tokenizer"), prompt_tokenization="training")
+    # The towers hold no abstractor (stage 1 initialises it); the text-only answers never read it.
+    params, _ = load_params_for(PRETRAINED, cfg)
+    owl = from_params(params, cfg, load_tokenizer(os.path.join(PRETRAINED, "tokenizer")),
+                      prompt_tokenization="training")
     got = owl.generate([{"prompt": q["prompt"], "images": []} for q in questions], batch_size=64, max_new_tokens=12)
     recorded = {r["index"]: r["prediction"] for r in record["llm"]["answers"]}
     same = sum(g == recorded[q["index"]] for g, q in zip(got, questions))
