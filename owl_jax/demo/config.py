@@ -44,6 +44,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # the captions' colours 37% right and 2400 steps 92% (regions 69% -> 97%).
     c.stages.stage1 = ml_collections.ConfigDict({
         "stage": "stage1",
+        # the fresh parameters' initialisation and the data order (BENCHMARKS' second seed: 1)
+        "seed": 0,
         "num_steps": 2400,
         "batch_size": 16,
         "seq_len": 104,  # captions are at most 99 tokens (17 image tokens included)
@@ -58,6 +60,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # carry ~23 samples, 91% full (16 rows of 112, one sample each: 16 samples, 63% full).
     c.stages.stage2 = ml_collections.ConfigDict({
         "stage": "stage2_lora",
+        "seed": 0,
         "train_abstractor": True,
         "model": {"lora": {"rank": 8, "alpha": 32.0, "dropout": 0.0}},
         "num_steps": 1100,
