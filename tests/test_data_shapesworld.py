@@ -53,6 +53,26 @@ def test_text_train_asks_no_held_out_text_only_question_in_its_text_quizzes():
     assert drawn & held_out
 
 
+def test_no_training_conversation_asks_a_held_out_question_about_its_scene():
+    """One-shape scenes recur in so small a world: a quiz or multi-turn conversation about the same
+    scene would teach a held-out (scene, question, answer) as one of its turns."""
+    sizes = {"instructions_test": 400, "captions_test": 10, "instructions_train": 3000, "text_train": 3000}
+    data = {s: list(g) for s, g in sw.generate_all(sizes, seed=3, render=False).items()}
+    def single_turn_keys(records):  # text_train tells the scene in a Human line of its own: not a turn
+        return {sw.sample_key({"category": "x", "scenes": json.loads(r["scene"]), "turns": [tuple(t)]})
+                for r in records for t in conv.parse_turns(r["text"])[1]}
+    held_out = {r["_key"] for r in data["instructions_test"] if r["category"] not in ("multi_turn", "two_image")}
+    many_turns = [r for split in ("instructions_train", "text_train") for r in data[split]
+                  if r["category"] == "multi_turn"]
+    assert len(many_turns) > 1000
+    assert not single_turn_keys(many_turns) & held_out
+    # without the filter some held-out questions would be asked: the test can fail
+    rng = np.random.default_rng(0)
+    quizzes = [q for q in (sw._quiz(rng) for _ in range(len(many_turns))) if q is not None]
+    asked = {sw.sample_key({"category": "x", "scenes": q["scenes"], "turns": [t]}) for q in quizzes for t in q["turns"]}
+    assert asked & held_out
+
+
 def test_text_train_writes_each_image_as_its_caption_and_avoids_test(data):
     test_keys = {r["_key"] for r in data["captions_test"] + data["instructions_test"]}
     assert len(data["text_train"]) == SIZES["text_train"] and not {r["_key"] for r in data["text_train"]} & test_keys

@@ -360,7 +360,7 @@ def generate(split: str, n: int, seed: int, exclude: set | None = None, render: 
         if attempts > 50 * n + 1000:
             raise RuntimeError(f"ShapesWorld {split}: could not draw {n} distinct samples")
         item = make(rng)
-        if item is not None and item["category"] == "text_only" and len(item["turns"]) > 1:
+        if item is not None and len(item.get("turns", ())) > 1:
             item = _without_held_out_turns(item, exclude)
         if item is None:
             continue
@@ -373,10 +373,13 @@ def generate(split: str, n: int, seed: int, exclude: set | None = None, render: 
 
 
 def _without_held_out_turns(item: dict, exclude: set) -> dict | None:
-    """A text-only quiz less the turns that are held-out questions on their own (None if none is left)."""
+    """A conversation of several turns less those that are held-out questions on their own, about the
+    same scenes (the world is small: one-shape scenes recur, and a quiz or multi-turn conversation
+    would otherwise teach some held-out answers). None when too few turns are left: a text-only quiz
+    needs one, a conversation about a scene two."""
     turns = [t for t in item["turns"]
-             if sample_key({"category": "text_only", "scenes": [], "turns": [t]}) not in exclude]
-    return item | {"turns": turns} if turns else None
+             if sample_key({"category": item["category"], "scenes": item["scenes"], "turns": [t]}) not in exclude]
+    return item | {"turns": turns} if len(turns) >= (1 if not item["scenes"] else 2) else None
 
 
 def split_keys(split: str, n: int, seed: int) -> set:
