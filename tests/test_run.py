@@ -220,3 +220,26 @@ def test_scoring_and_blind_baselines():
     b = blind_baselines(train, test)
     assert b["count"]["prior"] == pytest.approx(2 / 3)  # per-question prior; unseen question: category prior
     assert b["count"]["uniform"] == pytest.approx(1 / 3)
+
+
+def test_towers_made_for_other_held_out_splits_or_tokens_are_refused(tmp_path):
+    """Stage 1 must start from towers that left out the questions this config evaluates on, and train
+    on data tokenised by the towers' own tokenizer."""
+    from owl_jax.cli import UserError
+    from owl_jax.demo import config as job_config
+    from owl_jax.demo.run import check_held_out, check_same_tokenizer
+
+    config = job_config.get_config()
+    made_for = {"seed": config.prepare.seed, "captions_test": config.prepare.sizes.captions_test,
+                "instructions_test": config.prepare.sizes.instructions_test}
+    check_held_out({"held_out": made_for}, config, "towers.json")
+    config.prepare.sizes.instructions_test += 100  # questions the towers may have trained on
+    with pytest.raises(UserError, match="instructions_test"):
+        check_held_out({"held_out": made_for}, config, "towers.json")
+
+    for name, content in (("data", b"one"), ("towers", b"one"), ("other", b"two")):
+        os.makedirs(tmp_path / name / "tokenizer")
+        (tmp_path / name / "tokenizer" / "tokenizer.model").write_bytes(content)
+    check_same_tokenizer(str(tmp_path / "data"), str(tmp_path / "towers"))
+    with pytest.raises(UserError, match="other towers"):
+        check_same_tokenizer(str(tmp_path / "data"), str(tmp_path / "other"))

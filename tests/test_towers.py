@@ -123,8 +123,11 @@ def test_committed_vit_probes_match_their_record_and_beat_a_random_vit():
 
     params, cfg, record = _committed()
     v = record["settings"]["vit"]
+    from owl_jax.demo import config as job_config
+    from owl_jax.demo.towers import held_out_caption_keys
+
     data = siglip.Scenes(load_tokenizer(os.path.join(PRETRAINED, "tokenizer")), cfg.vision.image_size,
-                         v["caption_len"], v["seed"])
+                         v["caption_len"], v["seed"], held_out_caption_keys(job_config.get_config()))
     scenes = siglip.probe_scenes(data, v["probe_train"], v["probe_test"])
     probes = siglip.probe_vit(cfg.vision, params["vision_model"], scenes)
     for name, value in record["vit"]["probes"].items():

@@ -74,10 +74,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     })
 
     # The pretrained towers (python -m owl_jax.demo.towers): the main job starts from them, as the
-    # paper's stage 1 starts from LLaMA and CLIP. The same seed and held-out sizes as `prepare`, so the
-    # towers never see a held-out scene of the main job.
+    # paper's stage 1 starts from LLaMA and CLIP. `prepare`'s seed and held-out sizes: the LLM's text
+    # leaves out every held-out caption and question (whole or as a turn of a longer conversation) and
+    # the ViT every held-out caption; the ViT's random scenes may include a held-out question's scene.
     c.towers = ml_collections.ConfigDict()
-    c.towers.prepare_sizes = {"text_train": 192000, "captions_test": 200, "instructions_test": 400}
+    c.towers.text_train = 192000  # conversations; the held-out splits are `prepare`'s
     # The tiny LLaMA's copy and lookup drills on random tokens (owl_jax.demo.drills), before its text:
     # its induction heads form there (at 32 rows a step by step ~500-600; at 16 rows, or with half the
     # rows lookups, not by 900).
@@ -142,7 +143,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                  "attention_queries": 2},
     })
     c.quick.towers = {
-        "prepare_sizes": {"text_train": 400, "captions_test": 8, "instructions_test": 32},
+        "text_train": 400,
         "drills": {"steps": 20, "batch_size": 8, "log_every_steps": 5},
         "llm": {"num_steps": 60, "batch_size": 8, "log_every_steps": 1, "checkpoint": {"every_steps": 30},
                 "optim": {"lr": 1e-2, "warmup_steps": 2, "end_lr": 1e-3}},

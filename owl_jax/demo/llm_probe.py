@@ -120,7 +120,7 @@ def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, 
                     row = np.concatenate([[1], s, [5], s])
                     ids[i, :len(row)], loss[i, n + 3:len(row)] = row, 1
                     continue
-                while (item := sw._quiz(rng, qa_per_scene)) is None:  # the main job's stage-0 quizzes
+                while (item := sw._quiz(rng, qa_per_scene)) is None:  # the towers' text quizzes
                     pass
                 x, a = scene_sample(item, encode)
                 x, a = x[:seq_len], a[:seq_len]

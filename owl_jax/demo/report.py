@@ -239,7 +239,8 @@ def redraw(workdir: str, control: str | None = None) -> None:
     if control:
         with open(os.path.join(control, "report.json")) as f:
             ctrl = json.load(f)["stages"]["stage2"]["accuracy"]
-    plot_accuracy({n: s["accuracy"] for n, s in report["stages"].items()}, report["blind_baselines"],
+    told = {"pretrained LLM (scenes told as text)": report["towers"]["llm_accuracy_scenes_told"]}
+    plot_accuracy(told | {n: s["accuracy"] for n, s in report["stages"].items()}, report["blind_baselines"],
                   os.path.join(workdir, "plots", "accuracy.png"), control=ctrl)
 
 

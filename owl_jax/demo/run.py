@@ -256,6 +256,29 @@ def run(config, workdir: str) -> dict:
         return _run(config, workdir)
 
 
+def check_held_out(towers: dict, config, record: str) -> None:
+    """The towers must have left out the held-out splits this config evaluates on (seed and sizes)."""
+    from owl_jax.cli import UserError
+    from owl_jax.demo import towers as tw
+
+    expected = {"seed": config.prepare.seed} | tw.held_out(config)
+    if towers.get("held_out", expected) != expected:
+        raise UserError(f"{record}: the towers left out the held-out splits {towers['held_out']}, this config "
+                        f"evaluates on {expected}: some held-out questions could be in the towers' training")
+
+
+def check_same_tokenizer(data_dir: str, towers_dir: str) -> None:
+    """The data kept in a workdir must be tokenised as the towers' LLM was trained: a workdir made with
+    other towers (or --from_scratch) would train on token ids the LLM never saw, with no error."""
+    from owl_jax.cli import UserError
+
+    kept, towers = (os.path.join(d, "tokenizer", "tokenizer.model") for d in (data_dir, towers_dir))
+    with open(kept, "rb") as a, open(towers, "rb") as b:
+        if a.read() != b.read():
+            raise UserError(f"{kept} is not the towers' tokenizer ({towers}): this workdir's data was made "
+                            "for other towers; use a new --workdir")
+
+
 def _run(config, workdir: str) -> dict:
     from owl_jax.demo import towers as tw
     from owl_jax.demo.dataset import prepare
@@ -276,6 +299,7 @@ def _run(config, workdir: str) -> dict:
         raise UserError(f"no pretrained towers at {towers_dir} ({tw.TOWERS_JSON} missing): make them with "
                         "`python -m owl_jax.demo.towers --workdir=DIR`, or run with --from_scratch")
     towers = read_json(record) | {"dir": towers_dir}
+    check_held_out(towers, config, record)
     print(f"== towers: {towers_dir}")
 
     # ------------------------------------------------------------------------------- data
@@ -285,6 +309,7 @@ def _run(config, workdir: str) -> dict:
         print(f"== data: generating ShapesWorld into {data_dir}")
         prepare(data_dir, seed=config.prepare.seed, sizes=config.prepare.sizes.to_dict(),
                 tokenizer=os.path.join(towers_dir, "tokenizer"))
+    check_same_tokenizer(data_dir, towers_dir)
     timings["data_s"] = time.time() - t0
 
     # ------------------------------------------------------------------------------- stages 1, 2
@@ -321,8 +346,9 @@ def _run(config, workdir: str) -> dict:
 def main(argv):
     del argv
     _train.start_program()
-    config = resolve_config(FLAGS.config, FLAGS.quick, FLAGS.blank_images, FLAGS.from_scratch)
-    sys.exit(_train.run_cli(lambda: run(config, FLAGS.workdir)))
+    # inside run_cli: a bad config section is a one-line error, not a traceback
+    sys.exit(_train.run_cli(lambda: run(resolve_config(FLAGS.config, FLAGS.quick, FLAGS.blank_images,
+                                                       FLAGS.from_scratch), FLAGS.workdir)))
 
 
 if __name__ == "__main__":

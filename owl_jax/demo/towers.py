@@ -8,19 +8,22 @@ Sections, top to bottom (settings: the `towers` section of owl_jax/demo/config.p
   data   ShapesWorld text (captions, instructions and quizzes with every scene told as text, and
          text-only tasks; no sample of the main job's held-out splits) and its tokenizer, into
          DIR/data
-  llm    the tiny LLaMA: copy and lookup drills on random tokens first (owl_jax.demo.drills: its
+  llm    the tiny LLaMA: copy drills on random tokens first (owl_jax.demo.drills: its
          induction heads form there, as a real LLM's do on repetitive text; DIR/llm_drills), then
          trained on the text (owl_jax.train, the whole LLM: DIR/llm) and asked the held-out
          questions with each scene told as text (DIR/llm/eval.json)
-  vit    the tiny ViT and a small text tower trained by SigLIP's sigmoid loss on freshly drawn
-         scenes and their captions (DIR/vit), then linear probes on its patch features
+  vit    the tiny ViT and a small text tower trained by SigLIP's sigmoid loss (and CoCa's
+         captioner) on freshly drawn scenes and their captions (DIR/vit), then linear probes on its
+         patch features
   out    DIR/pretrained: an owl_jax params dir holding the LLM and the ViT (no abstractor: stage 1
          initialises it), DIR/pretrained/tokenizer, DIR/pretrained/towers.json (figures, times)
 
 A finished part is skipped on a rerun; the LLM's text training resumes from its last checkpoint,
 its drills (minutes) and the ViT's training start again. The two towers may be made at once by two
 processes (--only=llm, --only=vit) once the data is there. The main job's committed towers
-(owl_jax/demo/pretrained) are DIR/pretrained of a run with the config file's settings.
+(owl_jax/demo/pretrained) are DIR/pretrained of a run with the config file's settings, but for one
+thing: the LLM ran 4000 text steps first, then (DIR/llm/eval.json removed) resumed to 8000 on the
+8000-step schedule (BENCHMARKS.md, "The pretrained towers").
 """
 from __future__ import annotations
 
@@ -61,8 +64,13 @@ def prepare_text(config, workdir: str) -> str:
     data_dir = os.path.join(workdir, "data")
     if not os.path.exists(os.path.join(data_dir, "tokenizer", "tokenizer.model")):
         print(f"== data: ShapesWorld text into {data_dir}")
-        prepare(data_dir, seed=config.prepare.seed, sizes=config.towers.prepare_sizes.to_dict())
+        prepare(data_dir, seed=config.prepare.seed, sizes={"text_train": config.towers.text_train} | held_out(config))
     return data_dir
+
+
+def held_out(config) -> dict:
+    """The main job's held-out split sizes, which the towers' text and scenes leave out."""
+    return {k: config.prepare.sizes[k] for k in ("captions_test", "instructions_test")}
 
 
 # ------------------------------------------------------------------------------------ the LLM
@@ -77,7 +85,9 @@ def pretrain_llm(config, workdir: str, data_dir: str) -> dict:
     done = os.path.join(out, "eval.json")
     if os.path.exists(done):
         return jobs.read_json(done)
-    drilled = drill_llm(config, workdir)
+    # Its own lock: owl_jax.train takes WORKDIR/llm's, and two `--only=llm` runs must not both drill.
+    with WorkdirLock(os.path.join(workdir, "llm_drills")):
+        drilled = drill_llm(config, workdir)
     tc = jobs.train_config(config.model, config.towers.llm, "towers.llm", data_dir, drilled)
     print(f"== llm: {tc.num_steps} steps of {tc.batch_size} x {tc.seq_len} tokens on {tc.data.split}")
     t0 = time.time()
@@ -96,7 +106,7 @@ def pretrain_llm(config, workdir: str, data_dir: str) -> dict:
 
 
 def drill_llm(config, workdir: str) -> str:
-    """The LLM's copy and lookup drills (config.towers.drills; not resumable: minutes). Returns the
+    """The LLM's drills on random tokens (config.towers.drills; not resumable: minutes). Returns the
     params dir (the LLM alone) its text training starts from; '' when there are no drills."""
     import jax
     import numpy as np
@@ -111,7 +121,8 @@ def drill_llm(config, workdir: str) -> str:
     out = os.path.join(workdir, "llm_drills")
     if not d.steps:
         return ""
-    if os.path.exists(os.path.join(out, "params", "owl_config.json")):
+    # drills.json is written last: params without it are a run that died while saving
+    if os.path.exists(os.path.join(out, "drills.json")):
         return os.path.join(out, "params")
     tc = jobs.train_config(config.model, {"stage": "full_ft", "num_steps": d.steps, "batch_size": d.batch_size,
                                           "seq_len": d.seq_len, "optim": d.optim.to_dict()}, "towers.drills", "", "")
@@ -234,6 +245,8 @@ def assemble(workdir: str, data_dir: str, made: dict, config) -> str:
         "llm": {k: made["llm"][k] for k in ("wall_s", "eval_wall_s", "accuracy", "last_metrics", "answers", "drills")},
         "vit": {k: made["vit"][k] for k in ("wall_s", "probes", "probes_random", "twins", "history")},
         "settings": config.towers.to_dict(),
+        # what the towers never trained on: the main job refuses other held-out splits
+        "held_out": {"seed": config.prepare.seed} | held_out(config),
     }
     jobs.write_json(os.path.join(tmp, TOWERS_JSON), record)
     shutil.rmtree(out, ignore_errors=True)
@@ -272,8 +285,9 @@ def main(argv):
     from owl_jax import train
 
     train.start_program()
-    config = jobs.resolve_config(FLAGS.config, FLAGS.quick)
-    sys.exit(train.run_cli(lambda: make_towers(config, FLAGS.workdir, FLAGS.only)))
+    # inside run_cli: a bad config section is a one-line error, not a traceback
+    sys.exit(train.run_cli(lambda: make_towers(jobs.resolve_config(FLAGS.config, FLAGS.quick), FLAGS.workdir,
+                                               FLAGS.only)))
 
 
 if __name__ == "__main__":

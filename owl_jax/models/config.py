@@ -150,7 +150,7 @@ class OwlConfig:
     # "xla" path only: the LLM's causal attention over a whole sequence (training, scoring; not the
     # cached decode) runs in query blocks of this many rows, each against the keys up to its last
     # row (models/attention.py); 0: one block. Skips the masked upper triangle: on 2 CPU cores the main
-    # job's stage-0 step (144 tokens) 4% faster, a bench_small LLaMA layer's attention (513 tokens)
+    # job's LLM tower step (144 tokens) 4% faster, a bench_small LLaMA layer's attention (513 tokens)
     # 92 -> 62 ms.
     causal_query_block: int = 0
     # Inference only: "int8" holds the LLM's projection and LM-head weights as int8 with per-channel
