@@ -183,7 +183,7 @@ def test_packed_epoch_holds_every_sample_as_it_is_unpacked(shapesworld_dir):
     for i in want:
         for a, b in zip(got[i], want[i]):
             np.testing.assert_array_equal(a, b, err_msg=f"record {i}")
-    assert len(packed) < len(plain) / 2  # rows of ~70-110 tokens, 192 a row
+    assert len(packed) <= len(plain) / 2  # samples of ~30-110 tokens, 192 a row: two or more a row
     for b in packed:
         for row in b["attention_mask"]:  # samples numbered 1, 2, ... then padding
             used = int((row > 0).sum())
