@@ -108,17 +108,16 @@ def scene_sample(item, encode) -> tuple[list[int], list[int]]:
 
 def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, answers_only: bool = False,
                   repeat_share: float = 0.0):
+    from owl_jax.demo import drills
     from owl_jax.demo import scenes as sw
 
     if qa_per_scene:
         while True:
             ids, loss = np.zeros((batch, seq_len), np.int32), np.zeros((batch, seq_len), np.int32)
             for i in range(batch):
-                if rng.random() < repeat_share:  # a copy drill: BOS s SEP s, loss on the second copy
-                    n = int(rng.integers(6, min(40, (seq_len - 2) // 2) + 1))
-                    s = rng.integers(10, 1000, n)
-                    row = np.concatenate([[1], s, [5], s])
-                    ids[i, :len(row)], loss[i, n + 3:len(row)] = row, 1
+                if rng.random() < repeat_share:  # a copy drill of segments up to 40 tokens
+                    row, mask = drills.repeat_row(rng, min(seq_len, 82), 1000)
+                    ids[i, :len(row)], loss[i, :len(row)] = row, mask
                     continue
                 while (item := sw._quiz(rng, qa_per_scene)) is None:  # the towers' text quizzes
                     pass

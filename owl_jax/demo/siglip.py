@@ -9,6 +9,7 @@ image-caption pair of a batch by a sigmoid of t * cos + b (Zhai et al. 2023, as 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 
@@ -265,10 +266,16 @@ PROBE_CLASSES = {"colour": (len(REGIONS), len(COLOURS) + 1), "shape": (len(REGIO
                  "region": (len(REGIONS), 2), "count": (1, 4)}
 
 
+@functools.lru_cache(maxsize=None)
+def _flat_tokens(vision: VisionConfig):
+    """One jitted ViT forward per config, so every probe set (and ViT) reuses its compilation."""
+    encoder = VisionEncoder(vision)
+    return jax.jit(lambda p, x: encoder.apply({"params": p}, x).reshape(x.shape[0], -1))
+
+
 def patch_features(vision: VisionConfig, vision_params, pixels: np.ndarray, batch: int = 256) -> np.ndarray:
     """The ViT's output tokens, flattened: float32[N, (1 + P) * D]."""
-    encoder = VisionEncoder(vision)
-    f = jax.jit(lambda p, x: encoder.apply({"params": p}, x).reshape(x.shape[0], -1))
+    f = _flat_tokens(vision)
     return np.concatenate([np.asarray(f(vision_params, pixels[i:i + batch])) for i in range(0, len(pixels), batch)])
 
 
@@ -344,7 +351,8 @@ def twin_accuracy(vision: VisionConfig, settings: Settings, vocab_size: int, par
     of pairs where both images score their own caption above their twin's. A model that ignores the
     image scores 0 (one of the two prefers the wrong caption), one that guesses at random 0.25."""
     model = SigLIP(vision, text_config(settings, vocab_size), settings.embed_dim, settings.caption_layers)
-    score = jax.jit(lambda x, ids, mask: model.apply({"params": params}, x, ids, mask))
+    # params as an argument: closed over, they would be baked into the program as constants
+    score = jax.jit(lambda p, x, ids, mask: model.apply({"params": p}, x, ids, mask))
     out = {}
     for kind, name in enumerate(TWIN_KINDS):
         correct = 0
@@ -352,7 +360,7 @@ def twin_accuracy(vision: VisionConfig, settings: Settings, vocab_size: int, par
             rng = np.random.default_rng([data.seed, 3, kind, k])
             first = [data.draw(rng) for _ in range(batch // 2)]
             pixels, ids, mask = data.render(first + [data.twin(sc, rng, kind) for sc in first])
-            logits = np.asarray(score(pixels, ids, mask))
+            logits = np.asarray(score(params, pixels, ids, mask))
             h = batch // 2
             own, other = np.diagonal(logits), np.concatenate([np.diagonal(logits, h), np.diagonal(logits, -h)])
             correct += int(((own[:h] > other[:h]) & (own[h:] > other[h:])).sum())
