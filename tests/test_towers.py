@@ -37,8 +37,8 @@ def test_towers_command_quick(tmp_path):
     record = json.load(open(out / "towers.json"))
     assert record["llm"]["accuracy"]["all"]["total"] == 32
     assert len(record["llm"]["answers"]) == 32
-    assert set(record["vit"]["probes"]) == {"colour", "shape", "region", "count"}
-    assert set(record["vit"]["twins"]) == {"shape", "colour", "count"}
+    assert set(record["vit"]["probes"]) == {"colour", "shape", "region", "count", "letters"}
+    assert set(record["vit"]["twins"]) == {"shape", "colour", "count", "word"}
     assert all(0 <= v <= 1 for v in record["vit"]["twins"].values())
     siglip_losses = [h[1] for h in record["vit"]["history"]]
     assert siglip_losses[-1] < siglip_losses[0], siglip_losses
@@ -222,18 +222,43 @@ def test_twins_differ_in_one_thing_and_batches_repeat_from_the_seed(shapesworld_
     from owl_jax.demo.siglip import Scenes
 
     data = Scenes(load_tokenizer(os.path.join(shapesworld_dir, "tokenizer")), 28, 64, seed=3)
-    pixels, ids, mask, drawn = data.batch(5, 16, twins=True)
-    for a, b in zip(drawn[:8], drawn[8:]):
+    pixels, ids, mask, drawn = data.batch(5, 32, twins=True)
+    letter_twins = 0
+    for a, b in zip(drawn[:16], drawn[16:]):
         (ka, word_a), (kb, word_b) = sw.scene_key(a), sw.scene_key(b)
-        assert word_a == word_b
+        if word_a != word_b:  # one letter of the word changed, nothing else
+            letter_twins += 1
+            assert ka == kb and len(word_a) == len(word_b), (a, b)
+            assert sum(x != y for x, y in zip(word_a, word_b)) == 1, (word_a, word_b)
+            continue
         # one shape's kind or colour changed (two entries differ), or one shape more or fewer (one)
         changed = set(ka) ^ set(kb)
         assert len(changed) in (1, 2) and len({region for _, _, region in changed}) == 1, (ka, kb)
-    again = data.batch(5, 16, twins=True)
+    assert letter_twins >= 1
+    again = data.batch(5, 32, twins=True)
     np.testing.assert_array_equal(pixels, again[0])
     np.testing.assert_array_equal(ids, again[1])
     assert (mask.sum(1) < 64).all()  # no caption cut
-    assert not np.array_equal(pixels, data.batch(6, 16, twins=True)[0])
+    assert not np.array_equal(pixels, data.batch(6, 32, twins=True)[0])
+
+
+def test_the_captioners_focus_weights_fall_on_the_shape_words_and_the_written_word(shapesworld_dir):
+    from owl_jax.data.tokenizer import load_tokenizer
+    from owl_jax.demo.siglip import Scenes
+
+    for tokenizer_dir in (os.path.join(shapesworld_dir, "tokenizer"), os.path.join(PRETRAINED, "tokenizer")):
+        tok = load_tokenizer(tokenizer_dir)
+        data = Scenes(tok, 28, 64, seed=1)
+        drawn = [data.draw(np.random.default_rng(k), word=k % 2 == 0) for k in range(12)]
+        _, ids, mask = data.render(drawn)
+        weights = data.focus_weights(drawn, 4.0)
+        np.testing.assert_array_equal(data.focus_weights(drawn, 1.0), np.ones_like(weights))
+        for scene, row, keep, w in zip(drawn, ids, mask, weights):
+            focused = tok.decode(row[w == 4.0].tolist()).split()
+            expected = [s["shape"] for s in scene["shapes"]] + ([scene["word"]] if scene["word"] else [])
+            # each shape word and the word whole, in caption order; nothing else, padding never
+            assert "".join(focused) == "".join(expected), (tokenizer_dir, focused, expected)
+            assert (w[keep == 0] == 1.0).all()
 
 
 def test_held_out_captions_are_never_drawn(shapesworld_dir):
@@ -258,8 +283,10 @@ def test_linear_probes_read_a_planted_signal():
     def labels(n):
         colour = rng.integers(0, 9, (n, 5))
         region = (colour < 8).astype(np.int64)
+        length = rng.integers(3, 7, n) * (rng.random(n) < 0.5)  # half the scenes without a word
+        letters = np.where(np.arange(6) < length[:, None], rng.integers(0, 26, (n, 6)), 26)
         return {"colour": colour, "shape": np.where(region == 1, rng.integers(0, 4, (n, 5)), 4), "region": region,
-                "count": rng.integers(0, 4, n)}
+                "count": rng.integers(0, 4, n), "letters": letters}
 
     def planted(lab):
         parts = [np.eye(c)[lab[k].reshape(len(lab[k]), -1)].reshape(len(lab[k]), -1)
@@ -271,7 +298,7 @@ def test_linear_probes_read_a_planted_signal():
     assert min(read.values()) > 0.97, read
     noise = linear_probes(rng.normal(size=(512, 64)).astype(np.float32), train,
                           rng.normal(size=(256, 64)).astype(np.float32), test)
-    assert noise["count"] < 0.45 and noise["shape"] < 0.5, noise
+    assert noise["count"] < 0.45 and noise["shape"] < 0.5 and noise["letters"] < 0.15, noise
 
 
 @pytest.mark.parametrize("word", ["QXZAB", "HELLO"])

@@ -28,10 +28,13 @@ from owl_jax.models.llama import LlamaModel
 from owl_jax.models.vision import VisionEncoder
 
 COLOURS, SHAPES, REGIONS = list(sw.COLOURS), list(sw.SHAPES), list(sw.REGION_ORDER)
-# What a twin changes: a shape's kind, a shape's colour, the number of shapes. Shape first: at 112
-# pixels a shape spans about two patches, and a ViT told colour and place apart long before kind.
-TWIN_KINDS = ("shape", "colour", "count")
-TWIN_CHANGES = (0.5, 0.25, 0.25)
+# What a twin changes: a shape's kind, a shape's colour, the number of shapes, one letter of the
+# written word. Shape first: at 112 pixels a shape spans about two patches, and a ViT told colour and
+# place apart long before kind. A scene with a word gets a one-letter twin half the time: no other
+# twin makes the letters matter, and without them pretraining loses what a random ViT reads of them.
+TWIN_KINDS = ("shape", "colour", "count", "word")
+TWIN_CHANGES = (0.5, 0.25, 0.25)  # shape, colour, count (a scene without a word, or no letter twin)
+LETTER_TWIN_SHARE = 0.5
 
 
 # CoCa's weights: its captioning loss counts twice its contrastive one (Yu et al. 2022).
@@ -82,16 +85,18 @@ class SigLIP(nn.Module):
         zimg, ztxt = self.embed_images(pixels), self.embed_texts(ids, mask)
         return zimg @ ztxt.T * jnp.exp(self.log_temperature) + self.bias
 
-    def losses(self, pixels, ids, mask):
-        """(sigmoid loss, caption loss: the captioner's mean next-token cross-entropy over the caption,
-        read from the ViT's tokens; 0 without a captioner)."""
+    def losses(self, pixels, ids, mask, weights=None):
+        """(sigmoid loss, caption loss: the captioner's next-token cross-entropy over the caption, read
+        from the ViT's tokens, each token's weighted by `weights` float[N, T] (None: 1) and summed over
+        the caption's token count; 0 without a captioner)."""
         tokens = self.vision_model(pixels)
         logits = self.embed_images(tokens=tokens) @ self.embed_texts(ids, mask).T
         contrastive = sigmoid_loss(logits * jnp.exp(self.log_temperature) + self.bias)
         if not self.caption_layers:
             return contrastive, jnp.zeros(())
         nll = optax.softmax_cross_entropy_with_integer_labels(self.caption_logits(ids, mask, tokens=tokens), ids)
-        return contrastive, jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
+        weighted = nll * mask if weights is None else nll * mask * weights
+        return contrastive, jnp.sum(weighted) / jnp.maximum(jnp.sum(mask), 1)
 
     def caption_logits(self, ids, mask, pixels=None, tokens=None):
         """The captioner's predictions float[N, T, V] of caption tokens ids[:, t] (from the image and
@@ -125,25 +130,34 @@ class Scenes:
     def __init__(self, tokenizer, image_size: int, max_len: int, seed: int, exclude: set = frozenset()):
         self.tokenizer, self.image_size, self.max_len, self.seed, self.exclude = (
             tokenizer, image_size, max_len, seed, exclude)
+        self._chunks: dict[str, tuple] = {}
 
-    def draw(self, rng: np.random.Generator) -> dict:
+    def draw(self, rng: np.random.Generator, word: bool | None = None) -> dict:
         while True:
-            scene = sw.sample_scene(rng)
+            scene = sw.sample_scene(rng, word=word)
             item = {"category": "caption", "scenes": [scene], "caption": sw.describe(scene)}
             if sw.sample_key(item) not in self.exclude:
                 return scene
 
     def twin(self, scene: dict, rng: np.random.Generator, kind: int | None = None) -> dict:
-        """`scene` with one thing changed (`kind`, an index of TWIN_KINDS; None: drawn by
-        TWIN_CHANGES): a shape's kind or colour, or one shape more or fewer (the others stay where
-        they are). Random scenes differ in many ways at once, and colour alone tells most captions
-        apart; a twin in the same batch is told apart only by what changed."""
+        """`scene` with one thing changed (`kind`, an index of TWIN_KINDS; None: a letter of the word
+        LETTER_TWIN_SHARE of the time where there is one, else drawn by TWIN_CHANGES): a shape's kind
+        or colour, one shape more or fewer (the others stay where they are), or one letter of the
+        word. Random scenes differ in many ways at once, and colour alone tells most captions apart;
+        a twin in the same batch is told apart only by what changed."""
+        if kind is None and scene["word"] and rng.random() < LETTER_TWIN_SHARE:
+            kind = 3
         for _ in range(100):
             twin = json.loads(json.dumps(scene))
             shapes = twin["shapes"]
             kind = rng.choice(3, p=TWIN_CHANGES) if kind is None else kind
             i = int(rng.integers(len(shapes)))
-            if kind == 0:
+            if kind == 3:
+                word = list(twin["word"])
+                j = int(rng.integers(len(word)))
+                word[j] = str(rng.choice([c for c in sw.LETTERS if c != word[j]]))
+                twin["word"] = "".join(word)
+            elif kind == 0:
                 shapes[i]["shape"] = str(rng.choice([t for t in SHAPES if t != shapes[i]["shape"]]))
             elif kind == 1:
                 shapes[i]["colour"] = str(rng.choice([c for c in COLOURS if c != shapes[i]["colour"]]))
@@ -181,6 +195,30 @@ class Scenes:
             ids[i, : len(t)], mask[i, : len(t)] = t, 1
         return pixels, ids, mask
 
+    def focus_weights(self, drawn: list[dict], focus: float) -> np.ndarray:
+        """float32[n, T], aligned with `render`'s ids: `focus` on the tokens of the caption's shape
+        words and of its written word, 1 elsewhere: the words the captioner learns last (a shape's
+        kind spans two patches, a letter part of one), a few of a caption's tokens. SentencePiece
+        never merges across a space, so a caption's ids are its space-separated chunks' ids one
+        after the other, and each chunk's tokens are known."""
+        out = np.ones((len(drawn), self.max_len), np.float32)
+        if focus == 1.0:
+            return out
+        for i, s in enumerate(drawn):
+            w = []
+            for chunk in sw.describe(s).split(" "):
+                word = chunk.rstrip(".,")  # its punctuation is its last pieces
+                focused = len(self._chunk_ids(word)) if word in sw.SHAPES or word == s["word"] else 0
+                w += [focus] * focused + [1.0] * (len(self._chunk_ids(chunk)) - focused)
+            w = np.array(w + [1.0])[-self.max_len:]  # EOS last
+            out[i, : len(w)] = w
+        return out
+
+    def _chunk_ids(self, chunk: str) -> tuple:
+        if chunk not in self._chunks:  # the grammar's chunks recur; a written word adds one (small)
+            self._chunks[chunk] = tuple(encode_text(self.tokenizer, chunk))
+        return self._chunks[chunk]
+
 
 # ------------------------------------------------------------------------------------ training
 
@@ -202,6 +240,7 @@ class Settings:
     seed: int
     twins: bool = True  # half of every batch: twins of the other half (Scenes.twin)
     caption_layers: int = 0  # > 0: CoCa, a captioner of this depth beside the contrastive loss
+    focus_weight: float = 1.0  # the captioner's loss weight on shape words and letters (Scenes.focus_weights)
 
 
 def text_config(s: Settings, vocab_size: int) -> LlamaConfig:
@@ -221,20 +260,21 @@ def train(vision: VisionConfig, settings: Settings, data: Scenes, vocab_size: in
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=s.weight_decay))
     opt_state = opt.init(params)
 
-    def total(p, pixels, ids, mask):
-        contrastive, caption = model.apply({"params": p}, pixels, ids, mask, method=SigLIP.losses)
+    def total(p, pixels, ids, mask, weights):
+        contrastive, caption = model.apply({"params": p}, pixels, ids, mask, weights, method=SigLIP.losses)
         return contrastive + CAPTION_WEIGHT * caption, (contrastive, caption)
 
     @jax.jit
-    def step(params, opt_state, pixels, ids, mask):
-        (_, parts), grads = jax.value_and_grad(total, has_aux=True)(params, pixels, ids, mask)
+    def step(params, opt_state, pixels, ids, mask, weights):
+        (_, parts), grads = jax.value_and_grad(total, has_aux=True)(params, pixels, ids, mask, weights)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, parts
 
     history, t0 = [], time.time()
     for k in range(s.steps):
-        pixels, ids, mask, _ = data.batch(k, s.batch_size, twins=s.twins)
-        params, opt_state, (loss, caption) = step(params, opt_state, pixels, ids, mask)
+        pixels, ids, mask, drawn = data.batch(k, s.batch_size, twins=s.twins)
+        weights = data.focus_weights(drawn, s.focus_weight)
+        params, opt_state, (loss, caption) = step(params, opt_state, pixels, ids, mask, weights)
         if (k + 1) % s.log_every_steps == 0 or k + 1 == s.steps:
             loss, caption = float(loss), float(caption)
             if not np.isfinite(loss + caption):
@@ -248,22 +288,29 @@ def train(vision: VisionConfig, settings: Settings, data: Scenes, vocab_size: in
 # ------------------------------------------------------------------------------------ probes
 
 
+WORD_SLOTS = 6  # the longest written word (scenes.random_word)
+NO_LETTER = len(sw.LETTERS)
+
+
 def scene_labels(drawn: list[dict]) -> dict[str, np.ndarray]:
     """Per scene: colour int[5] and shape int[5] per region (len(COLOURS) / len(SHAPES) = empty),
-    occupied int[5] (0/1 per region), count int (shapes - 1)."""
+    occupied int[5] (0/1 per region), count int (shapes - 1), letters int[WORD_SLOTS] (the written
+    word's, NO_LETTER past its end or without one)."""
     n = len(drawn)
     colour = np.full((n, len(REGIONS)), len(COLOURS))
     shape = np.full((n, len(REGIONS)), len(SHAPES))
+    letters = np.full((n, WORD_SLOTS), NO_LETTER)
     for i, scene in enumerate(drawn):
         for item in scene["shapes"]:
             r = REGIONS.index(item["region"])
             colour[i, r], shape[i, r] = COLOURS.index(item["colour"]), SHAPES.index(item["shape"])
+        letters[i, : len(scene["word"])] = [sw.LETTERS.index(c) for c in scene["word"]]
     return {"colour": colour, "shape": shape, "region": (colour < len(COLOURS)).astype(np.int64),
-            "count": np.array([len(s["shapes"]) - 1 for s in drawn])}
+            "count": np.array([len(s["shapes"]) - 1 for s in drawn]), "letters": letters}
 
 
 PROBE_CLASSES = {"colour": (len(REGIONS), len(COLOURS) + 1), "shape": (len(REGIONS), len(SHAPES) + 1),
-                 "region": (len(REGIONS), 2), "count": (1, 4)}
+                 "region": (len(REGIONS), 2), "count": (1, 4), "letters": (WORD_SLOTS, NO_LETTER + 1)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -287,7 +334,7 @@ def linear_probes(train_x, train_labels, test_x, test_labels) -> dict:
     features (as big_vision's few-shot probes are), its L2 weight chosen per property by
     leave-one-out accuracy on the training scenes (closed form, from one eigendecomposition of the
     Gram matrix). Held-out accuracy per property: colour and shape over the occupied regions, region
-    over every (region, occupied?) pair, count over scenes."""
+    over every (region, occupied?) pair, count over scenes, letters over the written words' letters."""
     x = np.asarray(train_x, np.float64)
     mu = x.mean(0)
     x, t = x - mu, np.asarray(test_x, np.float64) - mu
@@ -308,18 +355,20 @@ def linear_probes(train_x, train_labels, test_x, test_labels) -> dict:
             hat_diag = (u * u) @ shrink
             loo = (fitted - hat_diag[:, None] * targets) / (1 - hat_diag)[:, None]
             loo_pred = loo.reshape(len(x), slots, classes).argmax(-1)
-            score = _accuracy(name, loo_pred, y_train, train_labels["region"])
+            score = _accuracy(name, loo_pred, y_train, train_labels)
             if best is None or score > best[0]:
                 best = (score, lam)
         alpha = u @ ((1 / (s + best[1] * scale))[:, None] * uy)
         pred = (cross @ alpha).reshape(len(t), slots, classes).argmax(-1)
-        out[name] = _accuracy(name, pred, y_test, test_labels["region"])
+        out[name] = _accuracy(name, pred, y_test, test_labels)
     return out
 
 
-def _accuracy(name: str, pred, labels, occupied) -> float:
+def _accuracy(name: str, pred, labels, all_labels: dict) -> float:
     if name in ("colour", "shape"):
-        return float((pred == labels)[np.asarray(occupied) == 1].mean())
+        return float((pred == labels)[np.asarray(all_labels["region"]) == 1].mean())
+    if name == "letters":
+        return float((pred == labels)[labels < NO_LETTER].mean())
     return float((pred == labels).mean())
 
 
@@ -358,7 +407,7 @@ def twin_accuracy(vision: VisionConfig, settings: Settings, vocab_size: int, par
         correct = 0
         for k in range(pairs // (batch // 2)):
             rng = np.random.default_rng([data.seed, 3, kind, k])
-            first = [data.draw(rng) for _ in range(batch // 2)]
+            first = [data.draw(rng, word=True if name == "word" else None) for _ in range(batch // 2)]
             pixels, ids, mask = data.render(first + [data.twin(sc, rng, kind) for sc in first])
             logits = np.asarray(score(params, pixels, ids, mask))
             h = batch // 2
