@@ -79,7 +79,8 @@ def test_quick_run_report_and_plots(quick_run):
     towers = report["towers"]
     assert towers["dir"] == os.path.join(workdir, "towers", "pretrained")
     assert towers["llm_accuracy_scenes_told"]["all"]["total"] == 32
-    assert set(towers["vit_probes"]) == set(towers["random_vit_probes"]) == {"colour", "shape", "region", "count"}
+    probes = {"colour", "shape", "region", "count", "letters"}
+    assert set(towers["vit_probes"]) == set(towers["random_vit_probes"]) == probes
     for name in ("loss.png", "accuracy.png", "attention.png"):
         with open(os.path.join(workdir, "plots", name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
