@@ -35,6 +35,7 @@ COLOURS, SHAPES, REGIONS = list(sw.COLOURS), list(sw.SHAPES), list(sw.REGION_ORD
 TWIN_KINDS = ("shape", "colour", "count", "word")
 TWIN_CHANGES = (0.5, 0.25, 0.25)  # shape, colour, count (a scene without a word, or no letter twin)
 LETTER_TWIN_SHARE = 0.5
+LETTER_TWIN = TWIN_KINDS.index("word")
 
 
 # CoCa's weights: its captioning loss counts twice its contrastive one (Yu et al. 2022).
@@ -146,13 +147,13 @@ class Scenes:
         word. Random scenes differ in many ways at once, and colour alone tells most captions apart;
         a twin in the same batch is told apart only by what changed."""
         if kind is None and scene["word"] and rng.random() < LETTER_TWIN_SHARE:
-            kind = 3
+            kind = LETTER_TWIN
         for _ in range(100):
             twin = json.loads(json.dumps(scene))
             shapes = twin["shapes"]
             kind = rng.choice(3, p=TWIN_CHANGES) if kind is None else kind
             i = int(rng.integers(len(shapes)))
-            if kind == 3:
+            if kind == LETTER_TWIN:
                 word = list(twin["word"])
                 j = int(rng.integers(len(word)))
                 word[j] = str(rng.choice([c for c in sw.LETTERS if c != word[j]]))
@@ -407,7 +408,7 @@ def twin_accuracy(vision: VisionConfig, settings: Settings, vocab_size: int, par
         correct = 0
         for k in range(pairs // (batch // 2)):
             rng = np.random.default_rng([data.seed, 3, kind, k])
-            first = [data.draw(rng, word=True if name == "word" else None) for _ in range(batch // 2)]
+            first = [data.draw(rng, word=True if kind == LETTER_TWIN else None) for _ in range(batch // 2)]
             pixels, ids, mask = data.render(first + [data.twin(sc, rng, kind) for sc in first])
             logits = np.asarray(score(params, pixels, ids, mask))
             h = batch // 2
