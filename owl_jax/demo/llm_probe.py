@@ -22,7 +22,9 @@ scene:     ShapesWorld questions with the scene told as text ("<caption> Q: <que
            --pretrain_repeat N first trains N steps of copy drills (owl_jax.demo.drills, 32 rows of
            48 tokens; --drill_tasks picks them), then --lookup_steps M steps of repeat and lookup
            drills (binding is a lookup), --repeat_share S mixes repeat drills into the
-           scene batches instead (a share S of the rows).
+           scene batches instead (a share S of the rows), --nonsense_share S writes a share S of
+           the quizzes with random whole-word tokens for the colour and shape words, the same
+           within a quiz (only a lookup answers them).
 
 Every 50 steps (100 for scene) it prints the loss and token accuracy. --torch trains transformers'
 PyTorch `LlamaForCausalLM` of the same shape on the same batches with the same recipe (AdamW,
@@ -106,11 +108,40 @@ def scene_sample(item, encode) -> tuple[list[int], list[int]]:
     return ids, answer
 
 
+def nonsense_ids(encode, pool: np.ndarray):
+    """Token ids of the colour and shape words (plurals with their singular) -> a function that
+    replaces them in a row, consistently, with random ids of `pool` not otherwise in the row: a quiz
+    that only a lookup answers (no word's prior helps)."""
+    from owl_jax.demo import scenes as sw
+
+    words = list(sw.COLOURS) + list(sw.SHAPES)
+    groups = [[encode(" " + w)[-1]] + ([encode(" " + w + "s")[-1]] if w in sw.SHAPES else []) for w in words]
+
+    pool = np.setdiff1d(pool, [i for g in groups for i in g])  # a real colour for a shape would mislead
+
+    def replace(rng, ids: list[int]) -> list[int]:
+        taken = set(ids)
+        free = np.setdiff1d(pool, np.fromiter(taken, int))
+        new = rng.choice(free, len(groups), replace=False)
+        table = {i: int(n) for g, n in zip(groups, new) for i in g}
+        return [table.get(i, i) for i in ids]
+
+    return replace
+
+
+def word_ids(tok) -> np.ndarray:
+    """The vocabulary's whole-word pieces ("▁" and at least two lower-case letters): nonsense words."""
+    pieces = tok.convert_ids_to_tokens(list(range(tok.vocab_size)))
+    return np.array([i for i, p in enumerate(pieces) if p.startswith("▁") and p[1:].isalpha() and p[1:].islower()
+                     and len(p) > 2])
+
+
 def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, answers_only: bool = False,
-                  repeat_share: float = 0.0):
+                  repeat_share: float = 0.0, nonsense_share: float = 0.0, nonsense_pool=None):
     from owl_jax.demo import drills
     from owl_jax.demo import scenes as sw
 
+    nonsense = nonsense_ids(encode, nonsense_pool) if nonsense_share else None
     if qa_per_scene:
         while True:
             ids, loss = np.zeros((batch, seq_len), np.int32), np.zeros((batch, seq_len), np.int32)
@@ -123,6 +154,8 @@ def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, 
                     pass
                 x, a = scene_sample(item, encode)
                 x, a = x[:seq_len], a[:seq_len]
+                if rng.random() < nonsense_share:
+                    x = nonsense(rng, x)
                 ids[i, :len(x)] = x
                 loss[i, :len(x)] = a if answers_only else np.r_[0, np.ones(len(x) - 1, int)]
             yield ids, loss
@@ -221,6 +254,8 @@ def _flags() -> flags.FlagValues:
                       flag_values=fv)
     flags.DEFINE_integer("lookup_steps", 0, "scene: after --pretrain_repeat, this many steps of repeat and "
                          "lookup drills in equal shares (the lookups once the induction head exists)", flag_values=fv)
+    flags.DEFINE_float("nonsense_share", 0.0, "scene with --qa_per_scene: share of quizzes whose colour and shape "
+                       "words are random tokens (consistent within the quiz)", flag_values=fv)
     flags.DEFINE_bool("answers_only", False, "scene with --qa_per_scene: loss on the answers only", flag_values=fv)
     flags.DEFINE_integer("heads", 0, "LLM attention heads (0: configs/tiny.py's)", flag_values=fv)
     flags.DEFINE_integer("layers", 0, "LLM layers (0: configs/tiny.py's)", flag_values=fv)
@@ -263,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
             sw.sample_scene = sample_scene
         batches = scene_batches(rng, args.batch, seq_len, encode, args.qa_per_scene, args.answers_only,
-                                args.repeat_share)
+                                args.repeat_share, args.nonsense_share, word_ids(tok))
 
     c = tiny.get_config("full_ft")
     c.batch_size, c.seq_len, c.max_images_per_batch, c.num_steps = args.batch, seq_len, 1, args.steps
