@@ -18,7 +18,8 @@ scene:     ShapesWorld questions with the scene told as text ("<caption> Q: <que
            must be the argmax). The main job's frozen LLM needs exactly this skill.
            --qa_per_scene K trains on one scene followed by up to K distinct questions about it (8x
            the binding examples per token), --answers_only puts the loss on the answers alone,
-           --heads N changes the LLM's head count (head size hidden/N), --layers N its depth.
+           --heads N changes the LLM's head count (head size hidden/N), --layers N its depth,
+           --rope_theta its RoPE base.
            --pretrain_repeat N first trains N steps of copy drills (owl_jax.demo.drills, 32 rows of
            48 tokens; --drill_tasks picks them), then --lookup_steps M steps of repeat and lookup
            drills (binding is a lookup), --repeat_share S mixes repeat drills into the
@@ -259,6 +260,7 @@ def _flags() -> flags.FlagValues:
     flags.DEFINE_bool("answers_only", False, "scene with --qa_per_scene: loss on the answers only", flag_values=fv)
     flags.DEFINE_integer("heads", 0, "LLM attention heads (0: configs/tiny.py's)", flag_values=fv)
     flags.DEFINE_integer("layers", 0, "LLM layers (0: configs/tiny.py's)", flag_values=fv)
+    flags.DEFINE_float("rope_theta", 0.0, "the LLM's RoPE base (0: configs/tiny.py's)", flag_values=fv)
     flags.DEFINE_float("init_range", 0.0, "the LLM's initializer_range (0: configs/tiny.py's)", flag_values=fv)
     flags.DEFINE_bool("torch", False, "copy/repeat/induction: train the PyTorch reference instead", flag_values=fv)
     return fv
@@ -307,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         c.model.llm.update(num_heads=args.heads, num_kv_heads=args.heads)
     if args.layers:
         c.model.llm.num_layers = args.layers
+    if args.rope_theta:
+        c.model.llm.rope_theta = args.rope_theta
     if args.init_range:
         c.model.llm.initializer_range = args.init_range
     c.optim.lr, c.optim.warmup_steps, c.optim.end_lr = args.lr, 30, args.lr / 20
