@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 from jax.custom_derivatives import SymbolicZero
 
-from owl_jax.models.layers import constrain
+from owl_jax.models.layers import constrain, dot_accumulator
 
 
 def samples_without_loss(input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -109,7 +109,9 @@ def _head_rows(rows, kernel, targets, weights, order, budget: int, kernel_grad: 
     idx = order[:budget]
     h = constrain(rows[idx], ("batch", None))  # [n, D]
     w, tgt = weights[idx], targets[idx]
-    logits = constrain(jnp.dot(h, kernel.astype(h.dtype)).astype(jnp.float32), ("batch", "vocab"))  # [n, V]
+    acc = dot_accumulator(h.dtype)
+    logits = constrain(jnp.dot(h, kernel.astype(h.dtype), preferred_element_type=acc).astype(jnp.float32),
+                       ("batch", "vocab"))  # [n, V]
     lse = jax.nn.logsumexp(logits, axis=-1)
     label = jnp.maximum(tgt, 0)  # padding targets (< 0) are never weighted; clamp like answer_loss
     picked = jnp.take_along_axis(logits, label[:, None], axis=-1)[:, 0]
@@ -118,9 +120,10 @@ def _head_rows(rows, kernel, targets, weights, order, budget: int, kernel_grad: 
     # d ce_sum / d logits = w * (softmax - onehot); the one-hot compare fuses into the exp pass.
     onehot = label[:, None] == jnp.arange(logits.shape[-1])[None, :]
     d_logits = (w[:, None] * (jnp.exp(logits - lse[:, None]) - onehot)).astype(h.dtype)
-    d_h = jax.lax.dot_general(d_logits, kernel.astype(h.dtype), (((1,), (1,)), ((), ())))  # [n, D]
+    d_h = jax.lax.dot_general(d_logits, kernel.astype(h.dtype), (((1,), (1,)), ((), ())),
+                              preferred_element_type=acc)  # [n, D]
     d_rows = jnp.zeros_like(rows).at[idx].set(d_h.astype(rows.dtype), unique_indices=True)
-    d_kernel = jnp.dot(h.T, d_logits).astype(kernel.dtype) if kernel_grad else None
+    d_kernel = jnp.dot(h.T, d_logits, preferred_element_type=acc).astype(kernel.dtype) if kernel_grad else None
     return ce_sum, correct, d_rows, d_kernel
 
 
@@ -152,7 +155,9 @@ def _head_cross_entropy_bwd(budgets, residuals, cotangents):
     g = cotangents[0]  # the cotangent of ce_sum; `correct` is a metric, not differentiated
     if isinstance(g, SymbolicZero):
         return (None,) * 6
-    return g * d_rows, None if d_kernel is None else g * d_kernel, None, None, None, None
+    # Cotangents keep their primal's dtype: g is fp32, the rows may be bf16.
+    d_kernel = None if d_kernel is None else (g * d_kernel).astype(d_kernel.dtype)
+    return (g * d_rows).astype(d_rows.dtype), d_kernel, None, None, None, None
 
 
 _head_cross_entropy.defvjp(_head_cross_entropy_fwd, _head_cross_entropy_bwd, symbolic_zeros=True)

@@ -57,6 +57,21 @@ def test_loss_from_hidden_matches_loss_on_full_logits(rng, mask_kind):
     np.testing.assert_allclose(grad_h, grads[0], atol=1e-6)
 
 
+def test_loss_from_hidden_keeps_bf16_gradients_bf16(rng):
+    """bf16 hidden states and head (model.dtype=bfloat16): the custom VJP hands back cotangents in
+    the primals' dtype (an fp32 one breaks the model's backward pass) and agrees with the full head."""
+    b, t, d, v = 2, 7, 8, 11
+    hidden = jnp.asarray(rng.normal(size=(b, t, d)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.normal(size=(d, v)), jnp.bfloat16)
+    ids = jnp.asarray(rng.integers(0, v, size=(b, t)), jnp.int32)
+    mask = jnp.asarray(rng.integers(0, 2, size=(b, t)), jnp.int32)
+    full = jax.grad(lambda h, k: answer_loss(h @ k, ids, mask)[0], argnums=(0, 1))(hidden, kernel)
+    fused = jax.jit(jax.grad(lambda h, k: answer_loss_from_hidden(h, k, ids, mask)[0], argnums=(0, 1)))(hidden, kernel)
+    for a, e in zip(fused, full):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), atol=0.02, rtol=0.02)
+
+
 def test_row_budgets_end_at_all_rows_and_are_batch_multiples():
     assert row_budgets(2048, 4, 8) == (256, 512, 768, 1024, 1280, 1536, 1792, 2048)
     assert row_budgets(24, 3, 8) == (3, 6, 9, 12, 15, 18, 21, 24)
