@@ -57,6 +57,18 @@ def test_frozen_parameters_are_bit_identical_and_have_no_optimiser_state(stage, 
     assert set(traverse_util.flatten_dict(adam.nu, sep="/")) == trainable
 
 
+@pytest.mark.parametrize("stage", ["stage1", "stage2_lora", "full_ft"])
+def test_bf16_compute_trains_every_stage_with_the_answer_rows_head(stage):
+    """model.dtype=bfloat16 (fp32 master weights) with the default LM head on answer rows: every
+    stage's step runs, its loss is finite and the trainable weights move."""
+    config = tiny_train_config(stage, **{"model.dtype": "bfloat16", "lm_head_rows": "answers"})
+    trainer, state, before, after, step, local = _run(config, steps=2)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state["trainable"]))
+    _, metrics = step(state, global_batch(local, step.batch_shardings))
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) > 0
+    assert any(not np.array_equal(before[p], after[p]) for p in trainer.trainable_paths)
+
+
 def test_lora_at_step_zero_reproduces_the_base_model_exactly():
     lora_cfg = tiny_train_config("stage2_lora")
     trainer = Trainer(lora_cfg, make_mesh({"fsdp": 1}, jax.devices()[:1]))
