@@ -27,7 +27,13 @@ downloaded here.
 Last, without a model, how full the 7B recipes' packed micro-batches are on the same profiles
 (configs/mplug_owl_llama7b.py: rows, seq_len and image slots as there): the --fill of bench/aot_7b.sh.
 
---quick: tiny shapes and two steps (the CI smoke); its ratios are not the benchmark's.
+--model 7b: the 7B recipes (configs/mplug_owl_llama7b.py: bf16 compute, their remat and attention)
+on one accelerator, in bench/gpu_train_step.py's rows (stage 1: 32 x 512, stage 2: 8 x 2048; the
+recipes' micro-batches span a slice), with the same length profiles. Each layout also reports its
+model FLOP/s on useful tokens (training/flops.py, per sample: the padding's FLOPs are not counted)
+and, on a chip with a known peak, that MFU. --rows and --llm_layers shrink a step that does not fit.
+
+--quick: tiny shapes and two steps (the CI smoke, either model); its ratios are not the benchmark's.
 """
 from __future__ import annotations
 
@@ -50,6 +56,8 @@ from owl_jax.data.batching import BatchDataset  # noqa: E402
 
 TEMPLATE_TOKENS = 38  # the release's system prompt and "Human: " / "AI: " prefixes, LLaMA tokens
 STAGES = {"stage1": ("stage1", 512), "stage2": ("stage2_lora", 1024)}
+STAGES_7B = {"stage1": ("stage1", 32, 512), "stage2": ("stage2_lora", 8, 2048)}  # stage, rows, seq_len
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def _lognormal(rng, mean: float, sigma: float = 0.5) -> float:
@@ -141,7 +149,7 @@ def recipe_fill(stage: str, rows_measured: int) -> str:
     `rows_measured` rows (no model runs)."""
     from owl_jax.configs import load_config_file
 
-    recipe = load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", f"mplug_owl_llama7b.py:{stage}"))
+    recipe = load_config_file(os.path.join(ROOT, "configs", f"mplug_owl_llama7b.py:{stage}"))
     rows, seq_len, slots = recipe.batch_size, recipe.seq_len, recipe.max_images_per_batch
     batches_measured = max(1, rows_measured // rows)
     rng = np.random.default_rng(1)
@@ -161,31 +169,69 @@ def recipe_fill(stage: str, rows_measured: int) -> str:
             f"{np.mean(fill):.1%} full, {np.mean(count):.1f} samples and {np.mean(images):.1f} images a micro-batch")
 
 
+def useful_flops(cfg, towers: set, host: dict) -> float:
+    """Analytic model FLOPs of a batch's samples as if each ran alone, unpadded: each sample's tokens
+    (its attention over its own length) and the images. host: one step's stacked batch."""
+    from owl_jax.training.flops import StepShape, train_step_flops
+
+    total = train_step_flops(cfg, StepShape(0, 0, int(host["num_images"].sum())), towers)
+    mask = host["attention_mask"].reshape(-1, host["attention_mask"].shape[-1])
+    for length in np.concatenate([np.bincount(row[row > 0])[1:] for row in mask]):
+        if length:
+            total += train_step_flops(cfg, StepShape(1, int(length), 0), towers)
+    return total
+
+
+def stage_config(args, name: str):
+    """(owl_jax.train config, rows of seq_len tokens) of a stage on --model, --quick shrinking it."""
+    from train_throughput import bench_config
+
+    from owl_jax.configs import load_config_file
+
+    if args.model == "7b":
+        stage, rows, seq_len = STAGES_7B[name]
+        config = load_config_file(os.path.join(ROOT, "configs", f"mplug_owl_llama7b.py:{stage}"))
+        config.optim.grad_accum_steps = 1
+        config.batch_size = args.rows or rows
+        if args.llm_layers:
+            config.model.llm.num_layers = args.llm_layers
+    else:
+        stage, seq_len = STAGES[name]
+        config = bench_config(stage)
+    if args.quick:
+        config.model.vision.update(image_size=28, hidden_size=32, num_layers=1, num_heads=2, mlp_size=64)
+        config.model.abstractor.update(hidden_size=32, num_layers=1, num_heads=2, ffn_size=48, num_queries=4,
+                                       encoder_hidden_size=32)
+        config.model.llm.update(vocab_size=256, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
+                                mlp_size=64)
+        config.batch_size = min(config.batch_size, 4)
+        seq_len //= 4
+    return config, seq_len
+
+
 def _flags() -> flags.FlagValues:
     fv = flags.FlagValues()
     flags.DEFINE_integer("steps", 4, "timed steps per layout (after one warm-up step)", flag_values=fv)
     flags.DEFINE_bool("quick", False, "tiny shapes, two steps: a smoke run", flag_values=fv)
+    flags.DEFINE_enum("model", "bench_small", ["bench_small", "7b"], "the model and its step shapes", flag_values=fv)
+    flags.DEFINE_integer("rows", 0, "--model 7b: rows a step (0: the stage's, 32 or 8)", flag_values=fv)
+    flags.DEFINE_integer("llm_layers", 0, "--model 7b: the LLM cut to this many layers (0: all 32)", flag_values=fv)
     return fv
 
 
 def main(argv: list[str] | None = None) -> int:
     args = cli.parse_flags(argv, _flags(), __doc__)
-    from train_throughput import bench_config
-
     from owl_jax.sharding import make_mesh
+    from owl_jax.training.flops import peak_flops, towers_of
     from owl_jax.training.trainer import Trainer, global_batch, stack_micro_batches
 
     steps = 2 if args.quick else args.steps
+    device = jax.devices()[0]
+    peak = peak_flops(device.device_kind)
+    print(f"# {args.model} on {device.device_kind}, jax {jax.__version__}", flush=True)
     lines = []
-    for name, (stage, seq_len) in STAGES.items():
-        config = bench_config(stage)
-        if args.quick:
-            config.model.vision.update(image_size=28, hidden_size=32, num_layers=1, num_heads=2, mlp_size=64)
-            config.model.abstractor.update(hidden_size=32, num_layers=1, num_heads=2, ffn_size=48, num_queries=4,
-                                           encoder_hidden_size=32)
-            config.model.llm.update(vocab_size=256, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
-                                    mlp_size=64)
-            seq_len //= 4
+    for name in STAGES:
+        config, seq_len = stage_config(args, name)
         image_tokens = config.model.abstractor.num_queries + 1
         size, vocab, b = config.model.vision.image_size, config.model.llm.vocab_size, config.batch_size
         rng = np.random.default_rng(0)
@@ -200,34 +246,38 @@ def main(argv: list[str] | None = None) -> int:
         layouts = {"padded": (False, b), "packed": (True, max(b, int(round(b * per_row * mean_images))))}
         results = {}
         prepared = {}
+        state = None  # one state for both layouts (the same parameters): a 7B model is held once
         for layout, (packing, max_images) in layouts.items():
             config.update(seq_len=seq_len, max_images_per_batch=max_images)
-            trainer = Trainer(config, make_mesh({"fsdp": 1}, jax.devices()[:1]))
+            trainer = Trainer(config, make_mesh({"fsdp": 1}, [device]))
             it = batches(samples, b, max_images, seq_len, size, packing)
             host = [stack_micro_batches([{k: v for k, v in next(it).items() if not k.startswith("_")}])
                     for _ in range(steps + 1)]
             step = trainer.jit_train_step({k: v.shape for k, v in host[0].items()})
-            state = trainer.init_state(jax.random.PRNGKey(0))
-            prepared[layout] = (step, state, host)
+            if state is None:
+                state = trainer.init_state(jax.random.PRNGKey(0))
+                towers = towers_of(trainer.trainable_paths)
+            prepared[layout] = (step, host)
         times = {layout: [] for layout in layouts}
         for i in range(steps + 1):  # alternate the layouts, so both see the same machine state
-            for layout, (step, state, host) in prepared.items():
+            for layout, (step, host) in prepared.items():
                 batch = global_batch(host[i], step.batch_shardings)
                 t = time.perf_counter()
                 state, metrics = step(state, batch)
                 jax.block_until_ready(metrics)
                 if i:
                     times[layout].append(time.perf_counter() - t)
-                prepared[layout] = (step, state, host)
-        for layout, (_, _, host) in prepared.items():
+        for layout, (_, host) in prepared.items():
             seconds = statistics.median(times[layout])
             tokens = np.mean([np.count_nonzero(h["attention_mask"]) for h in host[1:]])
             count = np.mean([samples_in(h["attention_mask"]) for h in host[1:]])
+            flops = np.mean([useful_flops(trainer.model_cfg, towers, h) for h in host[1:]]) / seconds
             results[layout] = (tokens / seconds, count / seconds)
             print(f"{name} {layout}: {seconds * 1e3:.0f} ms/step, {layouts[layout][1]} image slots, "
                   f"{tokens:.0f} of {b * seq_len} tokens real "
                   f"({tokens / (b * seq_len):.0%}), {count:.1f} samples a step; {tokens / seconds:.0f} useful "
-                  f"tokens/s, {count / seconds:.2f} samples/s", flush=True)
+                  f"tokens/s, {count / seconds:.2f} samples/s; useful model FLOP/s {flops:.3g}"
+                  + (f" (MFU {flops / peak:.1%})" if peak else ""), flush=True)
         print(f"{name}: {len(samples)} samples drawn, mean {np.mean(real):.0f} tokens, {cut} cut at {seq_len}")
         lines.append(f"{name} useful tokens/s packed/padded = {results['packed'][0] / results['padded'][0]:.2f}x "
                      f"(samples/s {results['packed'][1] / results['padded'][1]:.2f}x)")

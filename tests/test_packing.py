@@ -279,3 +279,47 @@ def test_packing_benchmark_smoke():
                        out.stdout)
     assert [stage for stage, _ in fills] == ["stage1", "stage2_lora"], out.stdout[-2000:]
     assert all(float(f) > 80 for _, f in fills), fills
+
+
+def _bench_packing():
+    """bench/packing.py as a module (bench/ is not a package)."""
+    import importlib.util
+    import os
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    sys.path.insert(0, bench)  # its own imports (train_throughput)
+    spec = importlib.util.spec_from_file_location("bench_packing", os.path.join(bench, "packing.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_packing_benchmark_counts_the_flops_of_samples_not_of_padding():
+    """Useful FLOPs of a batch are its samples' own: a row packed with two samples counts what the
+    two count alone, and padding counts nothing (so the attention is each sample's, not the row's)."""
+    from owl_jax.models.config import OwlConfig
+    from owl_jax.training.flops import StepShape, train_step_flops
+
+    bench = _bench_packing()
+    cfg, towers = OwlConfig(), {"vision", "abstractor"}
+    one = lambda n: train_step_flops(cfg, StepShape(1, n, 0), towers)  # noqa: E731
+    image = train_step_flops(cfg, StepShape(0, 0, 1), towers)
+    packed = {"attention_mask": np.array([[[1] * 100 + [2] * 300 + [0] * 112]]), "num_images": np.array([[2]])}
+    padded = {"attention_mask": np.array([[[1] * 100 + [0] * 412]]), "num_images": np.array([[1]])}
+    assert bench.useful_flops(cfg, towers, packed) == pytest.approx(one(100) + one(300) + 2 * image)
+    assert bench.useful_flops(cfg, towers, padded) == pytest.approx(one(100) + image)
+    assert one(100) + one(300) < train_step_flops(cfg, StepShape(1, 400, 0), towers)  # two short squares, not one
+
+
+def test_packing_benchmark_runs_the_7b_recipes_on_one_gpus_rows():
+    """--model 7b: the recipes' model and remat, in bench/gpu_train_step.py's rows of one GPU."""
+    bench = _bench_packing()
+    args = type("Args", (), {"model": "7b", "rows": 0, "llm_layers": 0, "quick": False})
+    for name, (stage, rows, seq_len) in bench.STAGES_7B.items():
+        config, got_len = bench.stage_config(args, name)
+        assert (config.stage, config.batch_size, got_len) == (stage, rows, seq_len)
+        assert (config.model.llm.num_layers, config.model.dtype, config.optim.grad_accum_steps) == (32, "bfloat16", 1)
+    args.rows, args.llm_layers = 4, 2
+    config, _ = bench.stage_config(args, "stage2")
+    assert (config.batch_size, config.model.llm.num_layers) == (4, 2)
