@@ -87,6 +87,37 @@ def test_drills_can_only_be_answered_from_the_context(task):
         assert {row[t - 2] for t in targets} <= {drills.NEXT, drills.PREVIOUS}
 
 
+def test_restated_answers_open_with_the_object_asked_about_and_are_scored_after_it():
+    """llm_probe --restate: "the star is" opens a colour, shape or position answer (trained on, not
+    scored); counts and the written word keep their bare answers."""
+    from owl_jax.demo import scenes as sw
+    from owl_jax.demo.llm_probe import restated, scene_sample
+
+    rng = np.random.default_rng(0)
+    words = {}
+    encode = lambda s: [words.setdefault(w, len(words) + 3) for w in s.split()]  # noqa: E731 - one id a word
+    seen = set()
+    for _ in range(200):
+        scene = sw.sample_scene(rng)
+        for kind in ("colour", "shape", "count", "position") + (("reading",) if scene["word"] else ()):
+            qa = sw.ask(kind, scene, rng)
+            if qa is None:
+                continue
+            question, answer = qa
+            opening = restated(question)
+            seen.add((kind, bool(opening)))
+            assert bool(opening) == (kind in ("colour", "shape", "position")), (kind, question)
+            if opening:  # "the ... is", naming the object by the question's own words
+                assert opening.startswith("the ") and opening.endswith(" is"), opening
+                assert set(opening.split()) - {"the", "shape", "is"} <= set(question.rstrip("?").split()), opening
+            ids, marks = scene_sample({"category": kind, "scenes": [scene], "turns": [(question, answer)]}, encode,
+                                      restate=True)
+            scored = [i for i, m in zip(ids, marks) if m == 2]
+            assert scored == encode(" " + answer) + [2]  # the answer and its EOS, not the opening
+            assert sum(m == 1 for m in marks) == len(encode(" " + opening)) if opening else 1 not in marks
+    assert seen == {("colour", True), ("shape", True), ("position", True), ("count", False), ("reading", False)}
+
+
 # ------------------------------------------------------------------------------------ committed towers
 
 

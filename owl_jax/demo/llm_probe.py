@@ -25,7 +25,9 @@ scene:     ShapesWorld questions with the scene told as text ("<caption> Q: <que
            drills (binding is a lookup), --repeat_share S mixes repeat drills into the
            scene batches instead (a share S of the rows), --nonsense_share S writes a share S of
            the quizzes with random whole-word tokens for the colour and shape words, the same
-           within a quiz (only a lookup answers them).
+           within a quiz (only a lookup answers them). --restate opens each colour, shape and
+           position answer by naming the object asked about ("the star is red"; trained on, scored
+           on the answer after it), so that the lookup starts from the words just before the answer.
 
 Every 50 steps (100 for scene) it prints the loss and token accuracy. --torch trains transformers'
 PyTorch `LlamaForCausalLM` of the same shape on the same batches with the same recipe (AdamW,
@@ -34,6 +36,7 @@ warmup + cosine, global-norm clipping) instead: the reference that tells a slow 
 The tokenizer is the one `python -m owl_jax.demo.dataset` trains (or the
 main job's WORKDIR/data/tokenizer).
 """
+import re
 import sys
 import time
 
@@ -96,16 +99,35 @@ def recall_batches(rng, batch: int, seq_len: int = 34):
         yield ids, loss
 
 
-def scene_sample(item, encode) -> tuple[list[int], list[int]]:
+RESTATED = (  # question -> the answer's opening, which names the object asked about
+    (re.compile(r"What (?:colour|shape) is (the .+)\?"), r"\1 is"),
+    (re.compile(r"What shape is ((?:on|at|in) .+)\?"), r"the shape \1 is"),
+    (re.compile(r"Where is (the .+)\?"), r"\1 is"),
+)
+
+
+def restated(question: str) -> str:
+    """--restate: "What colour is the star?" -> "the star is" (the answer then follows); "" for the
+    questions that name no object (counts, the written word)."""
+    for pattern, opening in RESTATED:
+        if pattern.fullmatch(question):
+            return pattern.sub(opening, question)
+    return ""
+
+
+def scene_sample(item, encode, restate: bool = False) -> tuple[list[int], list[int]]:
+    """(ids, answer) of a told-scene sample: answer is 2 on the answers' tokens (EOS included), 1 on
+    a --restate opening (trained on, not scored), 0 elsewhere."""
     from owl_jax.demo import scenes as sw
 
     turns = [("Describe.", item["caption"])] if item["category"] == "caption" else item["turns"]
     ids = [1] + encode(" ".join(sw.describe(s) for s in item["scenes"]))
     answer = [0] * len(ids)
     for q, a in turns:
-        p, ans = encode(" Q: " + q + " A:"), encode(" " + a) + [2]
-        ids += p + ans
-        answer += [0] * len(p) + [1] * len(ans)
+        opening = restated(q) if restate else ""
+        p, o, ans = encode(" Q: " + q + " A:"), encode(" " + opening) if opening else [], encode(" " + a) + [2]
+        ids += p + o + ans
+        answer += [0] * len(p) + [1] * len(o) + [2] * len(ans)
     return ids, answer
 
 
@@ -138,7 +160,7 @@ def word_ids(tok) -> np.ndarray:
 
 
 def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, answers_only: bool = False,
-                  repeat_share: float = 0.0, nonsense_share: float = 0.0, nonsense_pool=None):
+                  repeat_share: float = 0.0, nonsense_share: float = 0.0, nonsense_pool=None, restate: bool = False):
     from owl_jax.demo import drills
     from owl_jax.demo import scenes as sw
 
@@ -153,8 +175,8 @@ def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, 
                     continue
                 while (item := sw._quiz(rng, qa_per_scene)) is None:  # the towers' text quizzes
                     pass
-                x, a = scene_sample(item, encode)
-                x, a = x[:seq_len], a[:seq_len]
+                x, a = scene_sample(item, encode, restate)
+                x, a = x[:seq_len], (np.asarray(a[:seq_len]) > 0).astype(int)
                 if rng.random() < nonsense_share:
                     x = nonsense(rng, x)
                 ids[i, :len(x)] = x
@@ -173,7 +195,7 @@ def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, 
         yield ids, loss
 
 
-def heldout_questions(encode, seq_len: int, n: int = 256):
+def heldout_questions(encode, seq_len: int, n: int = 256, restate: bool = False):
     from owl_jax.demo import scenes as sw
 
     rng = np.random.default_rng(99)
@@ -182,7 +204,8 @@ def heldout_questions(encode, seq_len: int, n: int = 256):
         item = sw._instruction(rng)
         if item is None or item["category"] == "text_only":
             continue
-        x, a = scene_sample(item, encode)
+        x, a = scene_sample(item, encode, restate)
+        a = [int(v == 2) for v in a]  # scored: the answer itself, after its opening
         i = len(cats)
         ids[i, :len(x[:seq_len])], answer[i, :len(a[:seq_len])] = x[:seq_len], a[:seq_len]
         cats.append(item["category"])
@@ -258,6 +281,8 @@ def _flags() -> flags.FlagValues:
     flags.DEFINE_float("nonsense_share", 0.0, "scene with --qa_per_scene: share of quizzes whose colour and shape "
                        "words are random tokens (consistent within the quiz)", flag_values=fv)
     flags.DEFINE_bool("answers_only", False, "scene with --qa_per_scene: loss on the answers only", flag_values=fv)
+    flags.DEFINE_bool("restate", False, "scene: each answer opens by naming the object asked about (\"the star "
+                      "is red\"); scored on the answer after it", flag_values=fv)
     flags.DEFINE_integer("heads", 0, "LLM attention heads (0: configs/tiny.py's)", flag_values=fv)
     flags.DEFINE_integer("layers", 0, "LLM layers (0: configs/tiny.py's)", flag_values=fv)
     flags.DEFINE_float("rope_theta", 0.0, "the LLM's RoPE base (0: configs/tiny.py's)", flag_values=fv)
@@ -287,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tok = load_tokenizer(args.tokenizer)
         encode = lambda s: list(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-        q_ids, q_answer, q_cats = heldout_questions(encode, seq_len)
+        q_ids, q_answer, q_cats = heldout_questions(encode, seq_len, restate=args.restate)
         if args.single_shape_share > 0:
             from owl_jax.demo import scenes as sw
 
@@ -300,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
             sw.sample_scene = sample_scene
         batches = scene_batches(rng, args.batch, seq_len, encode, args.qa_per_scene, args.answers_only,
-                                args.repeat_share, args.nonsense_share, word_ids(tok))
+                                args.repeat_share, args.nonsense_share, word_ids(tok), args.restate)
 
     c = tiny.get_config("full_ft")
     c.batch_size, c.seq_len, c.max_images_per_batch, c.num_steps = args.batch, seq_len, 1, args.steps
