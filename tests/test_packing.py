@@ -1,5 +1,6 @@
 """Packed rows: several samples in one row, each seeing only itself (attention, RoPE positions, images)."""
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 import numpy as np
@@ -281,14 +282,13 @@ def test_packing_benchmark_smoke():
     assert all(float(f) > 80 for _, f in fills), fills
 
 
+@functools.cache
 def _bench_packing():
-    """bench/packing.py as a module (bench/ is not a package)."""
+    """bench/packing.py as a module (bench/ is not a package; the script puts its folder on sys.path)."""
     import importlib.util
     import os
-    import sys
 
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-    sys.path.insert(0, bench)  # its own imports (train_throughput)
     spec = importlib.util.spec_from_file_location("bench_packing", os.path.join(bench, "packing.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
