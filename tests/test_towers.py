@@ -118,6 +118,28 @@ def test_restated_answers_open_with_the_object_asked_about_and_are_scored_after_
     assert seen == {("colour", True), ("shape", True), ("position", True), ("count", False), ("reading", False)}
 
 
+def test_shuffled_told_scenes_name_the_same_shapes_in_another_order():
+    """llm_probe --shuffle_objects: the told scene names every shape once, in a random order; without
+    it, in the regions' fixed order (left, top, center, right, bottom), which an answer could lean on."""
+    from owl_jax.demo import scenes as sw
+    from owl_jax.demo.llm_probe import scene_sample
+
+    rng, order_rng = np.random.default_rng(0), np.random.default_rng(1)
+    encode = lambda s: [ord(c) for c in s]  # noqa: E731 - one id a character
+    decode = lambda ids: "".join(chr(i) for i in ids)  # noqa: E731
+    reordered = 0
+    for _ in range(100):
+        scene = sw.sample_scene(rng, n_shapes=int(rng.integers(2, 5)), word=False)
+        item = {"category": "count", "scenes": [scene], "turns": [("How many shapes are there?", "2")]}
+        fixed, shuffled = (decode(scene_sample(item, encode, order_rng=r)[0][1:]).split(" Q:")[0]
+                           for r in (None, order_rng))
+        assert fixed == sw.describe(scene)
+        phrases = lambda text: sorted(text.rstrip(".").replace(" and ", ", ").split(", "))  # noqa: E731
+        assert phrases(shuffled.lower()) == phrases(fixed.lower())
+        reordered += shuffled != fixed
+    assert reordered > 50
+
+
 # ------------------------------------------------------------------------------------ committed towers
 
 

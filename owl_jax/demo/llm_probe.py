@@ -19,7 +19,7 @@ scene:     ShapesWorld questions with the scene told as text ("<caption> Q: <que
            --qa_per_scene K trains on one scene followed by up to K distinct questions about it (8x
            the binding examples per token), --answers_only puts the loss on the answers alone,
            --heads N changes the LLM's head count (head size hidden/N), --layers N its depth,
-           --rope_theta its RoPE base.
+           --width N its hidden size, --rope_theta its RoPE base.
            --pretrain_repeat N first trains N steps of copy drills (owl_jax.demo.drills, 32 rows of
            48 tokens; --drill_tasks picks them), then --lookup_steps M steps of repeat and lookup
            drills (binding is a lookup), --repeat_share S mixes repeat drills into the
@@ -28,6 +28,9 @@ scene:     ShapesWorld questions with the scene told as text ("<caption> Q: <que
            within a quiz (only a lookup answers them). --restate opens each colour, shape and
            position answer by naming the object asked about ("the star is red"; trained on, scored
            on the answer after it), so that the lookup starts from the words just before the answer.
+           --shuffle_objects tells every scene's shapes in a random order (the towers' text and the
+           captions tell them left, top, center, right, bottom: "the shape on the left" is the
+           first one told, an answer that needs no lookup).
 
 Every 50 steps (100 for scene) it prints the loss and token accuracy. --torch trains transformers'
 PyTorch `LlamaForCausalLM` of the same shape on the same batches with the same recipe (AdamW,
@@ -115,13 +118,20 @@ def restated(question: str) -> str:
     return ""
 
 
-def scene_sample(item, encode, restate: bool = False) -> tuple[list[int], list[int]]:
+def scene_sample(item, encode, restate: bool = False, order_rng=None) -> tuple[list[int], list[int]]:
     """(ids, answer) of a told-scene sample: answer is 2 on the answers' tokens (EOS included), 1 on
-    a --restate opening (trained on, not scored), 0 elsewhere."""
+    a --restate opening (trained on, not scored), 0 elsewhere. With `order_rng` the scene tells its
+    shapes in a random order (else in the regions' fixed order)."""
     from owl_jax.demo import scenes as sw
 
+    def told(scene):
+        if order_rng is None:
+            return sw.describe(scene)
+        order = order_rng.permutation(len(scene["shapes"]))
+        return sw.describe(scene | {"shapes": [scene["shapes"][i] for i in order]})
+
     turns = [("Describe.", item["caption"])] if item["category"] == "caption" else item["turns"]
-    ids = [1] + encode(" ".join(sw.describe(s) for s in item["scenes"]))
+    ids = [1] + encode(" ".join(told(s) for s in item["scenes"]))
     answer = [0] * len(ids)
     for q, a in turns:
         opening = restated(q) if restate else ""
@@ -160,11 +170,13 @@ def word_ids(tok) -> np.ndarray:
 
 
 def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, answers_only: bool = False,
-                  repeat_share: float = 0.0, nonsense_share: float = 0.0, nonsense_pool=None, restate: bool = False):
+                  repeat_share: float = 0.0, nonsense_share: float = 0.0, nonsense_pool=None, restate: bool = False,
+                  shuffle_objects: bool = False):
     from owl_jax.demo import drills
     from owl_jax.demo import scenes as sw
 
     nonsense = nonsense_ids(encode, nonsense_pool) if nonsense_share else None
+    order_rng = np.random.default_rng(1) if shuffle_objects else None  # its own stream: the same quizzes drawn
     if qa_per_scene:
         while True:
             ids, loss = np.zeros((batch, seq_len), np.int32), np.zeros((batch, seq_len), np.int32)
@@ -175,7 +187,7 @@ def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, 
                     continue
                 while (item := sw._quiz(rng, qa_per_scene)) is None:  # the towers' text quizzes
                     pass
-                x, a = scene_sample(item, encode, restate)
+                x, a = scene_sample(item, encode, restate, order_rng)
                 x, a = x[:seq_len], (np.asarray(a[:seq_len]) > 0).astype(int)
                 if rng.random() < nonsense_share:
                     x = nonsense(rng, x)
@@ -195,7 +207,8 @@ def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, 
         yield ids, loss
 
 
-def heldout_questions(encode, seq_len: int, n: int = 256, restate: bool = False):
+def heldout_questions(encode, seq_len: int, n: int = 256, restate: bool = False,
+                      shuffle_objects: bool = False):
     from owl_jax.demo import scenes as sw
 
     rng = np.random.default_rng(99)
@@ -204,7 +217,7 @@ def heldout_questions(encode, seq_len: int, n: int = 256, restate: bool = False)
         item = sw._instruction(rng)
         if item is None or item["category"] == "text_only":
             continue
-        x, a = scene_sample(item, encode, restate)
+        x, a = scene_sample(item, encode, restate, np.random.default_rng(len(cats)) if shuffle_objects else None)
         a = [int(v == 2) for v in a]  # scored: the answer itself, after its opening
         i = len(cats)
         ids[i, :len(x[:seq_len])], answer[i, :len(a[:seq_len])] = x[:seq_len], a[:seq_len]
@@ -281,8 +294,11 @@ def _flags() -> flags.FlagValues:
     flags.DEFINE_float("nonsense_share", 0.0, "scene with --qa_per_scene: share of quizzes whose colour and shape "
                        "words are random tokens (consistent within the quiz)", flag_values=fv)
     flags.DEFINE_bool("answers_only", False, "scene with --qa_per_scene: loss on the answers only", flag_values=fv)
+    flags.DEFINE_bool("shuffle_objects", False, "scene: every told scene names its shapes in a random order (else "
+                      "left, top, center, right, bottom)", flag_values=fv)
     flags.DEFINE_bool("restate", False, "scene: each answer opens by naming the object asked about (\"the star "
                       "is red\"); scored on the answer after it", flag_values=fv)
+    flags.DEFINE_integer("width", 0, "LLM hidden size (0: configs/tiny.py's)", flag_values=fv)
     flags.DEFINE_integer("heads", 0, "LLM attention heads (0: configs/tiny.py's)", flag_values=fv)
     flags.DEFINE_integer("layers", 0, "LLM layers (0: configs/tiny.py's)", flag_values=fv)
     flags.DEFINE_float("rope_theta", 0.0, "the LLM's RoPE base (0: configs/tiny.py's)", flag_values=fv)
@@ -312,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
 
         tok = load_tokenizer(args.tokenizer)
         encode = lambda s: list(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-        q_ids, q_answer, q_cats = heldout_questions(encode, seq_len, restate=args.restate)
+        q_ids, q_answer, q_cats = heldout_questions(encode, seq_len, restate=args.restate,
+                                                     shuffle_objects=args.shuffle_objects)
         if args.single_shape_share > 0:
             from owl_jax.demo import scenes as sw
 
@@ -325,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
 
             sw.sample_scene = sample_scene
         batches = scene_batches(rng, args.batch, seq_len, encode, args.qa_per_scene, args.answers_only,
-                                args.repeat_share, args.nonsense_share, word_ids(tok), args.restate)
+                                args.repeat_share, args.nonsense_share, word_ids(tok), args.restate,
+                                args.shuffle_objects)
 
     c = tiny.get_config("full_ft")
     c.batch_size, c.seq_len, c.max_images_per_batch, c.num_steps = args.batch, seq_len, 1, args.steps
@@ -334,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         c.model.llm.update(num_heads=args.heads, num_kv_heads=args.heads)
     if args.layers:
         c.model.llm.num_layers = args.layers
+    if args.width:  # the MLP keeps configs/tiny.py's ratio to the width
+        m = c.model.llm
+        m.update(mlp_size=args.width * m.mlp_size // m.hidden_size, hidden_size=args.width)
     if args.rope_theta:
         c.model.llm.rope_theta = args.rope_theta
     if args.init_range:
