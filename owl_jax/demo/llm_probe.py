@@ -31,6 +31,12 @@ scene:     ShapesWorld questions with the scene told as text ("<caption> Q: <que
            --shuffle_objects tells every scene's shapes in a random order (the towers' text and the
            captions tell them left, top, center, right, bottom: "the shape on the left" is the
            first one told, an answer that needs no lookup).
+           --object_words tells each shape as one word of its own ("<red-star-left>", added to the
+           tokenizer; its embedding starts as the sum of its three words'), --key_answers opens each
+           colour, shape and position answer with the words that name the object asked about,
+           right before the answer ("What colour is the star?" -> "star red"; trained on, scored
+           on the answer after it): together they turn the lookup into one step from the token
+           just read.
 
 Every 50 steps (100 for scene) it prints the loss and token accuracy. --torch trains transformers'
 PyTorch `LlamaForCausalLM` of the same shape on the same batches with the same recipe (AdamW,
@@ -118,24 +124,60 @@ def restated(question: str) -> str:
     return ""
 
 
-def scene_sample(item, encode, restate: bool = False, order_rng=None) -> tuple[list[int], list[int]]:
-    """(ids, answer) of a told-scene sample: answer is 2 on the answers' tokens (EOS included), 1 on
-    a --restate opening (trained on, not scored), 0 elsewhere. With `order_rng` the scene tells its
-    shapes in a random order (else in the regions' fixed order)."""
+_REGION = r"(?:on|at|in) the (left|right|top|bottom|center)"
+KEYED = (  # question -> the words naming the object asked about, said right before a keyed answer
+    re.compile(r"What colour is the (circle|square|triangle|star)\?"),
+    re.compile(rf"What colour is the shape {_REGION}\?"),
+    re.compile(r"What shape is the (\w+) object\?"),
+    re.compile(rf"What shape is {_REGION}\?"),
+    re.compile(r"Where is the (\w+ \w+)\?"),
+)
+
+
+def keyed(question: str) -> str:
+    """--key_answers: "What colour is the star?" -> "star", "What shape is on the left?" -> "left",
+    "Where is the red star?" -> "red star"; "" where the question names no one object."""
+    for pattern in KEYED:
+        if m := pattern.fullmatch(question):
+            return m[1]
+    return ""
+
+
+def object_rows(embedding, encode):
+    """float[V, D] with each object word's row (`scenes.OBJECT_WORDS`, one token each) the sum of the
+    rows of its colour, shape and region words."""
     from owl_jax.demo import scenes as sw
+
+    words = [(c, s, r) for c in sw.COLOURS for s in sw.SHAPES for r in sw.REGION_ORDER]
+    ids = [encode(sw.object_word({"colour": c, "shape": s, "region": r})) for c, s, r in words]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError("the tokenizer does not hold the object words as tokens (add scenes.OBJECT_WORDS)")
+    rows = jnp.stack([embedding[jnp.asarray(encode(f" {c} {s} {r}"))].sum(0) for c, s, r in words])
+    return embedding.at[jnp.asarray([i[0] for i in ids])].set(rows)
+
+
+def scene_sample(item, encode, opening=None, order_rng=None, tell=None) -> tuple[list[int], list[int]]:
+    """(ids, answer) of a told-scene sample: answer is 2 on the answers' tokens (EOS included), 1 on
+    an opening (`opening(question)`: `restated` or `keyed`; trained on, not scored), 0 elsewhere.
+    Each scene told by `tell` (default `scenes.describe`); with `order_rng` its shapes in a random
+    order (else in the regions' fixed order)."""
+    from owl_jax.demo import scenes as sw
+
+    tell = tell or sw.describe
 
     def told(scene):
         if order_rng is None:
-            return sw.describe(scene)
+            return tell(scene)
         order = order_rng.permutation(len(scene["shapes"]))
-        return sw.describe(scene | {"shapes": [scene["shapes"][i] for i in order]})
+        return tell(scene | {"shapes": [scene["shapes"][i] for i in order]})
 
     turns = [("Describe.", item["caption"])] if item["category"] == "caption" else item["turns"]
     ids = [1] + encode(" ".join(told(s) for s in item["scenes"]))
     answer = [0] * len(ids)
     for q, a in turns:
-        opening = restated(q) if restate else ""
-        p, o, ans = encode(" Q: " + q + " A:"), encode(" " + opening) if opening else [], encode(" " + a) + [2]
+        opening_words = opening(q) if opening else ""
+        p, o = encode(" Q: " + q + " A:"), encode(" " + opening_words) if opening_words else []
+        ans = encode(" " + a) + [2]
         ids += p + o + ans
         answer += [0] * len(p) + [1] * len(o) + [2] * len(ans)
     return ids, answer
@@ -170,8 +212,8 @@ def word_ids(tok) -> np.ndarray:
 
 
 def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, answers_only: bool = False,
-                  repeat_share: float = 0.0, nonsense_share: float = 0.0, nonsense_pool=None, restate: bool = False,
-                  shuffle_objects: bool = False):
+                  repeat_share: float = 0.0, nonsense_share: float = 0.0, nonsense_pool=None, opening=None,
+                  shuffle_objects: bool = False, tell=None):
     from owl_jax.demo import drills
     from owl_jax.demo import scenes as sw
 
@@ -187,7 +229,7 @@ def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, 
                     continue
                 while (item := sw._quiz(rng, qa_per_scene)) is None:  # the towers' text quizzes
                     pass
-                x, a = scene_sample(item, encode, restate, order_rng)
+                x, a = scene_sample(item, encode, opening, order_rng, tell)
                 x, a = x[:seq_len], (np.asarray(a[:seq_len]) > 0).astype(int)
                 if rng.random() < nonsense_share:
                     x = nonsense(rng, x)
@@ -207,8 +249,7 @@ def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, 
         yield ids, loss
 
 
-def heldout_questions(encode, seq_len: int, n: int = 256, restate: bool = False,
-                      shuffle_objects: bool = False):
+def heldout_questions(encode, seq_len: int, n: int = 256, opening=None, shuffle_objects: bool = False, tell=None):
     from owl_jax.demo import scenes as sw
 
     rng = np.random.default_rng(99)
@@ -217,7 +258,8 @@ def heldout_questions(encode, seq_len: int, n: int = 256, restate: bool = False,
         item = sw._instruction(rng)
         if item is None or item["category"] == "text_only":
             continue
-        x, a = scene_sample(item, encode, restate, np.random.default_rng(len(cats)) if shuffle_objects else None)
+        x, a = scene_sample(item, encode, opening, np.random.default_rng(len(cats)) if shuffle_objects else None,
+                            tell)
         a = [int(v == 2) for v in a]  # scored: the answer itself, after its opening
         i = len(cats)
         ids[i, :len(x[:seq_len])], answer[i, :len(a[:seq_len])] = x[:seq_len], a[:seq_len]
@@ -298,6 +340,10 @@ def _flags() -> flags.FlagValues:
                       "left, top, center, right, bottom)", flag_values=fv)
     flags.DEFINE_bool("restate", False, "scene: each answer opens by naming the object asked about (\"the star "
                       "is red\"); scored on the answer after it", flag_values=fv)
+    flags.DEFINE_bool("key_answers", False, "scene: each colour, shape and position answer opens with the words "
+                      "naming the object asked about (\"star red\"); scored on the answer after them", flag_values=fv)
+    flags.DEFINE_bool("object_words", False, "scene: each shape told as one word (\"<red-star-left>\", added to the "
+                      "tokenizer), its embedding started as the sum of its three words'", flag_values=fv)
     flags.DEFINE_integer("width", 0, "LLM hidden size (0: configs/tiny.py's)", flag_values=fv)
     flags.DEFINE_integer("heads", 0, "LLM attention heads (0: configs/tiny.py's)", flag_values=fv)
     flags.DEFINE_integer("layers", 0, "LLM layers (0: configs/tiny.py's)", flag_values=fv)
@@ -325,14 +371,19 @@ def main(argv: list[str] | None = None) -> int:
         batches = induction_batches(rng, args.batch)
     else:
         from owl_jax.data.tokenizer import load_tokenizer
+        from owl_jax.demo import scenes as sw
 
+        if args.restate and args.key_answers:
+            fail("--restate or --key_answers, not both")
         tok = load_tokenizer(args.tokenizer)
+        if args.object_words:
+            tok.add_tokens(list(sw.OBJECT_WORDS))
         encode = lambda s: list(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-        q_ids, q_answer, q_cats = heldout_questions(encode, seq_len, restate=args.restate,
-                                                     shuffle_objects=args.shuffle_objects)
+        opening = restated if args.restate else keyed if args.key_answers else None
+        tell = sw.tell if args.object_words else sw.describe
+        q_ids, q_answer, q_cats = heldout_questions(encode, seq_len, opening=opening,
+                                                     shuffle_objects=args.shuffle_objects, tell=tell)
         if args.single_shape_share > 0:
-            from owl_jax.demo import scenes as sw
-
             draw = sw.sample_scene
 
             def sample_scene(r, n_shapes=None, word=None):
@@ -342,8 +393,8 @@ def main(argv: list[str] | None = None) -> int:
 
             sw.sample_scene = sample_scene
         batches = scene_batches(rng, args.batch, seq_len, encode, args.qa_per_scene, args.answers_only,
-                                args.repeat_share, args.nonsense_share, word_ids(tok), args.restate,
-                                args.shuffle_objects)
+                                args.repeat_share, args.nonsense_share, word_ids(tok), opening,
+                                args.shuffle_objects, tell)
 
     c = tiny.get_config("full_ft")
     c.batch_size, c.seq_len, c.max_images_per_batch, c.num_steps = args.batch, seq_len, 1, args.steps
@@ -394,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
             if i % 100 == 0:
                 print(f"{phase} drill step {i}: loss {float(m['loss']):.3f} token accuracy {float(m['accuracy']):.3f} "
                       f"({time.time() - t0:.0f} s)", flush=True)
+    if args.task == "scene" and args.object_words:  # after the drills, which train every row as a random token
+        embed = state["trainable"]["language_model"]["model"]["embed_tokens"]
+        embed["embedding"] = object_rows(embed["embedding"], encode)
     for i in range(1, args.steps + 1):
         state, m = step(state, global_batch(as_batch(*next(batches)), step.batch_shardings))
         line = (f"step {i}: loss {float(m['loss']):.3f} token accuracy {float(m['accuracy']):.3f} "

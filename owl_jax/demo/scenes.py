@@ -176,6 +176,27 @@ def describe(scene: dict) -> str:
     return text
 
 
+def object_word(shape: dict) -> str:
+    """One shape as one word of the tokenizer: "<red-star-left>"."""
+    return f"<{shape['colour']}-{shape['shape']}-{shape['region']}>"
+
+
+OBJECT_WORDS = tuple(object_word({"colour": c, "shape": s, "region": r})
+                     for c in COLOURS for s in SHAPES for r in REGION_ORDER)
+
+
+def tell(scene: dict) -> str:
+    """The scene told in object words, one a shape ("<red-star-left><blue-circle-top>."), then the
+    written word as `describe` tells it. A question about one shape is then answered from one
+    position of the text: with the shape's words spread over several positions (`describe`), the
+    tiny LLaMA must first gather them in one before it can look the shape up, which it learns far
+    more slowly (docs/notes/research_log.md, "Object words and keyed answers")."""
+    text = "".join(object_word(s) for s in scene["shapes"]) + "."
+    if scene["word"]:
+        text += f" The word {scene['word']} is written in the middle."
+    return text
+
+
 def _unique(scene, attr):
     vals = [s[attr] for s in scene["shapes"]]
     return [s for s in scene["shapes"] if vals.count(s[attr]) == 1]
