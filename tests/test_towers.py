@@ -87,34 +87,43 @@ def test_drills_can_only_be_answered_from_the_context(task):
         assert {row[t - 2] for t in targets} <= {drills.NEXT, drills.PREVIOUS}
 
 
-def test_restated_answers_open_with_the_object_asked_about_and_are_scored_after_it():
-    """llm_probe --restate: "the star is" opens a colour, shape or position answer (trained on, not
-    scored); counts and the written word keep their bare answers."""
+def _opened_answers(opening, scenes: int):
+    """(kind, scene, question, answer, opening words) over `scenes` random scenes and every kind of
+    question, each checked as `scene_sample` marks it: the opening trained on (1), the answer and its
+    EOS scored (2)."""
     from owl_jax.demo import scenes as sw
-    from owl_jax.demo.llm_probe import restated, scene_sample
+    from owl_jax.demo.llm_probe import scene_sample
 
     rng = np.random.default_rng(0)
     words = {}
     encode = lambda s: [words.setdefault(w, len(words) + 3) for w in s.split()]  # noqa: E731 - one id a word
-    seen = set()
-    for _ in range(200):
+    for _ in range(scenes):
         scene = sw.sample_scene(rng)
         for kind in ("colour", "shape", "count", "position") + (("reading",) if scene["word"] else ()):
             qa = sw.ask(kind, scene, rng)
             if qa is None:
                 continue
             question, answer = qa
-            opening = restated(question)
-            seen.add((kind, bool(opening)))
-            assert bool(opening) == (kind in ("colour", "shape", "position")), (kind, question)
-            if opening:  # "the ... is", naming the object by the question's own words
-                assert opening.startswith("the ") and opening.endswith(" is"), opening
-                assert set(opening.split()) - {"the", "shape", "is"} <= set(question.rstrip("?").split()), opening
+            words_opened = opening(question)
             ids, marks = scene_sample({"category": kind, "scenes": [scene], "turns": [(question, answer)]}, encode,
-                                      opening=restated)
-            scored = [i for i, m in zip(ids, marks) if m == 2]
-            assert scored == encode(" " + answer) + [2]  # the answer and its EOS, not the opening
-            assert sum(m == 1 for m in marks) == len(encode(" " + opening)) if opening else 1 not in marks
+                                      opening=opening)
+            assert [i for i, m in zip(ids, marks) if m == 2] == encode(" " + answer) + [2]
+            assert [i for i, m in zip(ids, marks) if m == 1] == (encode(" " + words_opened) if words_opened else [])
+            yield kind, scene, question, answer, words_opened
+
+
+def test_restated_answers_open_with_the_object_asked_about_and_are_scored_after_it():
+    """llm_probe --restate: "the star is" opens a colour, shape or position answer (trained on, not
+    scored); counts and the written word keep their bare answers."""
+    from owl_jax.demo.llm_probe import restated
+
+    seen = set()
+    for kind, _, question, _, opening in _opened_answers(restated, 200):
+        seen.add((kind, bool(opening)))
+        assert bool(opening) == (kind in ("colour", "shape", "position")), (kind, question)
+        if opening:  # "the ... is", naming the object by the question's own words
+            assert opening.startswith("the ") and opening.endswith(" is"), opening
+            assert set(opening.split()) - {"the", "shape", "is"} <= set(question.rstrip("?").split()), opening
     assert seen == {("colour", True), ("shape", True), ("position", True), ("count", False), ("reading", False)}
 
 
@@ -122,32 +131,17 @@ def test_keyed_answers_name_the_one_object_asked_about_right_before_the_answer()
     """llm_probe --key_answers: a colour, shape or position answer opens with the question's words
     that pick its object out of the scene (trained on, not scored); counts and the written word keep
     their bare answers."""
-    from owl_jax.demo import scenes as sw
-    from owl_jax.demo.llm_probe import keyed, scene_sample
+    from owl_jax.demo.llm_probe import keyed
 
-    rng = np.random.default_rng(0)
-    words = {}
-    encode = lambda s: [words.setdefault(w, len(words) + 3) for w in s.split()]  # noqa: E731 - one id a word
     seen = set()
-    for _ in range(300):
-        scene = sw.sample_scene(rng)
-        for kind in ("colour", "shape", "count", "position") + (("reading",) if scene["word"] else ()):
-            qa = sw.ask(kind, scene, rng)
-            if qa is None:
-                continue
-            question, answer = qa
-            key = keyed(question)
-            one_shape = len(scene["shapes"]) == 1 and kind in ("colour", "shape")
-            seen.add((kind, bool(key)))
-            assert bool(key) == (kind in ("colour", "shape", "position") and not one_shape), (kind, question)
-            if key:  # the key's words are the question's, and name exactly the shape whose attribute is asked
-                assert set(key.split()) <= set(question.rstrip("?").split()), (key, question)
-                named = [s for s in scene["shapes"] if set(key.split()) <= {s["colour"], s["shape"], s["region"]}]
-                assert len(named) == 1 and answer in (named[0]["colour"], named[0]["shape"], named[0]["region"])
-            ids, marks = scene_sample({"category": kind, "scenes": [scene], "turns": [(question, answer)]}, encode,
-                                      opening=keyed)
-            assert [i for i, m in zip(ids, marks) if m == 2] == encode(" " + answer) + [2]
-            assert [i for i, m in zip(ids, marks) if m == 1] == (encode(" " + key) if key else [])
+    for kind, scene, question, answer, key in _opened_answers(keyed, 300):
+        one_shape = len(scene["shapes"]) == 1 and kind in ("colour", "shape")
+        seen.add((kind, bool(key)))
+        assert bool(key) == (kind in ("colour", "shape", "position") and not one_shape), (kind, question)
+        if key:  # the key's words are the question's, and name exactly the shape whose attribute is asked
+            assert set(key.split()) <= set(question.rstrip("?").split()), (key, question)
+            named = [s for s in scene["shapes"] if set(key.split()) <= {s["colour"], s["shape"], s["region"]}]
+            assert len(named) == 1 and answer in (named[0]["colour"], named[0]["shape"], named[0]["region"])
     assert {k for k, has_key in seen if has_key} == {"colour", "shape", "position"}
     assert {k for k, has_key in seen if not has_key} == {"colour", "shape", "count", "reading"}
 
