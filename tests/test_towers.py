@@ -92,7 +92,7 @@ def _opened_answers(opening, scenes: int):
     question, each checked as `scene_sample` marks it: the opening trained on (1), the answer and its
     EOS scored (2)."""
     from owl_jax.demo import scenes as sw
-    from owl_jax.demo.llm_probe import scene_sample
+    from owl_jax.demo.told_scenes import scene_sample
 
     rng = np.random.default_rng(0)
     words = {}
@@ -115,7 +115,7 @@ def _opened_answers(opening, scenes: int):
 def test_restated_answers_open_with_the_object_asked_about_and_are_scored_after_it():
     """llm_probe --restate: "the star is" opens a colour, shape or position answer (trained on, not
     scored); counts and the written word keep their bare answers."""
-    from owl_jax.demo.llm_probe import restated
+    from owl_jax.demo.told_scenes import restated
 
     seen = set()
     for kind, _, question, _, opening in _opened_answers(restated, 200):
@@ -131,7 +131,7 @@ def test_keyed_answers_name_the_one_object_asked_about_right_before_the_answer()
     """llm_probe --key_answers: a colour, shape or position answer opens with the question's words
     that pick its object out of the scene (trained on, not scored); counts and the written word keep
     their bare answers."""
-    from owl_jax.demo.llm_probe import keyed
+    from owl_jax.demo.told_scenes import keyed
 
     seen = set()
     for kind, scene, question, answer, key in _opened_answers(keyed, 300):
@@ -154,7 +154,7 @@ def test_object_words_are_one_token_each_and_start_as_the_sum_of_their_words():
 
     from owl_jax.data.tokenizer import load_tokenizer
     from owl_jax.demo import scenes as sw
-    from owl_jax.demo.llm_probe import object_rows
+    from owl_jax.demo.told_scenes import object_rows
 
     tok = load_tokenizer(os.path.join(PRETRAINED, "tokenizer"))
     before = len(tok)
@@ -187,7 +187,7 @@ def test_shuffled_told_scenes_name_the_same_shapes_in_another_order():
     """llm_probe --shuffle_objects: the told scene names every shape once, in a random order; without
     it, in the regions' fixed order (left, top, center, right, bottom), which an answer could lean on."""
     from owl_jax.demo import scenes as sw
-    from owl_jax.demo.llm_probe import scene_sample
+    from owl_jax.demo.told_scenes import scene_sample
 
     rng, order_rng = np.random.default_rng(0), np.random.default_rng(1)
     encode = lambda s: [ord(c) for c in s]  # noqa: E731 - one id a character
