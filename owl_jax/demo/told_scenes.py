@@ -5,6 +5,8 @@ import re
 
 import jax.numpy as jnp
 
+from owl_jax.demo import scenes as sw
+
 RESTATED = (  # question -> the answer's opening, which names the object asked about
     (re.compile(r"What (?:colour|shape) is (the .+)\?"), r"\1 is"),
     (re.compile(r"What shape is ((?:on|at|in) .+)\?"), r"the shape \1 is"),
@@ -43,8 +45,6 @@ def keyed(question: str) -> str:
 def object_rows(embedding, encode):
     """float[V, D] with each object word's row (`scenes.OBJECT_WORDS`, one token each) the sum of the
     rows of its colour, shape and region words."""
-    from owl_jax.demo import scenes as sw
-
     words = [(c, s, r) for c in sw.COLOURS for s in sw.SHAPES for r in sw.REGION_ORDER]
     ids = [encode(sw.object_word({"colour": c, "shape": s, "region": r})) for c, s, r in words]
     if any(len(i) != 1 for i in ids):
@@ -58,8 +58,6 @@ def scene_sample(item, encode, opening=None, order_rng=None, tell=None) -> tuple
     an opening (`opening(question)`: `restated` or `keyed`; trained on, not scored), 0 elsewhere.
     Each scene told by `tell` (default `scenes.describe`); with `order_rng` its shapes in a random
     order (else in the regions' fixed order)."""
-    from owl_jax.demo import scenes as sw
-
     tell = tell or sw.describe
 
     def told(scene):
