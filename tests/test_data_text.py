@@ -267,3 +267,33 @@ def test_text_encodes_as_the_release_tokenizer(sp_tokenizer):
     assert answer.ids[answer.loss_mask == 1].tolist() == sp.encode(" red") + [2]
     again = pickle.loads(pickle.dumps(sp_tokenizer.release_encode))  # grain workers get a copy
     assert again(" leading") == sp.encode(" leading")
+
+
+def test_tokens_added_to_the_vocabulary_encode_whole(sp_tokenizer, tmp_path):
+    """A token added to a saved tokenizer (its tokenizer.model unchanged) is one id in the training
+    text, as the release's slow tokenizer split it out, with the whitespace around it dropped;
+    SentencePiece alone would spell it out in pieces."""
+    import pickle
+    import shutil
+
+    import sentencepiece as spm
+
+    from owl_jax.data.tokenizer import encode_text
+
+    out = str(tmp_path / "tok")
+    shutil.copytree(sp_tokenizer.name_or_path, out)
+    tok = load_tokenizer(out)
+    tok.add_tokens(["<red-star-left>", "<red-star>"])
+    tok.save_pretrained(out)
+    tok = load_tokenizer(out)
+    word, prefix = tok.convert_tokens_to_ids(["<red-star-left>", "<red-star>"])
+    assert word >= 400 and prefix == word + 1
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(out, "tokenizer.model"))
+    assert len(sp.encode("<red-star-left>")) > 1
+    assert encode_text(tok, "<red-star-left><red-star>. red") == [word, prefix] + sp.encode(". red")
+    assert encode_text(tok, "a <red-star-left> b") == sp.encode("a") + [word] + sp.encode("b")
+    assert encode_text(tok, "x </s> y") == sp.encode("x ") + [2] + sp.encode(" y")  # specials keep theirs
+    text = conv.build_conversation(1, [("What colour is the star?", "star red")]).replace("<image>", "<red-star-left>.")
+    assert word in encode_conversation(text, tok, 512).ids.tolist()
+    again = pickle.loads(pickle.dumps(tok.release_encode))  # grain workers get a copy
+    assert again("<red-star-left>") == [word]

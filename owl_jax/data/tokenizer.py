@@ -53,9 +53,9 @@ def load_tokenizer(path: str):
             f"{(tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)}, expected (0, 1, 2, 0)"
         )
     if os.path.isfile(model_file):
-        tok.release_encode = ReleaseTextEncoder(
-            model_file, {tok.unk_token: UNK_ID, tok.bos_token: BOS_ID, tok.eos_token: EOS_ID}
-        )
+        specials = {tok.unk_token: UNK_ID, tok.bos_token: BOS_ID, tok.eos_token: EOS_ID}
+        added = {t: i for t, i in tok.get_added_vocab().items() if t not in specials}
+        tok.release_encode = ReleaseTextEncoder(model_file, specials, added)
     return tok
 
 
@@ -73,29 +73,36 @@ def _check_sentencepiece(model_file: str) -> None:
 
 class ReleaseTextEncoder:
     """Text -> ids as the release's tokenizer made them (transformers 4.28's slow `LlamaTokenizer`):
-    special-token strings split out whole, every other piece through SentencePiece as it is.
+    special-token strings and tokens added to the vocabulary (`added`, e.g. by `add_tokens`) split
+    out whole, every other piece through SentencePiece as it is; the whitespace next to an added
+    token is dropped, as that tokenizer dropped it around tokens added as plain strings.
     transformers 5's LlamaTokenizer takes a leading space for SentencePiece's dummy prefix, so a
     chunk " leading" (a double space after "AI:" in the data) loses a "▁" token there."""
 
-    def __init__(self, model_file: str, specials: dict[str, int]):
+    def __init__(self, model_file: str, specials: dict[str, int], added: dict[str, int] | None = None):
         import sentencepiece as spm
 
         self.model_file = model_file
         self._sp = spm.SentencePieceProcessor(model_file=model_file)
-        self._specials = specials
-        self._split = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
+        self._specials, self._added = specials, dict(added or {})
+        whole = sorted(specials | self._added, key=len, reverse=True)  # the longest match first
+        self._split = re.compile("(" + "|".join(map(re.escape, whole)) + ")")
 
     def __call__(self, text: str) -> list[int]:
+        pieces = self._split.split(text)
+        for i in range(1, len(pieces), 2):  # the odd pieces are the matches
+            if pieces[i] in self._added:
+                pieces[i - 1], pieces[i + 1] = pieces[i - 1].rstrip(), pieces[i + 1].lstrip()
         ids = []
-        for piece in self._split.split(text):
-            if piece in self._specials:
-                ids.append(self._specials[piece])
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                ids.append(self._specials.get(piece, self._added.get(piece)))
             elif piece:
                 ids += self._sp.encode(piece)
         return ids
 
     def __reduce__(self):  # pickled into grain workers: the model file, not the C++ object
-        return ReleaseTextEncoder, (self.model_file, self._specials)
+        return ReleaseTextEncoder, (self.model_file, self._specials, self._added)
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
