@@ -167,11 +167,12 @@ SHAPESWORLD_SIZES = {"captions_train": 16, "captions_test": 8, "instructions_tra
 
 @pytest.fixture(scope="session")
 def shapesworld_dir(tmp_path_factory):
-    """A prepared ShapesWorld dataset dir (TFDS records + its SentencePiece tokenizer, 512 tokens)."""
+    """A prepared ShapesWorld dataset dir (TFDS records + its tokenizer: 512 SentencePiece pieces at
+    most, then the 160 object words)."""
     from owl_jax.demo.dataset import prepare
 
     out = str(tmp_path_factory.mktemp("shapesworld"))
-    prepare(out, seed=0, sizes=SHAPESWORLD_SIZES, vocab_size=512)
+    prepare(out, seed=0, sizes=SHAPESWORLD_SIZES, vocab_size=512 + 160)
     return out
 
 

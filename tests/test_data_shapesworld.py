@@ -86,9 +86,9 @@ def test_text_train_writes_each_image_as_its_caption_and_avoids_test(data):
     for r in data["text_train"]:
         scenes = json.loads(r["scene"])
         assert not r["images"] and conv.IMAGE_TAG not in r["text"]
-        image_lines = [f"\n{conv.HUMAN_PREFIX}{sw.describe(sc)}\n" for sc in scenes]
+        image_lines = [f"\n{conv.HUMAN_PREFIX}{sw.tell(sc)}\n" for sc in scenes]
         pos = 0
-        for line in image_lines:  # each scene's caption on its own Human line, in image order
+        for line in image_lines:  # each scene in object words on its own Human line, in image order
             pos = r["text"].index(line, pos) + 1
         if r["category"] == "caption":
             assert r["text"].endswith(f"{conv.AI_PREFIX}{sw.describe(scenes[0])}")
@@ -150,21 +150,50 @@ def oracle(question: str, scenes: list) -> str:
     if question == "What word is written in the image?":
         assert scene["word"]
         return scene["word"]
+    # a question about one of several shapes: keyed, the words that pick it out before the answer
     if m := re.fullmatch(r"What colour is the shape (.+)\?", question):
-        return _one(shapes, region=PHRASE_TO_REGION[m[1]])["colour"]
+        region = PHRASE_TO_REGION[m[1]]
+        return f"{region} {_one(shapes, region=region)['colour']}"
     if m := re.fullmatch(r"What colour is the (\w+)\?", question):
-        return _one(shapes, shape=m[1])["colour"]
+        return f"{m[1]} {_one(shapes, shape=m[1])['colour']}"
     if m := re.fullmatch(r"What shape is the (\w+) object\?", question):
-        return _one(shapes, colour=m[1])["shape"]
+        return f"{m[1]} {_one(shapes, colour=m[1])['shape']}"
     if m := re.fullmatch(r"What shape is (.+)\?", question):
-        return _one(shapes, region=PHRASE_TO_REGION[m[1]])["shape"]
+        region = PHRASE_TO_REGION[m[1]]
+        return f"{region} {_one(shapes, region=region)['shape']}"
     if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
         return str(sum(s["colour"] == m[1] for s in shapes))
     if m := re.fullmatch(r"How many (\w+)s are there\?", question):
         return str(sum(s["shape"] == m[1] for s in shapes))
     if m := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
-        return _one(shapes, colour=m[1], shape=m[2])["region"]
+        return f"{m[1]} {m[2]} {_one(shapes, colour=m[1], shape=m[2])['region']}"
     raise AssertionError(question)
+
+
+def test_a_question_about_one_of_several_shapes_is_answered_keyed():
+    """The answer opens with the question's words that pick its shape out, then what was asked
+    ("What colour is the star?" -> "star red", "Where is the red star?" -> "red star left"); the
+    colour or shape of a scene's one shape, counts and the written word are answered bare."""
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(300):
+        scene = sw.sample_scene(rng)
+        for kind in ("colour", "shape", "count", "position") + (("reading",) if scene["word"] else ()):
+            qa = sw.ask(kind, scene, rng)
+            if qa is None:
+                continue
+            question, answer = qa
+            *key, value = answer.split()
+            keyed = kind == "position" or (kind in ("colour", "shape") and len(scene["shapes"]) > 1)
+            seen.add((kind, keyed))
+            assert bool(key) == keyed, (question, answer)
+            if keyed:  # the key is the question's own words and names exactly the shape asked about
+                assert set(key) <= set(question.rstrip("?").split()), (question, answer)
+                named = [s for s in scene["shapes"] if set(key) <= {s["colour"], s["shape"], s["region"]}]
+                attribute = {"colour": "colour", "shape": "shape", "position": "region"}[kind]
+                assert len(named) == 1 and value == named[0][attribute], (question, answer, scene)
+    assert {k for k, keyed in seen if keyed} == {"colour", "shape", "position"}
+    assert {k for k, keyed in seen if not keyed} == {"colour", "shape", "count", "reading"}
 
 
 def test_answers_are_consistent_with_the_scene(data):

@@ -87,82 +87,26 @@ def test_drills_can_only_be_answered_from_the_context(task):
         assert {row[t - 2] for t in targets} <= {drills.NEXT, drills.PREVIOUS}
 
 
-def _opened_answers(opening, scenes: int):
-    """(kind, scene, question, answer, opening words) over `scenes` random scenes and every kind of
-    question, each checked as `scene_sample` marks it: the opening trained on (1), the answer and its
-    EOS scored (2)."""
-    from owl_jax.demo import scenes as sw
-    from owl_jax.demo.told_scenes import scene_sample
-
-    rng = np.random.default_rng(0)
-    words = {}
-    encode = lambda s: [words.setdefault(w, len(words) + 3) for w in s.split()]  # noqa: E731 - one id a word
-    for _ in range(scenes):
-        scene = sw.sample_scene(rng)
-        for kind in ("colour", "shape", "count", "position") + (("reading",) if scene["word"] else ()):
-            qa = sw.ask(kind, scene, rng)
-            if qa is None:
-                continue
-            question, answer = qa
-            words_opened = opening(question)
-            ids, marks = scene_sample({"category": kind, "scenes": [scene], "turns": [(question, answer)]}, encode,
-                                      opening=opening)
-            assert [i for i, m in zip(ids, marks) if m == 2] == encode(" " + answer) + [2]
-            assert [i for i, m in zip(ids, marks) if m == 1] == (encode(" " + words_opened) if words_opened else [])
-            yield kind, scene, question, answer, words_opened
-
-
-def test_restated_answers_open_with_the_object_asked_about_and_are_scored_after_it():
-    """llm_probe --restate: "the star is" opens a colour, shape or position answer (trained on, not
-    scored); counts and the written word keep their bare answers."""
-    from owl_jax.demo.told_scenes import restated
-
-    seen = set()
-    for kind, _, question, _, opening in _opened_answers(restated, 200):
-        seen.add((kind, bool(opening)))
-        assert bool(opening) == (kind in ("colour", "shape", "position")), (kind, question)
-        if opening:  # "the ... is", naming the object by the question's own words
-            assert opening.startswith("the ") and opening.endswith(" is"), opening
-            assert set(opening.split()) - {"the", "shape", "is"} <= set(question.rstrip("?").split()), opening
-    assert seen == {("colour", True), ("shape", True), ("position", True), ("count", False), ("reading", False)}
-
-
-def test_keyed_answers_name_the_one_object_asked_about_right_before_the_answer():
-    """llm_probe --key_answers: a colour, shape or position answer opens with the question's words
-    that pick its object out of the scene (trained on, not scored); counts and the written word keep
-    their bare answers."""
-    from owl_jax.demo.told_scenes import keyed
-
-    seen = set()
-    for kind, scene, question, answer, key in _opened_answers(keyed, 300):
-        one_shape = len(scene["shapes"]) == 1 and kind in ("colour", "shape")
-        seen.add((kind, bool(key)))
-        assert bool(key) == (kind in ("colour", "shape", "position") and not one_shape), (kind, question)
-        if key:  # the key's words are the question's, and name exactly the shape whose attribute is asked
-            assert set(key.split()) <= set(question.rstrip("?").split()), (key, question)
-            named = [s for s in scene["shapes"] if set(key.split()) <= {s["colour"], s["shape"], s["region"]}]
-            assert len(named) == 1 and answer in (named[0]["colour"], named[0]["shape"], named[0]["region"])
-    assert {k for k, has_key in seen if has_key} == {"colour", "shape", "position"}
-    assert {k for k, has_key in seen if not has_key} == {"colour", "shape", "count", "reading"}
-
-
-def test_object_words_are_one_token_each_and_start_as_the_sum_of_their_words():
-    """llm_probe --object_words: a told scene is one token a shape, then the written word; each object
-    word's embedding row starts as the sum of the rows of its colour, shape and region words, and the
-    160 object words fit in the LLM's vocabulary beside the committed tokenizer's pieces."""
+def test_object_words_are_one_token_each_and_start_as_the_sum_of_their_words(tmp_path):
+    """The towers' text tells a scene one token a shape, then the written word: `prepare` adds the
+    160 object words to the tokenizer it copies (beside the committed tokenizer's pieces, inside the
+    LLM's vocabulary), the training text encodes each as one id, and each object word's embedding
+    row starts as the sum of the rows of its colour, shape and region words."""
     import jax.numpy as jnp
+    import sentencepiece as spm
 
-    from owl_jax.data.tokenizer import load_tokenizer
+    from owl_jax.data.tokenizer import encode_text, load_tokenizer
     from owl_jax.demo import scenes as sw
+    from owl_jax.demo.dataset import prepare
     from owl_jax.demo.told_scenes import object_rows
 
-    tok = load_tokenizer(os.path.join(PRETRAINED, "tokenizer"))
-    before = len(tok)
-    tok.add_tokens(list(sw.OBJECT_WORDS))
+    pieces = len(spm.SentencePieceProcessor(model_file=os.path.join(PRETRAINED, "tokenizer", "tokenizer.model")))
+    prepare(str(tmp_path), seed=0, sizes={"instructions_test": 8}, tokenizer=os.path.join(PRETRAINED, "tokenizer"))
+    tok = load_tokenizer(str(tmp_path / "tokenizer"))
     vocab = json.load(open(os.path.join(PRETRAINED, "owl_config.json")))["llm"]["vocab_size"]
     assert len(set(sw.OBJECT_WORDS)) == len(sw.COLOURS) * len(sw.SHAPES) * len(sw.REGION_ORDER) == 160
-    assert len(tok) == before + 160 <= vocab
-    encode = lambda s: list(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    assert len(tok) == pieces + 160 <= vocab
+    encode = lambda s: encode_text(tok, s)  # noqa: E731 - as the pipeline and the evaluation encode
 
     rng = np.random.default_rng(0)
     for _ in range(50):
@@ -170,14 +114,14 @@ def test_object_words_are_one_token_each_and_start_as_the_sum_of_their_words():
         ids = encode(sw.tell(scene))
         shapes = scene["shapes"]
         assert tok.convert_ids_to_tokens(ids[:len(shapes)]) == [sw.object_word(s) for s in shapes]
-        assert tok.convert_ids_to_tokens(ids[len(shapes)]) == "." and min(ids[:len(shapes)]) >= before
+        assert min(ids[:len(shapes)]) >= pieces and max(ids[len(shapes):]) < pieces
         if scene["word"]:
             assert sw.tell(scene).endswith(sw.describe(scene).split(". ", 1)[1])
 
     table = jnp.asarray(np.random.default_rng(1).normal(size=(vocab, 8)), jnp.float32)
     new = np.asarray(object_rows(table, encode))
     red_star_left = encode("<red-star-left>")[0]
-    expected = sum(np.asarray(table)[encode(" " + w)].sum(0) for w in ("red", "star", "left"))
+    expected = sum(np.asarray(table)[encode(w)].sum(0) for w in ("red", "star", "left"))
     np.testing.assert_allclose(new[red_star_left], expected, rtol=1e-6)
     changed = np.flatnonzero(np.any(new != np.asarray(table), axis=1))
     assert sorted(changed) == sorted(encode("".join(sw.OBJECT_WORDS)))

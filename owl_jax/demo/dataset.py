@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from typing import Iterator
@@ -70,7 +71,23 @@ def tokenizer_texts(sizes: dict, seed: int, limit: int = TOKENIZER_TEXTS) -> lis
     train_sizes = {s: n for s, n in sizes.items() if s.endswith("_train")}
     total = sum(train_sizes.values())
     take = {s: max(1, n * limit // total) if total > limit else n for s, n in train_sizes.items()}
-    return [rec["text"] for s, gen in generate_all(take, seed, render=False).items() for rec in gen]
+    # the object words are added whole afterwards (`add_object_words`): no pieces spent on them
+    return [OBJECT_WORD.sub("", rec["text"]) for s, gen in generate_all(take, seed, render=False).items()
+            for rec in gen]
+
+
+OBJECT_WORD = re.compile("|".join(map(re.escape, scenes.OBJECT_WORDS)))
+
+
+def add_object_words(tok_dir: str, vocab_size: int) -> None:
+    """Adds `scenes.OBJECT_WORDS` (one token each) to the tokenizer in `tok_dir`, after its
+    SentencePiece pieces; a tokenizer that holds them already is left as it is."""
+    tok = load_tokenizer(tok_dir)
+    if tok.add_tokens([w for w in scenes.OBJECT_WORDS if w not in tok.get_added_vocab()]):
+        if len(tok) > vocab_size:
+            raise ValueError(f"{tok_dir}: {len(tok)} tokens with the object words, more than the "
+                             f"vocabulary's {vocab_size}")
+        tok.save_pretrained(tok_dir)
 
 
 # The rendered words are read, spelt backwards and counted letter by letter: no token may hold a
@@ -83,8 +100,8 @@ def iter_test_questions(dataset_dir: str, split: str = "instructions_test", imag
                         blank_images: bool = False, categories=None, scenes_as_text: bool = False) -> Iterator[dict]:
     """Evaluation records of a prepared ShapesWorld split, in record order.
 
-    ``scenes_as_text``: no images; each ``<image>`` of the prompt is written out as its scene's
-    caption, as in text_train (what the LLM alone answers when it is told the scene).
+    ``scenes_as_text``: no images; each ``<image>`` of the prompt is written out as its scene told
+    in object words, as in text_train (what the LLM alone answers when it is told the scene).
 
     Yields dicts: ``index``, ``source``, ``category``, ``question``, ``answer`` (exact expected
     string), ``history`` (earlier (question, answer) turns, for multi_turn), ``prompt`` (the
@@ -133,7 +150,8 @@ def iter_test_questions(dataset_dir: str, split: str = "instructions_test", imag
 def prepare(out: str, seed: int = 0, sizes: dict | None = None, vocab_size: int = 1024, overwrite: bool = False,
             tokenizer: str = ""):
     """Generates ShapesWorld into `out` and trains its tokenizer into `out`/tokenizer (or copies the
-    tokenizer dir `tokenizer`: the one pretrained towers were trained with)."""
+    tokenizer dir `tokenizer`: the one pretrained towers were trained with), object words added: at
+    most `vocab_size` tokens in all."""
     import shutil
 
     sizes = dict(sizes or DEFAULT_SIZES)
@@ -145,7 +163,9 @@ def prepare(out: str, seed: int = 0, sizes: dict | None = None, vocab_size: int 
         if tokenizer:
             shutil.copytree(tokenizer, tok_dir, dirs_exist_ok=True)
         else:
-            train_tokenizer(tokenizer_texts(sizes, seed), tok_dir, vocab_size=vocab_size, drop_pieces=SINGLE_CAPITALS)
+            train_tokenizer(tokenizer_texts(sizes, seed), tok_dir, vocab_size=vocab_size - len(scenes.OBJECT_WORDS),
+                            drop_pieces=SINGLE_CAPITALS)
+        add_object_words(tok_dir, vocab_size)
     return builder
 
 

@@ -71,7 +71,8 @@ def evaluate(params_dir: str, data_dir: str, eval_cfg, blank_images: bool, desc:
              scenes_as_text: bool = False) -> dict:
     """Exact-match accuracy per ability category on the held-out split (batched greedy decoding).
 
-    `scenes_as_text`: every image is written out as its scene's caption instead (the LLM alone)."""
+    `scenes_as_text`: every image is written out as its scene told in object words instead, as the
+    towers' text tells it (the LLM alone)."""
     import sys
 
     from tqdm import tqdm

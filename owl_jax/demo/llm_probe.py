@@ -25,18 +25,14 @@ scene:     ShapesWorld questions with the scene told as text ("<caption> Q: <que
            drills (binding is a lookup), --repeat_share S mixes repeat drills into the
            scene batches instead (a share S of the rows), --nonsense_share S writes a share S of
            the quizzes with random whole-word tokens for the colour and shape words, the same
-           within a quiz (only a lookup answers them). --restate opens each colour, shape and
-           position answer by naming the object asked about ("the star is red"; trained on, scored
-           on the answer after it), so that the lookup starts from the words just before the answer.
+           within a quiz (only a lookup answers them).
            --shuffle_objects tells every scene's shapes in a random order (the towers' text and the
            captions tell them left, top, center, right, bottom: "the shape on the left" is the
            first one told, an answer that needs no lookup).
-           --object_words tells each shape as one word of its own ("<red-star-left>", added to the
-           tokenizer; its embedding starts as the sum of its three words'), --key_answers opens each
-           colour, shape and position answer with the words that name the object asked about,
-           right before the answer ("What colour is the star?" -> "star red"; trained on, scored
-           on the answer after it): together they turn the lookup into one step from the token
-           just read.
+           --object_words tells each shape as one word of its own ("<red-star-left>", as the
+           towers' text does; added to the tokenizer, its embedding started as the sum of its
+           three words'): with ShapesWorld's keyed answers ("What colour is the star?" -> "star
+           red") the lookup is one step from the token just read.
 
 Every 50 steps (100 for scene) it prints the loss and token accuracy. --torch trains transformers'
 PyTorch `LlamaForCausalLM` of the same shape on the same batches with the same recipe (AdamW,
@@ -57,7 +53,7 @@ from owl_jax.cli import fail, parse_flags
 from owl_jax.demo import tiny
 from owl_jax.demo.drills import batches as drill_batches
 from owl_jax.demo.drills import trainer_batch
-from owl_jax.demo.told_scenes import keyed, object_rows, restated, scene_sample
+from owl_jax.demo.told_scenes import object_rows, scene_sample
 from owl_jax.inference.api import _forward
 from owl_jax.sharding import make_mesh
 from owl_jax.training.stages import merge_params
@@ -137,7 +133,7 @@ def word_ids(tok) -> np.ndarray:
 
 
 def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, answers_only: bool = False,
-                  repeat_share: float = 0.0, nonsense_share: float = 0.0, nonsense_pool=None, opening=None,
+                  repeat_share: float = 0.0, nonsense_share: float = 0.0, nonsense_pool=None,
                   shuffle_objects: bool = False, tell=None):
     from owl_jax.demo import drills
     from owl_jax.demo import scenes as sw
@@ -154,8 +150,8 @@ def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, 
                     continue
                 while (item := sw._quiz(rng, qa_per_scene)) is None:  # the towers' text quizzes
                     pass
-                x, a = scene_sample(item, encode, opening, order_rng, tell)
-                x, a = x[:seq_len], (np.asarray(a[:seq_len]) > 0).astype(int)
+                x, a = scene_sample(item, encode, order_rng, tell)
+                x, a = x[:seq_len], np.asarray(a[:seq_len])
                 if rng.random() < nonsense_share:
                     x = nonsense(rng, x)
                 ids[i, :len(x)] = x
@@ -174,7 +170,7 @@ def scene_batches(rng, batch: int, seq_len: int, encode, qa_per_scene: int = 0, 
         yield ids, loss
 
 
-def heldout_questions(encode, seq_len: int, n: int = 256, opening=None, shuffle_objects: bool = False, tell=None):
+def heldout_questions(encode, seq_len: int, n: int = 256, shuffle_objects: bool = False, tell=None):
     from owl_jax.demo import scenes as sw
 
     rng = np.random.default_rng(99)
@@ -183,9 +179,7 @@ def heldout_questions(encode, seq_len: int, n: int = 256, opening=None, shuffle_
         item = sw._instruction(rng)
         if item is None or item["category"] == "text_only":
             continue
-        x, a = scene_sample(item, encode, opening, np.random.default_rng(len(cats)) if shuffle_objects else None,
-                            tell)
-        a = [int(v == 2) for v in a]  # scored: the answer itself, after its opening
+        x, a = scene_sample(item, encode, np.random.default_rng(len(cats)) if shuffle_objects else None, tell)
         i = len(cats)
         ids[i, :len(x[:seq_len])], answer[i, :len(a[:seq_len])] = x[:seq_len], a[:seq_len]
         cats.append(item["category"])
@@ -263,10 +257,6 @@ def _flags() -> flags.FlagValues:
     flags.DEFINE_bool("answers_only", False, "scene with --qa_per_scene: loss on the answers only", flag_values=fv)
     flags.DEFINE_bool("shuffle_objects", False, "scene: every told scene names its shapes in a random order (else "
                       "left, top, center, right, bottom)", flag_values=fv)
-    flags.DEFINE_bool("restate", False, "scene: each answer opens by naming the object asked about (\"the star "
-                      "is red\"); scored on the answer after it", flag_values=fv)
-    flags.DEFINE_bool("key_answers", False, "scene: each colour, shape and position answer opens with the words "
-                      "naming the object asked about (\"star red\"); scored on the answer after them", flag_values=fv)
     flags.DEFINE_bool("object_words", False, "scene: each shape told as one word (\"<red-star-left>\", added to the "
                       "tokenizer), its embedding started as the sum of its three words'", flag_values=fv)
     flags.DEFINE_integer("width", 0, "LLM hidden size (0: configs/tiny.py's)", flag_values=fv)
@@ -298,16 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         from owl_jax.data.tokenizer import load_tokenizer
         from owl_jax.demo import scenes as sw
 
-        if args.restate and args.key_answers:
-            fail("--restate or --key_answers, not both")
         tok = load_tokenizer(args.tokenizer)
         if args.object_words:
             tok.add_tokens(list(sw.OBJECT_WORDS))
         encode = lambda s: list(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-        opening = restated if args.restate else keyed if args.key_answers else None
         tell = sw.tell if args.object_words else sw.describe
-        q_ids, q_answer, q_cats = heldout_questions(encode, seq_len, opening=opening,
-                                                     shuffle_objects=args.shuffle_objects, tell=tell)
+        q_ids, q_answer, q_cats = heldout_questions(encode, seq_len, shuffle_objects=args.shuffle_objects, tell=tell)
         if args.single_shape_share > 0:
             draw = sw.sample_scene
 
@@ -318,8 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 
             sw.sample_scene = sample_scene
         batches = scene_batches(rng, args.batch, seq_len, encode, args.qa_per_scene, args.answers_only,
-                                args.repeat_share, args.nonsense_share, word_ids(tok), opening,
-                                args.shuffle_objects, tell)
+                                args.repeat_share, args.nonsense_share, word_ids(tok), args.shuffle_objects, tell)
 
     c = tiny.get_config("full_ft")
     c.batch_size, c.seq_len, c.max_images_per_batch, c.num_steps = args.batch, seq_len, 1, args.steps

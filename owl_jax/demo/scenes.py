@@ -12,7 +12,8 @@ never occurs in train, where the scene is compared by its content: shapes, colou
   caption naming every shape, e.g. "A red circle on the left and a blue star at the top."
 * ``text_train`` (the tiny LLaMA's pretraining, owl_jax.demo.towers): captions and instructions drawn like the two
   train splits (and disjoint from their test splits), plus quizzes (a scene, then up to 5 distinct
-  questions about it), with no images: every ``<image>`` is written out as its scene's caption.
+  questions about it), with no images: every ``<image>`` is written out as its scene told in
+  object words, one token a shape ("<red-star-left><blue-circle-top>.", `tell`).
   Reading a scene from the context, not guessing it, is what the frozen LLM must already know for
   stage 1 to teach the vision side to speak to it (LLaMA learns that from its own pretraining; a
   tiny LLM trained on image-less text does not).
@@ -20,10 +21,12 @@ never occurs in train, where the scene is compared by its content: shapes, colou
   colour, shape, count, position (single image); two_image (which has more shapes; same colour?);
   reading (the rendered word); multi_turn (2-3 questions on one image); text_only (arithmetic,
   spelling backwards, counting letters: no image). Every sample records the last ``question`` and
-  its exact expected ``answer`` (lower-case words, digits, or the upper-case word) for exact-match
-  evaluation, and its ``scene`` (JSON) so answers can be checked against the drawing.
+  its exact expected ``answer`` (lower-case words, digits, or the upper-case word; keyed where the
+  question picks one of several shapes, `ask`) for exact-match evaluation, and its ``scene``
+  (JSON) so answers can be checked against the drawing.
 
-`owl_jax.demo.dataset.prepare` also trains the SentencePiece tokenizer on the train text.
+`owl_jax.demo.dataset.prepare` also trains the SentencePiece tokenizer on the train text and adds
+the object words (`OBJECT_WORDS`) to it.
 """
 from __future__ import annotations
 
@@ -203,22 +206,28 @@ def _unique(scene, attr):
 
 
 def ask(kind: str, scene: dict, rng: np.random.Generator) -> tuple[str, str] | None:
-    """One (question, answer) about one scene; None when the scene cannot support `kind`."""
+    """One (question, answer) about one scene; None when the scene cannot support `kind`.
+
+    A question about one of several shapes is answered keyed: the words that pick the shape out,
+    then what was asked ("What colour is the star?" -> "star red", "Where is the red star?" ->
+    "red star left"). The key, said right before the answer, makes the answer a lookup from the
+    token just read, which the tiny LLaMA learns in hundreds of steps instead of thousands
+    (docs/notes/research_log.md, "Object words and keyed answers")."""
     shapes = scene["shapes"]
     if kind == "colour":
         s = shapes[int(rng.integers(len(shapes)))]
         if len(shapes) == 1:
             return "What colour is the shape?", s["colour"]
         if s in _unique(scene, "shape") and rng.random() < 0.5:
-            return f"What colour is the {s['shape']}?", s["colour"]
-        return f"What colour is the shape {REGION_PHRASE[s['region']]}?", s["colour"]
+            return f"What colour is the {s['shape']}?", f"{s['shape']} {s['colour']}"
+        return f"What colour is the shape {REGION_PHRASE[s['region']]}?", f"{s['region']} {s['colour']}"
     if kind == "shape":
         s = shapes[int(rng.integers(len(shapes)))]
         if len(shapes) == 1:
             return "What shape is in the image?", s["shape"]
         if s in _unique(scene, "colour") and rng.random() < 0.5:
-            return f"What shape is the {s['colour']} object?", s["shape"]
-        return f"What shape is {REGION_PHRASE[s['region']]}?", s["shape"]
+            return f"What shape is the {s['colour']} object?", f"{s['colour']} {s['shape']}"
+        return f"What shape is {REGION_PHRASE[s['region']]}?", f"{s['region']} {s['shape']}"
     if kind == "count":
         if rng.random() < 0.6:
             return "How many shapes are there?", str(len(shapes))
@@ -233,7 +242,7 @@ def ask(kind: str, scene: dict, rng: np.random.Generator) -> tuple[str, str] | N
         if not unique:
             return None
         s = unique[int(rng.integers(len(unique)))]
-        return f"Where is the {s['colour']} {s['shape']}?", s["region"]
+        return f"Where is the {s['colour']} {s['shape']}?", f"{s['colour']} {s['shape']} {s['region']}"
     if kind == "reading":
         if not scene["word"]:
             return None
@@ -324,11 +333,11 @@ def _text_item(rng: np.random.Generator) -> dict | None:
 
 
 def write_scenes_as_text(text: str, scenes: list[dict]) -> str:
-    """`text` with its i-th ``<image>`` replaced by the caption of scenes[i] (text_train)."""
+    """`text` with its i-th ``<image>`` replaced by scenes[i] told in object words (`tell`; text_train)."""
     parts = text.split(IMAGE_TAG)
     if len(parts) != len(scenes) + 1:
         raise ValueError(f"{len(parts) - 1} image tags for {len(scenes)} scenes")
-    return parts[0] + "".join(describe(sc) + rest for sc, rest in zip(scenes, parts[1:]))
+    return parts[0] + "".join(tell(sc) + rest for sc, rest in zip(scenes, parts[1:]))
 
 
 def _to_record(item: dict, split: str, index: int, render: bool) -> dict:

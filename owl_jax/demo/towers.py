@@ -5,12 +5,12 @@ pretrained on ShapesWorld text (LLaMA's part), the tiny ViT by a contrastive ima
     python -m owl_jax.demo.towers --workdir=DIR [--quick] [--only=llm|vit] [--config.towers.llm.num_steps=...]
 
 Sections, top to bottom (settings: the `towers` section of owl_jax/demo/config.py):
-  data   ShapesWorld text (captions, instructions and quizzes with every scene told as text, and
-         text-only tasks; no sample of the main job's held-out splits) and its tokenizer, into
-         DIR/data
+  data   ShapesWorld text (captions, instructions and quizzes with every scene told in object
+         words, one token a shape, and text-only tasks; no sample of the main job's held-out
+         splits) and its tokenizer, the object words added, into DIR/data
   llm    the tiny LLaMA: copy drills on random tokens first (owl_jax.demo.drills: its
-         induction heads form there, as a real LLM's do on repetitive text; DIR/llm_drills), then
-         trained on the text (owl_jax.train, the whole LLM: DIR/llm) and asked the held-out
+         induction heads form there, as a real LLM's do on repetitive text; DIR/llm_drills), its
+         object words' embeddings set to the sums of their words', then trained on the text (owl_jax.train, the whole LLM: DIR/llm) and asked the held-out
          questions with each scene told as text (DIR/llm/eval.json)
   vit    the tiny ViT and a small text tower trained by SigLIP's sigmoid loss (and CoCa's
          captioner) on freshly drawn scenes and their captions (DIR/vit), then linear probes on its
@@ -87,7 +87,7 @@ def pretrain_llm(config, workdir: str, data_dir: str) -> dict:
         return jobs.read_json(done)
     # Its own lock: owl_jax.train takes WORKDIR/llm's, and two `--only=llm` runs must not both drill.
     with WorkdirLock(os.path.join(workdir, "llm_drills")):
-        drilled = drill_llm(config, workdir)
+        drilled = drill_llm(config, workdir, data_dir)
     tc = jobs.train_config(config.model, config.towers.llm, "towers.llm", data_dir, drilled)
     print(f"== llm: {tc.num_steps} steps of {tc.batch_size} x {tc.seq_len} tokens on {tc.data.split}")
     t0 = time.time()
@@ -105,13 +105,18 @@ def pretrain_llm(config, workdir: str, data_dir: str) -> dict:
     return record
 
 
-def drill_llm(config, workdir: str) -> str:
-    """The LLM's drills on random tokens (config.towers.drills; not resumable: minutes). Returns the
-    params dir (the LLM alone) its text training starts from; '' when there are no drills."""
+def drill_llm(config, workdir: str, data_dir: str) -> str:
+    """The LLM's drills on random tokens (config.towers.drills; not resumable: minutes), then each
+    object word's embedding set to the sum of its colour, shape and region words' (a fresh row
+    learns the lookup far more slowly: docs/notes/research_log.md, "Object words and keyed
+    answers"). Returns the params dir (the LLM alone) its text training starts from; '' when there
+    are no drills."""
     import jax
     import numpy as np
 
+    from owl_jax.data.tokenizer import encode_text, load_tokenizer
     from owl_jax.demo import drills
+    from owl_jax.demo.told_scenes import object_rows
     from owl_jax.params_io import save_params
     from owl_jax.sharding import make_mesh
     from owl_jax.training.stages import merge_params
@@ -147,6 +152,9 @@ def drill_llm(config, workdir: str) -> str:
     if not np.isfinite(history[-1]["loss"]):
         raise SystemExit(f"the LLM's drills diverged (loss {history[-1]['loss']}): lower towers.drills.optim.lr")
     llm = jax.device_get(merge_params(state["trainable"], state["frozen"])["language_model"])
+    tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer"))
+    embed = llm["model"]["embed_tokens"]
+    embed["embedding"] = np.asarray(object_rows(embed["embedding"], lambda text: encode_text(tokenizer, text)))
     save_params(os.path.join(out, "params"), {"language_model": llm}, trainer.model_cfg)
     jobs.write_json(os.path.join(out, "drills.json"), {"wall_s": time.time() - t0, "history": history})
     return os.path.join(out, "params")
