@@ -14,7 +14,7 @@ def object_rows(embedding, encode):
     if any(len(i) != 1 for i in ids):
         raise ValueError("the tokenizer does not hold the object words as tokens (add scenes.OBJECT_WORDS)")
     rows = jnp.stack([embedding[jnp.asarray(encode(f"{c} {s} {r}"))].sum(0) for c, s, r in words])
-    return embedding.at[jnp.asarray([i[0] for i in ids])].set(rows)
+    return jnp.asarray(embedding).at[jnp.asarray([i[0] for i in ids])].set(rows)
 
 
 def scene_sample(item, encode, order_rng=None, tell=None) -> tuple[list[int], list[int]]:
