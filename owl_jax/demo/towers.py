@@ -22,8 +22,9 @@ A finished part is skipped on a rerun; the LLM's text training resumes from its 
 its drills (minutes) and the ViT's training start again. The two towers may be made at once by two
 processes (--only=llm, --only=vit) once the data is there. The main job's committed towers
 (owl_jax/demo/pretrained) are DIR/pretrained of a run with the config file's settings, but for one
-thing: the LLM ran 4000 text steps first, then (DIR/llm/eval.json removed) resumed to 8000 on the
-8000-step schedule (BENCHMARKS.md, "The pretrained towers").
+thing: its ViT is an earlier run's, whose text tower read the captions with the tokenizer before
+the object words (the ViT's weights do not depend on the tokenizer; BENCHMARKS.md, "The
+pretrained towers").
 """
 from __future__ import annotations
 
