@@ -210,9 +210,10 @@ def ask(kind: str, scene: dict, rng: np.random.Generator) -> tuple[str, str] | N
 
     A question about one of several shapes is answered keyed: the words that pick the shape out,
     then what was asked ("What colour is the star?" -> "star red", "Where is the red star?" ->
-    "red star left"). The key, said right before the answer, makes the answer a lookup from the
-    token just read, which the tiny LLaMA learns in hundreds of steps instead of thousands
-    (docs/notes/research_log.md, "Object words and keyed answers")."""
+    "red star left"). The key, said right before the answer, and the scene told one token a shape
+    (`tell`) make the answer a lookup from the token just read, which the tiny LLaMA learns in
+    hundreds of steps instead of thousands (docs/notes/research_log.md, "Object words and keyed
+    answers")."""
     shapes = scene["shapes"]
     if kind == "colour":
         s = shapes[int(rng.integers(len(shapes)))]
