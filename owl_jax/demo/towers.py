@@ -10,8 +10,9 @@ Sections, top to bottom (settings: the `towers` section of owl_jax/demo/config.p
          splits) and its tokenizer, the object words added, into DIR/data
   llm    the tiny LLaMA: copy drills on random tokens first (owl_jax.demo.drills: its
          induction heads form there, as a real LLM's do on repetitive text; DIR/llm_drills), its
-         object words' embeddings set to the sums of their words', then trained on the text (owl_jax.train, the whole LLM: DIR/llm) and asked the held-out
-         questions with each scene told as text (DIR/llm/eval.json)
+         object words' embeddings set to the sums of their words', then trained on the text
+         (owl_jax.train, the whole LLM: DIR/llm) and asked the held-out questions with each
+         scene told in object words (DIR/llm/eval.json)
   vit    the tiny ViT and a small text tower trained by SigLIP's sigmoid loss (and CoCa's
          captioner) on freshly drawn scenes and their captions (DIR/vit), then linear probes on its
          patch features
