@@ -163,6 +163,9 @@ class CharTokenizer:
 
 # A ShapesWorld small enough to build in seconds: 16 captions = two tiny-config batches of 8.
 SHAPESWORLD_SIZES = {"captions_train": 16, "captions_test": 8, "instructions_train": 48, "instructions_test": 16}
+# Its tokenizer: at most 512 SentencePiece pieces, then the 160 object words; the LLM of a test
+# that trains on it has this vocabulary.
+SHAPESWORLD_VOCAB = 512 + 160
 
 
 @pytest.fixture(scope="session")
@@ -172,7 +175,7 @@ def shapesworld_dir(tmp_path_factory):
     from owl_jax.demo.dataset import prepare
 
     out = str(tmp_path_factory.mktemp("shapesworld"))
-    prepare(out, seed=0, sizes=SHAPESWORLD_SIZES, vocab_size=512 + 160)
+    prepare(out, seed=0, sizes=SHAPESWORLD_SIZES, vocab_size=SHAPESWORLD_VOCAB)
     return out
 
 

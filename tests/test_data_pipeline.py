@@ -8,7 +8,7 @@ from owl_jax import batch as batch_format
 from owl_jax.data import pipeline, records
 from owl_jax.data.tokenizer import load_tokenizer
 
-from conftest import SHAPESWORLD_SIZES
+from conftest import SHAPESWORLD_SIZES, SHAPESWORLD_VOCAB
 
 K = 5  # placeholders per image in these tests (tiny); the default is 65
 def cfg_for(dataset_dir, **kw):
@@ -49,7 +49,8 @@ def test_prepare_outputs(shapesworld_dir):
         assert len(records.data_source(shapesworld_dir, "shapesworld", split)) == n
         assert len(np.load(os.path.join(bdir, records.META_DIR, f"num_images-{split}.npy"))) == n
     tok = load_tokenizer(os.path.join(shapesworld_dir, "tokenizer"))
-    assert len(tok) <= 512 and tok.bos_token_id == 1
+    assert len(tok) <= SHAPESWORLD_VOCAB and tok.bos_token_id == 1
+    assert "<red-star-left>" in tok.get_added_vocab()
 
 
 def test_batch_contract(shapesworld_dir):

@@ -24,6 +24,7 @@ from test_resume import assert_same_params, flat_params, start_preemptible, wait
 
 from conftest import (
     REPO,
+    SHAPESWORLD_VOCAB,
     TINY_TRAIN_FLAGS,
     LoggedProcess,
     damage_checkpoint,
@@ -38,7 +39,8 @@ STEPS = ["--config.num_steps=4", "--config.checkpoint.every_steps=2", "--config.
 def data_overrides(dataset_dir):
     # 16 captions: each process reads 8 of them, 4 a step, so an epoch is 2 steps.
     return {"data.source": "tfds", "data.dataset": "shapesworld", "data.dataset_dir": dataset_dir,
-            "data.split": "captions_train", "data.read_threads": 1, "model.llm.vocab_size": 512, "seq_len": 96}
+            "data.split": "captions_train", "data.read_threads": 1, "model.llm.vocab_size": SHAPESWORLD_VOCAB,
+            "seq_len": 96}
 
 
 def train_args(workdir, dataset_dir):

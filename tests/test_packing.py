@@ -10,7 +10,7 @@ from owl_jax.batch import BOS_ID, IMAGE_PLACEHOLDER_ID
 from owl_jax.losses import answer_loss
 from owl_jax.models.llama import segment_positions
 from owl_jax.models.owl import MplugOwl
-from tests.conftest import random_owl_params, small_owl_config
+from tests.conftest import SHAPESWORLD_VOCAB, random_owl_params, small_owl_config
 
 
 def _sample(rng, cfg, length: int, num_images: int):
@@ -244,7 +244,8 @@ def test_packed_training_takes_an_epoch_in_fewer_steps_and_logs_real_tokens(shap
         config = tiny_train_config(**{
             "data.source": "tfds", "data.dataset": "shapesworld", "data.dataset_dir": shapesworld_dir,
             "data.split": "captions_train", "data.num_epochs": 1, "data.read_threads": 1,
-            "model.llm.vocab_size": 512, "seq_len": 256, "num_steps": 50, "checkpoint.every_steps": 50, **overrides})
+            "model.llm.vocab_size": SHAPESWORLD_VOCAB, "seq_len": 256, "num_steps": 50, "checkpoint.every_steps": 50,
+            **overrides})
         train(config, str(tmp_path / name))
         return [json.loads(line) for line in open(os.path.join(tmp_path / name, "metrics.jsonl"))]
 

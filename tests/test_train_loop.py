@@ -8,14 +8,15 @@ import pytest
 
 from owl_jax.train import train
 
-from conftest import tiny_train_config
+from conftest import SHAPESWORLD_VOCAB, tiny_train_config
 
 
 def _config(dataset_dir, **overrides):
     return tiny_train_config(**{
         "data.source": "tfds", "data.dataset": "shapesworld", "data.dataset_dir": dataset_dir,
         "data.split": "captions_train", "data.num_epochs": 1, "data.read_threads": 1,
-        "model.llm.vocab_size": 512, "seq_len": 96, "num_steps": 50, "checkpoint.every_steps": 50, **overrides})
+        "model.llm.vocab_size": SHAPESWORLD_VOCAB, "seq_len": 96, "num_steps": 50, "checkpoint.every_steps": 50,
+        **overrides})
 
 
 def test_one_epoch_ends_the_run_saved_and_exported(shapesworld_dir, tmp_path):
