@@ -5,9 +5,9 @@ prepared split (owl_jax/demo/scenes.py draws the scenes and writes the conversat
         [--sizes=captions_train=4000,captions_test=200,instructions_train=12000,instructions_test=400,text_train=16000]
 
 writes DIR/shapesworld/1.0.0/ (with owl_meta/ and report.json, as `owl_jax.data.prepare` does for
-owl_jsonl) and the SentencePiece tokenizer trained on the train text to DIR/tokenizer, where the
-pipeline looks for a dataset's tokenizer when config.data.tokenizer_path is empty. The main job
-(owl_jax.demo.run) builds it into WORKDIR/data itself.
+owl_jsonl) and the SentencePiece tokenizer trained on the train text, the object words added, to
+DIR/tokenizer, where the pipeline looks for a dataset's tokenizer when config.data.tokenizer_path
+is empty. The main job (owl_jax.demo.run) builds it into WORKDIR/data itself.
 """
 from __future__ import annotations
 
@@ -186,7 +186,8 @@ def _flags() -> flags.FlagValues:
     flags.DEFINE_integer("seed", 0, "generation seed", flag_values=fv)
     flags.DEFINE_string("sizes", "", "split=N,... (unlisted splits keep their defaults; 0 skips a split)",
                         flag_values=fv)
-    flags.DEFINE_integer("vocab_size", 1024, "tokenizer vocabulary (max)", flag_values=fv)
+    flags.DEFINE_integer("vocab_size", 1024, "tokenizer vocabulary (max), the 160 object words included",
+                         flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "rebuild an existing dataset and retrain its tokenizer", flag_values=fv)
     return fv
 
