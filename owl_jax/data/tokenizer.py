@@ -85,8 +85,9 @@ class ReleaseTextEncoder:
         self.model_file = model_file
         self._sp = spm.SentencePieceProcessor(model_file=model_file)
         self._specials, self._added = specials, dict(added or {})
-        whole = sorted(specials | self._added, key=len, reverse=True)  # the longest match first
-        self._split = re.compile("(" + "|".join(map(re.escape, whole)) + ")")
+        self._whole = specials | self._added
+        longest_first = sorted(self._whole, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
 
     def __call__(self, text: str) -> list[int]:
         pieces = self._split.split(text)
@@ -96,7 +97,7 @@ class ReleaseTextEncoder:
         ids = []
         for i, piece in enumerate(pieces):
             if i % 2:
-                ids.append(self._specials.get(piece, self._added.get(piece)))
+                ids.append(self._whole[piece])
             elif piece:
                 ids += self._sp.encode(piece)
         return ids

@@ -62,6 +62,7 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
             yield i, rec
 
 
+OBJECT_WORD = re.compile("|".join(map(re.escape, scenes.OBJECT_WORDS)))
 TOKENIZER_TEXTS = 40000  # conversations the tokenizer is trained on (the vocabulary is closed well before)
 
 
@@ -76,14 +77,11 @@ def tokenizer_texts(sizes: dict, seed: int, limit: int = TOKENIZER_TEXTS) -> lis
             for rec in gen]
 
 
-OBJECT_WORD = re.compile("|".join(map(re.escape, scenes.OBJECT_WORDS)))
-
-
 def add_object_words(tok_dir: str, vocab_size: int) -> None:
     """Adds `scenes.OBJECT_WORDS` (one token each) to the tokenizer in `tok_dir`, after its
     SentencePiece pieces; a tokenizer that holds them already is left as it is."""
     tok = load_tokenizer(tok_dir)
-    if tok.add_tokens([w for w in scenes.OBJECT_WORDS if w not in tok.get_added_vocab()]):
+    if tok.add_tokens(list(scenes.OBJECT_WORDS)):  # the number of tokens new to it
         if len(tok) > vocab_size:
             raise ValueError(f"{tok_dir}: {len(tok)} tokens with the object words, more than the "
                              f"vocabulary's {vocab_size}")
