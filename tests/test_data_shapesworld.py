@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from owl_jax.data import conversation as conv
+from owl_jax.demo import draw
 from owl_jax.demo import scenes as sw
 
 SIZES = {"captions_train": 60, "captions_test": 30, "instructions_train": 400, "instructions_test": 150,
@@ -34,7 +35,7 @@ def test_images_drawn_in_blocks_on_threads_come_back_in_order(monkeypatch):
     assert blocks == whole
     assert [r["source"] for r in blocks] == [f"shapesworld/instructions_train/{i}" for i in range(12)]
     for r in blocks:
-        assert r["images"] == [sw.encode_jpeg(sw.render_scene(s)) for s in json.loads(r["scene"])]
+        assert r["images"] == [draw.encode_jpeg(draw.render_scene(s)) for s in json.loads(r["scene"])]
 
 
 def test_test_questions_do_not_occur_in_train(data):
@@ -88,11 +89,16 @@ def test_text_train_writes_each_image_as_its_caption_and_avoids_test(data):
     assert len(data["text_train"]) == SIZES["text_train"] and not {r["_key"] for r in data["text_train"]} & test_keys
     cats = {r["category"] for r in data["text_train"]}
     assert cats == set(sw.CATEGORIES) | {"caption"}
-    # the text-only tasks are a mix of their own there (not 14% of the instructions' share)
-    share = np.mean([r["category"] == "text_only" for r in data["text_train"]])
-    instructions = 1 - sw.TEXT_CAPTION_SHARE - sw.TEXT_QUIZ_SHARE - sw.TEXT_TASK_SHARE
-    expected = sw.TEXT_TASK_SHARE + instructions * sw.CATEGORY_WEIGHTS[sw.CATEGORIES.index("text_only")]
-    assert abs(share - expected) < 0.08, (share, expected)
+    # the text-only tasks and the two-image questions have shares of their own there (not 14% and 12%
+    # of the instructions' share), and the text-only quizzes are mostly arithmetic
+    for category, own in (("text_only", "text_quiz"), ("two_image", "two_image")):
+        share = np.mean([r["category"] == category for r in data["text_train"]])
+        weight = sw.CATEGORY_WEIGHTS[sw.CATEGORIES.index(category)]
+        expected = sw.TEXT_MIX[own] + sw.TEXT_MIX["instruction"] * weight
+        assert abs(share - expected) < 0.06, (category, share, expected)
+    tasks = [q for r in data["text_train"] if r["category"] == "text_only" for q, _ in conv.parse_turns(r["text"])[1]]
+    arithmetic = np.mean([" plus " in q or " minus " in q for q in tasks])
+    assert abs(arithmetic - sum(sw.TEXT_QUIZ_TASKS[:2])) < 0.06, arithmetic
     for r in data["text_train"]:
         scenes = json.loads(r["scene"])
         assert not r["images"] and conv.IMAGE_TAG not in r["text"]
@@ -236,7 +242,7 @@ def test_scene_geometry_matches_its_description(data):
             regions = [s["region"] for s in scene["shapes"]]
             assert 1 <= len(regions) <= 4 and len(set(regions)) == len(regions)
             for s in scene["shapes"]:
-                assert s["r"] <= s["x"] <= sw.IMAGE_SIZE - s["r"] and s["r"] <= s["y"] <= sw.IMAGE_SIZE - s["r"]
+                assert s["r"] <= s["x"] <= draw.IMAGE_SIZE - s["r"] and s["r"] <= s["y"] <= draw.IMAGE_SIZE - s["r"]
                 nearest = min(sw.REGIONS, key=lambda k: np.hypot(s["x"] - sw.REGIONS[k][0], s["y"] - sw.REGIONS[k][1]))
                 assert nearest == s["region"]
                 if scene["word"]:
@@ -254,6 +260,6 @@ def test_rendering_draws_the_described_colours():
     for _ in range(10):
         scene = sw.sample_scene(rng, word=False)
         scene["background"]["kind"] = "plain"
-        img = np.asarray(sw.render_scene(scene))
+        img = np.asarray(draw.render_scene(scene))
         for s in scene["shapes"]:
-            np.testing.assert_array_equal(img[s["y"], s["x"]], sw.COLOURS[s["colour"]])
+            np.testing.assert_array_equal(img[s["y"], s["x"]], draw.COLOURS[s["colour"]])

@@ -190,7 +190,8 @@ def write_report(config, workdir: str, data_dir: str, towers: dict, timings: dic
 
     # attention of the stage-2 abstractor on a few single-image test questions
     from owl_jax.demo.dataset import iter_test_questions
-    from owl_jax.demo.scenes import describe, render_scene
+    from owl_jax.demo.draw import render_scene
+    from owl_jax.demo.scenes import describe
 
     params, cfg = load_params(os.path.join(workdir, "stage2", "params"))
     picked = []

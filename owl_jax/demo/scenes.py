@@ -31,7 +31,6 @@ the object words (`OBJECT_WORDS`) to it.
 from __future__ import annotations
 
 import functools
-import io
 import itertools
 import json
 import os
@@ -39,23 +38,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 from owl_jax.data import records
 from owl_jax.data.conversation import IMAGE_TAG, build_conversation, caption_conversation
+from owl_jax.demo.draw import COLOURS, encode_jpeg, render_scene
 
-IMAGE_SIZE = 224
 SHAPES = ("circle", "square", "triangle", "star")
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 70, 220),
-    "yellow": (240, 220, 40),
-    "purple": (140, 60, 180),
-    "orange": (250, 140, 30),
-    "white": (255, 255, 255),
-    "black": (0, 0, 0),
-}
 REGIONS = {"left": (40, 112), "right": (184, 112), "top": (112, 40), "bottom": (112, 184), "center": (112, 112)}
 REGION_ORDER = ("left", "top", "center", "right", "bottom")
 REGION_PHRASE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
@@ -69,13 +57,15 @@ SPLITS = ("captions_train", "captions_test", "instructions_train", "instructions
 _SPLIT_CODE = {s: i + 1 for i, s in enumerate(SPLITS)}
 DEFAULT_SIZES = {"captions_train": 4000, "captions_test": 200, "instructions_train": 12000, "instructions_test": 400,
                  "text_train": 16000}
-# text_train's mix: captions, quizzes (a told scene and up to QUIZ_TURNS questions), text-only quizzes
-# (up to QUIZ_TURNS of arithmetic, spelling backwards, counting letters: one task a conversation left
-# the tiny LLaMA 0% of its sums after 16000 of them), the rest instructions. Captions are copies of the
-# told scene, long and soon easy: at a fifth of the items they were most of the loss's tokens.
-TEXT_CAPTION_SHARE = 0.1
-TEXT_QUIZ_SHARE = 0.45
-TEXT_TASK_SHARE = 0.25
+# text_train's mix, shares of its conversations: captions (copies of the told scene, long and soon
+# easy: at a fifth of the items they were most of the loss's tokens), quizzes (a told scene and up to
+# QUIZ_TURNS questions), text-only quizzes (up to QUIZ_TURNS tasks: one a conversation left the tiny
+# LLaMA 0% of its sums after 16000 of them), two-image questions (2% of the conversations as drawn
+# for instructions: 62% right after 2000 steps) and instructions as stage 2 draws them.
+TEXT_MIX = {"caption": 0.1, "quiz": 0.45, "text_quiz": 0.3, "two_image": 0.1, "instruction": 0.05}
+# a text quiz's tasks (plus, minus, backwards, letters): mostly sums, learnt far more slowly than the
+# spelling and the letter counts (100% after 2000 steps, the sums 47%)
+TEXT_QUIZ_TASKS = (0.45, 0.45, 0.05, 0.05)
 QUIZ_TURNS = 5
 RENDER_BLOCK = 256
 WORD_PROB = 0.3
@@ -113,57 +103,6 @@ def sample_scene(rng: np.random.Generator, n_shapes: int | None = None, word: bo
 def scene_key(scene: dict) -> tuple:
     """What a scene shows (not where exactly): the identity used for train/test disjointness."""
     return (tuple((s["shape"], s["colour"], s["region"]) for s in scene["shapes"]), scene["word"])
-
-
-_FONT_CACHE: dict = {}
-
-
-def _font(size: int):
-    if size not in _FONT_CACHE:
-        _FONT_CACHE[size] = ImageFont.load_default(size=size)
-    return _FONT_CACHE[size]
-
-
-def _star(cx, cy, r):
-    pts = []
-    for i in range(10):
-        rad = r if i % 2 == 0 else 0.45 * r
-        a = -np.pi / 2 + i * np.pi / 5
-        pts.append((cx + rad * np.cos(a), cy + rad * np.sin(a)))
-    return pts
-
-
-def render_scene(scene: dict, size: int = IMAGE_SIZE) -> Image.Image:
-    """Draws a scene as an RGB image (deterministic: noise comes from the scene's own seed)."""
-    bg = scene["background"]
-    if bg["kind"] == "noise":
-        noise = np.random.default_rng(bg["seed"]).normal(0.0, 18.0, (IMAGE_SIZE, IMAGE_SIZE, 3))
-        img = Image.fromarray(np.clip(bg["grey"] + noise, 0, 255).astype(np.uint8))
-    else:
-        img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (bg["grey"],) * 3)
-    draw = ImageDraw.Draw(img)
-    for s in scene["shapes"]:
-        x, y, r, fill = s["x"], s["y"], s["r"], COLOURS[s["colour"]]
-        if s["shape"] == "circle":
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-        elif s["shape"] == "square":
-            h = round(r * 0.85)
-            draw.rectangle((x - h, y - h, x + h, y + h), fill=fill)
-        elif s["shape"] == "triangle":
-            draw.polygon([(x, y - r), (x + 0.95 * r, y + 0.75 * r), (x - 0.95 * r, y + 0.75 * r)], fill=fill)
-        else:
-            draw.polygon(_star(x, y, r), fill=fill)
-    if scene["word"]:
-        draw.text((IMAGE_SIZE // 2, IMAGE_SIZE // 2), scene["word"], fill=(0, 0, 0), font=_font(26), anchor="mm")
-    if size != IMAGE_SIZE:
-        img = img.resize((size, size), Image.BICUBIC)
-    return img
-
-
-def encode_jpeg(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- language
@@ -256,8 +195,9 @@ def ask(kind: str, scene: dict, rng: np.random.Generator) -> tuple[str, str] | N
     raise ValueError(kind)
 
 
-def _text_only(rng: np.random.Generator) -> tuple[str, str]:
-    k = int(rng.integers(4))
+def _text_only(rng: np.random.Generator, shares: tuple[float, ...] | None = None) -> tuple[str, str]:
+    """A text-only task: plus, minus, a word backwards, its letters counted (in `shares`; equal if None)."""
+    k = int(rng.integers(4)) if shares is None else int(rng.choice(4, p=shares))
     if k == 0:
         a, b = (int(x) for x in rng.integers(0, 50, size=2))
         return f"What is {a} plus {b}?", str(a + b)
@@ -284,13 +224,17 @@ def _two_image(rng: np.random.Generator) -> tuple[list[dict], tuple[str, str]]:
     return [a, b], ("Are the shapes in the two images the same colour?", "yes" if same else "no")
 
 
+def _two_image_item(rng: np.random.Generator) -> dict:
+    scenes, qa = _two_image(rng)
+    return {"category": "two_image", "scenes": scenes, "turns": [qa]}
+
+
 def _instruction(rng: np.random.Generator) -> dict:
     category = str(rng.choice(CATEGORIES, p=CATEGORY_WEIGHTS))
     if category == "text_only":
         return {"category": category, "scenes": [], "turns": [_text_only(rng)]}
     if category == "two_image":
-        scenes, qa = _two_image(rng)
-        return {"category": category, "scenes": scenes, "turns": [qa]}
+        return _two_image_item(rng)
     if category == "multi_turn":
         scene = sample_scene(rng)
         kinds = ["colour", "shape", "count", "position"] + (["reading"] if scene["word"] else [])
@@ -323,19 +267,16 @@ def _quiz(rng: np.random.Generator, max_turns: int = QUIZ_TURNS) -> dict | None:
 
 def _text_quiz(rng: np.random.Generator, max_turns: int = QUIZ_TURNS) -> dict:
     """2 to `max_turns` text-only tasks in one conversation (the arithmetic needs many examples)."""
-    turns = dict(_text_only(rng) for _ in range(int(rng.integers(2, max_turns + 1))))  # distinct questions
+    turns = dict(_text_only(rng, TEXT_QUIZ_TASKS) for _ in range(int(rng.integers(2, max_turns + 1))))  # distinct
     return {"category": "text_only", "scenes": [], "turns": list(turns.items())}
 
 
+_TEXT_ITEMS = {"caption": _caption, "quiz": _quiz, "text_quiz": _text_quiz, "two_image": _two_image_item,
+               "instruction": _instruction}
+
+
 def _text_item(rng: np.random.Generator) -> dict | None:
-    u = rng.random()
-    if u < TEXT_CAPTION_SHARE:
-        return _caption(rng)
-    if u < TEXT_CAPTION_SHARE + TEXT_QUIZ_SHARE:
-        return _quiz(rng)
-    if u < TEXT_CAPTION_SHARE + TEXT_QUIZ_SHARE + TEXT_TASK_SHARE:
-        return _text_quiz(rng)
-    return _instruction(rng)
+    return _TEXT_ITEMS[str(rng.choice(list(TEXT_MIX), p=list(TEXT_MIX.values())))](rng)
 
 
 def write_scenes_as_text(text: str, scenes: list[dict]) -> str:

@@ -23,6 +23,7 @@ from owl_jax.batch import EOS_ID
 from owl_jax.data.image import preprocess
 from owl_jax.data.tokenizer import encode_text
 from owl_jax.demo import scenes as sw
+from owl_jax.demo.draw import render_scene
 from owl_jax.models.config import LlamaConfig, VisionConfig
 from owl_jax.models.llama import LlamaModel
 from owl_jax.models.vision import VisionEncoder
@@ -188,7 +189,7 @@ class Scenes:
     def render(self, drawn: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The scenes' pixels float[n, S, S, 3] and captions: ids, mask int32[n, T] (EOS last)."""
         n = len(drawn)
-        pixels = np.stack([preprocess(sw.render_scene(s), self.image_size) for s in drawn])
+        pixels = np.stack([preprocess(render_scene(s), self.image_size) for s in drawn])
         ids = np.zeros((n, self.max_len), np.int32)
         mask = np.zeros((n, self.max_len), np.int32)
         for i, s in enumerate(drawn):

@@ -30,6 +30,7 @@ from owl_jax.cli import parse_flags
 from owl_jax.data.image import preprocess
 from owl_jax.demo import scenes as sw
 from owl_jax.demo import tiny
+from owl_jax.demo.draw import render_scene
 from owl_jax.models.config import owl_config_from_dict
 from owl_jax.models.owl import MplugOwl
 
@@ -41,7 +42,7 @@ def scene_batch(rng: np.random.Generator, n: int, image_size: int):
     pixels, colour, shape = [], [], []
     for _ in range(n):
         scene = sw.sample_scene(rng)
-        pixels.append(preprocess(sw.render_scene(scene), image_size))
+        pixels.append(preprocess(render_scene(scene), image_size))
         c, s = np.full(len(REGIONS), len(COLOURS)), np.full(len(REGIONS), len(SHAPES))
         for item in scene["shapes"]:
             i = REGIONS.index(item["region"])
