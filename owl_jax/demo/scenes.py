@@ -57,15 +57,13 @@ SPLITS = ("captions_train", "captions_test", "instructions_train", "instructions
 _SPLIT_CODE = {s: i + 1 for i, s in enumerate(SPLITS)}
 DEFAULT_SIZES = {"captions_train": 4000, "captions_test": 200, "instructions_train": 12000, "instructions_test": 400,
                  "text_train": 16000}
-# text_train's mix, shares of its conversations: captions (copies of the told scene, long and soon
-# easy: at a fifth of the items they were most of the loss's tokens), quizzes (a told scene and up to
-# QUIZ_TURNS questions), text-only quizzes (up to QUIZ_TURNS tasks: one a conversation left the tiny
-# LLaMA 0% of its sums after 16000 of them), two-image questions (2% of the conversations as drawn
-# for instructions: 62% right after 2000 steps) and instructions as stage 2 draws them.
-TEXT_MIX = {"caption": 0.1, "quiz": 0.45, "text_quiz": 0.3, "two_image": 0.1, "instruction": 0.05}
-# a text quiz's tasks (plus, minus, backwards, letters): mostly sums, learnt far more slowly than the
-# spelling and the letter counts (100% after 2000 steps, the sums 47%)
-TEXT_QUIZ_TASKS = (0.45, 0.45, 0.05, 0.05)
+# text_train's mix: captions, quizzes (a told scene and up to QUIZ_TURNS questions), text-only quizzes
+# (up to QUIZ_TURNS of arithmetic, spelling backwards, counting letters: one task a conversation left
+# the tiny LLaMA 0% of its sums after 16000 of them), the rest instructions. Captions are copies of the
+# told scene, long and soon easy: at a fifth of the items they were most of the loss's tokens.
+TEXT_CAPTION_SHARE = 0.1
+TEXT_QUIZ_SHARE = 0.45
+TEXT_TASK_SHARE = 0.25
 QUIZ_TURNS = 5
 RENDER_BLOCK = 256
 WORD_PROB = 0.3
@@ -195,9 +193,8 @@ def ask(kind: str, scene: dict, rng: np.random.Generator) -> tuple[str, str] | N
     raise ValueError(kind)
 
 
-def _text_only(rng: np.random.Generator, shares: tuple[float, ...] | None = None) -> tuple[str, str]:
-    """A text-only task: plus, minus, a word backwards, its letters counted (in `shares`; equal if None)."""
-    k = int(rng.integers(4)) if shares is None else int(rng.choice(4, p=shares))
+def _text_only(rng: np.random.Generator) -> tuple[str, str]:
+    k = int(rng.integers(4))
     if k == 0:
         a, b = (int(x) for x in rng.integers(0, 50, size=2))
         return f"What is {a} plus {b}?", str(a + b)
@@ -224,17 +221,13 @@ def _two_image(rng: np.random.Generator) -> tuple[list[dict], tuple[str, str]]:
     return [a, b], ("Are the shapes in the two images the same colour?", "yes" if same else "no")
 
 
-def _two_image_item(rng: np.random.Generator) -> dict:
-    scenes, qa = _two_image(rng)
-    return {"category": "two_image", "scenes": scenes, "turns": [qa]}
-
-
 def _instruction(rng: np.random.Generator) -> dict:
     category = str(rng.choice(CATEGORIES, p=CATEGORY_WEIGHTS))
     if category == "text_only":
         return {"category": category, "scenes": [], "turns": [_text_only(rng)]}
     if category == "two_image":
-        return _two_image_item(rng)
+        scenes, qa = _two_image(rng)
+        return {"category": category, "scenes": scenes, "turns": [qa]}
     if category == "multi_turn":
         scene = sample_scene(rng)
         kinds = ["colour", "shape", "count", "position"] + (["reading"] if scene["word"] else [])
@@ -267,16 +260,19 @@ def _quiz(rng: np.random.Generator, max_turns: int = QUIZ_TURNS) -> dict | None:
 
 def _text_quiz(rng: np.random.Generator, max_turns: int = QUIZ_TURNS) -> dict:
     """2 to `max_turns` text-only tasks in one conversation (the arithmetic needs many examples)."""
-    turns = dict(_text_only(rng, TEXT_QUIZ_TASKS) for _ in range(int(rng.integers(2, max_turns + 1))))  # distinct
+    turns = dict(_text_only(rng) for _ in range(int(rng.integers(2, max_turns + 1))))  # distinct questions
     return {"category": "text_only", "scenes": [], "turns": list(turns.items())}
 
 
-_TEXT_ITEMS = {"caption": _caption, "quiz": _quiz, "text_quiz": _text_quiz, "two_image": _two_image_item,
-               "instruction": _instruction}
-
-
 def _text_item(rng: np.random.Generator) -> dict | None:
-    return _TEXT_ITEMS[str(rng.choice(list(TEXT_MIX), p=list(TEXT_MIX.values())))](rng)
+    u = rng.random()
+    if u < TEXT_CAPTION_SHARE:
+        return _caption(rng)
+    if u < TEXT_CAPTION_SHARE + TEXT_QUIZ_SHARE:
+        return _quiz(rng)
+    if u < TEXT_CAPTION_SHARE + TEXT_QUIZ_SHARE + TEXT_TASK_SHARE:
+        return _text_quiz(rng)
+    return _instruction(rng)
 
 
 def write_scenes_as_text(text: str, scenes: list[dict]) -> str:
