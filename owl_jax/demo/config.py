@@ -42,7 +42,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.stages = ml_collections.ConfigDict()
     # Stage 1: vision encoder + abstractor on captions, the LLM frozen. From the towers, 600 steps left
     # the captions' colours 37% right and 2400 steps 92% (regions 69% -> 97%); 1900 keep the whole job
-    # within 30 minutes on a 2-core Xeon (a step: 0.44-0.49 s there).
+    # within 30 minutes on a 2-core Xeon (a step: 0.36-0.49 s there, from one hour to the next).
     c.stages.stage1 = ml_collections.ConfigDict({
         "stage": "stage1",
         # the fresh parameters' initialisation and the data order (BENCHMARKS' second seed: 1)
