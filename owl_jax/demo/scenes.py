@@ -324,7 +324,7 @@ def generate(split: str, n: int, seed: int, exclude: set | None = None, render: 
     (numpy's noise, the drawing and the JPEG encoder let go of the GIL: 1.9x on 2 cores).
     """
     items = _draw(split, n, seed, exclude or set())
-    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
         for start in range(0, n, RENDER_BLOCK):
             block = list(itertools.islice(items, RENDER_BLOCK))
             yield from pool.map(functools.partial(_to_record, split, render), itertools.count(start), block)
