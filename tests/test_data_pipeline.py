@@ -53,24 +53,6 @@ def test_prepare_outputs(shapesworld_dir):
     assert "<red-star-left>" in tok.get_added_vocab()
 
 
-def test_shapesworld_tokenizer_spells_capital_words_letter_by_letter_and_keeps_capitalised_words_whole(
-        shapesworld_dir):
-    """A word of capitals is one token a letter (the first one with the space before it); a
-    capitalised word the tokenizer learnt, such as the system prompt's "The", is one token."""
-    import re
-
-    from owl_jax.data.tokenizer import encode_text
-
-    tok = load_tokenizer(os.path.join(shapesworld_dir, "tokenizer"))
-    assert "\u2581The" in tok.get_vocab()
-    ids = encode_text(tok, "The word KEPLO")
-    pieces = tok.convert_ids_to_tokens(ids)
-    assert pieces[:2] == ["\u2581The", "\u2581word"], pieces
-    letters = [i for i, p in zip(ids[2:], pieces[2:]) if p != "\u2581"]  # a letter it never saw: a byte
-    assert [tok.decode([i]).strip() for i in letters] == list("KEPLO"), pieces
-    assert not [p for p in tok.get_vocab() if re.search(r"[A-Z]{2}", p) and not p.startswith("<")]
-
-
 def test_batch_contract(shapesworld_dir):
     it = pipeline.make_iterator(cfg_for(shapesworld_dir), 0, 1)
     for b in take(it, 6):

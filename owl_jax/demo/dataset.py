@@ -90,10 +90,8 @@ def add_object_words(tok_dir: str, vocab_size: int) -> None:
 
 # The rendered words are read, spelt backwards and counted letter by letter: no token may hold a
 # capital letter with anything but lower-case letters after it ("Human" stays one token, "HELLO"
-# is five: "▁H E L L O"), single capitals aside, with or without the space before them. Dropping
-# "▁T" as well would make "▁The" unreachable (BPE merges through it): every capitalised word
-# would cost 2-4 tokens and 54% of the towers' text would not fit its rows (19% with "▁T").
-SINGLE_CAPITALS = r"^(?!\u2581?[A-Z]$).*[A-Z](?![a-z])"
+# is five), single capitals aside.
+SINGLE_CAPITALS = r"^(?![A-Z]$).*[A-Z](?![a-z])"
 
 
 def iter_test_questions(dataset_dir: str, split: str = "instructions_test", image_size: int = 224,

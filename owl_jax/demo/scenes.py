@@ -18,7 +18,7 @@ never occurs in train, where the scene is compared by its content: shapes, colou
   stage 1 to teach the vision side to speak to it (LLaMA learns that from its own pretraining; a
   tiny LLM trained on image-less text does not).
 * ``instructions_train`` / ``instructions_test`` (stage 2), categories (``category`` field):
-  colour, shape, count, position (single image); two_image (which has more shapes; same colour?, keyed);
+  colour, shape, count, position (single image); two_image (which has more shapes; same colour?);
   reading (the rendered word); multi_turn (2-3 questions on one image); text_only (arithmetic,
   spelling backwards, counting letters: no image). Every sample records the last ``question`` and
   its exact expected ``answer`` (lower-case words, digits, or the upper-case word; keyed where the
@@ -218,10 +218,7 @@ def _two_image(rng: np.random.Generator) -> tuple[list[dict], tuple[str, str]]:
         b["shapes"][0]["colour"] = a["shapes"][0]["colour"]
     elif b["shapes"][0]["colour"] == a["shapes"][0]["colour"]:
         b["shapes"][0]["colour"] = str(rng.choice([c for c in COLOURS if c != a["shapes"][0]["colour"]]))
-    # keyed, as `ask`'s answers are: each image's colour said before the verdict, so the verdict is
-    # an equality of the two tokens just written, not of two looked up at once
-    ca, cb = a["shapes"][0]["colour"], b["shapes"][0]["colour"]
-    return [a, b], ("Are the shapes in the two images the same colour?", f"{ca} {cb} {'yes' if same else 'no'}")
+    return [a, b], ("Are the shapes in the two images the same colour?", "yes" if same else "no")
 
 
 def _instruction(rng: np.random.Generator) -> dict:
