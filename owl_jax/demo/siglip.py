@@ -122,6 +122,25 @@ def sigmoid_loss(logits):
 # ------------------------------------------------------------------------------------ data
 
 
+def located_caption(scene: dict) -> str:
+    """The ViT's caption: each region in turn, then what is there ("left red circle, top no shape,
+    center word KEPLO, right blue star, bottom no shape."). Each content word then follows the place it
+    is read from, so the captioner looks it up by position, which the patches' position code gives it
+    at once, and its loss on a shape's kind or a letter reaches the ViT's patches there as directly as
+    a supervised read-out's (LocCa, Wan et al. 2024). The main job's captions (`scenes.describe`) name
+    the shapes first and must be read by colour, a lookup the captioner learns late."""
+    by_region = {s["region"]: s for s in scene["shapes"]}
+    parts = []
+    for region in REGIONS:
+        if region in by_region:
+            parts.append(f"{region} {by_region[region]['colour']} {by_region[region]['shape']}")
+        elif region == "center" and scene["word"]:
+            parts.append(f"center word {scene['word']}")
+        else:
+            parts.append(f"{region} no shape")
+    return ", ".join(parts) + "."
+
+
 class Scenes:
     """Freshly drawn scenes, rendered and captioned, batch by batch: batch k of a stream (0:
     training, 1 and 2: the probes' train and test scenes) is a function of (seed, stream, k) alone.
@@ -193,7 +212,7 @@ class Scenes:
         ids = np.zeros((n, self.max_len), np.int32)
         mask = np.zeros((n, self.max_len), np.int32)
         for i, s in enumerate(drawn):
-            t = (encode_text(self.tokenizer, sw.describe(s)) + [EOS_ID])[-self.max_len:]
+            t = (encode_text(self.tokenizer, located_caption(s)) + [EOS_ID])[-self.max_len:]
             ids[i, : len(t)], mask[i, : len(t)] = t, 1
         return pixels, ids, mask
 
@@ -208,7 +227,7 @@ class Scenes:
             return out
         for i, s in enumerate(drawn):
             w = []
-            for chunk in sw.describe(s).split(" "):
+            for chunk in located_caption(s).split(" "):
                 word = chunk.rstrip(".,")  # its punctuation is its last pieces
                 focused = len(self._chunk_ids(word)) if word in sw.SHAPES or word == s["word"] else 0
                 w += [focus] * focused + [1.0] * (len(self._chunk_ids(chunk)) - focused)
