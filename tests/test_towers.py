@@ -306,6 +306,7 @@ def test_twins_differ_in_one_thing_and_batches_repeat_from_the_seed(shapesworld_
 
 def test_the_captioners_focus_weights_fall_on_the_shape_words_and_the_written_word(shapesworld_dir):
     from owl_jax.data.tokenizer import load_tokenizer
+    from owl_jax.demo import scenes as sw
     from owl_jax.demo.siglip import Scenes
 
     for tokenizer_dir in (os.path.join(shapesworld_dir, "tokenizer"), os.path.join(PRETRAINED, "tokenizer")):
@@ -317,10 +318,29 @@ def test_the_captioners_focus_weights_fall_on_the_shape_words_and_the_written_wo
         np.testing.assert_array_equal(data.focus_weights(drawn, 1.0), np.ones_like(weights))
         for scene, row, keep, w in zip(drawn, ids, mask, weights):
             focused = tok.decode(row[w == 4.0].tolist()).split()
-            expected = [s["shape"] for s in scene["shapes"]] + ([scene["word"]] if scene["word"] else [])
-            # each shape word and the word whole, in caption order; nothing else, padding never
+            by_region = {s["region"]: s["shape"] for s in scene["shapes"]} | (
+                {"center": scene["word"]} if scene["word"] else {})
+            expected = [by_region[r] for r in sw.REGION_ORDER if r in by_region]
+            # each shape word and the word whole, in caption order (place by place); nothing else, padding never
             assert "".join(focused) == "".join(expected), (tokenizer_dir, focused, expected)
             assert (w[keep == 0] == 1.0).all()
+
+
+def test_the_vits_captions_name_each_place_then_what_is_there():
+    from owl_jax.demo import scenes as sw
+    from owl_jax.demo.siglip import located_caption
+
+    rng = np.random.default_rng(0)
+    for k in range(40):
+        scene = sw.sample_scene(rng, word=k % 2 == 0)
+        parts = located_caption(scene).rstrip(".").split(", ")
+        assert [p.split()[0] for p in parts] == list(sw.REGION_ORDER)
+        told = {p.split()[0]: p.split(" ", 1)[1] for p in parts}
+        for s in scene["shapes"]:
+            assert told.pop(s["region"]) == f"{s['colour']} {s['shape']}"
+        if scene["word"]:
+            assert told.pop("center") == f"word {scene['word']}"
+        assert set(told.values()) <= {"no shape"}
 
 
 def test_held_out_captions_are_never_drawn(shapesworld_dir):
