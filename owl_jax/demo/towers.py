@@ -22,10 +22,8 @@ Sections, top to bottom (settings: the `towers` section of owl_jax/demo/config.p
 A finished part is skipped on a rerun; the LLM's text training resumes from its last checkpoint,
 its drills (minutes) and the ViT's training start again. The two towers may be made at once by two
 processes (--only=llm, --only=vit) once the data is there. The main job's committed towers
-(owl_jax/demo/pretrained) are DIR/pretrained of a run with the config file's settings, but for one
-thing: its ViT is an earlier run's, whose text tower read the captions with the tokenizer before
-the object words (the ViT's weights do not depend on the tokenizer; BENCHMARKS.md, "The
-pretrained towers").
+(owl_jax/demo/pretrained) are DIR/pretrained of a run with the config file's settings, its two towers
+made by separate `--only` runs (BENCHMARKS.md, "The pretrained towers").
 """
 from __future__ import annotations
 
