@@ -52,7 +52,9 @@ def test_cached_decode_equals_the_full_forward_and_each_prompt_alone(video_owl, 
                        clips=clips[clip_at[i]:clip_at[i + 1]], num_videos=[num_videos[i]]),
             Sampling(max_new_tokens=steps), return_logits=True, disable_eos=True)
         assert alone["tokens"][0].tolist() == together["tokens"][i].tolist(), i
-        np.testing.assert_allclose(alone["logits"][0], together["logits"][i], atol=1e-4, rtol=0)
+        # A batch of one reduces in another order than a batch of four: float32 rounding, peaked weights
+        # and six steps move a logit of ~5 by up to 1.5e-4 on some hosts; in float64 the two agree to 2e-13.
+        np.testing.assert_allclose(alone["logits"][0], together["logits"][i], atol=5e-4, rtol=0)
     # The clips count: another frame in the 3-frame clip moves the logits of its prompt only.
     moved = [c.copy() for c in clips]
     moved[0][2] += 1.0
