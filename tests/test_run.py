@@ -223,6 +223,32 @@ def test_scoring_and_blind_baselines():
     assert b["count"]["uniform"] == pytest.approx(1 / 3)
 
 
+def test_captions_scored_shape_by_shape():
+    from owl_jax.demo.caption_words import score_captions
+    from owl_jax.demo.scenes import describe
+
+    scene = {"shapes": [{"colour": "red", "shape": "circle", "region": "left"},
+                        {"colour": "orange", "shape": "star", "region": "top"}], "word": "KEPLO"}
+    said = {"shapes": [{"colour": "red", "shape": "square", "region": "left"},
+                       {"colour": "orange", "shape": "star", "region": "bottom"}], "word": "KEPLA"}
+    truth = describe(scene)
+    assert truth == "A red circle on the left and an orange star at the top. The word KEPLO is written in the middle."
+    result = score_captions([(truth, describe(said)), (truth, truth)])
+    assert result["counts"] == {"objects": 4, "placed": 3, "colour": 3, "shape": 2, "words": 2, "words_read": 1,
+                                "captions": 2, "exact": 1}
+    assert result["shape_confusion"]["circle"] == {"circle": 1, "square": 1, "triangle": 0, "star": 0}
+    assert result["shape_confusion"]["star"]["star"] == 1 and sum(result["shape_confusion"]["star"].values()) == 1
+
+
+def test_caption_words_on_the_quick_run(quick_run, capsys):
+    from owl_jax.demo import caption_words
+
+    workdir, _ = quick_run
+    assert caption_words.main([f"--params={workdir}/stage1/params", f"--data={workdir}/data"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("8 captions, ") and "kind confusion" in out, out  # --quick holds 8 held-out captions
+
+
 def test_towers_made_for_other_held_out_splits_or_tokens_are_refused(tmp_path):
     """Stage 1 must start from towers that left out the questions this config evaluates on, and train
     on data tokenised by the towers' own tokenizer."""
