@@ -41,8 +41,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.stages = ml_collections.ConfigDict()
     # Stage 1: vision encoder + abstractor on captions, the LLM frozen. From the towers, 600 steps left
-    # the captions' colours 37% right and 2400 steps 92% (regions 69% -> 97%); 1900 keep the whole job
-    # within 30 minutes on a 2-core Xeon (a step: 0.36-0.49 s there, from one hour to the next).
+    # the captions' colours 37% right and 2400 steps 92% (regions 69% -> 97%); 1900, with stage 2's 1700,
+    # keep the whole job within 30 minutes on 2 cores at up to ~0.47 s a step (hosts vary by the hour).
     c.stages.stage1 = ml_collections.ConfigDict({
         "stage": "stage1",
         # the fresh parameters' initialisation and the data order (BENCHMARKS' second seed: 1)
@@ -60,7 +60,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     })
     # Stage 2: LoRA on q/v + the abstractor, on the instruction mix (text-only included). Packed: a
     # row of 224 tokens holds ~2-3 conversations (at most 107 tokens each, most far shorter), so 8 rows
-    # carry ~18 samples, 91% full (16 rows of 112, one sample each: 16 samples, 63% full). 1700 steps
+    # carry ~18 samples, 84% full (16 rows of 112, one sample each: 16 samples, 63% full). 1700 steps
     # rather than 1100 answer shape 48% -> 62% and count 77% -> 98% (its loss still falls at 1100).
     c.stages.stage2 = ml_collections.ConfigDict({
         "stage": "stage2_lora",
