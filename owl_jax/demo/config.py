@@ -41,8 +41,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.stages = ml_collections.ConfigDict()
     # Stage 1: vision encoder + abstractor on captions, the LLM frozen. From the towers, 600 steps left
-    # the captions' colours 37% right and 2400 steps 92% (regions 69% -> 97%); 1900, with stage 2's 1700,
-    # keep the whole job within 30 minutes on 2 cores at up to ~0.47 s a step (hosts vary by the hour).
+    # the captions' colours 37% right and 2400 steps 92% (regions 69% -> 97%); its loss levels off by
+    # ~1000. With stage 2's 1700 steps the whole job took 27.4 of its 30 minutes on 2 EPYC cores, a
+    # quarter of them taken by the host (hosts vary by the hour: BENCHMARKS.md, "Wall time").
     c.stages.stage1 = ml_collections.ConfigDict({
         "stage": "stage1",
         # the fresh parameters' initialisation and the data order (BENCHMARKS' second seed: 1)
