@@ -61,8 +61,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     })
     # Stage 2: LoRA on q/v + the abstractor, on the instruction mix (text-only included). Packed: a
     # row of 224 tokens holds ~2-3 conversations (at most 107 tokens each, most far shorter), so 8 rows
-    # carry ~18 samples, 84% full (16 rows of 112, one sample each: 16 samples, 63% full). 1700 steps
-    # rather than 1100 answer shape 48% -> 62% and count 77% -> 98% (its loss still falls at 1100).
+    # carry ~18 samples, 84% full (16 rows of 112, one sample each: 16 samples, 63% full). Its loss still
+    # falls at 1100 steps; 1700 answer shape 20 -> 26 and 20 -> 23 of 42 (seeds 0 / 1), all image
+    # questions 213 -> 226 and 216 -> 213 of 330.
     c.stages.stage2 = ml_collections.ConfigDict({
         "stage": "stage2_lora",
         "seed": 0,
