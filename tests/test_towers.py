@@ -285,7 +285,7 @@ def test_twins_differ_in_one_thing_and_batches_repeat_from_the_seed(shapesworld_
 
     data = Scenes(load_tokenizer(os.path.join(shapesworld_dir, "tokenizer")), 28, 64, seed=3)
     pixels, ids, mask, drawn = data.batch(5, 32, twins=True)
-    letter_twins = shape_twins = 0
+    letter_twins = 0
     for a, b in zip(drawn[:16], drawn[16:]):
         (ka, word_a), (kb, word_b) = sw.scene_key(a), sw.scene_key(b)
         if word_a != word_b:  # one letter of the word changed, nothing else
@@ -296,12 +296,7 @@ def test_twins_differ_in_one_thing_and_batches_repeat_from_the_seed(shapesworld_
         # one shape's kind or colour changed (two entries differ), or one shape more or fewer (one)
         changed = set(ka) ^ set(kb)
         assert len(changed) in (1, 2) and len({region for _, _, region in changed}) == 1, (ka, kb)
-        kinds = {shape for shape, _, _ in changed}
-        if len(changed) == 2 and len(kinds) == 2:  # a shape twin: the look-alike kind, the colour kept
-            shape_twins += 1
-            assert kinds in ({"circle", "square"}, {"triangle", "star"}), (ka, kb)
-            assert len({colour for _, colour, _ in changed}) == 1, (ka, kb)
-    assert letter_twins >= 1 and shape_twins >= 1
+    assert letter_twins >= 1
     again = data.batch(5, 32, twins=True)
     np.testing.assert_array_equal(pixels, again[0])
     np.testing.assert_array_equal(ids, again[1])

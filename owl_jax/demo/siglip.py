@@ -34,9 +34,6 @@ COLOURS, SHAPES, REGIONS = list(sw.COLOURS), list(sw.SHAPES), list(sw.REGION_ORD
 # place apart long before kind. A scene with a word gets a one-letter twin half the time: no other
 # twin makes the letters matter, and without them pretraining loses what a random ViT reads of them.
 TWIN_KINDS = ("shape", "colour", "count", "word")
-# A shape twin takes the look-alike kind: with any other kind, 2 of 3 twins are told apart by outline
-# alone, and what the ViT still confused after them was only circle<->square and triangle<->star.
-LOOK_ALIKE = {"circle": "square", "square": "circle", "triangle": "star", "star": "triangle"}
 TWIN_CHANGES = (0.5, 0.25, 0.25)  # shape, colour, count (a scene without a word, or no letter twin)
 LETTER_TWIN_SHARE = 0.5
 LETTER_TWIN = TWIN_KINDS.index("word")
@@ -166,9 +163,9 @@ class Scenes:
     def twin(self, scene: dict, rng: np.random.Generator, kind: int | None = None) -> dict:
         """`scene` with one thing changed (`kind`, an index of TWIN_KINDS; None: a letter of the word
         LETTER_TWIN_SHARE of the time where there is one, else drawn by TWIN_CHANGES): a shape's kind
-        (to its look-alike) or colour, one shape more or fewer (the others stay where they are), or
-        one letter of the word. Random scenes differ in many ways at once, and colour alone tells
-        most captions apart; a twin in the same batch is told apart only by what changed."""
+        or colour, one shape more or fewer (the others stay where they are), or one letter of the
+        word. Random scenes differ in many ways at once, and colour alone tells most captions apart;
+        a twin in the same batch is told apart only by what changed."""
         if kind is None and scene["word"] and rng.random() < LETTER_TWIN_SHARE:
             kind = LETTER_TWIN
         for _ in range(100):
@@ -182,7 +179,7 @@ class Scenes:
                 word[j] = str(rng.choice([c for c in sw.LETTERS if c != word[j]]))
                 twin["word"] = "".join(word)
             elif kind == 0:
-                shapes[i]["shape"] = LOOK_ALIKE[shapes[i]["shape"]]
+                shapes[i]["shape"] = str(rng.choice([t for t in SHAPES if t != shapes[i]["shape"]]))
             elif kind == 1:
                 shapes[i]["colour"] = str(rng.choice([c for c in COLOURS if c != shapes[i]["colour"]]))
             elif len(shapes) > 1 and (len(shapes) == 4 or rng.random() < 0.5):
