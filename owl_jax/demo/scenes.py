@@ -44,7 +44,7 @@ from owl_jax.data.conversation import IMAGE_TAG, build_conversation, caption_con
 from owl_jax.demo.draw import COLOURS, encode_jpeg, render_scene
 
 SHAPES = ("circle", "square", "triangle", "star")
-REGIONS = {"left": (40, 112), "right": (184, 112), "top": (112, 40), "bottom": (112, 184), "center": (112, 112)}
+REGIONS = {"left": (36, 112), "right": (188, 112), "top": (112, 36), "bottom": (112, 188), "center": (112, 112)}
 REGION_ORDER = ("left", "top", "center", "right", "bottom")
 REGION_PHRASE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
                  "center": "in the center"}
@@ -89,9 +89,9 @@ def sample_scene(rng: np.random.Generator, n_shapes: int | None = None, word: bo
             "shape": str(rng.choice(SHAPES)),
             "colour": str(rng.choice(list(COLOURS))),
             "region": region,
-            "x": int(cx + rng.integers(-8, 9)),
-            "y": int(cy + rng.integers(-8, 9)),
-            "r": int(rng.integers(16, 25)),
+            "x": int(cx + rng.integers(-6, 7)),
+            "y": int(cy + rng.integers(-6, 7)),
+            "r": int(rng.integers(22, 30)),
         })
     background = {"kind": "noise" if rng.random() < 0.5 else "plain", "grey": int(rng.integers(95, 166)),
                   "seed": int(rng.integers(0, 2**31 - 1))}
