@@ -113,7 +113,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # caption_layers > 0 adds CoCa's captioner: with it, 3000 steps read shape 61% (SigLIP alone: 48%).
     # focus_weight: the captioner's loss on the shape words and the written word's letters, times this
     # (with 4 and one-letter twins, shape 61% -> 75%; the letters not learnt). The captions name each place, then
-    # what is there (siglip.located_caption): shape 75% -> 84%, count 77% -> 67%, letters 14% -> 20%.
+    # what is there (siglip.located_caption): shape 75% -> 84%, count 77% -> 67%, letters 14% -> 20%. With the
+    # shapes drawn 1.3x larger (owl_jax/demo/scenes.py): shape 84% -> 99%.
     c.towers.vit = ml_collections.ConfigDict({
         "steps": 3000, "batch_size": 64, "lr": 1e-3, "end_lr": 1e-5, "warmup_steps": 100, "weight_decay": 1e-4,
         "embed_dim": 128, "text_layers": 2, "text_width": 128, "text_heads": 4, "caption_len": 64,

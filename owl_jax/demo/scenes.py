@@ -44,6 +44,9 @@ from owl_jax.data.conversation import IMAGE_TAG, build_conversation, caption_con
 from owl_jax.demo.draw import COLOURS, encode_jpeg, render_scene
 
 SHAPES = ("circle", "square", "triangle", "star")
+# Region centres on the 224-px canvas. A shape's radius is 22-29 px and its centre within 6 px of its region's,
+# so no two shapes touch and none leaves the canvas; at the 112 px the tiny ViT sees, smaller shapes (16-24)
+# left circle and square, triangle and star confused one time in six (docs/notes/research_log.md, "Larger shapes").
 REGIONS = {"left": (36, 112), "right": (188, 112), "top": (112, 36), "bottom": (112, 188), "center": (112, 112)}
 REGION_ORDER = ("left", "top", "center", "right", "bottom")
 REGION_PHRASE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
