@@ -63,7 +63,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # row of 224 tokens holds ~2-3 conversations (at most 107 tokens each, most far shorter), so 8 rows
     # carry ~18 samples, 84% full (16 rows of 112, one sample each: 16 samples, 63% full). Its loss still
     # falls at 1100 steps; 1700 answered shape 20 -> 26 and 20 -> 23 of 42 (seeds 0 / 1), all image
-    # questions 213 -> 226 and 216 -> 213 of 330 (with the smaller shapes of before: BENCHMARKS.md has today's).
+    # questions 213 -> 226 and 216 -> 213 of 330 (shapes then at radius 16-24; BENCHMARKS.md has the current ones).
     c.stages.stage2 = ml_collections.ConfigDict({
         "stage": "stage2_lora",
         "seed": 0,
