@@ -146,7 +146,8 @@ def oracle(question: str, scenes: list) -> str:
             return "first" if len(a["shapes"]) > len(b["shapes"]) else "second"
         if question == "Are the shapes in the two images the same colour?":
             assert len(a["shapes"]) == len(b["shapes"]) == 1
-            return "yes" if a["shapes"][0]["colour"] == b["shapes"][0]["colour"] else "no"
+            ca, cb = a["shapes"][0]["colour"], b["shapes"][0]["colour"]
+            return f"{ca} and {cb}: {'yes' if ca == cb else 'no'}"
         raise AssertionError(question)
     (scene,) = scenes
     shapes = scene["shapes"]

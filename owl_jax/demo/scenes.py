@@ -221,7 +221,12 @@ def _two_image(rng: np.random.Generator) -> tuple[list[dict], tuple[str, str]]:
         b["shapes"][0]["colour"] = a["shapes"][0]["colour"]
     elif b["shapes"][0]["colour"] == a["shapes"][0]["colour"]:
         b["shapes"][0]["colour"] = str(rng.choice([c for c in COLOURS if c != a["shapes"][0]["colour"]]))
-    return [a, b], ("Are the shapes in the two images the same colour?", "yes" if same else "no")
+    # The answer names both colours before its verdict: told the two scenes as text, the tiny LLaMA
+    # answered a bare yes/no at chance (always "no"), while each colour alone it looks up every time.
+    # Named first, the verdict compares two tokens a few positions back, which a duplicate-token
+    # head does.
+    ca, cb = a["shapes"][0]["colour"], b["shapes"][0]["colour"]
+    return [a, b], ("Are the shapes in the two images the same colour?", f"{ca} and {cb}: {'yes' if same else 'no'}")
 
 
 def _instruction(rng: np.random.Generator) -> dict:
