@@ -87,7 +87,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.towers.text_train = 192000  # conversations; the held-out splits are `prepare`'s
     # The tiny LLaMA's copy and lookup drills on random tokens (owl_jax.demo.drills), before its text:
     # its induction heads form there (at 32 rows a step by step ~500-600; at 16 rows, or with half the
-    # rows lookups, not by 900).
+    # rows lookups, not by 900). Its seed draws the random tokens and the LLM's initialisation.
     c.towers.drills = ml_collections.ConfigDict({
         "steps": 900, "batch_size": 32, "seq_len": 48, "tasks": ("repeat",), "seed": 0,
         "optim": {"lr": 2e-3, "end_lr": 1e-4, "warmup_steps": 30, "weight_decay": 0.01},
@@ -98,6 +98,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # 88% and 51% (the sums and differences are what the longer run learns).
     c.towers.llm = ml_collections.ConfigDict({
         "stage": "full_ft",
+        "seed": 0,  # the text's order (the drills' seed draws the LLM's initialisation)
         "num_steps": 5000,
         "batch_size": 32,
         "seq_len": 144,  # the longest quizzes (5 questions) lose their last turns; every test prompt fits

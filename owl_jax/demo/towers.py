@@ -130,7 +130,8 @@ def drill_llm(config, workdir: str, data_dir: str) -> str:
     if os.path.exists(os.path.join(out, "drills.json")):
         return os.path.join(out, "params")
     tc = jobs.train_config(config.model, {"stage": "full_ft", "num_steps": d.steps, "batch_size": d.batch_size,
-                                          "seq_len": d.seq_len, "optim": d.optim.to_dict()}, "towers.drills", "", "")
+                                          "seq_len": d.seq_len, "optim": d.optim.to_dict(), "seed": d.seed},
+                           "towers.drills", "", "")
     size = tc.model.vision.image_size
     batches = drills.batches(np.random.default_rng(d.seed), d.batch_size, d.seq_len, tc.model.llm.vocab_size,
                              tuple(d.tasks))
