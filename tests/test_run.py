@@ -81,6 +81,7 @@ def test_quick_run_report_and_plots(quick_run):
     assert towers["llm_accuracy_scenes_told"]["all"]["total"] == 32
     probes = {"colour", "shape", "region", "count", "letters"}
     assert set(towers["vit_probes"]) == set(towers["random_vit_probes"]) == probes
+    assert report["host"]["cores"] == os.cpu_count() and report["host"]["jax"] == jax.__version__
     for name in ("loss.png", "accuracy.png", "attention.png"):
         with open(os.path.join(workdir, "plots", name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
@@ -201,6 +202,17 @@ def test_abstractor_attention_hook():
         maps = abstractor_attention(params, cfg, pixels, layer)
         assert maps.shape == (3, q, g, g)
         np.testing.assert_allclose(maps, np.asarray(probs)[layer].mean(1)[:, :, q + 1:].reshape(3, q, g, g), rtol=1e-6)
+
+
+def test_host_description_names_the_cpu_and_the_features_that_change_bf16_results(tmp_path):
+    from owl_jax.demo.report import host_description
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n\n"
+                       "processor\t: 1\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    host = host_description(str(cpuinfo))
+    assert host["cpu"] == "AMD EPYC 9B14" and host["cpu_features"] == ["avx2", "avx512f", "avx512_bf16"]
+    assert host_description(str(tmp_path / "missing"))["cpu_features"] == []
 
 
 def test_scoring_and_blind_baselines():

@@ -22,6 +22,35 @@ TARGETS = {"colour": 0.9, "shape": 0.9, "count": 0.9, "position": 0.8, "two_imag
            "text_only": 0.9}
 
 
+# The CPU features that decide how XLA's CPU backend computes the tiny owl's bf16 matmuls: the same
+# code and seeds give other per-question answers on a CPU with other ones.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
+def host_description(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """{"cpu": model name, "cpu_features": those of CPU_FEATURES it has, "cores", "jax", "allocator"}:
+    what a main job's figures reproduce on (the features empty where `cpuinfo` cannot be read)."""
+    import platform
+
+    import jax
+
+    from owl_jax.allocator import tcmalloc_loaded
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu": model, "cpu_features": [f for f in CPU_FEATURES if f in flags], "cores": os.cpu_count(),
+            "jax": jax.__version__, "allocator": "tcmalloc" if tcmalloc_loaded() else "the system malloc"}
+
+
 # ---------------------------------------------------------------------------------- scoring
 
 

@@ -234,6 +234,7 @@ def write_report(config, workdir: str, data_dir: str, towers: dict, timings: dic
         "samples": samples,
         "export": exported,
         "timings_s": timings,
+        "host": rp.host_description(),
         "plots": sorted(os.listdir(plots)),
         "config": config.to_dict(),
     }
@@ -340,7 +341,9 @@ def _run(config, workdir: str) -> dict:
     print(f"== report: {os.path.join(workdir, 'report.json')}, plots in {os.path.join(workdir, 'plots')}")
     print("   stage 2 exact match: " + ", ".join(f"{c} {100 * a['accuracy']:.0f}% ({a['correct']}/{a['total']})"
                                               for c, a in acc.items()))
-    print(f"   wall time of this invocation: {timings['this_invocation_s']:.0f} s")
+    host = report["host"]
+    print(f"   wall time of this invocation: {timings['this_invocation_s']:.0f} s on {host['cores']} cores of "
+          f"{host['cpu']} (features: {', '.join(host['cpu_features']) or 'none known'})")
     return report
 
 
