@@ -37,6 +37,11 @@ def tcmalloc_loaded() -> bool:
         return False
 
 
+def loaded_name() -> str:
+    """The allocator this process runs with, as logs and reports name it."""
+    return "tcmalloc" if tcmalloc_loaded() else "the system malloc"
+
+
 def restart_with_tcmalloc() -> None:
     """Replaces this process by the same command with tcmalloc preloaded, when the system has it, it
     is not loaded yet, nothing else is preloaded and OWL_JAX_ALLOCATOR is not "system"; otherwise

@@ -322,7 +322,7 @@ def start_program() -> None:
     if not FLAGS.workdir:
         cli.fail("--workdir is required")
     allocator.restart_with_tcmalloc()
-    logging.info("memory allocator: %s", "tcmalloc" if allocator.tcmalloc_loaded() else "the system malloc")
+    logging.info("memory allocator: %s", allocator.loaded_name())
 
 
 def main(argv):

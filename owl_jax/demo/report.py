@@ -34,7 +34,7 @@ def host_description(cpuinfo: str = "/proc/cpuinfo") -> dict:
 
     import jax
 
-    from owl_jax.allocator import tcmalloc_loaded
+    from owl_jax.allocator import loaded_name
 
     model, flags = platform.processor() or platform.machine(), set()
     try:
@@ -48,7 +48,7 @@ def host_description(cpuinfo: str = "/proc/cpuinfo") -> dict:
     except OSError:
         pass
     return {"cpu": model, "cpu_features": [f for f in CPU_FEATURES if f in flags], "cores": os.cpu_count(),
-            "jax": jax.__version__, "allocator": "tcmalloc" if tcmalloc_loaded() else "the system malloc"}
+            "jax": jax.__version__, "allocator": loaded_name()}
 
 
 # ---------------------------------------------------------------------------------- scoring
